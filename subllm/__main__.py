@@ -1,0 +1,5 @@
+import sys
+
+from subllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""Model configuration: the `ModelConfig` dataclass, the structure-string parser and `PRESETS`.
+
+The architecture is written as a structure string (docs/method.md section 1):
+`T` is a transformer layer, `(` a subsampling module S, `)` the matching upsampling U + bypass B.
+`TTTTT(TTTTT(TTTT)TTTTT)TTTTT` is the released 1.3B SUBLLM; all-`T` is the LLaMA baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from subllm.errors import SubLLMError
+
+
+@dataclass(frozen=True)
+class Sub:
+    """One bracket pair: subsampling module number `index` (structure order) around `children`."""
+
+    index: int
+    children: tuple  # of int (layer index) | Sub
+
+
+def parse_structure(structure: str) -> tuple:
+    """Parse a structure string into a tree: a tuple of layer indexes (int) and `Sub` nodes.
+
+    Layers are numbered 0.. left to right, subsampling modules 0.. in the order of their `(`.
+    Errors name the offending position.
+    """
+    if not isinstance(structure, str) or not structure:
+        raise SubLLMError("structure must be a non-empty string of 'T', '(' and ')'")
+    stack: list[tuple[int, int, list]] = []  # (sub index, position of '(', children)
+    top: list = []
+    current = top
+    n_layers = n_subs = 0
+    for pos, ch in enumerate(structure):
+        if ch == "T":
+            current.append(n_layers)
+            n_layers += 1
+        elif ch == "(":
+            stack.append((n_subs, pos, current))
+            n_subs += 1
+            current = []
+        elif ch == ")":
+            if not stack:
+                raise SubLLMError(f"structure {structure!r}: unbalanced ')' at position {pos}")
+            index, open_pos, parent = stack.pop()
+            if not current:
+                raise SubLLMError(
+                    f"structure {structure!r}: empty brackets at positions {open_pos}-{pos} "
+                    "(a subsampling module needs at least one layer inside)"
+                )
+            parent.append(Sub(index, tuple(current)))
+            current = parent
+        else:
+            raise SubLLMError(
+                f"structure {structure!r}: invalid character {ch!r} at position {pos} (only 'T', '(' and ')')"
+            )
+    if stack:
+        raise SubLLMError(f"structure {structure!r}: unclosed '(' at position {stack[-1][1]}")
+    if n_layers == 0:
+        raise SubLLMError(f"structure {structure!r}: no layer at all (needs at least one 'T')")
+    return tuple(top)
+
+
+def iter_subs(tree: tuple):
+    """All `Sub` nodes of a parsed tree, in structure order (pre-order)."""
+    for node in tree:
+        if isinstance(node, Sub):
+            yield node
+            yield from iter_subs(node.children)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a SUBLLM (or, with an all-`T` structure, a LLaMA)."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int | None = None  # None = n_heads (no GQA)
+    ffn_dim: int = 5504
+    structure: str = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
+    keep_ratio: float | list[float] = 0.64  # one for all S, or one per '(' in structure order
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    init_std: float = 0.02
+    # schedules (method.md sections 4, 5, 7): piecewise-linear in the training step
+    balancer_prob_start: float = 1.0
+    balancer_prob_end: float = 0.25
+    balancer_steps: int = 8000
+    bypass_min_start: float = 0.9
+    bypass_min_end: float = 0.2
+    bypass_steps: int = 20000
+    extra: dict = field(default_factory=dict)  # free-form metadata carried through to_dict/from_dict
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SubLLMError(f"{name} must be a positive integer, got {v!r}")
+        if self.dim % self.n_heads:
+            raise SubLLMError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise SubLLMError(f"head dim ({self.head_dim}) must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise SubLLMError(f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads})")
+        tree = parse_structure(self.structure)
+        n_subs = sum(1 for _ in iter_subs(tree))
+        ratios = self.keep_ratio if isinstance(self.keep_ratio, list | tuple) else None
+        if ratios is not None:
+            if len(ratios) != n_subs:
+                raise SubLLMError(
+                    f"keep_ratio has {len(ratios)} values but structure {self.structure!r} "
+                    f"has {n_subs} subsampling modules"
+                )
+            self.keep_ratio = [float(r) for r in ratios]
+        for i, r in enumerate(self.keep_ratios):
+            if not (isinstance(r, int | float) and 0.0 < r <= 1.0):
+                raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
+        if self.balancer_steps <= 0 or self.bypass_steps <= 0:
+            raise SubLLMError("balancer_steps and bypass_steps must be positive")
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def tree(self) -> tuple:
+        return parse_structure(self.structure)
+
+    @property
+    def n_layers(self) -> int:
+        return self.structure.count("T")
+
+    @property
+    def n_subsamples(self) -> int:
+        return self.structure.count("(")
+
+    @property
+    def keep_ratios(self) -> list[float]:
+        """One keep ratio per subsampling module, in structure order."""
+        if isinstance(self.keep_ratio, list | tuple):
+            return list(self.keep_ratio)
+        return [float(self.keep_ratio)] * self.n_subsamples
+
+    def as_llama(self) -> ModelConfig:
+        """The same-size LLaMA baseline: every bracket removed, all else equal."""
+        structure = self.structure.replace("(", "").replace(")", "")
+        return dataclasses.replace(self, structure=structure, keep_ratio=1.0, extra=dict(self.extra))
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["keep_ratio"], tuple):
+            d["keep_ratio"] = list(d["keep_ratio"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names - {"model_type", "architectures", "n_layers"})
+        if unknown:
+            raise SubLLMError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def keep_count(n: int, ratio: float) -> int:
+    """ceil(ratio * n), robust to float error (0.64 * 100 must give 64, not 65)."""
+    return min(n, math.ceil(ratio * n - 1e-9))
+
+
+_SUBLLM = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
+
+PRESETS: dict[str, ModelConfig] = {
+    # the released 1.3B configs (method.md section 1)
+    "subllm-1.3b": ModelConfig(),
+    "llama-1.3b": ModelConfig().as_llama(),
+    # the paper's exact 24-layer structure at a width a 2-core CPU can benchmark
+    "subllm-small": ModelConfig(
+        vocab_size=8192, dim=256, n_heads=4, ffn_dim=688, max_seq_len=16384, structure=_SUBLLM
+    ),
+    "llama-small": ModelConfig(
+        vocab_size=8192, dim=256, n_heads=4, ffn_dim=688, max_seq_len=16384, structure=_SUBLLM
+    ).as_llama(),
+    # a tiny nested pair with GQA, for tests
+    "subllm-tiny": ModelConfig(
+        vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512, structure="TT(T(TT)T)T"
+    ),
+    "llama-tiny": ModelConfig(
+        vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512, structure="TT(T(TT)T)T"
+    ).as_llama(),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise SubLLMError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], extra=dict(PRESETS[name].extra))

@@ -1,0 +1,1 @@
+"""The SUBLLM network: layers, subsampling/upsampling/bypass, schedules and the model."""

@@ -1,0 +1,126 @@
+"""Schedules and gradient-only regularisers: ScheduledFloat, Balancer, limit_param_value.
+
+Implements docs/method.md sections 4, 5 and 7, after icefall's Zipformer `scaling.py` (rewritten;
+no k2). Unlike icefall, nothing here reads a hidden `batch_count` attribute: the training step is
+passed explicitly, so a forgotten step cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ScheduledFloat:
+    """A float that is piecewise-linear in the training step, constant outside its points.
+
+    `ScheduledFloat((0, 1.0), (8000, 0.25))(step)` falls linearly from 1.0 to 0.25, then stays.
+    """
+
+    def __init__(self, *points: tuple[float, float]):
+        if not points:
+            raise ValueError("ScheduledFloat needs at least one (step, value) point")
+        self.points = sorted((float(s), float(v)) for s, v in points)
+
+    def __call__(self, step: float) -> float:
+        pts = self.points
+        if step <= pts[0][0]:
+            return pts[0][1]
+        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+            if step <= s1:
+                return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+        return pts[-1][1]
+
+    def __repr__(self) -> str:
+        return f"ScheduledFloat{tuple(self.points)}"
+
+
+def _mean_limit(p: float) -> float:
+    """Fraction positive p -> mean/stddev of a Gaussian with that fraction (crude inverse erf)."""
+    return 0.8139535143 * float(torch.atanh(torch.tensor(2.0 * p - 1.0)))
+
+
+class _BalancerFn(torch.autograd.Function):
+    """Forward identity; backward adds |grad| * g, g the rescaled gradient of a limit-violation loss.
+
+    The loss measures how far the statistics of all (masked-in) elements of x, pooled, lie
+    outside the limits: mean/stddev outside [mean_lim(min_pos), mean_lim(max_pos)] (i.e. the
+    fraction positive outside [min_pos, max_pos]) and rms outside [1.2533*min_abs, 1.2533*max_abs]
+    (i.e. the mean absolute value outside [min_abs, max_abs], for a Gaussian). Its gradient g is
+    rescaled to RMS `grad_scale` and multiplied elementwise by |grad|, so the push is relative to
+    the size of the real gradient at each element and vanishes when the limits are met.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(x, mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
+        ctx.limits, ctx.grad_scale = limits, grad_scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, mask = ctx.saved_tensors
+        lo_m, hi_m, lo_r, hi_r = ctx.limits
+        m = mask.float()
+        n = m.sum().clamp(min=1.0)
+        with torch.enable_grad():
+            xf = x.detach().float().requires_grad_(True)
+            u = (xf * xf * m).sum() / n
+            mu = (xf * m).sum() / n
+            sigma = (u - mu * mu).clamp(min=1e-20).sqrt()
+            rms = u.clamp(min=1e-20).sqrt()
+            ms = mu / sigma
+            loss = (ms - ms.clamp(lo_m, hi_m)).abs() + (rms.clamp(lo_r, hi_r) / rms).log().abs()
+            (g,) = torch.autograd.grad(loss, xf)
+        g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
+        gf = grad.float()
+        return (gf + gf.abs() * g).to(grad.dtype), None, None, None
+
+
+def balance(
+    x: Tensor,
+    keep_ratio: float,
+    mask: Tensor | None,
+    prob: float,
+    pos_margin: float = 0.05,
+    min_abs: float = 1.0,
+    max_abs: float = 4.0,
+    grad_scale: float = 0.04,
+) -> Tensor:
+    """Apply the score Balancer (method.md section 4) with probability `prob` (torch RNG).
+
+    Statistics are taken over the elements where `mask` is True (real tokens), or all if None.
+    """
+    if prob <= 0.0 or (prob < 1.0 and float(torch.rand(())) >= prob):
+        return x
+    lo_p = min(max(keep_ratio - pos_margin, 0.001), 0.999)
+    hi_p = min(max(keep_ratio + pos_margin, 0.001), 0.999)
+    limits = (_mean_limit(lo_p), _mean_limit(hi_p), 1.25331413732 * min_abs, 1.25331413732 * max_abs)
+    return _BalancerFn.apply(x, mask, limits, grad_scale)
+
+
+class _LimitParamValue(torch.autograd.Function):
+    """Forward identity; backward flips the sign of gradients that would push x further outside
+    [min, max] (a soft limit that still lets other gradients act, unlike a clamp)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        # gradient descent moves x by -grad: grad > 0 below the minimum would push x further down
+        flip = ((grad > 0) & (x < ctx.lo)) | ((grad < 0) & (x > ctx.hi))
+        return torch.where(flip, -grad, grad), None, None
+
+
+def limit_param_value(x: Tensor, lo: float, hi: float, prob: float = 0.6, training: bool = True) -> Tensor:
+    """Hold a parameter in [lo, hi] by gradient sign flips, applied with probability `prob`."""
+    if lo > hi:
+        raise ValueError(f"limit_param_value: lo {lo} > hi {hi}")
+    if not training or float(torch.rand(())) >= prob:
+        return x
+    return _LimitParamValue.apply(x, lo, hi)

@@ -1,0 +1,203 @@
+"""SubLLM: token embeddings, the layer stack built from the parsed structure string, norm, head.
+
+docs/method.md sections 1-7. Layers inside a bracket pair run on a SHORTER gathered tensor of the
+kept tokens (never a mask over the full length); each level carries the original positions of
+its tokens (RoPE, section 6), a per-row validity mask when rows keep different counts, and one
+attention mask built once and shared by all of its layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from subllm.config import ModelConfig, Sub, iter_subs
+from subllm.errors import SubLLMError
+from subllm.model.layers import Block, RMSNorm, rope_cos_sin
+from subllm.model.scaling import ScheduledFloat
+from subllm.model.subsample import Bypass, Selection, Subsample, gather_tokens, upsample_bypass
+
+
+@dataclass
+class Level:
+    """What every layer at one nesting level shares."""
+
+    pos: Tensor  # (B, L) original positions in the full sequence
+    valid: Tensor | None  # (B, L) bool: real token / valid slot; None = all valid
+    cos: Tensor  # (B, L, head_dim)
+    sin: Tensor
+    mask: Tensor | None  # (B, 1, L, L) bool, True = may attend; None = plain causal
+
+
+def attention_mask_for(valid: Tensor | None) -> Tensor | None:
+    """Causal mask that also hides invalid keys. Every query may see itself, so rows of invalid
+    queries (whose outputs are discarded) never become all-masked (which would give NaN)."""
+    if valid is None:
+        return None
+    L = valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(L, dtype=torch.bool, device=valid.device)
+    return (causal & valid[:, None, None, :]) | eye
+
+
+@dataclass
+class SubLLMOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None = None
+    keep_fractions: list[float] = field(default_factory=list)  # per S, structure order
+    agreement: list[float] | None = None  # training mode: top-k vs (score > 0), per S
+    selections: list[Selection | None] | None = None  # with return_selections=True
+
+
+class SubLLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tree = config.tree
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        prob = ScheduledFloat(
+            (0, config.balancer_prob_start), (config.balancer_steps, config.balancer_prob_end)
+        )
+        bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
+        self.subsamples = nn.ModuleList(Subsample(config.dim, r, prob) for r in config.keep_ratios)
+        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin) for _ in config.keep_ratios)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.step: int | None = None
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Bypass):
+                nn.init.constant_(m.scale, 0.5)
+
+    def set_step(self, step: int) -> None:
+        """Feed the training step to the schedules (Balancer prob, bypass minimum)."""
+        if not isinstance(step, int) or step < 0:
+            raise SubLLMError(f"step must be a non-negative int, got {step!r}")
+        self.step = step
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    # ---- forward ---------------------------------------------------------------------------
+    def make_level(self, pos: Tensor, valid: Tensor | None) -> Level:
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+        return Level(pos, valid, cos, sin, attention_mask_for(valid))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_selections: bool = False,
+    ) -> SubLLMOutput:
+        """input_ids (B, T); attention_mask (B, T) 1 = real, 0 = pad (left or right padding);
+        labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored."""
+        if input_ids.dim() != 2:
+            raise SubLLMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise SubLLMError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if self.training and self.config.n_subsamples and self.step is None:
+            raise SubLLMError(
+                "training-mode forward before model.set_step(step): the Balancer and bypass schedules "
+                "depend on the training step (docs/method.md section 7)"
+            )
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise SubLLMError("attention_mask must have the same shape as input_ids")
+            valid = attention_mask.bool()
+            if bool(valid.all()):
+                valid = None
+        if valid is None:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+        sels: list[Selection | None] = [None] * self.config.n_subsamples
+        x = self.embed(input_ids)  # (B, T, C)
+        x = self._run(self.tree, x, self.make_level(pos, valid), sels)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        loss = None
+        if labels is not None:
+            if valid is not None:
+                labels = labels.masked_fill(~valid, -100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return SubLLMOutput(
+            logits=logits,
+            loss=loss,
+            keep_fractions=_keep_fractions(sels),
+            agreement=_agreement(sels) if self.training else None,
+            selections=sels if return_selections else None,
+        )
+
+    def _run(self, nodes: tuple, x: Tensor, level: Level, sels: list) -> Tensor:
+        for node in nodes:
+            if isinstance(node, Sub):
+                x = self._subsample(node, x, level, sels)
+            else:
+                x = self.layers[node](x, level.cos, level.sin, level.mask)
+        return x
+
+    def _subsample(self, node: Sub, x: Tensor, level: Level, sels: list) -> Tensor:
+        sel = self.subsamples[node.index](x, level.valid, self.step)
+        sels[node.index] = sel
+        if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
+            return x
+        xg = gather_tokens(x, sel.idx)  # (B, K, C)
+        inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid)
+        h = self._run(node.children, xg, inner, sels)
+        b = self.bypasses[node.index].scale_value(self.step)
+        return upsample_bypass(x, xg, h, sel.idx, sel.weight, b)
+
+    # ---- weights I/O (subllm/model/io.py) --------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from subllm.model.io import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu") -> SubLLM:
+        from subllm.model.io import load_pretrained
+
+        return load_pretrained(directory, map_location=map_location)
+
+    @classmethod
+    def from_hf_llama(cls, hf_model, structure: str | None = None, keep_ratio=None) -> SubLLM:
+        from subllm.model.io import from_hf_llama
+
+        return from_hf_llama(hf_model, structure=structure, keep_ratio=keep_ratio)
+
+
+def _keep_fractions(sels: list[Selection | None]) -> list[float]:
+    """Realised kept/real tokens per S, averaged over the batch rows (0 where S never ran)."""
+    if not sels:
+        return []
+    vals = [
+        (s.n_kept.float() / s.n_real.clamp(min=1).float()).mean() if s is not None else torch.zeros(())
+        for s in sels
+    ]
+    return torch.stack([v.cpu() for v in vals]).tolist()
+
+
+def _agreement(sels: list[Selection | None]) -> list[float] | None:
+    vals = [s.agreement for s in sels if s is not None and s.agreement is not None]
+    return torch.stack([v.cpu() for v in vals]).tolist() if vals else None
+
+
+__all__ = ["SubLLM", "SubLLMOutput", "Level", "attention_mask_for", "iter_subs"]

@@ -1,0 +1,162 @@
+"""Subsampling S (training top-k with the subtraction trick | inference threshold), upsampling U
+and bypass B: docs/method.md sections 2, 3 and 5.
+
+A selection is a batch of index rows `idx` (B, K) into the level's sequence, ascending (causal
+order kept), with a weight per kept token. Rows may keep different counts (padding, or the
+inference threshold): then K is the largest count and slots past a row's count are "invalid" -
+they carry weight 0 and point at distinct unused positions, so gathering them is harmless and
+scattering them back adds exactly zero. Nothing here loops over rows or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from subllm.model.scaling import ScheduledFloat, balance, limit_param_value
+
+
+@dataclass
+class Selection:
+    idx: Tensor  # (B, K) long: kept positions in this level's sequence, ascending per row
+    weight: Tensor  # (B, K) float32 in [0, 1]; 0 at invalid slots
+    valid: Tensor | None  # (B, K) bool, None when every row keeps exactly K tokens
+    n_kept: Tensor  # (B,) long
+    n_real: Tensor  # (B,) long: real tokens that competed
+    scores: Tensor  # (B, T) float32 scores at this level
+    agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > 0)
+
+    @property
+    def k(self) -> int:
+        return self.idx.shape[1]
+
+
+def _keep_counts(n: Tensor, ratio: float) -> Tensor:
+    """ceil(ratio * n) per row, robust to float error (matches config.keep_count)."""
+    return torch.minimum(n, torch.ceil(n.double() * ratio - 1e-9).long())
+
+
+def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Selection:
+    """Training-mode selection: global top-k of the real tokens, k = ceil(ratio * n_real).
+
+    The subtraction trick: the i-th kept token (in score order) gets weight
+    clamp(s_(i), 0, 1) - clamp(s_(k+i), 0, 1), pairing it with the i-th token of the block just
+    below the cut (the block reversed when `flip`). The weight is in [0, 1]; its gradient raises
+    kept scores and lowers the scores just below the cut (only inside (0, 1)), which drives kept
+    scores to >= 1 and discarded ones to <= 0, so that the causal inference rule `score > 0`
+    learns to agree with top-k. Top-k itself has no gradient; it flows only through the weights.
+    """
+    B, T = s.shape
+    key = s if valid is None else s.masked_fill(~valid, float("-inf"))
+    sorted_s, order = key.sort(dim=1, descending=True)
+    u = sorted_s.clamp(0.0, 1.0)  # pads (-inf) become 0
+    n_real = torch.full((B,), T, dtype=torch.long, device=s.device) if valid is None else valid.sum(1)
+    k_row = _keep_counts(n_real, ratio)
+    ragged = valid is not None and bool((k_row != k_row[0]).any())
+    K = int(k_row.max()) if valid is not None else int(k_row[0])
+    top = order[:, :K]
+    if not ragged:
+        disc = u[:, K : 2 * K]
+        if disc.shape[1] < K:
+            disc = torch.nn.functional.pad(disc, (0, K - disc.shape[1]))
+        if flip:
+            disc = disc.flip(1)
+        w_sorted = u[:, :K] - disc
+        idx, asc = top.sort(dim=1)
+        slot_valid = None
+    else:
+        j = torch.arange(K, device=s.device)
+        kr = k_row[:, None]
+        slot_ok = j < kr  # (B, K)
+        src = kr + (kr - 1 - j if flip else j)
+        src_ok = slot_ok & (src < T)
+        disc = u.gather(1, src.clamp(max=T - 1)) * src_ok
+        w_sorted = (u[:, :K] - disc) * slot_ok
+        asc = torch.where(slot_ok, top, T + j).argsort(dim=1)
+        idx = top.gather(1, asc)
+        slot_valid = j < kr
+    weight = w_sorted.gather(1, asc)
+    with torch.no_grad():
+        kept = torch.zeros(B, T, dtype=torch.bool, device=s.device)
+        kept.scatter_(1, idx, True if slot_valid is None else slot_valid)
+        real = torch.ones_like(kept) if valid is None else valid
+        agree = ((kept == (s > 0)) & real).sum() / real.sum().clamp(min=1)
+    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree)
+
+
+def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
+    """Inference-mode selection: keep token t iff s_t > 0 (and t is real); weight clamp(s_t, 0, 1).
+
+    Causal by construction: whether t is kept depends on t's own score only.
+    """
+    keep = s > 0 if valid is None else (s > 0) & valid
+    n_kept = keep.sum(1)
+    n_real = torch.full_like(n_kept, s.shape[1]) if valid is None else valid.sum(1)
+    K = int(n_kept.max())
+    # a stable descending sort of the keep mask puts kept positions first, in ascending order
+    idx = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
+    weight = s.clamp(0.0, 1.0).gather(1, idx)
+    slot_valid = None
+    if bool((n_kept != K).any()):
+        slot_valid = torch.arange(K, device=s.device) < n_kept[:, None]
+        weight = weight * slot_valid
+    return Selection(idx, weight, slot_valid, n_kept, n_real, s)
+
+
+class Subsample(nn.Module):
+    """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode."""
+
+    def __init__(self, dim: int, keep_ratio: float, prob_schedule: ScheduledFloat):
+        super().__init__()
+        self.keep_ratio = keep_ratio
+        self.balancer_prob = prob_schedule
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, x: Tensor, valid: Tensor | None, step: int | None) -> Selection:
+        s = self.score(x).squeeze(-1).float()  # (B, T)
+        if not self.training:
+            return select_threshold(s, valid)
+        s = balance(s, self.keep_ratio, valid, self.balancer_prob(step))
+        flip = bool(torch.rand(()) < 0.5)
+        return select_topk(s, valid, self.keep_ratio, flip)
+
+
+class Bypass(nn.Module):
+    """B: z = x + b * (y - x), b a per-channel vector (init 0.5) held in [scale_min(step), 1]
+    in training by gradient sign flips (prob 0.6 per forward), not by a clamp."""
+
+    def __init__(self, dim: int, min_schedule: ScheduledFloat):
+        super().__init__()
+        self.scale_min = min_schedule
+        self.scale = nn.Parameter(torch.full((dim,), 0.5))
+
+    def scale_value(self, step: int | None) -> Tensor:
+        if not self.training:
+            return self.scale
+        return limit_param_value(self.scale, self.scale_min(step), 1.0, prob=0.6, training=True)
+
+    def forward(self, x: Tensor, y: Tensor, step: int | None = None) -> Tensor:
+        return x + self.scale_value(step) * (y - x)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, T, C), idx (B, K) -> (B, K, C)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def upsample(x: Tensor, h: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """U (reference form): y[idx_i] = w_i h_i + (1 - w_i) x[idx_i]; y[j] = x[j] elsewhere."""
+    xg = gather_tokens(x, idx)
+    w = weight[..., None].to(h.dtype)
+    return x.scatter(1, idx[..., None].expand_as(h), w * h + (1 - w) * xg)
+
+
+def upsample_bypass(x: Tensor, xg: Tensor, h: Tensor, idx: Tensor, weight: Tensor, b: Tensor) -> Tensor:
+    """U then B fused: z = x + b * (U(x, h) - x) = x + scatter_add(b * w * (h - x[idx])).
+
+    One scatter-add, no full-length temporaries besides the output; invalid slots add zero.
+    """
+    delta = (weight[..., None] * (h - xg)) * b
+    return x.scatter_add(1, idx[..., None].expand_as(delta), delta.to(x.dtype))
