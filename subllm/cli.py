@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("subllm.train", "pretrain a SUBLLM (or the LLaMA baseline)"),
     "generate": ("subllm.generate_cli", "generate text from a checkpoint"),
     "bench": ("subllm.bench.cli", "benchmarks: SUBLLM vs the same-size LLaMA"),
+    "eval": ("subllm.evaluate", "evaluate a checkpoint: loss, bits per byte, few-shot tasks"),
+    "convert": ("subllm.convert", "convert between Hugging Face Llama and SUBLLM checkpoints"),
+    "analyze": ("subllm.analyze", "per-token scores, kept tokens and attention analysis"),
     "info": ("subllm.info", "print a preset's parameter count, structure and FLOP ratios"),
 }
 
