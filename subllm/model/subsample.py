@@ -72,7 +72,7 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
         slot_ok = j < kr  # (B, K)
         src = kr + (kr - 1 - j if flip else j)
         src_ok = slot_ok & (src < T)
-        disc = u.gather(1, src.clamp(max=T - 1)) * src_ok
+        disc = u.gather(1, src.clamp(0, T - 1)) * src_ok
         w_sorted = (u[:, :K] - disc) * slot_ok
         asc = torch.where(slot_ok, top, T + j).argsort(dim=1)
         idx = top.gather(1, asc)
