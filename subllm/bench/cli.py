@@ -1,0 +1,117 @@
+"""`subllm bench <infer | ...>`: benchmarks of SUBLLM against the same-size LLaMA.
+
+    subllm bench infer                                   # subllm-small, 1k-8k, batch 1 and 8, bf16 + fp32
+    subllm bench infer --lengths 8k --batch-sizes 1 --dtypes fp32 --reps 2
+    subllm bench infer --quick                           # tiny CI smoke run, seconds
+
+    subllm bench train --lengths 1k,2k --reps 2           # training steps (subllm/bench/train.py)
+
+Each benchmark prints a human table, then ONE JSON line last (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from subllm.bench.common import environment, int_list, json_line, str_list
+from subllm.errors import SubLLMError
+
+QUICK = dict(
+    preset="subllm-tiny", lengths="64,128", batch_sizes="1,2", dtypes="fp32", decode_tokens=4, reps=1
+)
+QUICK_TRAIN = dict(preset="subllm-tiny", lengths="64,128", reps=2, warmup=1, batch_size=2)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH")
+    sub.required = True
+    inf = sub.add_parser("infer", help="prefill / decode speed and KV-cache bytes vs LLaMA")
+    inf.add_argument("--preset", default="subllm-small", help="model preset (default subllm-small)")
+    inf.add_argument("--checkpoint", default=None, help="a SUBLLM checkpoint folder: trained scores")
+    inf.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths, comma-separated (2k = 2048)")
+    inf.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    inf.add_argument("--dtypes", default="bf16,fp32", help="bf16 (autocast) and/or fp32")
+    inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
+    inf.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
+    inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    inf.add_argument("--no-bound", action="store_true", help="skip the zero-overhead prefill bound")
+    inf.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
+
+    tr = sub.add_parser("train", help="training step time and memory vs LLaMA and the zero-overhead bound")
+    tr.add_argument("--preset", default="subllm-small", help="model preset (default subllm-small)")
+    tr.add_argument("--lengths", default="1k,2k,4k,8k", help="context lengths, comma-separated")
+    tr.add_argument("--batch-size", type=int, default=1)
+    tr.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
+    tr.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
+    tr.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    tr.add_argument("--plot", default=None, help="also save a speed-up plot (PNG) here")
+    tr.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise SubLLMError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.bench_command == "infer":
+        return _run_infer(args)
+    if args.bench_command == "train":
+        return _run_train(args)
+    raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from subllm.bench.infer import print_report, run_infer
+
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.decode_tokens < 1 or args.reps < 1 or args.warmup < 0:
+        raise SubLLMError("--decode-tokens and --reps must be >= 1, --warmup >= 0")
+    lengths, batches = int_list(args.lengths), int_list(args.batch_sizes)
+    dtypes = str_list(args.dtypes, ("bf16", "fp32"))
+    env = environment("cpu")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    report = run_infer(
+        args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
+        seed=args.seed, bound=not args.no_bound, log=log,
+    )  # fmt: skip
+    print_report(report, env)
+    print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from subllm.bench.train import plot, print_report, run_train_bench
+
+    if args.quick:
+        for k, v in QUICK_TRAIN.items():
+            setattr(args, k, v)
+    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
+        raise SubLLMError("--batch-size and --reps must be >= 1, --warmup >= 0")
+    env = environment("cpu")
+    report = run_train_bench(
+        args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
+        seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print_report(report, env)
+    if args.plot:
+        plot(report, args.plot)
+    print(json_line({"bench": "train", "command": _command("train"), "env": env, **report}))
+    return 0
+
+
+def _command(name: str) -> str | None:
+    """The command line as typed, when run through `subllm bench NAME`."""
+    argv = sys.argv[1:]
+    return f"subllm bench {name} " + " ".join(argv[2:]) if argv[:2] == ["bench", name] else None

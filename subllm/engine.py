@@ -1,0 +1,237 @@
+"""Prefill and decode with a KVCache: the fast inference path of docs/method.md sections 3 and 6.
+
+`prefill` runs a padded prompt batch (left or right padding, unequal lengths) once and fills every
+layer's cache with exactly the tokens that reach it; `decode_step` feeds one new token per row.
+The obviously-correct reference is the eval-mode full forward `model(ids, attention_mask)`, which
+`generate(..., use_cache=False)` recomputes at every step; tests compare the two.
+
+Prefill first compacts the batch: each row's real tokens move to the front (right padding), so
+position = slot index at level 0 and every level is right-aligned, as the cache stores it. When rows
+of a level hold different counts, attention runs row by row on exact lengths (no (B, L, L) mask,
+no padded keys); the linear layers run batched.
+
+Decode, per subsampling module S: the new token's score decides per row. Rows that drop it skip
+every layer inside S and leave those caches untouched - U + B returns x exactly (method.md
+section 3). Rows that keep it are index-selected and only they run the inner layers; when no row
+keeps it, nothing runs. Attention for a subset of rows reads each row's cache through a view of
+its exact length (no copy of the cache, no mask); the full batch reads one view, masked only when
+row lengths differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from subllm.cache import KVCache
+from subllm.config import Sub
+from subllm.errors import SubLLMError
+from subllm.model.layers import Block, rope_cos_sin
+from subllm.model.subllm import SubLLM
+from subllm.model.subsample import gather_tokens, upsample_bypass
+
+
+def cache_dtype(model: SubLLM, device: torch.device) -> torch.dtype:
+    """The dtype K and V will have: autocast's when it is on for this device, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.embed.weight.dtype
+
+
+def new_cache(
+    model: SubLLM, batch_size: int, device: torch.device | None = None, chunk: int = 256
+) -> KVCache:
+    device = device or model.embed.weight.device
+    return KVCache(model.config, batch_size, dtype=cache_dtype(model, device), device=device, chunk=chunk)
+
+
+def _check_eval(model: SubLLM) -> None:
+    if model.training:
+        raise SubLLMError("cached inference needs the model in eval mode (call model.eval())")
+
+
+# ---- prefill ----------------------------------------------------------------------------------
+@dataclass
+class _Level:
+    pos: Tensor  # (B, L) original positions
+    lengths: list[int]  # real tokens per row (the first lengths[b] slots of row b)
+    valid: Tensor | None  # (B, L) bool, None when every row holds L tokens
+    cos: Tensor  # (B, L, head_dim)
+    sin: Tensor
+
+
+def level_inputs(model: SubLLM, pos: Tensor, lengths: list[int]) -> _Level:
+    """What every layer of one level shares in prefill: positions, lengths, validity, RoPE."""
+    L = pos.shape[1]
+    valid = None
+    if any(n != L for n in lengths):
+        valid = torch.arange(L, device=pos.device) < torch.tensor(lengths, device=pos.device)[:, None]
+    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta)
+    return _Level(pos, lengths, valid, cos, sin)
+
+
+def compact(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, list[int]]:
+    """Move each row's real tokens to the front: (ids (B, L) right-padded, real length per row)."""
+    B, T = input_ids.shape
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return input_ids, [T] * B
+    valid = attention_mask.bool()
+    n = valid.sum(1)
+    L = int(n.max())
+    order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :L]
+    return input_ids.gather(1, order), n.tolist()
+
+
+def prefill(
+    model: SubLLM, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, extra: int = 0
+) -> Tensor:
+    """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
+    token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed)."""
+    _check_eval(model)
+    if input_ids.dim() != 2 or input_ids.shape[0] != cache.batch_size:
+        raise SubLLMError(f"input_ids must be (batch={cache.batch_size}, time), got {tuple(input_ids.shape)}")
+    ids, lengths = compact(input_ids, attention_mask)
+    if min(lengths) == 0:
+        raise SubLLMError("every row needs at least one real (attention_mask = 1) token")
+    B, L = ids.shape
+    pos = torch.arange(L, device=ids.device).expand(B, L)
+    cache.reset()  # levels that no token reaches stay empty
+    cache.start_level(0, pos, lengths, extra)
+    x = model.embed(ids)  # (B, L, C)
+    x = _prefill_nodes(model, cache, model.tree, x, level_inputs(model, pos, lengths), extra)
+    last = x[torch.arange(B, device=x.device), torch.tensor(lengths, device=x.device) - 1]  # (B, C)
+    return model.head(model.norm(last))
+
+
+def _prefill_nodes(model: SubLLM, cache: KVCache, nodes: tuple, x: Tensor, lvl: _Level, extra: int) -> Tensor:
+    for node in nodes:
+        if isinstance(node, Sub):
+            x = _prefill_sub(model, cache, node, x, lvl, extra)
+        else:
+            x = prefill_layer(model.layers[node], cache, node, x, lvl)
+    return x
+
+
+def prefill_layer(block: Block, cache: KVCache, layer: int, x: Tensor, lvl: _Level) -> Tensor:
+    q, k, v = block.attn.qkv(block.attn_norm(x), lvl.cos, lvl.sin)  # (B, H, L, hd), (B, Hkv, L, hd)
+    cache.write_prefill(layer, k, v)
+    if lvl.valid is None:
+        a = block.attn.attend(q, k, v, None, is_causal=True)
+    else:  # ragged rows: exact lengths row by row; slots past a row's length stay 0 (weight 0 later)
+        a = torch.zeros_like(x)
+        for b, n in enumerate(lvl.lengths):
+            if n:
+                a[b, :n] = block.attn.attend(
+                    q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, True
+                )[0]
+    x = x + a
+    return x + block.ffn(block.ffn_norm(x))
+
+
+def _prefill_sub(model: SubLLM, cache: KVCache, node: Sub, x: Tensor, lvl: _Level, extra: int) -> Tensor:
+    sel = model.subsamples[node.index](x, lvl.valid, None)  # eval mode: keep iff score > 0
+    kept = sel.n_kept.tolist()
+    inner_pos = lvl.pos.gather(1, sel.idx)  # (B, K) original positions of the kept tokens
+    cache.start_level(node.index + 1, inner_pos, kept, extra)
+    if sel.k == 0:  # no row keeps anything: U returns x, B gives x + b (x - x) = x
+        return x
+    xg = gather_tokens(x, sel.idx)  # (B, K, C)
+    h = _prefill_nodes(model, cache, node.children, xg, level_inputs(model, inner_pos, kept), extra)
+    return upsample_bypass(x, xg, h, sel.idx, sel.weight, model.bypasses[node.index].scale)
+
+
+# ---- decode -----------------------------------------------------------------------------------
+def decode_step(model: SubLLM, cache: KVCache, tokens: Tensor, rows: list[int] | None = None) -> Tensor:
+    """One new token per row: tokens (n,) for batch rows `rows` (default: all, in order).
+    -> logits (n, V). Rows not listed are untouched (e.g. rows that already finished)."""
+    _check_eval(model)
+    rows = list(range(cache.batch_size)) if rows is None else [int(r) for r in rows]
+    if any(a >= b for a, b in zip(rows, rows[1:])) or (
+        rows and not 0 <= rows[0] <= rows[-1] < cache.batch_size
+    ):
+        raise SubLLMError(f"rows must be increasing batch indexes below {cache.batch_size}, got {rows}")
+    if tokens.shape != (len(rows),):
+        raise SubLLMError(f"tokens must have shape ({len(rows)},), got {tuple(tokens.shape)}")
+    if not rows:
+        return model.head.weight.new_zeros(0, model.config.vocab_size)
+    positions = [cache.length(0, r) for r in rows]  # level 0 holds every real token: next position
+    pos = torch.tensor(positions, device=tokens.device)[:, None]  # (n, 1)
+    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta)
+    x = model.embed(tokens)[:, None]  # (n, 1, C)
+    x = _decode_level(model, cache, model.tree, 0, x, rows, positions, cos, sin)
+    return model.head(model.norm(x[:, 0]))
+
+
+def _decode_level(
+    model: SubLLM,
+    cache: KVCache,
+    nodes: tuple,
+    level: int,
+    x: Tensor,
+    rows: list[int],
+    positions: list[int],
+    cos: Tensor,
+    sin: Tensor,
+) -> Tensor:
+    slots = cache.append(level, rows, positions)
+    lens = [s + 1 for s in slots]
+    full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
+    mask = None
+    if full and min(lens) != max(lens):
+        L = max(lens)
+        mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
+            :, None, None
+        ]
+    for node in nodes:
+        if isinstance(node, Sub):
+            x = _decode_sub(model, cache, node, x, rows, positions, cos, sin)
+            continue
+        block = model.layers[node]
+        q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)  # (n, H, 1, hd), (n, Hkv, 1, hd)
+        cache.write(node, rows, slots, k, v)
+        kb, vb = cache.k[node], cache.v[node]
+        if full:  # one view of the whole batch (masked only when row lengths differ)
+            L = max(lens)
+            a = block.attn.attend(q, kb[:, :, :L], vb[:, :, :L], mask, is_causal=False)
+        else:  # a subset: each row reads a view of exactly its own length
+            a = torch.cat(
+                [
+                    block.attn.attend(q[i : i + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], None, False)
+                    for i, (r, n) in enumerate(zip(rows, lens))
+                ]
+            )
+        x = x + a
+        x = x + block.ffn(block.ffn_norm(x))
+    return x
+
+
+def _decode_sub(
+    model: SubLLM,
+    cache: KVCache,
+    node: Sub,
+    x: Tensor,
+    rows: list[int],
+    positions: list[int],
+    cos: Tensor,
+    sin: Tensor,
+) -> Tensor:
+    s = model.subsamples[node.index].score(x).squeeze(-1).float()  # (n, 1), as Subsample.forward
+    keep = (s[:, 0] > 0).tolist()
+    kept = [i for i, k in enumerate(keep) if k]
+    if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
+        return x
+    w = s.clamp(0.0, 1.0)  # (n, 1) eval-mode weight
+    if len(kept) == len(rows):
+        xk, sub_rows, sub_pos, ck, sk = x, rows, positions, cos, sin
+    else:
+        idx = torch.tensor(kept, device=x.device)
+        xk, ck, sk, w = x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), w[idx]
+        sub_rows, sub_pos = [rows[i] for i in kept], [positions[i] for i in kept]
+    h = _decode_level(model, cache, node.children, node.index + 1, xk, sub_rows, sub_pos, ck, sk)
+    delta = (w[..., None] * (h - xk)) * model.bypasses[node.index].scale  # as upsample_bypass
+    out = xk + delta.to(x.dtype)
+    if len(kept) == len(rows):
+        return out
+    return x.index_copy(0, idx, out)  # dropped rows: x unchanged
