@@ -1,0 +1,122 @@
+"""Periodic validation during training: what SUBLLM's selection rule costs and how well it is learnt.
+
+On the same validation windows, two forwards:
+
+1. EVAL mode (the causal inference rule, keep t iff score > 0; docs/method.md section 3): the
+   validation loss, bits per byte (tokens -> bytes from the shards' metadata) and the realised
+   keep fraction of every S.
+2. TRAIN mode under torch.no_grad (global top-k, section 2): top-k lets future scores decide what
+   is kept, so this loss can be lower than the eval-mode one; `leak_gap` = eval-mode loss minus
+   train-mode loss measures that leak. It is reported, not hidden. This forward also gives the
+   train/infer selection agreement (share of real tokens where top-k and score > 0 agree). It
+   runs from a fixed RNG seed, and the RNG state is saved and restored around it, so evaluating
+   never perturbs the training randomness (a resumed run stays bit-identical).
+
+Under DDP/FSDP every rank evaluates its share of the batches and the sums are all-reduced; every
+rank runs the same number of forwards (a rank short of batches repeats one with weight 0), as
+FSDP's collectives require.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from subllm.distributed import DistInfo, all_reduce_sum
+
+TRAIN_MODE_EVAL_SEED = 1234
+
+
+def load_val_batches(val_dir, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+    """`max_batches` full validation batches (B, T) spread evenly over the validation split (its
+    documents are held-out whole works, one after another: the first batches alone would see only
+    the first work), the same on every rank."""
+    from subllm.data.packing import val_batches
+
+    every = list(val_batches(val_dir, batch_size, seq_len, drop_last=True))
+    if len(every) <= max_batches:
+        return every
+    if max_batches == 1:
+        return [every[len(every) // 2]]
+    return [every[round(i * (len(every) - 1) / (max_batches - 1))] for i in range(max_batches)]
+
+
+def _my_batches(batches: list, info: DistInfo) -> list[tuple[torch.Tensor, float]]:
+    per_rank = math.ceil(len(batches) / info.world_size)
+    out = []
+    for i in range(per_rank):
+        j = i * info.world_size + info.rank
+        out.append((batches[j], 1.0) if j < len(batches) else (batches[0], 0.0))
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model, batches: list, info: DistInfo, step: int, autocast, tokens_per_byte: float | None
+) -> dict:
+    """Validation metrics of `model` (the module itself, not a DDP wrapper) at training step `step`."""
+    was_training = model.training
+    n_subs = model.config.n_subsamples
+    mine = _my_batches(batches, info)
+    # sums: [nll, predicted tokens, rows, keep fraction per S (x rows)]
+    ev = [0.0] * (3 + n_subs)
+    model.eval()
+    for x, w in mine:
+        x = x.to(info.device)
+        with autocast():
+            out = model(x, labels=x)
+        n = w * x.shape[0] * (x.shape[1] - 1)
+        ev[0] += float(out.loss) * n
+        ev[1] += n
+        ev[2] += w * x.shape[0]
+        for i, f in enumerate(out.keep_fractions):
+            ev[3 + i] += f * w * x.shape[0]
+    ev = all_reduce_sum(ev, info)
+    result = {"step": step}
+    if ev[1] > 0:
+        loss = ev[0] / ev[1]
+        result["val_loss"] = loss
+        result["val_tokens"] = int(ev[1])
+        if tokens_per_byte:
+            result["val_bpb"] = loss / math.log(2) * tokens_per_byte
+        if n_subs:
+            result["keep_fractions_eval"] = [v / ev[2] for v in ev[3:]]
+    if n_subs and ev[1] > 0:
+        result.update(_train_mode(model, mine, info, step, autocast, n_subs))
+        result["leak_gap"] = result["val_loss"] - result["val_loss_train_mode"]
+    model.train(was_training)
+    return result
+
+
+def _train_mode(model, mine, info: DistInfo, step: int, autocast, n_subs: int) -> dict:
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    old_step = model.step
+    try:
+        torch.manual_seed(TRAIN_MODE_EVAL_SEED)
+        model.train()
+        model.set_step(step)
+        tr = [0.0] * (2 + 2 * n_subs)  # nll, tokens, agreement per S, train keep fraction per S
+        for x, w in mine:
+            x = x.to(info.device)
+            with autocast():
+                out = model(x, labels=x)
+            n = w * x.shape[0] * (x.shape[1] - 1)
+            tr[0] += float(out.loss) * n
+            tr[1] += n
+            for i, a in enumerate(out.agreement or []):
+                tr[2 + i] += a * n
+            for i, f in enumerate(out.keep_fractions):
+                tr[2 + n_subs + i] += f * n
+        tr = all_reduce_sum(tr, info)
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        model.step = old_step
+    return {
+        "val_loss_train_mode": tr[0] / tr[1],
+        "agreement": [v / tr[1] for v in tr[2 : 2 + n_subs]],
+        "keep_fractions_train": [v / tr[1] for v in tr[2 + n_subs :]],
+    }

@@ -1,0 +1,365 @@
+"""The training loop: setup -> steps (accumulation, bf16 autocast, clipping, optimizer, schedule)
+-> periodic evaluation and checkpoints -> the final model folder (docs/design.md `train.py`).
+
+Every step: `model.set_step(step)` (the Balancer/bypass schedules, docs/method.md section 7),
+`schedule.step(step, tokens_seen)`, `grad_accum` micro-batches under autocast, clipping (ScaledAdam
+clips itself; AdamW: clip_grad_norm_ 1.0), `optimizer.step()`. Parallelism and autocast are
+applied here, never inside the model. Rank 0 logs, plots and saves.
+
+Exact resume: the checkpoint holds the weights, optimizer and schedule state, every rank's RNG
+and data-sampler state and the step / token counters; evaluation restores the RNG it uses. On CPU
+with a fixed seed, killing a run and resuming it gives the same loss sequence, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from subllm import checkpoint as ckpt
+from subllm import distributed as D
+from subllm.errors import SubLLMError
+from subllm.metrics import LOSS_PNG, METRICS, MetricsWriter, plot_run
+from subllm.trainer.config import (
+    TRAJECTORY,
+    TrainConfig,
+    config_diff,
+    model_config,
+    tokens_per_step,
+    total_steps,
+)
+from subllm.trainer.data import prepare_data
+from subllm.trainer.evaluation import evaluate, load_val_batches
+
+TRAIN_CONFIG = "train_config.json"
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark in MiB: VmHWM of /proc/self/status on Linux
+    (ru_maxrss is not used there: across fork + exec it keeps the parent's high-water mark),
+    else getrusage's ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None = fresh start); refuses to clobber an existing run."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume:
+        if latest is None:
+            raise SubLLMError(f"--resume: no checkpoint in {run_dir / ckpt.CHECKPOINTS}")
+        return latest
+    if latest is not None or (run_dir / METRICS).is_file():
+        if not overwrite:
+            raise SubLLMError(
+                f"{run_dir} already holds a run: pass --resume to continue it or --overwrite to start over"
+            )
+        if is_main:
+            import shutil
+
+            shutil.rmtree(run_dir / ckpt.CHECKPOINTS, ignore_errors=True)
+            (run_dir / METRICS).unlink(missing_ok=True)
+    return None
+
+
+def _autocast_factory(dtype: str, device: str):
+    if dtype == "bf16":
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Run (or resume) training as configured; returns a summary dict (rank 0's view)."""
+    device = None if cfg.device == "auto" else cfg.device
+    info = D.init_distributed(device)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _train(cfg, info, resume, overwrite, log)
+    finally:
+        torch.set_num_threads(threads)
+        D.cleanup()
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, log) -> dict:
+    say = log if info.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.out)
+    mode = "fsdp" if cfg.fsdp else ("ddp" if info.distributed else "none")
+    if mode == "fsdp" and not info.distributed:
+        say("note: --fsdp without torchrun (one process): training unsharded")
+        mode = "none"
+    resume_from = _check_run_dir(run_dir, resume, overwrite, info.is_main)
+    D.barrier(info)
+    # data: rank 0 tokenizes/packs raw text once, the others wait and then read the result
+    if info.is_main:
+        data = prepare_data(cfg.data, run_dir, cfg.tokenizer, cfg.vocab_size, True, say)
+    D.barrier(info)
+    if not info.is_main:
+        data = prepare_data(cfg.data, run_dir, cfg.tokenizer, cfg.vocab_size, False, say)
+    steps = total_steps(cfg, info.world_size)
+    tps = tokens_per_step(cfg, info.world_size)
+    mconf = model_config(cfg, steps, data.tokenizer_meta)
+
+    state = None
+    if resume_from is not None:
+        loaded = ckpt.load_checkpoint(resume_from)
+        _check_resumable(loaded, cfg, mconf, steps, info)
+        state = loaded
+        say(f"resuming from {resume_from} (step {loaded.step}, {loaded.trainer_state['tokens_seen']:,} tok)")
+
+    from subllm.data.packing import BatchSampler
+    from subllm.model.subllm import SubLLM
+    from subllm.optim import build_optimizer
+
+    seed_everything(cfg.seed)
+    model = SubLLM(mconf)
+    if state is not None:
+        model.load_state_dict(state.model_state)
+    model.to(info.device).train()
+    wrapped = D.wrap_model(model, info, mode)
+    optimizer, schedule = build_optimizer(
+        model, cfg.optimizer, cfg.lr, steps, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay
+    )
+    sampler = BatchSampler(data.train_dir, cfg.batch_size, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if state is not None:
+        ts = state.trainer_state
+        D.load_optimizer_state(wrapped, optimizer, state.optimizer_state, info, mode)
+        schedule.load_state_dict(ts["schedule"])
+        sampler.load_state_dict(_for_rank(ts["sampler"], info.rank))
+        ckpt.restore_rng(_for_rank(ts["rng"], info.rank))
+        step, tokens_seen, elapsed = ts["step"], ts["tokens_seen"], ts.get("elapsed_s", 0.0)
+    val = []
+    if data.val_dir is not None:
+        val = load_val_batches(data.val_dir, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    if not val:
+        say("note: no validation data (no val split, or it is shorter than one batch): no evaluation")
+    tpb = (data.val_meta or {}).get("tokens_per_byte")
+    autocast = _autocast_factory(cfg.dtype, info.device)
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(
+            run_dir / TRAIN_CONFIG, {**cfg.to_dict(), "total_steps": steps, "world_size": info.world_size}
+        )
+    metrics = MetricsWriter(run_dir / METRICS, enabled=info.is_main, resume_step=step if state else None)
+    n_params = model.num_params() if mode != "fsdp" else sum(p.numel() for p in model.parameters())
+    metrics.write(
+        {
+            "kind": "run",
+            "step": step,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "config": cfg.to_dict(),
+            "model": mconf.to_dict(),
+            "total_steps": steps,
+            "tokens_per_step": tps,
+            "world_size": info.world_size,
+            "parallel": mode,
+            "device": info.device,
+            "threads": torch.get_num_threads(),
+            "params": n_params,
+            "schedule_steps": {
+                "mode": cfg.schedule_steps,
+                "balancer_steps": mconf.balancer_steps,
+                "bypass_steps": mconf.bypass_steps,
+            },
+            "torch": torch.__version__,
+        }
+    )
+    say(
+        f"training {mconf.structure} ({n_params / 1e6:.2f} M params, keep {mconf.keep_ratios}) for {steps} "
+        f"steps x {tps:,} tokens, {cfg.optimizer}, {cfg.dtype}, {mode} x {info.world_size}, "
+        f"schedules {cfg.schedule_steps} (balancer {mconf.balancer_steps}, bypass {mconf.bypass_steps} steps)"
+    )
+
+    def save(at_step: int) -> None:
+        model_state = D.full_model_state(wrapped, info, mode)
+        optim_state = D.full_optimizer_state(wrapped, optimizer, info, mode)
+        samplers = D.all_gather_object(sampler.state_dict(), info)
+        rngs = D.all_gather_object(ckpt.capture_rng(), info)
+        if info.is_main:
+            trainer_state = {
+                "step": at_step,
+                "tokens_seen": tokens_seen,
+                "elapsed_s": elapsed,
+                "schedule": schedule.state_dict(),
+                "sampler": samplers,
+                "rng": rngs,
+                "world_size": info.world_size,
+                "train_config": cfg.to_dict(),
+                "total_steps": steps,
+            }
+            ckpt.save_checkpoint(
+                run_dir,
+                at_step,
+                mconf,
+                model_state,
+                optim_state,
+                trainer_state,
+                data.tokenizer_dir,
+                keep=cfg.keep_checkpoints,
+            )
+        D.barrier(info)
+
+    def run_eval(at_step: int) -> dict | None:
+        if not val:
+            return None
+        t0 = time.perf_counter()
+        res = evaluate(model, val, info, at_step, autocast, tpb)
+        res.update(kind="eval", tokens=tokens_seen, elapsed_s=elapsed, eval_s=time.perf_counter() - t0)
+        metrics.write(res)
+        say(_eval_line(res))
+        return res
+
+    bar = None
+    if info.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1)
+    last_eval = None
+    losses: list[float] = []
+    window_tokens, window_time = 0, 0.0
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            model.set_step(step)
+            schedule.step(step, tokens_seen)
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(cfg.grad_accum):
+                x = next(sampler).to(info.device, non_blocking=True)
+                with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
+                    with autocast():
+                        out = wrapped(x, labels=x)
+                    loss = out.loss / cfg.grad_accum
+                    loss.backward()
+                loss_sum += loss.detach().float()
+            grad_norm = None
+            if cfg.optimizer == "adamw":
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tps
+            (step_loss,) = D.all_reduce_mean([float(loss_sum)], info)
+            if info.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            window_tokens += tps
+            window_time += dt
+            if not math.isfinite(step_loss):
+                raise SubLLMError(
+                    f"the loss became {step_loss} at step {step}: lower --lr or use --dtype fp32"
+                )
+            losses.append(step_loss)
+            rec = {
+                "kind": "train",
+                "step": step,
+                "tokens": tokens_seen,
+                "loss": step_loss,
+                "lr": schedule.get_last_lr()[0],
+                "step_s": dt,
+                "tok_per_s": tps / dt,
+                "elapsed_s": elapsed,
+            }
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            if out.agreement is not None:
+                rec["agreement"] = out.agreement
+            metrics.write(rec)
+            if bar is not None:
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == steps:
+                    bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window_tokens / window_time:,.0f}")
+                    window_tokens, window_time = 0, 0.0
+            if val and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+                last_eval = run_eval(step)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+                save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+
+    summary = {"steps": step, "tokens": tokens_seen, "train_s": elapsed, "peak_rss_mb": peak_rss_mb()}
+    if info.device.startswith("cuda"):
+        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if losses:
+        summary["last_loss"] = losses[-1]
+    if last_eval:
+        summary.update({k: v for k, v in last_eval.items() if k not in ("kind", "step", "tokens")})
+    if info.is_main:
+        ckpt.save_model_dir(run_dir, mconf, D.full_model_state(wrapped, info, mode), data.tokenizer_dir)
+        _write_json(run_dir / "summary.json", summary)
+        from subllm.metrics import read_metrics
+
+        plot_run(
+            read_metrics(run_dir / METRICS), run_dir / LOSS_PNG, title=f"{run_dir.name}: {mconf.structure}"
+        )
+        say(f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s; model + tokenizer in {run_dir}")
+    elif mode == "fsdp":
+        D.full_model_state(wrapped, info, mode)  # the gather is a collective: take part
+    return summary
+
+
+def _for_rank(states: list, rank: int):
+    """This rank's saved state, or rank 0's when the checkpoint came from fewer ranks."""
+    return states[rank] if rank < len(states) else states[0]
+
+
+def _check_resumable(loaded, cfg: TrainConfig, mconf, steps: int, info) -> None:
+    saved = loaded.trainer_state.get("train_config", {})
+    diffs = config_diff(saved, cfg.to_dict(), TRAJECTORY)
+    if loaded.trainer_state.get("total_steps") != steps:
+        diffs.append(f"total steps: {loaded.trainer_state.get('total_steps')} -> {steps}")
+    diffs += [f"model {d}" for d in config_diff(loaded.config.to_dict(), mconf.to_dict())]
+    if loaded.trainer_state.get("world_size") != info.world_size:
+        diffs.append(f"world size: {loaded.trainer_state.get('world_size')} -> {info.world_size}")
+    if diffs:
+        raise SubLLMError(
+            f"checkpoint {loaded.path} does not match this run ({'; '.join(diffs)}): "
+            "resume with the original settings, or start a new run with another --out"
+        )
+
+
+def _eval_line(r: dict) -> str:
+    s = f"eval @ step {r['step']}: val loss {r['val_loss']:.4f}"
+    if "val_bpb" in r:
+        s += f", {r['val_bpb']:.3f} bits/byte"
+    if "val_loss_train_mode" in r:
+        s += f", train-mode loss {r['val_loss_train_mode']:.4f} (leak gap {r['leak_gap']:+.4f})"
+        s += ", keep " + "/".join(f"{f:.2f}" for f in r["keep_fractions_eval"])
+        s += ", agreement " + "/".join(f"{a:.3f}" for a in r["agreement"])
+    return s
+
+
+def _write_json(path: Path, obj) -> None:
+    import json
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
