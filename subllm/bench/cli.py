@@ -22,7 +22,6 @@ from subllm.errors import SubLLMError
 QUICK = dict(
     preset="subllm-tiny", lengths="64,128", batch_sizes="1,2", dtypes="fp32", decode_tokens=4, reps=1
 )
-QUICK_TRAIN = dict(preset="subllm-tiny", lengths="64,128", reps=2, warmup=1, batch_size=2)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,17 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument("--no-bound", action="store_true", help="skip the zero-overhead prefill bound")
     inf.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
-    tr = sub.add_parser("train", help="training step time and memory vs LLaMA and the zero-overhead bound")
-    tr.add_argument("--preset", default="subllm-small", help="model preset (default subllm-small)")
-    tr.add_argument("--lengths", default="1k,2k,4k,8k", help="context lengths, comma-separated")
-    tr.add_argument("--batch-size", type=int, default=1)
-    tr.add_argument("--dtype", choices=("bf16", "fp32"), default="fp32")
-    tr.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
-    tr.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    tr.add_argument("--plot", default=None, help="also save a speed-up plot (PNG) here")
-    tr.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
+    from subllm.bench.train import add_train_arguments
+
+    add_train_arguments(sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command == "infer":
         return _run_infer(args)
     if args.bench_command == "train":
-        return _run_train(args)
+        from subllm.bench.train import run_train
+
+        return run_train(args)
     raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
 
 
@@ -88,26 +81,6 @@ def _run_infer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
-    return 0
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from subllm.bench.train import plot, print_report, run_train_bench
-
-    if args.quick:
-        for k, v in QUICK_TRAIN.items():
-            setattr(args, k, v)
-    if args.batch_size < 1 or args.reps < 1 or args.warmup < 0:
-        raise SubLLMError("--batch-size and --reps must be >= 1, --warmup >= 0")
-    env = environment("cpu")
-    report = run_train_bench(
-        args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
-        seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
-    )  # fmt: skip
-    print_report(report, env)
-    if args.plot:
-        plot(report, args.plot)
-    print(json_line({"bench": "train", "command": _command("train"), "env": env, **report}))
     return 0
 
 

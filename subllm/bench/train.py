@@ -239,10 +239,6 @@ def run_train(args) -> int:
         raise SubLLMError("--reps and --batch-size must be >= 1, --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SubLLMError("--device cuda asked for, but torch sees no CUDA device")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SubLLMError("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
     report = run_train_bench(
         args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
         device=args.device, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
@@ -252,6 +248,6 @@ def run_train(args) -> int:
     if args.plot:
         plot(report, args.plot)
         print(f"plot written to {args.plot}")
-    command = "subllm " + " ".join(sys.argv[1:]) if sys.argv[1:3] == ["bench", "train"] else None
+    command = "subllm " + " ".join(sys.argv[1:]) if sys.argv[1:3] == ["bench", "train"] else None  # as typed
     print(json_line({"bench": "train", "command": command, "env": env, **report}))
     return 0
