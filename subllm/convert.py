@@ -1,0 +1,228 @@
+"""`subllm convert`: Hugging Face Llama checkpoints <-> SUBLLM checkpoints.
+
+    subllm convert --from-hf-llama HF_DIR [--structure S] [--keep-ratio R] --out DIR
+    subllm convert --to-hf-llama SUBLLM_DIR --out HF_DIR
+
+`--from-hf-llama` copies every Llama layer into a SubLLM (docs/method.md section 1): with
+`--structure` only the new S (score) and B (bypass) parameters are initialised fresh, which is
+the starting point for continued training; without it the result is the all-T model whose
+logits equal the Llama's. `--to-hf-llama` is the inverse for an all-T SubLLM; a structure with
+brackets has no Llama equivalent (token dropping, upsampling and bypass have no counterpart in
+LlamaForCausalLM). Tokenizer files in the source directory are copied alongside. transformers
+is imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from subllm.errors import SubLLMError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer_files(src, dst) -> list[str]:
+    """Copy whichever tokenizer files `src` holds into `dst`; returns their names."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def parse_keep_ratio(text: str | None):
+    """'0.64' -> 0.64; '0.7,0.6' -> [0.7, 0.6] (one per '(' in structure order); None -> None."""
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise SubLLMError(f"--keep-ratio must be a number or comma-separated numbers, got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+# ---- HF Llama -> SubLLM ---------------------------------------------------------------------------
+def load_hf_llama(directory):
+    """A LlamaForCausalLM from a local HF directory, in float32, eval mode (never the hub)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise SubLLMError(f"{d} is not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise SubLLMError(f"cannot read the config of {d}: {e}") from None
+    if cfg.model_type != "llama":
+        raise SubLLMError(f"{d} holds a {cfg.model_type!r} model; --from-hf-llama needs model_type 'llama'")
+    try:
+        model = LlamaForCausalLM.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SubLLMError(f"cannot load the Llama weights of {d}: {e}") from None
+    return model.eval()
+
+
+def from_hf_llama_dir(src, out, structure: str | None = None, keep_ratio=None):
+    """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out`; returns the SubLLM."""
+    from subllm.model.subllm import SubLLM
+
+    if structure is None and keep_ratio is not None:
+        raise SubLLMError("--keep-ratio needs --structure (the all-T model has no subsampling module)")
+    hf = load_hf_llama(src)
+    model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio).eval()
+    model.save_pretrained(out)
+    copy_tokenizer_files(src, out)
+    return model
+
+
+# ---- SubLLM -> HF Llama ---------------------------------------------------------------------------
+def check_all_t(structure: str) -> None:
+    if "(" in structure or ")" in structure:
+        raise SubLLMError(
+            f"structure {structure!r} has subsampling modules: a LlamaForCausalLM has no counterpart for "
+            "S (token dropping), U (upsampling) or B (bypass), so dropping them would change the model's "
+            "outputs; only an all-T SubLLM converts to a Llama"
+        )
+
+
+def subllm_to_hf_llama_state(state: dict, config) -> dict:
+    """Our parameter names onto HF Llama's (the inverse of io.hf_llama_to_subllm_state): the fused
+    q/k/v and gate/up projections are split again."""
+    kv = config.n_kv_heads * config.head_dim
+    out = {
+        "model.embed_tokens.weight": state["embed.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["head.weight"],
+    }
+    for i in range(config.n_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        q, k, v = state[f"layers.{i}.attn.wqkv.weight"].split([config.dim, kv, kv])
+        gate, up = state[f"layers.{i}.ffn.w13.weight"].split(config.ffn_dim)
+        out.update(
+            {
+                a + "q_proj.weight": q,
+                a + "k_proj.weight": k,
+                a + "v_proj.weight": v,
+                a + "o_proj.weight": state[f"layers.{i}.attn.wo.weight"],
+                m + "gate_proj.weight": gate,
+                m + "up_proj.weight": up,
+                m + "down_proj.weight": state[f"layers.{i}.ffn.w2.weight"],
+                p + "input_layernorm.weight": state[f"layers.{i}.attn_norm.weight"],
+                p + "post_attention_layernorm.weight": state[f"layers.{i}.ffn_norm.weight"],
+            }
+        )
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_hf_llama(model):
+    """An all-T SubLLM as a transformers LlamaForCausalLM with the same weights (and logits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    check_all_t(c.structure)
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.dim,
+        intermediate_size=c.ffn_dim,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        tie_word_embeddings=c.tie_embeddings,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+    )
+    hf = LlamaForCausalLM(hf_cfg)
+    state = subllm_to_hf_llama_state(model.state_dict(), c)
+    if c.tie_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:  # a bug, not a user error
+        raise RuntimeError(f"Llama export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return hf.eval()
+
+
+def to_hf_llama_dir(src, out):
+    """Convert the all-T SubLLM checkpoint `src` into an HF Llama directory `out`; returns the Llama."""
+    from subllm.model.io import load_config
+    from subllm.model.subllm import SubLLM
+
+    check_all_t(load_config(src).structure)  # fail before loading the weights
+    hf = to_hf_llama(SubLLM.from_pretrained(src))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out))
+    copy_tokenizer_files(src, out)
+    return hf
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf-llama", metavar="DIR", help="a Hugging Face Llama directory to convert")
+    src.add_argument("--to-hf-llama", metavar="DIR", help="an all-T SubLLM checkpoint to export as a Llama")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--structure", help="with --from-hf-llama: e.g. 'TT(T(TT)T)T' (as many T as the Llama has layers)"
+    )
+    parser.add_argument(
+        "--keep-ratio", help="with --structure: keep ratio per S, one value or one per '(' (default 0.64)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SubLLMError(f"{out} exists and is not empty (pass --overwrite to write into it)")
+    if args.from_hf_llama:
+        model = from_hf_llama_dir(args.from_hf_llama, out, args.structure, parse_keep_ratio(args.keep_ratio))
+        c = model.config
+        new = (
+            f"{c.n_subsamples} S + {c.n_subsamples} B modules initialised fresh"
+            if c.n_subsamples
+            else "all-T"
+        )
+        print(
+            f"converted {args.from_hf_llama} -> {out}: structure {c.structure} ({new}), "
+            f"{model.num_params():,} parameters"
+        )
+    else:
+        if args.structure or args.keep_ratio:
+            raise SubLLMError("--structure/--keep-ratio only apply to --from-hf-llama")
+        hf = to_hf_llama_dir(args.to_hf_llama, out)
+        print(f"exported {args.to_hf_llama} -> {out}: LlamaForCausalLM, {hf.config.num_hidden_layers} layers")
+    return 0
+
+
+__all__ = [
+    "from_hf_llama_dir",
+    "to_hf_llama_dir",
+    "to_hf_llama",
+    "subllm_to_hf_llama_state",
+    "load_hf_llama",
+    "copy_tokenizer_files",
+    "check_all_t",
+]

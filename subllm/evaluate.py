@@ -1,0 +1,336 @@
+"""`subllm eval`: evaluate a checkpoint - text loss / bits per byte and few-shot tasks via lm-eval.
+
+    subllm eval --checkpoint runs/demo/subllm --tasks loss,mmlu,bbh,cloze,next_sentence
+
+- loss: mean next-token loss (nats), perplexity and bits per byte on any text (a .txt file or a
+  folder of them; default data/corpus/val), scored with sliding windows (default: the training
+  sequence length from the run's train_config.json, else max_seq_len; stride default half a
+  window), every token exactly once, each file starting after
+  one prefix token (EOS: the document separator of our packed training data). Bytes are the
+  UTF-8 bytes of the text, so bits per byte compares models with different tokenizers. Also
+  reports the realised eval-mode keep fraction of every S (docs/method.md section 3).
+- mmlu, bbh, bbh_mc, cloze, next_sentence: the tasks of subllm/tasks/, built at run time into a
+  cache directory (subllm/evals/tasks.py) and run through lm-eval with the `SubLLMLM` adapter.
+
+Prints a results table, then one JSON line with every number (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from subllm.errors import SubLLMError
+
+DEFAULT_TEXT = Path("data/corpus/val")
+ALL_TASKS = ("loss", "mmlu", "bbh", "bbh_mc", "cloze", "next_sentence")
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def resolve_checkpoint(path) -> Path:
+    """A model folder (config.json + model.safetensors), or a run folder whose
+    checkpoints/latest is one."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if (latest / "config.json").is_file():
+        return latest.resolve()
+    raise SubLLMError(f"{p} is not a subllm checkpoint (no config.json, no checkpoints/latest)")
+
+
+def load_model(path, device: str = "cpu"):
+    from subllm.model.subllm import SubLLM
+
+    return SubLLM.from_pretrained(resolve_checkpoint(path), map_location=device).eval()
+
+
+def default_window(checkpoint, model) -> int:
+    """The sequence length the model was trained with (`seq_len` of the train_config.json that
+    `subllm train` writes beside the model) capped at max_seq_len; else max_seq_len. Windows longer
+    than training would measure RoPE extrapolation, not the model."""
+    ck = resolve_checkpoint(checkpoint)
+    for d in (ck, ck.parent.parent):
+        f = d / "train_config.json"
+        if f.is_file():
+            try:
+                n = int(json.loads(f.read_text()).get("seq_len") or 0)
+            except (ValueError, TypeError, json.JSONDecodeError):
+                n = 0
+            if n > 0:
+                return min(n, model.config.max_seq_len)
+    return model.config.max_seq_len
+
+
+def load_tokenizer_for(checkpoint, tokenizer=None):
+    """The tokenizer at `tokenizer`, else the one saved in the checkpoint folder."""
+    import subllm.hf  # noqa: F401  registers model_type "subllm": AutoTokenizer reads config.json quietly
+    from subllm.data.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    ck = resolve_checkpoint(checkpoint)
+    if not any((ck / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise SubLLMError(f"{ck} holds no tokenizer: pass --tokenizer DIR")
+    return load_tokenizer(ck)
+
+
+# ---- text loss / bits per byte --------------------------------------------------------------------
+def text_files(path) -> list[Path]:
+    p = Path(path)
+    files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise SubLLMError(f"no text at {p} (a .txt file or a folder of them)")
+    return files
+
+
+def text_loss(
+    model,
+    tokenizer,
+    texts: list[str],
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    prefix_token_id: int | None = None,
+    max_tokens: int | None = None,
+) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over `texts` (each scored from its start).
+    With `max_tokens`, stops after that many tokens; the bytes are those of the text they cover."""
+    from subllm.evals.scoring import KeepStats, rolling_windows, score_tokens
+
+    L = seq_len or model.config.max_seq_len
+    if L > model.config.max_seq_len:
+        raise SubLLMError(f"--seq-len {L} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    S = stride or max(1, L // 2)
+    prefix = prefix_token_id if prefix_token_id is not None else model.config.eos_token_id
+    nll = n_tok = n_bytes = 0.0
+    keep = KeepStats()
+    budget = max_tokens
+    for text in texts:
+        if budget is not None and budget <= 0:
+            break
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=budget is not None)
+        ids = enc["input_ids"]
+        if budget is not None and len(ids) > budget:
+            ids = ids[:budget]
+            text = text[: enc["offset_mapping"][budget - 1][1]]
+        if not ids:
+            continue
+        if max(ids) >= model.config.vocab_size:
+            raise SubLLMError("the tokenizer produces ids beyond the model's vocabulary (wrong --tokenizer?)")
+        scores = score_tokens(
+            model, rolling_windows(ids, prefix, L, S), batch_size, dtype=dtype, keep_stats=keep
+        )
+        nll -= sum(s.logprob for s in scores)
+        n_tok += len(ids)
+        n_bytes += len(text.encode("utf-8"))
+        if budget is not None:
+            budget -= len(ids)
+    if not n_tok:
+        raise SubLLMError("no tokens to score (empty text?)")
+    loss = nll / n_tok
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": nll / math.log(2) / n_bytes,
+        "tokens": int(n_tok),
+        "bytes": int(n_bytes),
+        "bytes_per_token": n_bytes / n_tok,
+        "seq_len": L,
+        "stride": S,
+        "keep_fractions": keep.fractions(),
+    }
+
+
+# ---- the whole evaluation ------------------------------------------------------------------------
+def parse_tasks(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return list(ALL_TASKS)
+    bad = [t for t in names if t not in ALL_TASKS]
+    if bad or not names:
+        raise SubLLMError(f"unknown task(s) {bad}; choose from {', '.join(ALL_TASKS)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def evaluate(
+    checkpoint,
+    tasks: list[str],
+    tokenizer=None,
+    text=None,
+    heldout=None,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    n_text: int = 200,
+    mmlu_shots: int = 5,
+    bbh_shots: int = 2,
+    cache_dir=None,
+    seed: int = 1234,
+    verbose: bool = False,
+    log=print,
+) -> dict:
+    """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}."""
+    torch.manual_seed(seed)
+    model = load_model(checkpoint)
+    tok = load_tokenizer_for(checkpoint, tokenizer)
+    c = model.config
+    seq_len = seq_len or default_window(checkpoint, model)
+    out: dict = {
+        "checkpoint": str(checkpoint),
+        "model": {"structure": c.structure, "keep_ratios": c.keep_ratios, "params": model.num_params()},
+        "window": seq_len,
+    }
+    if "loss" in tasks:
+        src = text if text is not None else DEFAULT_TEXT
+        if text is None and not DEFAULT_TEXT.exists():
+            raise SubLLMError(f"task 'loss' needs --text FILE_OR_DIR ({DEFAULT_TEXT} does not exist)")
+        t0 = time.time()
+        texts = [f.read_text("utf-8", errors="replace") for f in text_files(src)]
+        out["loss"] = {
+            "text": str(src),
+            **text_loss(model, tok, texts, seq_len, stride, batch_size, dtype, max_tokens=max_tokens),
+        }
+        log(f"loss on {src}: {out['loss']['loss']:.4f} nats/token in {time.time() - t0:.1f} s")
+    lm_tasks = [t for t in tasks if t != "loss"]
+    if lm_tasks:
+        from subllm.evals.harness import build_tasks, default_cache_dir, run_tasks
+        from subllm.evals.lm import SubLLMLM
+
+        if heldout is None and any(t in ("cloze", "next_sentence") for t in lm_tasks):
+            heldout = text if text is not None else (DEFAULT_TEXT if DEFAULT_TEXT.exists() else None)
+        key = json.dumps(
+            [
+                sorted(lm_tasks),
+                str(Path(heldout).resolve()) if heldout else None,
+                mmlu_shots,
+                bbh_shots,
+                n_text,
+                seed,
+            ]
+        )
+        built = Path(cache_dir or default_cache_dir()) / hashlib.sha256(key.encode()).hexdigest()[:16]
+        info = build_tasks(lm_tasks, built, heldout, mmlu_shots, bbh_shots, n_text, seed)
+        lm = SubLLMLM(model, tok, batch_size=batch_size, max_length=seq_len, dtype=dtype)
+        out["tasks"] = {}
+        for name in lm_tasks:  # one lm-eval run per task, so truncation is counted per task
+            t0, seen, cut = time.time(), lm.requests, lm.truncated
+            res = run_tasks(lm, [name], built, limit=limit, verbose=verbose, seed=seed)[name]
+            res["truncated"] = f"{lm.truncated - cut}/{lm.requests - seen}"
+            out["tasks"][name] = {**res, **info[name]}
+            log(f"{name}: {time.time() - t0:.1f} s, {res['truncated']} requests cut to the window")
+        log(f"task files in {built}")
+        out["tasks_keep_fractions"] = lm.keep_stats.fractions()
+    return out
+
+
+_NOT_METRICS = ("n", "docs", "chance", "source", "truncated")
+
+
+def format_table(res: dict) -> str:
+    """Task, metric, value, stderr, documents, chance level, requests cut to the window."""
+    rows = [("task", "metric", "value", "stderr", "n", "chance", "cut")]
+    if "loss" in res:
+        r = res["loss"]
+        rows.append(("loss", "nats/token", f"{r['loss']:.4f}", "", str(r["tokens"]), "", ""))
+        rows.append(("", "perplexity", f"{r['ppl']:.2f}", "", "", "", ""))
+        rows.append(("", "bits/byte", f"{r['bpb']:.4f}", "", str(r["bytes"]), "", ""))
+        rows += [("", f"keep S{i}", f"{f:.3f}", "", "", "", "") for i, f in enumerate(r["keep_fractions"])]
+    for name, r in res.get("tasks", {}).items():
+        metrics = [(k, v) for k, v in r.items() if not k.endswith("_stderr") and k not in _NOT_METRICS]
+        for j, (label, v) in enumerate(kv for kv in metrics if kv[1] is not None):
+            se = r.get(label + "_stderr")
+            chance = r.get("chance") if label.startswith("acc") else None
+            first = j == 0
+            rows.append((name if first else "", label, f"{v:.4f}", "" if se is None else f"{se:.4f}",
+                         str(r.get("n") or r.get("docs")) if first else "",
+                         "" if chance is None else f"{chance:.3f}",
+                         r.get("truncated", "") if first else ""))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model folder (or a run folder)")
+    parser.add_argument(
+        "--tasks",
+        default="loss,mmlu,bbh,cloze,next_sentence",
+        help=f"comma-separated: {', '.join(ALL_TASKS)}, or 'all' (default: %(default)s)",
+    )
+    parser.add_argument("--tokenizer", help="tokenizer folder/file (default: the checkpoint's)")
+    parser.add_argument("--text", help=f"text file or folder for 'loss' (default {DEFAULT_TEXT})")
+    parser.add_argument("--heldout", help="held-out text for cloze/next_sentence (default: --text)")
+    parser.add_argument(
+        "--seq-len", type=int, help="window in tokens (default: the training seq_len, else max_seq_len)"
+    )
+    parser.add_argument("--stride", type=int, help="loss window stride (default seq_len / 2)")
+    parser.add_argument("--max-tokens", type=int, help="score at most this many tokens of --text")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
+    parser.add_argument("--n-text", type=int, default=200, help="cloze/next_sentence documents (default 200)")
+    parser.add_argument("--mmlu-shots", type=int, default=5)
+    parser.add_argument("--bbh-shots", type=int, default=2, help="at most 2 (3 examples per task bundled)")
+    parser.add_argument("--cache-dir", help="where task documents are built (default ~/.cache/subllm/tasks)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="show lm-eval's logging")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("seq_len", "stride", "max_tokens", "batch_size", "limit", "n_text"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SubLLMError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SubLLMError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.mmlu_shots < 0 or args.bbh_shots < 0:
+        raise SubLLMError("--mmlu-shots and --bbh-shots must be >= 0")
+    res = evaluate(
+        args.checkpoint,
+        parse_tasks(args.tasks),
+        tokenizer=args.tokenizer,
+        text=args.text,
+        heldout=args.heldout,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        n_text=args.n_text,
+        mmlu_shots=args.mmlu_shots,
+        bbh_shots=args.bbh_shots,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
+    m = res["model"]
+    print(
+        f"\n{res['checkpoint']}: {m['structure']}, {m['params']:,} parameters, window {res['window']} tokens"
+    )
+    print(format_table(res))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res))
+    return 0
+
+
+__all__ = ["evaluate", "text_loss", "load_model", "load_tokenizer_for", "resolve_checkpoint", "format_table"]

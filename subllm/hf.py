@@ -1,0 +1,258 @@
+"""Hugging Face transformers integration: `SubLLMConfig`, `SubLLMForCausalLM`, Auto registration.
+
+`import subllm.hf` registers model_type "subllm" with `AutoConfig` and `AutoModelForCausalLM`
+(`register()` does the same and is idempotent); `import subllm` alone never imports transformers.
+
+One checkpoint format: the directory `SubLLM.save_pretrained` writes (config.json = the
+`ModelConfig` fields + model_type + architectures, model.safetensors with SubLLM's parameter names).
+`SubLLMForCausalLM` holds the SubLLM's modules as its own direct children (`embed`, `layers`,
+`subsamples`, `bypasses`, `norm`, `head`; base_model_prefix ""), so HF loads that directory with
+no key mapping, and its `save_pretrained` writes the very same format back.
+
+Generation: HF `generate()` drives the subllm KV cache (subllm/engine.py): the first step
+prefills `SubLLMCache` with the (left-padded) prompt, every later step decodes one token per row,
+so tokens that an S drops skip the layers inside it (docs/method.md section 3). With
+`use_cache=False` every step recomputes the full eval-mode forward. Greedy and sampling are
+supported; beam search (which reorders cache rows) is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from subllm.config import ModelConfig
+from subllm.errors import SubLLMError
+from subllm.model.subllm import SubLLM
+
+MODEL_TYPE = "subllm"
+_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+class SubLLMConfig(PreTrainedConfig):
+    """The `ModelConfig` fields as a transformers config (HF's standard names are aliases)."""
+
+    model_type = MODEL_TYPE
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "intermediate_size": "ffn_dim",
+        "max_position_embeddings": "max_seq_len",
+        "rms_norm_eps": "norm_eps",
+        "tie_word_embeddings": "tie_embeddings",
+    }
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int | None = None
+    ffn_dim: int = 5504
+    structure: str = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
+    keep_ratio: float | list[float] = 0.64
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    init_std: float = 0.02
+    balancer_prob_start: float = 1.0
+    balancer_prob_end: float = 0.25
+    balancer_steps: int = 8000
+    bypass_min_start: float = 0.9
+    bypass_min_end: float = 0.2
+    bypass_steps: int = 20000
+    extra: dict = dataclasses.field(default_factory=dict)
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        self.to_model_config()  # validate now: clear SubLLMErrors for a bad structure etc.
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.structure.count("T")
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(**{name: getattr(self, name) for name in _FIELDS})
+
+    @classmethod
+    def from_model_config(cls, config: ModelConfig) -> SubLLMConfig:
+        return cls(**config.to_dict(), architectures=["SubLLMForCausalLM"])
+
+
+class SubLLMCache:
+    """The subllm `KVCache` as generate() carries it between steps (`kv` is None before prefill)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_linear = (False,)
+
+    def __init__(self):
+        self.kv = None
+        self.steps = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.kv is None else int(self.kv.lengths(0).max())
+
+
+class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
+    """A `SubLLM` behind the transformers `PreTrainedModel` / `GenerationMixin` interface.
+
+    The SubLLM's modules are registered here as direct children (same parameter names, same
+    objects); `self.subllm` is that SubLLM (kept out of the module tree) and does the computation.
+    """
+
+    config_class = SubLLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"head.weight": "embed.weight"}  # used only when tie_embeddings is set
+    _supports_sdpa = True
+
+    def __init__(self, config: SubLLMConfig):
+        super().__init__(config)
+        core = SubLLM(config.to_model_config())
+        for name, child in core.named_children():
+            self.add_module(name, child)
+        self.__dict__["subllm"] = core  # not a submodule: its children are already ours
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our own cache, created in prepare_inputs_for_generation
+
+    @classmethod
+    def from_subllm(cls, model: SubLLM) -> SubLLMForCausalLM:
+        """Wrap an existing SubLLM: the result shares its modules and parameters (no copy)."""
+        hf = cls(SubLLMConfig.from_model_config(model.config))
+        for name, child in model.named_children():
+            hf.add_module(name, child)
+        hf.__dict__["subllm"] = model
+        return hf.train(model.training)
+
+    def _init_weights(self, module):
+        if module is self:
+            return
+        from torch import nn
+
+        from subllm.model.layers import RMSNorm
+        from subllm.model.subsample import Bypass
+
+        std = self.config.init_std
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Bypass):
+            nn.init.constant_(module.scale, 0.5)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = self.subllm.embed = value
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, value):
+        self.head = self.subllm.head = value
+
+    def set_step(self, step: int) -> None:
+        self.subllm.set_step(step)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: SubLLMCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Without `cache`: the full SubLLM forward, logits (B, T, V). With a `SubLLMCache`
+        (generation): prefill on the first call, then one token per row; logits (B, 1, V) at
+        each row's last token (the prompt must be left-padded)."""
+        if input_ids is None:
+            raise SubLLMError("SubLLMForCausalLM needs input_ids (inputs_embeds is not supported)")
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        self.subllm.training = self.training
+        if cache is None:
+            out = self.subllm(input_ids, attention_mask=attention_mask, labels=labels)
+            return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        from subllm.engine import decode_step, new_cache, prefill
+
+        if labels is not None:
+            raise SubLLMError("labels are not supported together with a generation cache")
+        if cache.kv is None:
+            cache.kv = new_cache(self.subllm, input_ids.shape[0], input_ids.device)
+            logits = prefill(self.subllm, input_ids, attention_mask, cache.kv)
+        else:
+            if input_ids.shape[1] != 1:
+                raise SubLLMError("after the prefill, a SubLLMCache takes exactly one new token per row")
+            logits = decode_step(self.subllm, cache.kv, input_ids[:, 0])
+        cache.steps += 1
+        return CausalLMOutputWithPast(logits=logits[:, None], cache=cache)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, use_cache=True, **kwargs
+    ):
+        if not use_cache:  # recompute the whole (growing) sequence every step
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if cache is None:
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": SubLLMCache()}
+        return {"input_ids": input_ids[:, -1:], "cache": cache}
+
+    # ---- one checkpoint format -----------------------------------------------------------------
+    def to_subllm(self) -> SubLLM:
+        """The SubLLM that computes this model (shares the parameters)."""
+        self.subllm.training = self.training
+        return self.subllm
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
+        """Write the subllm checkpoint format (config.json + model.safetensors), nothing else.
+        `safe_serialization` / `max_shard_size` are accepted and ignored (always one safetensors
+        file); other HF options (push_to_hub, a custom state_dict, ...) are refused."""
+        ignored = {"safe_serialization", "max_shard_size"}
+        unsupported = sorted(k for k, v in kwargs.items() if k not in ignored and v not in (None, False))
+        if unsupported:
+            raise SubLLMError(f"SubLLMForCausalLM.save_pretrained: unsupported option(s) {unsupported}")
+        if not is_main_process:
+            return
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.to_subllm().save_pretrained(save_directory)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register model_type "subllm" with AutoConfig and AutoModelForCausalLM (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    try:
+        AutoConfig.register(MODEL_TYPE, SubLLMConfig)
+    except ValueError:  # already registered (e.g. by a re-imported copy of this module)
+        pass
+    try:
+        AutoModelForCausalLM.register(SubLLMConfig, SubLLMForCausalLM)
+    except ValueError:
+        pass
+    _registered = True
+
+
+register()
+
+__all__ = ["SubLLMConfig", "SubLLMForCausalLM", "SubLLMCache", "register", "MODEL_TYPE"]
