@@ -14,7 +14,10 @@ _EXPORTS = {
     "SubLLM": "subllm.model.subllm",
     "SubLLMOutput": "subllm.model.subllm",
     "SubLLMError": "subllm.errors",
-    "generate": "subllm.generate",
+    "generate": "subllm.generation",
+    "stream_generate": "subllm.generation",
+    "SubLLMForCausalLM": "subllm.hf",  # importing subllm.hf registers the Auto classes
+    "SubLLMConfig": "subllm.hf",
     "KVCache": "subllm.cache",
 }
 

@@ -209,7 +209,7 @@ def _sample(run: Path, prompt: str, seed: int) -> str:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from subllm.generate import generate
+    from subllm.generation import generate
     from subllm.model.subllm import SubLLM
 
     verbosity = hf_logging.get_verbosity()

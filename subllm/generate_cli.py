@@ -57,7 +57,7 @@ def load_tokenizer(directory: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from subllm.generate import TextDeltas, generate, stream_generate, validate_sampling
+    from subllm.generation import TextDeltas, generate, stream_generate, validate_sampling
     from subllm.model.subllm import SubLLM
 
     validate_sampling(

@@ -129,7 +129,7 @@ def test_adapter_on_tiny_local_task(ckpt, tmp_path):
     t = tok.encode("old garden letter")
     assert abs(roll - _naive(model, [lm.prefix_token_id, *t], len(t))[0]) < 1e-4
     # generate_until == greedy subllm.generate, cut at the stop string
-    from subllm.generate import generate
+    from subllm.generation import generate
 
     (gen,) = lm.generate_until([Instance("generate_until", {}, ("The house", {"until": ["zzz"]}), 0)])
     ids = torch.tensor([tok.encode("The house")])

@@ -9,7 +9,7 @@ import torch
 
 from subllm import SubLLMError, generate
 from subllm.config import get_preset
-from subllm.generate import (
+from subllm.generation import (
     TextDeltas,
     apply_repetition_penalty,
     apply_top_k,
@@ -254,7 +254,7 @@ def test_text_deltas_hold_back_split_characters():
 
 
 def test_stream_text_matches_generate():
-    from subllm.generate import stream_text
+    from subllm.generation import stream_text
 
     model = tiny()
     ids = torch.randint(3, 100, (1, 6))

@@ -117,6 +117,8 @@ def _from_folder(folder: Path, shown: str):
     from transformers import AutoTokenizer
 
     try:
+        import subllm.hf  # noqa: F401  (registers model_type "subllm": no warning for checkpoint folders)
+
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except ImportError as e:
         raise SubLLMError(f"loading the tokenizer {shown} needs a missing package: {e}") from e

@@ -13,8 +13,6 @@ from a `torch.Generator` seeded by `seed`, so a seeded run is reproducible.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Iterator
 
 import torch
@@ -338,18 +336,6 @@ def stream_text(model: SubLLM, tokenizer, prompt_ids: Tensor, **kwargs) -> Itera
     if tail:
         yield tail
 
-
-class _CallableModule(types.ModuleType):
-    """`subllm/__init__.py` exports `generate` lazily from this module, but once the submodule is
-    imported Python binds `subllm.generate` to the module itself, so `from subllm import generate`
-    can return the module. Making the module callable (forwarding to `generate`) keeps that name
-    working whatever the import order. Drop this once `subllm/__init__.py` binds the function itself."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "generate",
