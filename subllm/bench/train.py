@@ -54,6 +54,39 @@ def bound_loss(model: SubLLM, ids: torch.Tensor, cfg: ModelConfig) -> torch.Tens
     return loss
 
 
+class _NoLayer(torch.nn.Module):
+    """Stands in for a transformer layer: returns its input (for timing everything else)."""
+
+    def forward(self, x, cos, sin, mask):
+        return x
+
+
+def subsampling_overhead(model: SubLLM, ids: torch.Tensor, dtype: str, reps: int, device) -> float:
+    """Seconds per fwd+bwd that SUBLLM spends outside its layers, minus the same for LLaMA: the
+    cost of scoring, sorting, gathers, scatters, level positions and bypass, measured directly.
+    (Small and layer-independent, so far less exposed to machine noise than step-time ratios.)"""
+    import copy
+
+    bare = copy.deepcopy(model)
+    bare.layers = torch.nn.ModuleList(_NoLayer() for _ in bare.layers)
+    bare_llama = copy.deepcopy(bare)
+    bare_llama.tree = bare_llama.config.as_llama().tree
+    bare_llama.config = bare_llama.config.as_llama()
+
+    def fb(m):
+        def f():
+            with autocast(dtype, device):
+                loss = m(ids, labels=ids).loss
+            loss.backward()
+
+        return f
+
+    times, _ = interleaved(
+        {"sub": fb(bare), "llama": fb(bare_llama)}, reps=max(5, reps), warmup=1, device=device
+    )
+    return min(times["sub"]) - min(times["llama"])
+
+
 def activation_bytes(fn) -> int:
     """Bytes of tensors autograd saves for backward during fn() (each storage counted once)."""
     seen: dict[int, int] = {}
@@ -121,6 +154,8 @@ def bench_length(
             with autocast(dtype, device):
                 mem[name] = activation_bytes(fwd)
     med = {k: median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    overhead = subsampling_overhead(sub, ids, dtype, reps, device)
     ideal = ideal_speedup(cfg, T)
     speedup = med["llama"] / med["subllm"]
     del fr
@@ -136,6 +171,10 @@ def bench_length(
         "ideal_speedup": round(ideal, 4),
         "achieved_over_ideal": round(speedup / ideal, 4),
         "subllm_over_bound": round(med["subllm"] / med["bound"], 4),
+        "step_s_min": {k: round(v, 4) for k, v in best.items()},
+        "subllm_over_bound_min": round(best["subllm"] / best["bound"], 4),
+        "subsampling_overhead_s": round(overhead, 5),
+        "overhead_share": round(overhead / med["subllm"], 5),
         "memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "saved_activations",
         "memory_bytes": mem,
         "memory_ratio": round(mem["subllm"] / mem["llama"], 4),
@@ -173,10 +212,11 @@ def print_report(report: dict, env: dict, out=sys.stdout) -> None:
             r["T"], f"{s['llama']:.3f}", f"{s['subllm']:.3f}", f"{s['bound']:.3f}",
             f"{r['tokens_per_s']['subllm']:.0f}", f"{r['speedup']:.3f}x", f"{r['ideal_speedup']:.3f}x",
             f"{r['achieved_over_ideal']:.1%}", f"{r['subllm_over_bound']:.3f}",
+            f"{r['subllm_over_bound_min']:.3f}", f"{r['overhead_share']:.2%}",
             f"{m['subllm'] / 2**20:.0f}/{m['llama'] / 2**20:.0f}", f"{r['memory_ratio']:.3f}",
         ])  # fmt: skip
     headers = ["T", "llama s", "subllm s", "bound s", "subllm tok/s", "speed-up", "ideal", "ach/ideal",
-               "sub/bound", "mem MiB s/l", "mem ratio"]  # fmt: skip
+               "sub/bound", "(min)", "S/U/B share", "mem MiB s/l", "mem ratio"]  # fmt: skip
     print(
         f"bench train: {report['preset']} {report['structure']} keep {report['keep_ratios']}, "
         f"full steps (fwd+bwd+{report['optimizer']}), schedules at step {report['schedule_step']}",
