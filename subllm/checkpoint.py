@@ -19,7 +19,6 @@ A kill at any moment leaves the previous checkpoint intact: a half-written folde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,7 +31,10 @@ import numpy as np
 import torch
 
 from subllm.config import ModelConfig
+from subllm.data.corpus import sha256_file
+from subllm.data.tokenizer import TOKENIZER_FILES
 from subllm.errors import SubLLMError
+from subllm.model.io import read_json
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -40,16 +42,6 @@ MANIFEST = "checkpoint.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.pt"
 FORMAT = "subllm-checkpoint-v1"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def step_dir_name(step: int) -> str:
@@ -90,14 +82,6 @@ def restore_rng(state: dict) -> None:
 
 
 # ---- saving ----------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -165,7 +149,7 @@ def save_checkpoint(
     files = {}
     for p in sorted(tmp.iterdir()):
         _fsync(p)
-        files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = {
         "format": FORMAT,
         "step": int(step),
@@ -251,17 +235,14 @@ def verify_checkpoint(path: Path | str) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise SubLLMError(f"{path} is not a complete checkpoint (no {MANIFEST}; an interrupted save?)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SubLLMError(f"{mpath} is corrupt ({e})") from None
+    manifest = read_json(mpath, f"corrupt checkpoint manifest {mpath}")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SubLLMError(f"{mpath}: not a {FORMAT} manifest")
     for name, info in manifest.get("files", {}).items():
         f = path / name
         if not f.is_file():
             raise SubLLMError(f"checkpoint {path} is incomplete: {name} is missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise SubLLMError(f"checkpoint {path} is corrupt: {name} does not match its recorded sha256")
     for name in ("config.json", "model.safetensors", OPTIMIZER, TRAINER_STATE):
         if name not in manifest.get("files", {}):

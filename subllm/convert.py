@@ -20,18 +20,8 @@ from pathlib import Path
 
 import torch
 
+from subllm.data.tokenizer import TOKENIZER_FILES
 from subllm.errors import SubLLMError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def copy_tokenizer_files(src, dst) -> list[str]:

@@ -33,6 +33,18 @@ MODEL_TYPE = "subllm"
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 
+def _declare_model_config_fields(namespace: dict) -> None:
+    """Declare each `ModelConfig` field (annotation + default) in a class body's namespace, so
+    `SubLLMConfig` has exactly ModelConfig's fields and defaults, never a stale copy of them."""
+    annotations = namespace.setdefault("__annotations__", {})
+    for f in dataclasses.fields(ModelConfig):
+        annotations[f.name] = f.type
+        if f.default_factory is dataclasses.MISSING:
+            namespace[f.name] = f.default
+        else:
+            namespace[f.name] = dataclasses.field(default_factory=f.default_factory)
+
+
 class SubLLMConfig(PreTrainedConfig):
     """The `ModelConfig` fields as a transformers config (HF's standard names are aliases)."""
 
@@ -47,28 +59,7 @@ class SubLLMConfig(PreTrainedConfig):
         "tie_word_embeddings": "tie_embeddings",
     }
 
-    vocab_size: int = 32000
-    dim: int = 2048
-    n_heads: int = 16
-    n_kv_heads: int | None = None
-    ffn_dim: int = 5504
-    structure: str = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
-    keep_ratio: float | list[float] = 0.64
-    rope_theta: float = 10000.0
-    max_seq_len: int = 4096
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    init_std: float = 0.02
-    balancer_prob_start: float = 1.0
-    balancer_prob_end: float = 0.25
-    balancer_steps: int = 8000
-    bypass_min_start: float = 0.9
-    bypass_min_end: float = 0.2
-    bypass_steps: int = 20000
-    extra: dict = dataclasses.field(default_factory=dict)
+    _declare_model_config_fields(vars())  # every ModelConfig field, same type and default
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):

@@ -1,8 +1,12 @@
-"""Shared test helpers: tiny models whose scores give a real mix of kept and dropped tokens."""
+"""Shared test helpers: tiny models whose scores give a real mix of kept and dropped tokens,
+left-padded prompt batches, and tiny packed corpora for training runs."""
+
+import random
 
 import torch
 
 from subllm import ModelConfig, SubLLM
+from subllm.config import get_preset
 
 
 def tiny_config(structure="TT(T(TT)T)T", keep_ratio=0.6, **kw) -> ModelConfig:
@@ -10,11 +14,51 @@ def tiny_config(structure="TT(T(TT)T)T", keep_ratio=0.6, **kw) -> ModelConfig:
     return ModelConfig(structure=structure, keep_ratio=keep_ratio, **{**base, **kw})
 
 
-def tiny_model(structure="TT(T(TT)T)T", keep_ratio=0.6, score_scale=40.0, seed=0, **kw) -> SubLLM:
-    """Random tiny model; score weights scaled up so scores are O(1) and about half are positive."""
+def _scaled_scores(config: ModelConfig, score_scale: float, seed: int) -> SubLLM:
+    """Random model of `config` in eval mode; score weights scaled up so scores are O(1) and about
+    half are positive."""
     torch.manual_seed(seed)
-    m = SubLLM(tiny_config(structure, keep_ratio, **kw))
+    m = SubLLM(config)
     with torch.no_grad():
         for s in m.subsamples:
             s.score.weight.mul_(score_scale)
     return m.eval()
+
+
+def tiny_model(structure="TT(T(TT)T)T", keep_ratio=0.6, score_scale=40.0, seed=0, **kw) -> SubLLM:
+    """Random tiny model (`tiny_config`) with a real mix of kept and dropped tokens."""
+    return _scaled_scores(tiny_config(structure, keep_ratio, **kw), score_scale, seed)
+
+
+def tiny_preset_model(structure="TT(T(TT)T)T", score_scale=40.0, seed=0) -> SubLLM:
+    """subllm-tiny (GQA, vocabulary 256) with `structure` and a real mix of kept and dropped tokens."""
+    return _scaled_scores(get_preset("subllm-tiny").replace(structure=structure), score_scale, seed)
+
+
+def left_padded(lens, seed=1, vocab=256):
+    """Random prompts of lengths `lens`, left-padded to the longest: ids (B, T), mask (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lens)
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, T - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[b, T - n :] = 1
+    return ids, mask
+
+
+def pack_synthetic(root, words, seed, n_train, n_val=200):
+    """A tiny tokenizer (300 tokens) and packed train/val shards of random sentences over `words`,
+    built under `root`; returns the shards folder."""
+    from subllm.data.packing import pack_corpus
+    from subllm.data.tokenizer import train_tokenizer
+
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        lines = (" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(n))
+        (root / "corpus" / split).mkdir(parents=True)
+        (root / "corpus" / split / "text.txt").write_text("\n".join(lines) + "\n")
+    train_tokenizer(root / "corpus" / "train", 300, root / "tok")
+    for split in ("train", "val"):
+        pack_corpus(root / "corpus" / split, root / "tok", root / "tokens" / split, log=lambda *a: None)
+    return root / "tokens"

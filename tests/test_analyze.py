@@ -14,14 +14,6 @@ from subllm.config import parse_structure
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sub_parents_and_layers():
     assert sub_parents_and_layers(parse_structure("TT(T(TT)T)T")) == ({0: None, 1: 0}, {0: 1, 1: 2})
     assert sub_parents_and_layers(parse_structure("(T)T(T)(TT)")) == (

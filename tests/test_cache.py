@@ -4,44 +4,15 @@ no row ever sees another row's tokens, growth and byte counts."""
 
 import pytest
 import torch
+from helpers import left_padded, tiny_preset_model
 
 from subllm import KVCache
 from subllm.cache import layer_levels
-from subllm.config import get_preset, iter_subs, parse_structure
+from subllm.config import iter_subs, parse_structure
 from subllm.engine import decode_step, new_cache, prefill
 from subllm.model.subllm import SubLLM
 
 V = 256
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (20-100x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(structure="TT(T(TT)T)T", score_scale=40.0, seed=0) -> SubLLM:
-    """subllm-tiny (GQA) with score weights scaled so scores are O(1): a real mix of kept and dropped."""
-    torch.manual_seed(seed)
-    m = SubLLM(get_preset("subllm-tiny").replace(structure=structure))
-    with torch.no_grad():
-        for s in m.subsamples:
-            s.score.weight.mul_(score_scale)
-    return m.eval()
-
-
-def left_padded(lens, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lens)
-    ids = torch.zeros(len(lens), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lens):
-        ids[b, T - n :] = torch.randint(3, V, (n,), generator=g)
-        mask[b, T - n :] = 1
-    return ids, mask
 
 
 def run(model, ids, mask, steps, seed=2, columns=None):
@@ -63,7 +34,7 @@ def run(model, ids, mask, steps, seed=2, columns=None):
 @pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "T(T)T(TT)T", "(T(T(T)))"])
 @torch.no_grad()
 def test_lengths_positions_and_logits_match_full_forward(structure):
-    model = tiny(structure)
+    model = tiny_preset_model(structure)
     ids, mask = left_padded([13, 20, 7])
     B, steps = 3, 12
     prefilled = run(model, ids, mask, 0)[0]
@@ -103,7 +74,7 @@ def _parent_level(structure, sub_index):
 
 @torch.no_grad()
 def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([11, 16, 9, 14])
     cache = new_cache(model, 4)
     prefill(model, ids, mask, cache)
@@ -141,7 +112,7 @@ def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched():
 
 @torch.no_grad()
 def test_all_dropped_decode():
-    model = tiny()
+    model = tiny_preset_model()
     for s in model.subsamples:
         s.score.weight.zero_()  # score 0 everywhere: nothing is kept (keep iff score > 0)
     ids, mask = left_padded([9, 5])
@@ -154,7 +125,7 @@ def test_all_dropped_decode():
 
 @torch.no_grad()
 def test_all_kept_with_unit_bypass_is_llama():
-    model = tiny()
+    model = tiny_preset_model()
     with torch.no_grad():
         model.embed.weight[:, 0] += 5.0  # one shared coordinate, far larger than anything else
         for s in model.subsamples:
@@ -175,7 +146,7 @@ def test_all_kept_with_unit_bypass_is_llama():
 
 @torch.no_grad()
 def test_rows_never_see_each_other():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([12, 8])
     cache_a, _, _, la = run(model, ids, mask, 5)
     ids2 = ids.clone()
@@ -193,7 +164,7 @@ def test_rows_never_see_each_other():
 
 @torch.no_grad()
 def test_left_and_right_padding_agree():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([6, 15, 10])
     right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
     for b in range(3):
@@ -213,7 +184,7 @@ def test_layer_levels():
 
 @torch.no_grad()
 def test_growth_bytes_and_rewind():
-    model = tiny()
+    model = tiny_preset_model()
     cfg = model.config
     ids, mask = left_padded([5, 3])
     cache, seq, m, _ = run(model, ids, mask, 10)  # chunk 8: level 0 grows 8 -> 16
@@ -242,7 +213,7 @@ def test_growth_bytes_and_rewind():
 
 @torch.no_grad()
 def test_subset_rows_decode_and_validation():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([7, 9, 4])
     cache = new_cache(model, 3)
     prefill(model, ids, mask, cache)
@@ -270,7 +241,7 @@ def test_subset_rows_decode_and_validation():
 
 
 def test_bf16_autocast_cache():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([9, 6])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cache = new_cache(model, 2)

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import pack_synthetic
 
 from subllm import SubLLM, SubLLMError
 from subllm import checkpoint as ckpt
@@ -24,19 +25,7 @@ WORDS = (
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """A tiny tokenizer (300 tokens) and packed train/val shards of synthetic text."""
-    from subllm.data.packing import pack_corpus
-    from subllm.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    for split, n in (("train", 1500), ("val", 200)):
-        lines = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n))
-        (root / "corpus" / split).mkdir(parents=True)
-        (root / "corpus" / split / "text.txt").write_text("\n".join(lines) + "\n")
-    train_tokenizer(root / "corpus" / "train", 300, root / "tok")
-    for split in ("train", "val"):
-        pack_corpus(root / "corpus" / split, root / "tok", root / "tokens" / split, log=lambda *a: None)
-    return root / "tokens"
+    return pack_synthetic(tmp_path_factory.mktemp("data"), WORDS, seed=0, n_train=1500)
 
 
 def _cfg(packed, out, **kw):

@@ -12,14 +12,6 @@ from subllm.cli import main
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _llama_dir(path, tie=False, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 

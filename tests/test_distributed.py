@@ -8,12 +8,12 @@ statistics over its own half of the batch (gradient-only, like an unsynchronised
 
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import pack_synthetic
 
 from subllm import SubLLM
 from subllm import distributed as D
@@ -27,19 +27,7 @@ NO_BALANCER = ["--set", "balancer_prob_start=0", "--set", "balancer_prob_end=0"]
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    from subllm.data.packing import pack_corpus
-    from subllm.data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(1)
-    for split, n in (("train", 1200), ("val", 200)):
-        lines = (" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "." for _ in range(n))
-        (root / "corpus" / split).mkdir(parents=True)
-        (root / "corpus" / split / "text.txt").write_text("\n".join(lines) + "\n")
-    train_tokenizer(root / "corpus" / "train", 300, root / "tok")
-    for split in ("train", "val"):
-        pack_corpus(root / "corpus" / split, root / "tok", root / "tokens" / split, log=lambda *a: None)
-    return root / "tokens"
+    return pack_synthetic(tmp_path_factory.mktemp("data"), WORDS, seed=1, n_train=1200)
 
 
 def _args(packed, out, batch, extra=()):

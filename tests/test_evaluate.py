@@ -20,14 +20,6 @@ WORDS = (
 ).split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _text(n_paras=40, seed=0) -> str:
     rng = random.Random(seed)
     paras = []

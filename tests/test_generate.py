@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import left_padded, tiny_preset_model
 
 from subllm import SubLLMError, generate
-from subllm.config import get_preset
 from subllm.generation import (
     TextDeltas,
     apply_repetition_penalty,
@@ -17,39 +17,8 @@ from subllm.generation import (
     next_tokens,
     stream_generate,
 )
-from subllm.model.subllm import SubLLM
 
 V = 256
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (20-100x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(structure="TT(T(TT)T)T", score_scale=40.0, seed=0) -> SubLLM:
-    """subllm-tiny (GQA) with score weights scaled so scores are O(1): a real mix of kept and dropped."""
-    torch.manual_seed(seed)
-    m = SubLLM(get_preset("subllm-tiny").replace(structure=structure))
-    with torch.no_grad():
-        for s in m.subsamples:
-            s.score.weight.mul_(score_scale)
-    return m.eval()
-
-
-def left_padded(lens, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lens)
-    ids = torch.zeros(len(lens), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lens):
-        ids[b, T - n :] = torch.randint(3, V, (n,), generator=g)
-        mask[b, T - n :] = 1
-    return ids, mask
 
 
 def steps(model, ids, mask, use_cache, n=10, **kw):
@@ -61,7 +30,7 @@ def steps(model, ids, mask, use_cache, n=10, **kw):
 
 @pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T"])
 def test_cached_greedy_equals_uncached(structure):
-    model = tiny(structure)
+    model = tiny_preset_model(structure)
     ids, mask = left_padded([14, 6, 10])
     tok_c, lg_c = steps(model, ids, mask, True)
     tok_u, lg_u = steps(model, ids, mask, False)
@@ -77,7 +46,7 @@ def test_cached_greedy_equals_uncached(structure):
 
 
 def test_each_row_equals_the_row_alone():
-    model = tiny()
+    model = tiny_preset_model()
     lens = [12, 5, 9]
     ids, mask = left_padded(lens)
     tok, lg = steps(model, ids, mask, True, n=8)
@@ -88,7 +57,7 @@ def test_each_row_equals_the_row_alone():
 
 
 def test_right_padding_and_eos():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([8, 13])
     right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
     for b in range(2):
@@ -114,7 +83,7 @@ def test_right_padding_and_eos():
 
 
 def test_bf16_autocast_and_preallocated_cache():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([9, 5])
     ref = generate(model, ids, mask, max_new_tokens=6)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=6, chunk=None), ref)
@@ -125,7 +94,7 @@ def test_bf16_autocast_and_preallocated_cache():
 
 
 def test_seeded_sampling_is_reproducible():
-    model = tiny()
+    model = tiny_preset_model()
     ids, mask = left_padded([7, 11])
     kw = dict(max_new_tokens=12, temperature=1.5, top_k=50, top_p=0.95, repetition_penalty=1.3)
     a = generate(model, ids, mask, seed=123, **kw)
@@ -210,14 +179,14 @@ def test_sampling_frequencies_follow_the_distribution():
     ],
 )
 def test_argument_errors(kw, match):
-    model = tiny()
+    model = tiny_preset_model()
     ids = torch.randint(3, V, (1, 5))
     with pytest.raises(SubLLMError, match=match):
         generate(model, ids, **kw)
 
 
 def test_input_errors_and_edge_cases():
-    model = tiny()
+    model = tiny_preset_model()
     with pytest.raises(SubLLMError, match="non-empty"):
         generate(model, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(SubLLMError, match="vocabulary"):
@@ -256,7 +225,7 @@ def test_text_deltas_hold_back_split_characters():
 def test_stream_text_matches_generate():
     from subllm.generation import stream_text
 
-    model = tiny()
+    model = tiny_preset_model()
     ids = torch.randint(3, 100, (1, 6))
     text = "".join(stream_text(model, ByteTokenizer(), ids, max_new_tokens=8, eos_token_id=None))
     out = generate(model, ids, max_new_tokens=8)
@@ -279,7 +248,7 @@ def _checkpoint_with_tokenizer(path):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
     )
-    model = tiny()
+    model = tiny_preset_model()
     model.save_pretrained(path)
     fast.save_pretrained(str(path))
     return model

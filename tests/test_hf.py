@@ -14,14 +14,6 @@ from subllm.generation import generate
 hf_mod = pytest.importorskip("subllm.hf")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add overhead on a busy machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _same_state(a: dict, b: dict) -> bool:
     return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -26,6 +26,17 @@ from subllm.errors import SubLLMError
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+# every file a tokenizer folder may hold (what checkpoints and conversions copy alongside weights)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def _iter_training_texts(texts_or_files: str | Path | Iterable[str | Path]) -> Iterator[str]:

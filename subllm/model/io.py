@@ -42,15 +42,21 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path, label: str | None = None):
+    """The parsed JSON file `path`; text that is not UTF-8 JSON is a one-line SubLLMError
+    "`label` (default: the path) is not valid JSON: <where and why>"."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SubLLMError(f"{label or path} is not valid JSON: {e}") from None
+
+
 def load_config(directory) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise SubLLMError(f"no {CONFIG_NAME} in {directory} (not a subllm checkpoint directory?)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SubLLMError(f"{path} is not valid JSON: {e}") from None
-    return ModelConfig.from_dict(d)
+    return ModelConfig.from_dict(read_json(path))
 
 
 def load_pretrained(directory, map_location: str = "cpu"):

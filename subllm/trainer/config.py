@@ -232,13 +232,12 @@ FIELDS = {
 
 
 def read_config_file(path: str | Path) -> dict:
+    from subllm.model.io import read_json  # imports torch: not at `subllm train --help` time
+
     p = Path(path)
     if not p.is_file():
         raise SubLLMError(f"--config {p}: no such file")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SubLLMError(f"--config {p} is not valid JSON: {e}") from None
+    d = read_json(p, f"--config {p}")
     if not isinstance(d, dict):
         raise SubLLMError(f"--config {p} must hold a JSON object of training options")
     d = {k.replace("-", "_"): v for k, v in d.items()}

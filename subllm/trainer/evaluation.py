@@ -51,6 +51,15 @@ def _my_batches(batches: list, info: DistInfo) -> list[tuple[torch.Tensor, float
     return out
 
 
+def _forward(model, mine, info: DistInfo, autocast):
+    """(model output, weighted rows, weighted predicted tokens) of each of this rank's batches."""
+    for x, w in mine:
+        x = x.to(info.device)
+        with autocast():
+            out = model(x, labels=x)
+        yield out, w * x.shape[0], w * x.shape[0] * (x.shape[1] - 1)
+
+
 @torch.no_grad()
 def evaluate(
     model, batches: list, info: DistInfo, step: int, autocast, tokens_per_byte: float | None
@@ -62,16 +71,12 @@ def evaluate(
     # sums: [nll, predicted tokens, rows, keep fraction per S (x rows)]
     ev = [0.0] * (3 + n_subs)
     model.eval()
-    for x, w in mine:
-        x = x.to(info.device)
-        with autocast():
-            out = model(x, labels=x)
-        n = w * x.shape[0] * (x.shape[1] - 1)
+    for out, rows, n in _forward(model, mine, info, autocast):
         ev[0] += float(out.loss) * n
         ev[1] += n
-        ev[2] += w * x.shape[0]
+        ev[2] += rows
         for i, f in enumerate(out.keep_fractions):
-            ev[3 + i] += f * w * x.shape[0]
+            ev[3 + i] += f * rows
     ev = all_reduce_sum(ev, info)
     result = {"step": step}
     if ev[1] > 0:
@@ -98,11 +103,7 @@ def _train_mode(model, mine, info: DistInfo, step: int, autocast, n_subs: int) -
         model.train()
         model.set_step(step)
         tr = [0.0] * (2 + 2 * n_subs)  # nll, tokens, agreement per S, train keep fraction per S
-        for x, w in mine:
-            x = x.to(info.device)
-            with autocast():
-                out = model(x, labels=x)
-            n = w * x.shape[0] * (x.shape[1] - 1)
+        for out, _, n in _forward(model, mine, info, autocast):
             tr[0] += float(out.loss) * n
             tr[1] += n
             for i, a in enumerate(out.agreement or []):
