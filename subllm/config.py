@@ -98,6 +98,11 @@ class ModelConfig:
     bypass_min_start: float = 0.9
     bypass_min_end: float = 0.2
     bypass_steps: int = 20000
+    # the score Balancer (method.md section 4) and the score layer's initialisation
+    balancer_grad_scale: float = 0.04
+    balancer_gate: str = "grad"  # "grad" (paper: |grad| per score) | "weight" (beyond the paper)
+    score_init_std: float | None = None  # None = init_std, as every other Linear
+    score_norm: bool = False  # score on x / rms(x) instead of x (beyond the paper)
     extra: dict = field(default_factory=dict)  # free-form metadata carried through to_dict/from_dict
 
     def __post_init__(self):
@@ -128,6 +133,12 @@ class ModelConfig:
                 raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
         if self.balancer_steps <= 0 or self.bypass_steps <= 0:
             raise SubLLMError("balancer_steps and bypass_steps must be positive")
+        if self.balancer_gate not in ("grad", "weight"):
+            raise SubLLMError(f"balancer_gate must be 'grad' or 'weight', got {self.balancer_gate!r}")
+        if not self.balancer_grad_scale >= 0:
+            raise SubLLMError(f"balancer_grad_scale must be >= 0, got {self.balancer_grad_scale!r}")
+        if self.score_init_std is not None and not self.score_init_std > 0:
+            raise SubLLMError(f"score_init_std must be positive (or None), got {self.score_init_std!r}")
 
     # ---- derived ---------------------------------------------------------------------------
     @property

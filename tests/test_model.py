@@ -208,3 +208,50 @@ def test_output_fields_and_errors():
         model(torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(SubLLMError, match="shape"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_score_flags_reach_the_modules():
+    """ModelConfig's score/Balancer fields (docs/method.md sections 2, 4; score_norm and the "weight"
+    gate are beyond the paper) reach every S; the defaults are the paper's."""
+    from subllm.model.subsample import ScoreLinear
+
+    torch.manual_seed(0)
+    m = SubLLM(tiny_config())
+    for s in m.subsamples:
+        assert isinstance(s.score, ScoreLinear) and not s.score.norm
+        assert s.balancer_gate == "grad" and s.grad_scale == 0.04
+    cfg = tiny_config(score_norm=True, score_init_std=0.5, balancer_gate="weight", balancer_grad_scale=0.1)
+    m = SubLLM(cfg)
+    for s in m.subsamples:
+        assert s.score.norm and s.balancer_gate == "weight" and s.grad_scale == 0.1
+        assert 0.35 < float(s.score.weight.detach().std()) < 0.65  # 32 draws of N(0, 0.5^2)
+    assert 0.01 < float(m.layers[0].attn.wo.weight.detach().std()) < 0.03  # other Linears keep init_std
+    for bad, frag in [(dict(balancer_gate="x"), "balancer_gate"), (dict(score_init_std=0.0), "score_init")]:
+        with pytest.raises(SubLLMError, match=frag):
+            tiny_config(**bad)
+
+
+def test_score_norm_and_weight_gate_train_and_decode():
+    torch.manual_seed(0)
+    cfg = tiny_config(score_norm=True, score_init_std=32**-0.5, balancer_gate="weight")
+    model = SubLLM(cfg).train()
+    model.set_step(0)
+    ids = torch.randint(0, 97, (3, 29))
+    out = model(ids, labels=ids, return_selections=True)
+    assert [s.n_kept.tolist() for s in out.selections][0] == [math.ceil(0.6 * 29)] * 3
+    out.loss.backward()
+    for s in model.subsamples:
+        assert s.score.weight.grad is not None and s.score.weight.grad.abs().sum() > 0
+    # inference: O(1) scores from the start, a real mix of kept and dropped; cached == uncached
+    from subllm.generation import stream_generate
+
+    model.eval()
+    fr = model(ids).keep_fractions
+    assert all(0.1 < f < 0.9 for f in fr), fr
+
+    def run(use_cache):
+        kw = dict(max_new_tokens=6, use_cache=use_cache, return_logits=True)
+        it = stream_generate(model, ids[:, :12], None, **kw)
+        return torch.stack([lg for _, lg in it], 1)
+
+    assert (run(True) - run(False)).abs().max() < 1e-5

@@ -146,3 +146,44 @@ def test_bypass_limit_uses_schedule(step, lo):
         hits += byp.scale.grad[0].item() < 0
         assert byp.scale.grad[1].item() == 1.0  # inside the limits: never flipped
     assert 5 <= hits <= 19  # flipped with probability 0.6 below the minimum
+
+
+def _saturated_step(gate):
+    """Scores all below 0 (every weight clamps to 0): one backward through Balancer + top-k."""
+    torch.manual_seed(0)
+    s = (torch.randn(4, 50) * 0.1 - 2.0).requires_grad_(True)
+    out = balance(s, 0.64, None, prob=1.0, gate=gate)
+    sel = select_topk(out, None, 0.64, flip=False)
+    w = sel.weight if gate is None else gate.tap(sel.weight, sel.valid)
+    (w * torch.linspace(-1.0, 1.0, w.numel()).view_as(w)).sum().backward()
+    return s.grad
+
+
+def test_balancer_weight_gate_moves_saturated_scores():
+    """The paper's Balancer scales its push by |grad| per score, which is 0 when clamp(s, 0, 1)
+    saturates: S stays off for good. The "weight" gate scales it by mean |dL/dw| instead."""
+    from subllm.model.scaling import GradSize
+
+    assert torch.equal(_saturated_step(None), torch.zeros(4, 50))
+    g = _saturated_step(GradSize())
+    assert bool((g != 0).all())
+    assert -g.mean() > 0  # descent raises the scores toward 64% positive
+    # nothing tapped (e.g. no weight needed a gradient): falls back to the elementwise |grad|
+    s = torch.randn(100).requires_grad_(True)
+    grad = torch.randn(100)
+    balance(s, 0.5, None, prob=1.0, gate=GradSize()).backward(grad)
+    s2 = s.detach().clone().requires_grad_(True)
+    balance(s2, 0.5, None, prob=1.0).backward(grad)
+    assert torch.equal(s.grad, s2.grad)
+
+
+def test_score_norm_is_scale_invariant_and_plain_is_linear():
+    from subllm.model.subsample import ScoreLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 16)
+    plain, normed = ScoreLinear(16), ScoreLinear(16, norm=True)
+    normed.weight.data.copy_(plain.weight.data)
+    assert torch.allclose(plain(3.0 * x), 3.0 * plain(x), atol=1e-6)
+    assert torch.allclose(normed(3.0 * x), normed(x), atol=1e-5)
+    assert torch.allclose(normed(x), plain(x / x.pow(2).mean(-1, keepdim=True).sqrt()), atol=1e-5)

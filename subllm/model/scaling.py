@@ -49,12 +49,15 @@ class _BalancerFn(torch.autograd.Function):
     (i.e. the mean absolute value outside [min_abs, max_abs], for a Gaussian). Its gradient g is
     rescaled to RMS `grad_scale` and multiplied elementwise by |grad|, so the push is relative to
     the size of the real gradient at each element and vanishes when the limits are met.
+
+    With a `gate` (a `GradSize`), the multiplier is instead the one number `gate.value(grad)`
+    (beyond the paper; see `GradSize`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate) -> Tensor:
         ctx.save_for_backward(x, mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-        ctx.limits, ctx.grad_scale = limits, grad_scale
+        ctx.limits, ctx.grad_scale, ctx.gate = limits, grad_scale, gate
         return x.view_as(x)
 
     @staticmethod
@@ -74,7 +77,8 @@ class _BalancerFn(torch.autograd.Function):
             (g,) = torch.autograd.grad(loss, xf)
         g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
         gf = grad.float()
-        return (gf + gf.abs() * g).to(grad.dtype), None, None, None
+        size = gf.abs() if ctx.gate is None else ctx.gate.value(gf)
+        return (gf + size * g).to(grad.dtype), None, None, None, None
 
 
 def balance(
@@ -86,17 +90,60 @@ def balance(
     min_abs: float = 1.0,
     max_abs: float = 4.0,
     grad_scale: float = 0.04,
+    gate: GradSize | None = None,
 ) -> Tensor:
     """Apply the score Balancer (method.md section 4) with probability `prob` (torch RNG).
 
     Statistics are taken over the elements where `mask` is True (real tokens), or all if None.
+    `gate`: see `GradSize` (None = the paper's elementwise |grad|).
     """
     if prob <= 0.0 or (prob < 1.0 and float(torch.rand(())) >= prob):
         return x
     lo_p = min(max(keep_ratio - pos_margin, 0.001), 0.999)
     hi_p = min(max(keep_ratio + pos_margin, 0.001), 0.999)
     limits = (_mean_limit(lo_p), _mean_limit(hi_p), 1.25331413732 * min_abs, 1.25331413732 * max_abs)
-    return _BalancerFn.apply(x, mask, limits, grad_scale)
+    return _BalancerFn.apply(x, mask, limits, grad_scale, gate)
+
+
+class GradSize:
+    """The size of the Balancer's push on the scores, read from a downstream gradient (beyond the paper).
+
+    icefall's Balancer scales its push by |grad| elementwise. On the scores of S that gradient is
+    exactly zero wherever clamp(s, 0, 1) saturates (s <= 0 or s >= 1), so once every score has left
+    (0, 1) - all kept tokens at 1 and all discarded ones too, or everything below 0 - neither the
+    task nor the Balancer can move them and S stays off. Here the push is instead scaled by
+    mean |dL/dw| over the kept slots, w the upsampling weights of section 2: the loss's sensitivity
+    to how much of the inner path each kept token takes, which does not vanish under saturation.
+    `tap(weight)` records it in the backward pass; the Balancer's backward (which autograd runs
+    later, the scores being upstream of the weights) reads it. Where nothing was tapped (no slot
+    kept) it falls back to the elementwise |grad|.
+    """
+
+    def __init__(self):
+        self._size: Tensor | None = None
+
+    def tap(self, weight: Tensor, valid: Tensor | None) -> Tensor:
+        if not weight.requires_grad:
+            return weight
+        return _TapGradSize.apply(weight, valid, self)
+
+    def value(self, grad: Tensor) -> Tensor:
+        return grad.abs() if self._size is None else self._size
+
+
+class _TapGradSize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, valid: Tensor | None, box: GradSize) -> Tensor:
+        ctx.save_for_backward(valid if valid is not None else torch.ones_like(w, dtype=torch.bool))
+        ctx.box = box
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (valid,) = ctx.saved_tensors
+        m = valid.float()
+        ctx.box._size = (grad.float().abs() * m).sum() / m.sum().clamp(min=1.0)
+        return grad, None, None
 
 
 class _LimitParamValue(torch.autograd.Function):

@@ -63,7 +63,12 @@ class SubLLM(nn.Module):
             (0, config.balancer_prob_start), (config.balancer_steps, config.balancer_prob_end)
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
-        self.subsamples = nn.ModuleList(Subsample(config.dim, r, prob) for r in config.keep_ratios)
+        self.subsamples = nn.ModuleList(
+            Subsample(
+                config.dim, r, prob, config.balancer_grad_scale, config.balancer_gate, config.score_norm
+            )
+            for r in config.keep_ratios
+        )
         self.bypasses = nn.ModuleList(Bypass(config.dim, bmin) for _ in config.keep_ratios)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -81,6 +86,9 @@ class SubLLM(nn.Module):
                 nn.init.ones_(m.weight)
             elif isinstance(m, Bypass):
                 nn.init.constant_(m.scale, 0.5)
+        if self.config.score_init_std is not None:
+            for m in self.subsamples:
+                nn.init.normal_(m.score.weight, mean=0.0, std=self.config.score_init_std)
 
     def set_step(self, step: int) -> None:
         """Feed the training step to the schedules (Balancer prob, bypass minimum)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from subllm.model.scaling import ScheduledFloat, balance, limit_param_value
+from subllm.model.scaling import GradSize, ScheduledFloat, balance, limit_param_value
 
 
 @dataclass
@@ -105,22 +105,64 @@ def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
     return Selection(idx, weight, slot_valid, n_kept, n_real, s)
 
 
-class Subsample(nn.Module):
-    """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode."""
+BALANCER_GATES = ("grad", "weight")
 
-    def __init__(self, dim: int, keep_ratio: float, prob_schedule: ScheduledFloat):
+
+class ScoreLinear(nn.Linear):
+    """The score layer: s = w^T x (the paper), or with `norm`, s = w^T (x / rms(x)) (beyond the
+    paper), which makes the score's scale independent of the residual stream's.
+
+    Subclasses Linear so that `.weight` and the checkpoint key `score.weight` stay as they are.
+    """
+
+    def __init__(self, dim: int, norm: bool = False, eps: float = 1e-6):
+        super().__init__(dim, 1, bias=False)
+        self.norm, self.eps = norm, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm:
+            xf = x.float()
+            x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return super().forward(x)
+
+
+class Subsample(nn.Module):
+    """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode.
+
+    `balancer_gate`: "grad" scales the Balancer's push by |grad| of each score (the paper,
+    icefall); "weight" by mean |dL/dw| over the kept slots (beyond the paper: scaling.GradSize).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        keep_ratio: float,
+        prob_schedule: ScheduledFloat,
+        grad_scale: float = 0.04,
+        balancer_gate: str = "grad",
+        score_norm: bool = False,
+    ):
         super().__init__()
+        if balancer_gate not in BALANCER_GATES:
+            raise ValueError(f"balancer_gate must be one of {BALANCER_GATES}, got {balancer_gate!r}")
         self.keep_ratio = keep_ratio
         self.balancer_prob = prob_schedule
-        self.score = nn.Linear(dim, 1, bias=False)
+        self.grad_scale = grad_scale
+        self.balancer_gate = balancer_gate
+        self.score = ScoreLinear(dim, score_norm)
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int | None) -> Selection:
         s = self.score(x).squeeze(-1).float()  # (B, T)
         if not self.training:
             return select_threshold(s, valid)
-        s = balance(s, self.keep_ratio, valid, self.balancer_prob(step))
+        gate = GradSize() if self.balancer_gate == "weight" else None
+        prob = self.balancer_prob(step)
+        s = balance(s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate)
         flip = bool(torch.rand(()) < 0.5)
-        return select_topk(s, valid, self.keep_ratio, flip)
+        sel = select_topk(s, valid, self.keep_ratio, flip)
+        if gate is not None:
+            sel.weight = gate.tap(sel.weight, sel.valid)
+        return sel
 
 
 class Bypass(nn.Module):
