@@ -103,6 +103,7 @@ class ModelConfig:
     balancer_gate: str = "grad"  # "grad" (paper: |grad| per score) | "weight" (beyond the paper)
     score_init_std: float | None = None  # None = init_std, as every other Linear
     score_norm: bool = False  # score on x / rms(x) instead of x (beyond the paper)
+    bypass: bool = True  # False: no bypass B, z = U(x, h) (the ablation "bypass off")
     extra: dict = field(default_factory=dict)  # free-form metadata carried through to_dict/from_dict
 
     def __post_init__(self):

@@ -133,18 +133,9 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if module is self:
             return
-        from torch import nn
+        from subllm.model.subllm import init_module
 
-        from subllm.model.layers import RMSNorm
-        from subllm.model.subsample import Bypass
-
-        std = self.config.init_std
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, Bypass):
-            nn.init.constant_(module.scale, 0.5)
+        init_module(module, self.config.init_std)
 
     def get_input_embeddings(self):
         return self.embed

@@ -187,3 +187,9 @@ def test_score_norm_is_scale_invariant_and_plain_is_linear():
     assert torch.allclose(plain(3.0 * x), 3.0 * plain(x), atol=1e-6)
     assert torch.allclose(normed(3.0 * x), normed(x), atol=1e-5)
     assert torch.allclose(normed(x), plain(x / x.pow(2).mean(-1, keepdim=True).sqrt()), atol=1e-5)
+
+
+def test_bypass_off_is_plain_upsampling():
+    byp = Bypass(3, ScheduledFloat((0, 0.9)), enabled=False).train()
+    x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    assert torch.allclose(byp(x, y, step=0), y, atol=1e-6) and not list(byp.parameters())

@@ -43,6 +43,16 @@ def attention_mask_for(valid: Tensor | None) -> Tensor | None:
     return (causal & valid[:, None, None, :]) | eye
 
 
+def init_module(m: nn.Module, std: float) -> None:
+    """The initialisation of one module (LLaMA's: normal(0, std) weights, unit norms; bypass 0.5)."""
+    if isinstance(m, nn.Linear | nn.Embedding):
+        nn.init.normal_(m.weight, mean=0.0, std=std)
+    elif isinstance(m, RMSNorm):
+        nn.init.ones_(m.weight)
+    elif isinstance(m, Bypass) and m.enabled:
+        nn.init.constant_(m.scale, 0.5)
+
+
 @dataclass
 class SubLLMOutput:
     logits: Tensor  # (B, T, V)
@@ -69,7 +79,7 @@ class SubLLM(nn.Module):
             )
             for r in config.keep_ratios
         )
-        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin) for _ in config.keep_ratios)
+        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass) for _ in config.keep_ratios)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.step: int | None = None
@@ -78,14 +88,8 @@ class SubLLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
         for m in self.modules():
-            if isinstance(m, nn.Linear | nn.Embedding):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, Bypass):
-                nn.init.constant_(m.scale, 0.5)
+            init_module(m, self.config.init_std)
         if self.config.score_init_std is not None:
             for m in self.subsamples:
                 nn.init.normal_(m.score.weight, mean=0.0, std=self.config.score_init_std)

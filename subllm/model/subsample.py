@@ -167,15 +167,22 @@ class Subsample(nn.Module):
 
 class Bypass(nn.Module):
     """B: z = x + b * (y - x), b a per-channel vector (init 0.5) held in [scale_min(step), 1]
-    in training by gradient sign flips (prob 0.6 per forward), not by a clamp."""
+    in training by gradient sign flips (prob 0.6 per forward), not by a clamp.
 
-    def __init__(self, dim: int, min_schedule: ScheduledFloat):
+    `enabled=False` is the ablation without a bypass: b is a constant buffer of ones, z = y.
+    """
+
+    def __init__(self, dim: int, min_schedule: ScheduledFloat, enabled: bool = True):
         super().__init__()
         self.scale_min = min_schedule
-        self.scale = nn.Parameter(torch.full((dim,), 0.5))
+        self.enabled = enabled
+        if enabled:
+            self.scale = nn.Parameter(torch.full((dim,), 0.5))
+        else:
+            self.register_buffer("scale", torch.ones(dim))
 
     def scale_value(self, step: int | None) -> Tensor:
-        if not self.training:
+        if not (self.training and self.enabled):
             return self.scale
         return limit_param_value(self.scale, self.scale_min(step), 1.0, prob=0.6, training=True)
 
