@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except SubLLMError as e:
         print(f"subllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,12 @@ from __future__ import annotations
 from subllm.config import ModelConfig, Sub
 
 
+def linear_flops_per_token(cfg: ModelConfig) -> int:
+    """2 * (weights of one layer): qkv, output projection, SwiGLU (gate, up, down)."""
+    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
+    return 2 * (d * (d + 2 * kv) + d * d + 3 * d * cfg.ffn_dim)
+
+
 def layer_fractions(cfg: ModelConfig, fractions: list[float] | None = None) -> list[float]:
     """Fraction of the full sequence each layer sees, in layer order."""
     fr = cfg.keep_ratios if fractions is None else list(fractions)
@@ -32,8 +38,7 @@ def layer_fractions(cfg: ModelConfig, fractions: list[float] | None = None) -> l
 def flops(cfg: ModelConfig, T: int, fractions: list[float] | None = None, mode: str = "prefill") -> dict:
     """Forward FLOPs: for a whole sequence of T tokens ("prefill", training costs ~3x this) or for
     one new token at context length T ("decode"). Returns linear, attention, head and total."""
-    d, kv = cfg.dim, cfg.n_kv_heads * cfg.head_dim
-    lin = 2 * (d * (d + 2 * kv) + d * d + 3 * d * cfg.ffn_dim)
+    d, lin = cfg.dim, linear_flops_per_token(cfg)
     linear = attention = 0.0
     for f in layer_fractions(cfg, fractions):
         n = T * f

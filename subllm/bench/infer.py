@@ -33,15 +33,10 @@ from subllm.cache import layer_levels
 from subllm.config import ModelConfig, Sub, get_preset, iter_subs, keep_count
 from subllm.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer
 from subllm.errors import SubLLMError
+from subllm.flops import linear_flops_per_token
 from subllm.model.subllm import SubLLM
 
 # ---- FLOPs from kept counts ---------------------------------------------------------------------
-
-
-def linear_flops_per_token(cfg: ModelConfig) -> int:
-    """2 * (weights of one layer): qkv, output projection, SwiGLU (gate, up, down)."""
-    kv = cfg.n_kv_heads * cfg.head_dim
-    return 2 * (cfg.dim * (cfg.dim + 2 * kv) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim)
 
 
 def sub_parents(tree: tuple) -> dict[int, int]:
