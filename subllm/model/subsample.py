@@ -76,7 +76,7 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
         w_sorted = (u[:, :K] - disc) * slot_ok
         asc = torch.where(slot_ok, top, T + j).argsort(dim=1)
         idx = top.gather(1, asc)
-        slot_valid = j < kr
+        slot_valid = slot_ok  # valid slots sort first, so slot i stays valid iff i < k_row
     weight = w_sorted.gather(1, asc)
     with torch.no_grad():
         kept = torch.zeros(B, T, dtype=torch.bool, device=s.device)
