@@ -103,6 +103,14 @@ class ModelConfig:
     balancer_gate: str = "grad"  # "grad" (paper: |grad| per score) | "weight" (beyond the paper)
     score_init_std: float | None = None  # None = init_std, as every other Linear
     score_norm: bool = False  # score on x / rms(x) instead of x (beyond the paper)
+    score_lr_scale: float = 0.5  # the score layers' learning rate, a multiple of the base lr
+    # how S learns to select at inference what it selects in training (issue 9;
+    # subllm/model/subsample.py SelectOptions explains each; SELECTION_RECIPES names combinations)
+    balancer_fraction: str = "gaussian"  # "gaussian" (paper: mean/std proxy) | "direct" (counted)
+    select_loss: float = 0.0  # weight of the auxiliary BCE of sigmoid(s / tau) vs top-k (0 = off)
+    select_loss_tau: float = 1.0
+    threshold: str = "zero"  # "zero" (paper: keep iff s > 0) | "calibrated" (keep iff s > theta)
+    threshold_momentum: float = 0.95
     bypass: bool = True  # False: no bypass B, z = U(x, h) (the ablation "bypass off")
     extra: dict = field(default_factory=dict)  # free-form metadata carried through to_dict/from_dict
 
@@ -140,6 +148,19 @@ class ModelConfig:
             raise SubLLMError(f"balancer_grad_scale must be >= 0, got {self.balancer_grad_scale!r}")
         if self.score_init_std is not None and not self.score_init_std > 0:
             raise SubLLMError(f"score_init_std must be positive (or None), got {self.score_init_std!r}")
+        if self.balancer_fraction not in ("gaussian", "direct"):
+            raise SubLLMError(f"balancer_fraction must be 'gaussian' or 'direct', got {self.balancer_fraction!r}")
+        if self.threshold not in ("zero", "calibrated"):
+            raise SubLLMError(f"threshold must be 'zero' or 'calibrated', got {self.threshold!r}")
+        for name, lo, hi in (
+            ("select_loss", 0.0, float("inf")),
+            ("select_loss_tau", 1e-6, float("inf")),
+            ("threshold_momentum", 0.0, 1.0),
+            ("score_lr_scale", 0.0, float("inf")),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise SubLLMError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -182,11 +203,45 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A config.json written before a selection field existed is a paper-rule model: such
+        missing fields take the paper's values (SELECTION_RECIPES["paper"]), not today's defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - {"model_type", "architectures", "n_layers"})
         if unknown:
             raise SubLLMError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        legacy = {k: v for k, v in SELECTION_RECIPES["paper"].items() if k not in d}
+        return cls(**{**legacy, **{k: v for k, v in d.items() if k in names}})
+
+    def with_selection(self, recipe: str) -> ModelConfig:
+        """This config with a named selection recipe (SELECTION_RECIPES) applied."""
+        if recipe not in SELECTION_RECIPES:
+            raise SubLLMError(f"unknown selection recipe {recipe!r}; choose one of: {', '.join(SELECTION_RECIPES)}")
+        return self.replace(**SELECTION_RECIPES[recipe])
+
+    @property
+    def selection(self) -> str | None:
+        """The name of the selection recipe this config follows exactly (None = a custom mix)."""
+        for name, fields in SELECTION_RECIPES.items():
+            if all(getattr(self, k) == v for k, v in fields.items()):
+                return name
+        return None
+
+
+# Named selection rules (issue 9). "paper": the released method, bit for bit (the rule of
+# subllm-1.3b and of converted official checkpoints). Every key is a ModelConfig field.
+SELECTION_RECIPES: dict[str, dict] = {
+    "paper": dict(
+        balancer_gate="grad",
+        balancer_fraction="gaussian",
+        score_norm=False,
+        score_init_std=None,
+        score_lr_scale=0.5,
+        select_loss=0.0,
+        select_loss_tau=1.0,
+        threshold="zero",
+        threshold_momentum=0.95,
+    ),
+}
 
 
 def keep_count(n: int, ratio: float) -> int:

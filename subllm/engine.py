@@ -131,7 +131,7 @@ def prefill_layer(block: Block, cache: KVCache, layer: int, x: Tensor, lvl: _Lev
 
 
 def _prefill_sub(model: SubLLM, cache: KVCache, node: Sub, x: Tensor, lvl: _Level, extra: int) -> Tensor:
-    sel = model.subsamples[node.index](x, lvl.valid, None)  # eval mode: keep iff score > 0
+    sel = model.subsamples[node.index](x, lvl.valid, None)  # eval mode: keep iff score > theta
     kept = sel.n_kept.tolist()
     inner_pos = lvl.pos.gather(1, sel.idx)  # (B, K) original positions of the kept tokens
     cache.start_level(node.index + 1, inner_pos, kept, extra)
@@ -217,7 +217,7 @@ def _decode_sub(
     cos: Tensor,
     sin: Tensor,
 ) -> Tensor:
-    s = model.subsamples[node.index].score(x).squeeze(-1).float()  # (n, 1), as Subsample.forward
+    s = model.subsamples[node.index].scores(x)  # (n, 1), s - theta as in Subsample.forward
     keep = (s[:, 0] > 0).tolist()
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly

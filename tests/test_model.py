@@ -219,11 +219,11 @@ def test_score_flags_reach_the_modules():
     m = SubLLM(tiny_config())
     for s in m.subsamples:
         assert isinstance(s.score, ScoreLinear) and not s.score.norm
-        assert s.balancer_gate == "grad" and s.grad_scale == 0.04
+        assert s.options.balancer_gate == "grad" and s.grad_scale == 0.04
     cfg = tiny_config(score_norm=True, score_init_std=0.5, balancer_gate="weight", balancer_grad_scale=0.1)
     m = SubLLM(cfg)
     for s in m.subsamples:
-        assert s.score.norm and s.balancer_gate == "weight" and s.grad_scale == 0.1
+        assert s.score.norm and s.options.balancer_gate == "weight" and s.grad_scale == 0.1
         assert 0.35 < float(s.score.weight.detach().std()) < 0.65  # 32 draws of N(0, 0.5^2)
     assert 0.01 < float(m.layers[0].attn.wo.weight.detach().std()) < 0.03  # other Linears keep init_std
     for bad, frag in [(dict(balancer_gate="x"), "balancer_gate"), (dict(score_init_std=0.0), "score_init")]:

@@ -63,17 +63,23 @@ class _BalancerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, mask = ctx.saved_tensors
-        lo_m, hi_m, lo_r, hi_r = ctx.limits
+        lo_m, hi_m, lo_r, hi_r, direct = ctx.limits
         m = mask.float()
         n = m.sum().clamp(min=1.0)
         with torch.enable_grad():
             xf = x.detach().float().requires_grad_(True)
             u = (xf * xf * m).sum() / n
             mu = (xf * m).sum() / n
-            sigma = (u - mu * mu).clamp(min=1e-20).sqrt()
             rms = u.clamp(min=1e-20).sqrt()
-            ms = mu / sigma
-            loss = (ms - ms.clamp(lo_m, hi_m)).abs() + (rms.clamp(lo_r, hi_r) / rms).log().abs()
+            if direct is None:
+                sigma = (u - mu * mu).clamp(min=1e-20).sqrt()
+                ms = mu / sigma
+                frac_term = (ms - ms.clamp(lo_m, hi_m)).abs()
+            else:  # count the fraction positive; outside its limits, shift every score toward them
+                lo_p, hi_p = direct
+                frac = float(((x > 0) & mask).sum()) / float(n)
+                frac_term = (1.0 if frac > hi_p else (-1.0 if frac < lo_p else 0.0)) * mu
+            loss = frac_term + (rms.clamp(lo_r, hi_r) / rms).log().abs()
             (g,) = torch.autograd.grad(loss, xf)
         g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
         gf = grad.float()
@@ -91,17 +97,28 @@ def balance(
     max_abs: float = 4.0,
     grad_scale: float = 0.04,
     gate: GradSize | None = None,
+    direct: bool = False,
 ) -> Tensor:
     """Apply the score Balancer (method.md section 4) with probability `prob` (torch RNG).
 
     Statistics are taken over the elements where `mask` is True (real tokens), or all if None.
     `gate`: see `GradSize` (None = the paper's elementwise |grad|).
+    `direct` (beyond the paper): the fraction of positive scores is counted, not read from
+    mean/stddev through a Gaussian (which misreads the bimodal scores the subtraction trick
+    makes); when it lies outside [r - margin, r + margin] the push is a uniform shift of all
+    scores toward the limits (the gradient of +-mean(s)), rescaled with the rms term as usual.
     """
     if prob <= 0.0 or (prob < 1.0 and float(torch.rand(())) >= prob):
         return x
     lo_p = min(max(keep_ratio - pos_margin, 0.001), 0.999)
     hi_p = min(max(keep_ratio + pos_margin, 0.001), 0.999)
-    limits = (_mean_limit(lo_p), _mean_limit(hi_p), 1.25331413732 * min_abs, 1.25331413732 * max_abs)
+    limits = (
+        _mean_limit(lo_p),
+        _mean_limit(hi_p),
+        1.25331413732 * min_abs,
+        1.25331413732 * max_abs,
+        (lo_p, hi_p) if direct else None,
+    )
     return _BalancerFn.apply(x, mask, limits, grad_scale, gate)
 
 

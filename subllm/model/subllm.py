@@ -18,7 +18,14 @@ from subllm.config import ModelConfig, Sub, iter_subs
 from subllm.errors import SubLLMError
 from subllm.model.layers import Block, RMSNorm, rope_cos_sin
 from subllm.model.scaling import ScheduledFloat
-from subllm.model.subsample import Bypass, Selection, Subsample, gather_tokens, upsample_bypass
+from subllm.model.subsample import (
+    Bypass,
+    Selection,
+    SelectOptions,
+    Subsample,
+    gather_tokens,
+    upsample_bypass,
+)
 
 
 @dataclass
@@ -56,7 +63,9 @@ def init_module(m: nn.Module, std: float) -> None:
 @dataclass
 class SubLLMOutput:
     logits: Tensor  # (B, T, V)
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # what training minimises: lm_loss (+ select_loss when enabled)
+    lm_loss: Tensor | None = None  # next-token cross-entropy alone
+    select_loss: Tensor | None = None  # training: the weighted auxiliary selection loss, summed over S
     keep_fractions: list[float] = field(default_factory=list)  # per S, structure order
     agreement: list[float] | None = None  # training mode: top-k vs (score > 0), per S
     selections: list[Selection | None] | None = None  # with return_selections=True
@@ -73,10 +82,16 @@ class SubLLM(nn.Module):
             (0, config.balancer_prob_start), (config.balancer_steps, config.balancer_prob_end)
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
+        opts = SelectOptions(
+            balancer_gate=config.balancer_gate,
+            balancer_fraction=config.balancer_fraction,
+            select_loss=config.select_loss,
+            select_loss_tau=config.select_loss_tau,
+            threshold=config.threshold,
+            threshold_momentum=config.threshold_momentum,
+        )
         self.subsamples = nn.ModuleList(
-            Subsample(
-                config.dim, r, prob, config.balancer_grad_scale, config.balancer_gate, config.score_norm
-            )
+            Subsample(config.dim, r, prob, config.balancer_grad_scale, opts, config.score_norm)
             for r in config.keep_ratios
         )
         self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass) for _ in config.keep_ratios)
@@ -143,16 +158,22 @@ class SubLLM(nn.Module):
         x = self.embed(input_ids)  # (B, T, C)
         x = self._run(self.tree, x, self.make_level(pos, valid), sels)
         logits = self.head(self.norm(x))  # (B, T, V)
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
             if valid is not None:
                 labels = labels.masked_fill(~valid, -100)
-            loss = F.cross_entropy(
+            loss = lm_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
+        aux = [s.select_loss for s in sels if s is not None and s.select_loss is not None]
+        select_loss = self.config.select_loss * torch.stack(aux).sum() if aux else None
+        if loss is not None and select_loss is not None:
+            loss = loss + select_loss
         return SubLLMOutput(
             logits=logits,
             loss=loss,
+            lm_loss=lm_loss,
+            select_loss=select_loss,
             keep_fractions=_keep_fractions(sels),
             agreement=_agreement(sels) if self.training else None,
             selections=sels if return_selections else None,

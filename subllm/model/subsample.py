@@ -25,8 +25,10 @@ class Selection:
     valid: Tensor | None  # (B, K) bool, None when every row keeps exactly K tokens
     n_kept: Tensor  # (B,) long
     n_real: Tensor  # (B,) long: real tokens that competed
-    scores: Tensor  # (B, T) float32 scores at this level
+    scores: Tensor  # (B, T) float32 scores at this level, minus the threshold theta if calibrated
     agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > 0)
+    kept_mask: Tensor | None = None  # training only: (B, T) bool top-k membership (no gradient)
+    select_loss: Tensor | None = None  # training only, when enabled: the auxiliary BCE (scalar)
 
     @property
     def k(self) -> int:
@@ -83,7 +85,7 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
         kept.scatter_(1, idx, True if slot_valid is None else slot_valid)
         real = torch.ones_like(kept) if valid is None else valid
         agree = ((kept == (s > 0)) & real).sum() / real.sum().clamp(min=1)
-    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree)
+    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree, kept)
 
 
 def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
@@ -106,6 +108,7 @@ def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
 
 
 BALANCER_GATES = ("grad", "weight")
+THRESHOLDS = ("zero", "calibrated")
 
 
 class ScoreLinear(nn.Linear):
@@ -126,12 +129,37 @@ class ScoreLinear(nn.Linear):
         return super().forward(x)
 
 
-class Subsample(nn.Module):
-    """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode.
+@dataclass
+class SelectOptions:
+    """How S learns to select at inference what it selects in training (ModelConfig fields of the
+    same names; the defaults are the paper's rule, docs/method.md sections 2-4).
 
-    `balancer_gate`: "grad" scales the Balancer's push by |grad| of each score (the paper,
-    icefall); "weight" by mean |dL/dw| over the kept slots (beyond the paper: scaling.GradSize).
+    - `balancer_gate`: "grad" scales the Balancer's push by |grad| of each score (the paper);
+      "weight" by mean |dL/dw| over the kept slots (scaling.GradSize).
+    - `balancer_fraction`: "gaussian" reads the fraction of positive scores from mean/std as if
+      they were Gaussian (the paper); "direct" counts it (scaling.balance).
+    - `select_loss`: weight of an auxiliary loss, the binary cross-entropy of sigmoid(s / tau)
+      against the top-k membership (labels without gradient) - Mixture-of-Depths' causal
+      "auxiliary loss" route; it pulls kept scores above 0 and dropped ones below 0, so that the
+      inference rule s > 0 keeps what top-k keeps. 0 = off (the paper).
+    - `threshold`: "zero" keeps t iff s_t > 0 at inference (the paper); "calibrated" keeps iff
+      s_t > theta, theta a buffer that tracks the top-k cut during training (a running mean of the
+      midpoint between the k-th and (k+1)-th score of each row; 1/n-averaged over the first
+      1/(1 - momentum) updates, then exponential). Everything downstream - Balancer, subtraction
+      weights, the auxiliary loss, the inference weight clamp(s - theta, 0, 1) - then sees s - theta:
+      the paper's rule in a frame that follows the score distribution; theta = 0 is the paper.
     """
+
+    balancer_gate: str = "grad"
+    balancer_fraction: str = "gaussian"
+    select_loss: float = 0.0
+    select_loss_tau: float = 1.0
+    threshold: str = "zero"
+    threshold_momentum: float = 0.95
+
+
+class Subsample(nn.Module):
+    """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode."""
 
     def __init__(
         self,
@@ -139,30 +167,82 @@ class Subsample(nn.Module):
         keep_ratio: float,
         prob_schedule: ScheduledFloat,
         grad_scale: float = 0.04,
-        balancer_gate: str = "grad",
+        options: SelectOptions | None = None,
         score_norm: bool = False,
     ):
         super().__init__()
-        if balancer_gate not in BALANCER_GATES:
-            raise ValueError(f"balancer_gate must be one of {BALANCER_GATES}, got {balancer_gate!r}")
+        opts = options or SelectOptions()
+        if opts.balancer_gate not in BALANCER_GATES:
+            raise ValueError(f"balancer_gate must be one of {BALANCER_GATES}, got {opts.balancer_gate!r}")
+        if opts.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {opts.threshold!r}")
         self.keep_ratio = keep_ratio
         self.balancer_prob = prob_schedule
         self.grad_scale = grad_scale
-        self.balancer_gate = balancer_gate
+        self.options = opts
         self.score = ScoreLinear(dim, score_norm)
+        if opts.threshold == "calibrated":
+            self.register_buffer("threshold", torch.zeros(()))
+            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def theta(self) -> Tensor | None:
+        """The inference threshold (None = 0, the paper's rule)."""
+        return getattr(self, "threshold", None)
+
+    def scores(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T) float32 scores in the frame of the rule: s, or s - theta if calibrated."""
+        s = self.score(x).squeeze(-1).float()
+        return s if self.theta is None else s - self.theta
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int | None) -> Selection:
-        s = self.score(x).squeeze(-1).float()  # (B, T)
+        s = self.scores(x)  # (B, T)
         if not self.training:
             return select_threshold(s, valid)
-        gate = GradSize() if self.balancer_gate == "weight" else None
+        opts = self.options
+        gate = GradSize() if opts.balancer_gate == "weight" else None
         prob = self.balancer_prob(step)
-        s = balance(s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate)
+        s = balance(
+            s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
+            direct=opts.balancer_fraction == "direct",
+        )  # fmt: skip
         flip = bool(torch.rand(()) < 0.5)
         sel = select_topk(s, valid, self.keep_ratio, flip)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
+        if opts.select_loss > 0:
+            sel.select_loss = selection_bce(s, sel.kept_mask, valid, opts.select_loss_tau)
+        if self.theta is not None:
+            self._track_cut(s.detach() + self.theta, sel.n_kept, valid)
         return sel
+
+    @torch.no_grad()
+    def _track_cut(self, s: Tensor, k: Tensor, valid: Tensor | None) -> None:
+        """Move theta toward this batch's top-k cut: per row, the midpoint of the k-th and
+        (k+1)-th highest real score (the k-th itself when every real token is kept)."""
+        key = s if valid is None else s.masked_fill(~valid, float("-inf"))
+        top = key.sort(dim=1, descending=True).values
+        n_real = top.isfinite().sum(1)
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
+        nxt = top.gather(1, k.clamp(max=top.shape[1] - 1)[:, None])[:, 0]
+        cut = torch.where(k < n_real, (kth + nxt) / 2, kth)
+        ok = k > 0
+        cut = (cut * ok).sum() / ok.sum().clamp(min=1)
+        self.threshold_updates += 1
+        rate = max(1.0 - self.options.threshold_momentum, 0.0)
+        a = torch.clamp(1.0 / self.threshold_updates.float(), min=rate)
+        self.threshold += a * (cut - self.threshold)
+
+
+def selection_bce(s: Tensor, kept: Tensor, valid: Tensor | None, tau: float) -> Tensor:
+    """Mean over real tokens of BCE(sigmoid(s / tau), kept) - labels carry no gradient."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        s / tau, kept.float(), reduction="none"
+    )
+    if valid is None:
+        return bce.mean()
+    m = valid.float()
+    return (bce * m).sum() / m.sum().clamp(min=1.0)
 
 
 class Bypass(nn.Module):

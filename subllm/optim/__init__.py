@@ -18,7 +18,8 @@ the group. Gradient clipping is inside ScaledAdam (`optimizer.clip_stats()` repo
 AdamW the trainer clips as usual (torch.nn.utils.clip_grad_norm_).
 
 Parameter groups: parameters of a module named `score` (the subsampling score Linear of S; any
-dotted-name component but the last) train at 0.5x the lr. Groups are named "main" and "score",
+dotted-name component but the last) train at 0.5x the lr
+(ModelConfig.score_lr_scale; 0.5 is the paper's). Groups are named "main" and "score",
 with "_decay" / "_no_decay" appended for AdamW; each carries its `lr_scale`. With AdamW, tensors
 with fewer than 2 dimensions and anything with "norm" in its name get no weight decay; ScaledAdam
 has no weight decay at all. Parameters with requires_grad=False are left out.
@@ -76,6 +77,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None) -> lis
     Each group carries `name`, `lr`, `lr_scale` and (with weight_decay) `weight_decay`; empty
     groups are dropped. Order is stable: main, then score; decayed before undecayed.
     """
+    config = getattr(model, "config", None)
+    score_scale = float(getattr(config, "score_lr_scale", SCORE_LR_SCALE))
     buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -88,7 +91,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float | None) -> lis
             params = buckets.get((score, decay))
             if not params:
                 continue
-            scale = SCORE_LR_SCALE if score else 1.0
+            scale = score_scale if score else 1.0
             label = "score" if score else "main"
             group = {"params": params, "lr": lr * scale, "lr_scale": scale}
             if weight_decay is not None:

@@ -72,7 +72,7 @@ def evaluate(
     ev = [0.0] * (3 + n_subs)
     model.eval()
     for out, rows, n in _forward(model, mine, info, autocast):
-        ev[0] += float(out.loss) * n
+        ev[0] += float(out.lm_loss) * n
         ev[1] += n
         ev[2] += rows
         for i, f in enumerate(out.keep_fractions):
@@ -104,7 +104,7 @@ def _train_mode(model, mine, info: DistInfo, step: int, autocast, n_subs: int) -
         model.set_step(step)
         tr = [0.0] * (2 + 2 * n_subs)  # nll, tokens, agreement per S, train keep fraction per S
         for out, _, n in _forward(model, mine, info, autocast):
-            tr[0] += float(out.loss) * n
+            tr[0] += float(out.lm_loss) * n  # without the auxiliary selection loss
             tr[1] += n
             for i, a in enumerate(out.agreement or []):
                 tr[2 + i] += a * n

@@ -84,7 +84,10 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) 
 
 
 def _autocast_factory(dtype: str, device: str):
-    if dtype == "bf16":
+    """`--dtype` (auto | bf16 | fp32, resolved for `device` by subllm/dtype.py) -> a context factory."""
+    from subllm.dtype import resolve_dtype
+
+    if resolve_dtype(dtype, device) == "bf16":
         kind = "cuda" if device.startswith("cuda") else "cpu"
         return lambda: torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -247,7 +250,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             t0 = time.perf_counter()
             model.set_step(step)
             schedule.step(step, tokens_seen)
-            loss_sum = torch.zeros((), device=info.device)
+            loss_sum = torch.zeros((), device=info.device)  # the LM loss, comparable with LLaMA's
+            select_sum = torch.zeros((), device=info.device)  # the auxiliary selection loss, if any
             for micro in range(cfg.grad_accum):
                 x = next(sampler).to(info.device, non_blocking=True)
                 with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
@@ -255,7 +259,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                         out = wrapped(x, labels=x)
                     loss = out.loss / cfg.grad_accum
                     loss.backward()
-                loss_sum += loss.detach().float()
+                loss_sum += out.lm_loss.detach().float() / cfg.grad_accum
+                if out.select_loss is not None:
+                    select_sum += out.select_loss.detach().float() / cfg.grad_accum
             grad_norm = None
             if cfg.optimizer == "adamw":
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -289,6 +295,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 rec["grad_norm"] = grad_norm
             if out.agreement is not None:
                 rec["agreement"] = out.agreement
+            if out.select_loss is not None:
+                rec["select_loss"] = float(select_sum)  # this rank's
             metrics.write(rec)
             if bar is not None:
                 bar.update(1)

@@ -1,0 +1,144 @@
+"""The selection options of issue 9: the paper's rule pinned bit for bit, the auxiliary BCE, the
+calibrated threshold (training estimate, inference rule, cache, save/load) and the counted Balancer."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_model
+from paper_rule_pin import PIN, run_pin
+
+from subllm import ModelConfig, SubLLM
+from subllm.config import SELECTION_RECIPES
+from subllm.model.scaling import balance
+from subllm.model.subsample import selection_bce
+
+
+def _close(a, b, tol=1e-6):
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _close(x, y, tol)
+    else:
+        assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (a, b)
+
+
+def test_paper_rule_is_pinned_to_the_original_implementation():
+    want = json.loads(PIN.read_text())
+    got = run_pin(**SELECTION_RECIPES["paper"])
+    for key in ("train_idx", "eval_idx"):
+        assert got[key] == want[key], key  # the same tokens, exactly
+    for key in ("train_loss", "train_weight", "score_grad", "bypass_grad", "eval_logits"):
+        _close(got[key], want[key])
+
+
+def test_paper_recipe_names_a_config_and_old_configs_load_as_paper():
+    cfg = tiny_config().with_selection("paper")
+    assert cfg.selection == "paper"
+    d = cfg.to_dict()
+    for k in SELECTION_RECIPES["paper"]:
+        d.pop(k)  # a config.json written before the selection fields existed
+    assert ModelConfig.from_dict(d).selection == "paper"
+    with pytest.raises(Exception, match="unknown selection recipe"):
+        cfg.with_selection("nope")
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(threshold="x"), dict(balancer_fraction="x"), dict(select_loss=-1.0), dict(threshold_momentum=2.0)]
+)
+def test_bad_selection_fields_are_one_line_errors(bad):
+    with pytest.raises(Exception, match=next(iter(bad))):
+        tiny_config(**bad)
+
+
+def test_selection_bce_matches_formula_and_ignores_pads():
+    s = torch.tensor([[2.0, -1.0, 0.5, 9.0]])
+    kept = torch.tensor([[True, False, False, True]])
+    valid = torch.tensor([[True, True, True, False]])
+    want = -(math.log(torch.sigmoid(torch.tensor(4.0))) + math.log(1 - torch.sigmoid(torch.tensor(-2.0)))
+             + math.log(1 - torch.sigmoid(torch.tensor(1.0)))) / 3  # fmt: skip
+    assert math.isclose(float(selection_bce(s, kept, valid, 0.5)), want, rel_tol=1e-6)
+
+
+def test_select_loss_is_added_and_pulls_scores_toward_topk():
+    cfg = tiny_config(select_loss=0.3, select_loss_tau=0.5, balancer_steps=10, bypass_steps=10)
+    torch.manual_seed(0)
+    model = SubLLM(cfg).train()
+    model.set_step(0)
+    x = torch.randint(3, cfg.vocab_size, (2, 30))
+    out = model(x, labels=x, return_selections=True)
+    assert out.select_loss is not None and float(out.select_loss.detach()) > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + out.select_loss)
+    manual = sum(selection_bce(s.scores, s.kept_mask, None, 0.5) for s in out.selections) * 0.3
+    torch.testing.assert_close(out.select_loss, manual)
+    # gradient of the auxiliary loss alone on the scores: kept tokens up, dropped tokens down
+    sel = out.selections[0]
+    (g,) = torch.autograd.grad(out.select_loss, sel.scores, retain_graph=True)
+    assert (g[sel.kept_mask] < 0).all() and (g[~sel.kept_mask] > 0).all()
+    model.eval()
+    assert model(x, labels=x).select_loss is None  # training only
+
+
+def test_counted_balancer_fraction_pushes_the_right_way():
+    torch.manual_seed(0)
+    s = (torch.randn(4, 64) + 2.0).requires_grad_(True)  # ~98% positive, keep ratio 0.5: push down
+    balance(s, 0.5, None, 1.0, direct=True).backward(torch.full_like(s, 1e-3))
+    assert (s.grad > 1e-3).all()  # every score's gradient grew: descent lowers them all
+    s2 = (torch.randn(4, 64) * 2.0).requires_grad_(True)  # ~50% positive, inside [0.45, 0.55]
+    balance(s2, 0.5, None, 1.0, direct=True, min_abs=0.01, max_abs=100.0).backward(torch.full_like(s2, 1e-3))
+    torch.testing.assert_close(s2.grad, torch.full_like(s2, 1e-3))  # inside every limit: no push
+
+
+def _calibrated(**kw):
+    return tiny_config(threshold="calibrated", threshold_momentum=0.5, balancer_steps=10, bypass_steps=10, **kw)
+
+
+def test_calibrated_threshold_tracks_the_topk_cut():
+    torch.manual_seed(0)
+    model = SubLLM(_calibrated()).train()
+    s0 = model.subsamples[0]
+    with torch.no_grad():
+        s0.score.weight.mul_(40.0)
+    model.set_step(0)
+    x = torch.randint(3, 97, (3, 50))
+    assert float(s0.threshold) == 0.0
+    out = model(x, return_selections=True)
+    sel = out.selections[0]
+    scores = sel.scores + 0.0  # s - theta with theta = 0 at the first update
+    top = scores.sort(1, descending=True).values
+    k = sel.k
+    want = ((top[:, k - 1] + top[:, k]) / 2).mean()
+    torch.testing.assert_close(s0.threshold, want)  # the first update is the batch's cut itself
+    assert int(s0.threshold_updates) == 1
+    # in eval mode the rule is s > theta: about the trained fraction is kept on the same batch
+    model.eval()
+    ev = model(x, return_selections=True).selections[0]
+    kept = ev.n_kept.float() / 50
+    assert (kept - k / 50).abs().max() < 0.25
+    raw_eval = ev.scores + s0.threshold
+    assert torch.equal(ev.n_kept, (raw_eval > s0.threshold).sum(1))
+
+
+def test_calibrated_threshold_saved_loaded_and_used_by_the_cache(tmp_path):
+    from subllm.generation import generate
+
+    model = tiny_model(threshold="calibrated")
+    with torch.no_grad():
+        for i, s in enumerate(model.subsamples):
+            s.threshold.fill_(0.3 - 0.5 * i)  # nonzero thresholds, one per S
+    model.save_pretrained(tmp_path / "m")
+    back = SubLLM.from_pretrained(tmp_path / "m").eval()
+    assert back.config.threshold == "calibrated"
+    for a, b in zip(model.subsamples, back.subsamples):
+        assert torch.equal(a.threshold, b.threshold)
+    ids = torch.randint(3, 97, (3, 12), generator=torch.Generator().manual_seed(3))
+    cached = generate(back, ids, max_new_tokens=10)
+    plain = generate(back, ids, max_new_tokens=10, use_cache=False)
+    assert torch.equal(cached, plain)
+    with torch.no_grad():  # the threshold matters: zero thresholds keep other tokens
+        k_theta = back(ids, return_selections=True).selections[0].n_kept
+        for s in back.subsamples:
+            s.threshold.zero_()
+        k_zero = back(ids, return_selections=True).selections[0].n_kept
+    assert not torch.equal(k_theta, k_zero)
