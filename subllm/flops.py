@@ -6,10 +6,15 @@ enclosing S kept (f = product of their keep fractions). Per layer, with d = dim:
   attention = 2 * 2 * d per (query, key) pair: causal prefill over n tokens has n (n + 1) / 2
               pairs; one decode step at context L has L * f keys at that level.
 The head (2 * d * vocab per token) always runs on every token; the embedding lookup is free.
+
+`flops_between` and `keep_counts` do the same arithmetic on the realised per-level per-row lengths
+of a KVCache (cache.snapshot()) instead of keep ratios: what a prefill or a run of decode steps
+actually cost, and what each S actually kept (used by `subllm bench infer` and `generate --stats`).
 """
 
 from __future__ import annotations
 
+from subllm.cache import layer_levels
 from subllm.config import ModelConfig, Sub
 
 
@@ -65,3 +70,64 @@ def kv_cache_ratio(cfg: ModelConfig, fractions: list[float] | None = None) -> fl
     """KV-cache entries relative to LLaMA: mean over layers of the fraction each layer caches."""
     fr = layer_fractions(cfg, fractions)
     return sum(fr) / len(fr)
+
+
+# ---- realised costs from per-level per-row lengths (KVCache.snapshot()) -----------------------
+
+
+def sub_parents(tree: tuple) -> dict[int, int]:
+    """S index -> the level whose tokens enter it (0 = outside every bracket)."""
+    out: dict[int, int] = {}
+
+    def walk(nodes, level):
+        for n in nodes:
+            if isinstance(n, Sub):
+                out[n.index] = level
+                walk(n.children, n.index + 1)
+
+    walk(tree, 0)
+    return out
+
+
+def flops_between(cfg: ModelConfig, before: list[list[int]], after: list[list[int]], head_tokens: int) -> int:
+    """FLOPs to take the caches from per-level per-row lengths `before` to `after` (prefill:
+    before = 0), computing `head_tokens` logits. A token appended at length j attends to j keys.
+    Per layer and row, 2 * params FLOPs per token (linear) plus 4 * dim per (query, key) pair; the
+    LM head 2 * dim * vocab per logit; S scores (2 * dim per token entering) and U + B (4 * dim per
+    kept token); the embedding is a lookup (0 FLOPs)."""
+    layer_level, _ = layer_levels(cfg.tree)
+    lin, d = linear_flops_per_token(cfg), cfg.dim
+    total = 0
+    for lv in layer_level:
+        for b0, b1 in zip(before[lv], after[lv]):
+            total += (b1 - b0) * lin + 4 * d * (b1 * (b1 + 1) - b0 * (b0 + 1)) // 2
+    for i, parent in sub_parents(cfg.tree).items():
+        entered = sum(after[parent]) - sum(before[parent])
+        kept = sum(after[i + 1]) - sum(before[i + 1])
+        total += 2 * d * entered + 4 * d * kept  # score; U + B
+    return total + head_tokens * 2 * d * cfg.vocab_size
+
+
+def keep_counts(cfg: ModelConfig, before: list[list[int]], after: list[list[int]]) -> list[tuple[int, int]]:
+    """(kept, entered) per S in structure order, rows pooled, for the tokens appended between the
+    per-level lengths `before` and `after`: entered = tokens that reached the level S reads,
+    kept = tokens that reached the level inside S."""
+    out = []
+    for i, parent in sorted(sub_parents(cfg.tree).items()):
+        entered = sum(after[parent]) - sum(before[parent])
+        out.append((sum(after[i + 1]) - sum(before[i + 1]), entered))
+    return out
+
+
+def keep_fractions(cfg: ModelConfig, before: list[list[int]], after: list[list[int]]) -> list[float]:
+    """kept / entered per S (`keep_counts`); NaN where no token entered."""
+    return [k / n if n else float("nan") for k, n in keep_counts(cfg, before, after)]
+
+
+def decode_ideal_speedup(cfg: ModelConfig, before: list[list[int]], after: list[list[int]]) -> float:
+    """FLOPs of the same-size LLaMA over FLOPs of this SUBLLM for the decode steps that took the
+    cache from `before` to `after` (one logit per token decoded). LLaMA holds every token at its one
+    level, i.e. SUBLLM's level 0."""
+    n_dec = sum(after[0]) - sum(before[0])
+    llama = flops_between(cfg.as_llama(), before[:1], after[:1], n_dec)
+    return llama / flops_between(cfg, before, after, n_dec)

@@ -4,6 +4,12 @@ saved beside them), through the cached engine of docs/method.md section 3.
     subllm generate --checkpoint runs/subllm --prompt "Once upon a time" --stream --max-new-tokens 64
 
 The continuation goes to stdout; a one-line summary (tokens, seconds, tokens/s) to stderr.
+`--stats` adds to stderr, per S, the realised keep (kept / entered tokens) over the prompt and over
+the generated tokens, counted from the KV cache's per-level lengths after prefill and after decode
+(the last generated token, which generation never feeds back, is fed once more for the count, after
+the timing), and the FLOP-ideal decode speed-up that this keep buys over the same-size LLaMA at this
+context (subllm/flops.py). With `--no-cache` the same counts come from eval-mode full forwards of
+the prompt and of prompt + generated tokens (inference is causal, so they equal the cache's).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from subllm.dtype import DTYPES, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
 
 
@@ -31,8 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="bf16 (autocast) or fp32; auto (default): bf16 where this CPU does bf16 natively, else fp32",
+    )
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="stderr: realised keep per S over prompt / generated tokens, FLOP-ideal decode speed-up",
+    )
 
 
 def load_tokenizer(directory: Path):
@@ -94,24 +111,74 @@ def run(args: argparse.Namespace) -> int:
         use_cache=not args.no_cache,
         seed=args.seed,
     )
+    held: dict = {}
+    if args.stats and not args.no_cache:
+        kw["on_prefill"] = lambda cache: held.update(cache=cache, before=cache.snapshot())
     prompt = torch.tensor([ids])
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
+    dtype = resolve_dtype(args.dtype, "cpu")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     t0 = time.perf_counter()
     count = 0
     with amp:
         if args.stream:
             deltas = TextDeltas(tok)
+            new = []
             for tokens in stream_generate(model, prompt, **kw):
+                new.append(tokens)
                 count += int(tokens[0] != model.config.pad_token_id)
                 print(deltas.push(tokens)[0], end="", flush=True)
             print(deltas.flush()[0])
+            out = torch.stack(new, 1)[0]
         else:
             out = generate(model, prompt, **kw)[0, T:]
             count = int((out != model.config.pad_token_id).sum())
             print(tok.decode(out.tolist(), skip_special_tokens=True))
     dt = time.perf_counter() - t0
     print(
-        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {args.dtype}]",
+        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, "
+        f"{dtype_line(args.dtype)}]",
         file=sys.stderr,
     )
+    if args.stats:
+        with amp:
+            before, after = _stats_lengths(model, prompt, out, held)
+        _print_stats(model.config, before, after, "KV cache" if held else "full forwards (--no-cache)")
     return 0
+
+
+def _stats_lengths(model, prompt, out, held: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """Per-level per-row lengths (KVCache.snapshot() layout) after the prompt and after prompt +
+    generated tokens `out` (n,): from the cache that generation filled, or from full forwards."""
+    from subllm.engine import decode_step
+
+    with torch.no_grad():
+        if held:
+            cache = held["cache"]
+            assert cache.length(0, 0) == prompt.shape[1] + len(out) - 1  # the last token is not fed
+            decode_step(model, cache, out[-1:])
+            return held["before"], cache.snapshot()
+        lengths = []
+        for ids in (prompt, torch.cat([prompt, out[None]], 1)):
+            sels = model(ids, return_selections=True).selections
+            lengths.append([[ids.shape[1]]] + [[0] if s is None else s.n_kept.tolist() for s in sels])
+        return lengths[0], lengths[1]
+
+
+def _print_stats(cfg, before: list[list[int]], after: list[list[int]], source: str) -> None:
+    from subllm.flops import decode_ideal_speedup, keep_counts
+
+    def frac(k: int, n: int) -> str:
+        return f"{k}/{n} = {k / n:.3f}" if n else f"{k}/{n} = -"
+
+    zero = [[0] * len(lens) for lens in before]
+    print(f"stats from the {source}; S i sees the tokens its enclosing S kept:", file=sys.stderr)
+    for i, ((kp, np_), (kg, ng)) in enumerate(
+        zip(keep_counts(cfg, zero, before), keep_counts(cfg, before, after))
+    ):
+        print(f"  keep S{i}: prompt {frac(kp, np_)}, generated {frac(kg, ng)}", file=sys.stderr)
+    T, n = sum(before[0]), sum(after[0]) - sum(before[0])
+    print(
+        f"  decode FLOP-ideal speed-up vs the same-size LLaMA with this keep (context {T} -> {T + n}): "
+        f"{decode_ideal_speedup(cfg, before, after):.3f}x",
+        file=sys.stderr,
+    )

@@ -13,7 +13,7 @@ from a `torch.Generator` seeded by `seed`, so a seeded run is reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -140,17 +140,27 @@ def _validate_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token
 
 class _Cached:
     def __init__(
-        self, model: SubLLM, ids: Tensor, mask: Tensor | None, max_new_tokens: int, chunk: int | None
+        self,
+        model: SubLLM,
+        ids: Tensor,
+        mask: Tensor | None,
+        max_new_tokens: int,
+        chunk: int | None,
+        on_prefill: Callable | None = None,
     ):
         self.model, self.ids, self.mask = model, ids, mask
         self.extra = max_new_tokens if chunk is None else 0  # None: preallocate the whole run
         self.chunk = chunk or 256
         self.cache = None
+        self.on_prefill = on_prefill
 
     def start(self) -> Tensor:
         # created here, at the first step, so that it takes the dtype of an enclosing autocast
         self.cache = new_cache(self.model, self.ids.shape[0], self.ids.device, chunk=self.chunk)
-        return prefill(self.model, self.ids, self.mask, self.cache, extra=self.extra)
+        logits = prefill(self.model, self.ids, self.mask, self.cache, extra=self.extra)
+        if self.on_prefill is not None:
+            self.on_prefill(self.cache)
+        return logits
 
     def step(self, tokens: Tensor, emitted: Tensor, rows: list[int]) -> Tensor:
         return decode_step(self.model, self.cache, tokens[rows], rows)
@@ -191,6 +201,7 @@ def stream_generate(
     pad_token_id: int | None = None,
     return_logits: bool = False,
     chunk: int | None = 256,
+    on_prefill: Callable | None = None,
 ) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
     """Yield the new token of every row, (B,) per step; rows that stopped at an eos token yield
     `pad_token_id` (default: the config's). Stops after `max_new_tokens` steps or when every row
@@ -202,7 +213,9 @@ def stream_generate(
     step and takes autocast's dtype). `chunk`: the KV cache grows by `chunk` slots per level when
     full (default: measured as fast as preallocating, and inner levels never reserve room for
     tokens their S will drop); None preallocates prompt + max_new_tokens slots at every level.
-    Arguments are checked here, before the first step.
+    `on_prefill` (opt-in, cached path only): called with the KVCache right after prefill, e.g. to
+    snapshot its per-level lengths; when the loop ends the cache holds the prompt and every
+    generated token but the last (never fed back). Arguments are checked here, before the first step.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -212,8 +225,10 @@ def stream_generate(
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-    runner = _Cached(model, input_ids, attention_mask, max_new_tokens, chunk) if use_cache else None
-    runner = runner or _Uncached(model, input_ids, attention_mask)
+    if use_cache:
+        runner = _Cached(model, input_ids, attention_mask, max_new_tokens, chunk, on_prefill)
+    else:
+        runner = _Uncached(model, input_ids, attention_mask)
     return _loop(model, runner, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
                  repetition_penalty, eos, pad, gen, return_logits)  # fmt: skip
 
@@ -277,6 +292,7 @@ def generate(
     seed: int | None = None,
     pad_token_id: int | None = None,
     chunk: int | None = 256,
+    on_prefill: Callable | None = None,
 ) -> Tensor:
     """Prompt + continuation, (B, T + n) like Hugging Face `generate` (n <= max_new_tokens: fewer
     when every row stopped early); rows that stopped early are padded with pad_token_id.
@@ -284,7 +300,7 @@ def generate(
     steps = list(
         stream_generate(
             model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, False, chunk,
+            repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, False, chunk, on_prefill,
         )
     )  # fmt: skip
     if not steps:

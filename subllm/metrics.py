@@ -15,6 +15,7 @@ from pathlib import Path
 
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+SELECTION_PNG = "selection.png"
 
 
 def read_metrics(path: Path | str) -> list[dict]:
@@ -120,6 +121,48 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path | str, title: str = 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title or "validation loss")
+    return _save(fig, plt, path)
+
+
+def plot_selection(records: list[dict], path: Path | str, ratios: list[float], title: str = ""):
+    """Per S along the run (eval records): eval-mode keep vs r, train/infer agreement, score
+    quantiles p5/p50/p95 in the rule's frame, and the saturated share with the Balancer's push.
+    None when the run has no selection records (a LLaMA)."""
+    evals = [(r["step"], r["selection"]) for r in records if r.get("kind") == "eval" and r.get("selection")]
+    if not evals:
+        return None
+    plt = _pyplot()
+    steps = [s for s, _ in evals]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    (keep, agree), (score, sat) = axes
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(ratios):
+        c = colors[i % len(colors)]
+
+        def series(key, i=i):
+            return [sel[key][i] if key in sel and i < len(sel[key]) else float("nan") for _, sel in evals]
+
+        keep.plot(steps, series("keep_eval"), "o-", ms=3, c=c, label=f"S{i} eval (s > theta)")
+        keep.axhline(r, c=c, ls=":", lw=1)
+        agree.plot(steps, series("agreement"), "o-", ms=3, c=c, label=f"S{i}")
+        score.fill_between(steps, series("score_p05"), series("score_p95"), color=c, alpha=0.15)
+        score.plot(steps, series("score_p50"), "o-", ms=3, c=c, label=f"S{i} p50 (band p5-p95)")
+        sat.plot(steps, series("saturated"), "o-", ms=3, c=c, label=f"S{i} saturated")
+        if any("balancer_push" in sel for _, sel in evals):
+            sat.plot(steps, series("balancer_push"), "x--", ms=4, c=c, label=f"S{i} Balancer push")
+    keep.set_ylabel("keep fraction (dotted: r)")
+    agree.set_ylabel("agreement with top-k")
+    agree.axhline(0.97, c="k", ls=":", lw=1)
+    score.set_ylabel("score - theta")
+    score.axhline(0.0, c="k", lw=0.8)
+    score.axhline(1.0, c="k", lw=0.8, ls=":")
+    sat.set_ylabel("share / ratio")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("training step")
+    fig.suptitle(title or "selection")
     return _save(fig, plt, path)
 
 

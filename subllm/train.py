@@ -40,7 +40,8 @@ HELP = {
     "log_every": "progress-bar refresh of loss and tokens/s, in steps (default 10)",
     "out": "run folder: checkpoints, metrics.jsonl, loss.png and the final model (default runs/train)",
     "seed": "random seed, the same on every rank (default 0)",
-    "dtype": f"{' | '.join(DTYPES)}: bf16 autocast (default) or plain fp32; fp16 is not offered",
+    "dtype": f"{' | '.join(DTYPES)}: bf16 autocast or plain fp32; auto (default) = bf16 on a GPU or CPU "
+    "that does bf16 natively, else fp32 (bf16 is far slower than fp32 on AVX2-only CPUs); no fp16",
     "schedule_steps": f"{' | '.join(SCHEDULES)}: Balancer/bypass schedules of 8000/20000 steps as in the "
     "paper (default), or scaled to this run's length",
     "fsdp": "shard with FSDP2 (fully_shard) instead of DDP under torchrun",

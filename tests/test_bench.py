@@ -38,3 +38,100 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert (tmp_path / "train_speedup.png").stat().st_size > 0
     infer = json.loads((tmp_path / "infer.txt").read_text().strip().splitlines()[-1])
     assert infer["bench"] == "infer" and all(r["kv_exact"] for r in infer["results"])
+
+
+def _tiny_checkpoint(path):
+    """A tiny SUBLLM checkpoint (a real mix of kept and dropped tokens) with a word-level tokenizer."""
+    from helpers import tiny_preset_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "hello world the a cat sat on mat dog ran far".split()
+    vocab = {
+        "<pad>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{w: i + 3 for i, w in enumerate(words)},
+        "[UNK]": 3 + len(words),
+    }
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
+    tiny_preset_model().save_pretrained(path)
+    fast.save_pretrained(str(path))
+    return words
+
+
+def test_text_windows_are_consecutive_and_decode_reads_on():
+    from subllm.bench.infer import text_windows
+
+    ids, dec = text_windows(list(range(100)), 10, 3, 4)
+    assert ids.tolist() == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    assert dec.T.tolist() == [list(range(10, 14)), list(range(20, 24)), list(range(30, 34))]
+
+
+def test_infer_text_keep_equals_a_full_forward_recount(tmp_path, capsys, monkeypatch):
+    """`bench infer --checkpoint --text`: prompts are windows of the text, decode is teacher-forced
+    on the text's next tokens, and the reported keep per S in prefill and decode equals a recount
+    from eval-mode full forwards of the same windows (Selection.n_kept over Selection.n_real)."""
+    import math
+    import random
+
+    import subllm.bench.infer as infer
+    from subllm.bench.infer import run_infer, text_windows
+    from subllm.cli import main
+    from subllm.generate_cli import load_tokenizer
+
+    ck = tmp_path / "ck"
+    words = _tiny_checkpoint(ck)
+    rng = random.Random(0)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(rng.choice(words) for _ in range(200)))
+    tokens = load_tokenizer(ck)(text.read_text(), add_special_tokens=False)["input_ids"]
+    assert len(tokens) == 200
+    D = 6
+    fed = []  # (prompt ids, decode tokens) of every setting, as the benchmark ran them
+    real_bench = infer.bench_setting
+
+    def recording(sub, llama, st, ids, dec, seed):
+        fed.append((ids, dec))
+        return real_bench(sub, llama, st, ids, dec, seed)
+
+    monkeypatch.setattr(infer, "bench_setting", recording)
+    report = run_infer(
+        "subllm-tiny", str(ck), [40], [1, 3], ["fp32"], D, reps=1, warmup=0, bound=False,
+        log=lambda *a: None, text=str(text),
+    )  # fmt: skip
+    assert report["text"] == {"path": str(text), "tokens": 200} and "text" in report["prompts"]
+    model = SubLLM.from_pretrained(ck).eval()
+
+    def same(a, b):
+        return (math.isnan(a) and math.isnan(b)) or a == b
+
+    for r, (ran_ids, ran_dec) in zip(report["results"], fed, strict=True):
+        ids, dec = text_windows(tokens, r["prompt_len"], r["batch"], D)
+        assert torch.equal(ran_ids, ids) and torch.equal(ran_dec, dec)  # the text, not random ids
+        assert ids[-1].tolist() == tokens[(r["batch"] - 1) * 40 : r["batch"] * 40]
+        with torch.no_grad():
+            pre = model(ids, return_selections=True).selections
+            full = model(torch.cat([ids, dec.T], 1), return_selections=True).selections
+        keep_pre = [round(int(p.n_kept.sum()) / int(p.n_real.sum()), 4) for p in pre]
+        kept_dec = [int((f.n_kept - p.n_kept).sum()) for p, f in zip(pre, full)]
+        real_dec = [int((f.n_real - p.n_real).sum()) for p, f in zip(pre, full)]
+        keep_dec = [round(k / n, 4) if n else math.nan for k, n in zip(kept_dec, real_dec)]
+        assert r["keep_prefill"] == keep_pre
+        assert all(same(a, b) for a, b in zip(r["keep_decode"], keep_dec)), (r["keep_decode"], keep_dec)
+        assert all(0 < f < 1 for f in keep_pre)  # a real mix of kept and dropped tokens
+        assert r["decode_ideal"] > 1 and r["decode_efficiency"] > 0
+
+    # error paths, each one line
+    base = ["bench", "infer", "--dtypes", "fp32", "--reps", "1", "--decode-tokens", str(D)]
+    assert main([*base, "--text", str(text)]) == 2
+    assert "--text needs --checkpoint" in capsys.readouterr().err
+    base += ["--checkpoint", str(ck), "--batch-sizes", "3"]
+    assert main([*base, "--text", str(text), "--lengths", "40,70"]) == 2
+    assert "--text has 200 tokens; ctx 70 x batch 3 + 6 decode tokens needs 216" in capsys.readouterr().err
+    assert main([*base, "--text", str(tmp_path / "nope.txt"), "--lengths", "40"]) == 2
+    assert "no such file" in capsys.readouterr().err

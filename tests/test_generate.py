@@ -281,3 +281,52 @@ def test_cli(tmp_path, capsys):
     (tmp_path / "tokenizer_config.json").unlink()
     assert main([*base, "--prompt", "cat"]) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def _recount(model, ids, T):
+    """Per-level lengths after the first T tokens of ids (1, n) and after all of them, recounted
+    from eval-mode full forwards (Selection.n_kept) - the oracle of `generate --stats`."""
+    out = []
+    for seq in (ids[:, :T], ids):
+        sels = model(seq, return_selections=True).selections
+        out.append([[seq.shape[1]]] + [[0] if s is None else s.n_kept.tolist() for s in sels])
+    return out
+
+
+def test_cli_stats_equal_a_full_forward_recount(tmp_path, capsys):
+    """`generate --stats`: per-S keep over prompt and generated tokens equals a recount from
+    uncached full forwards over prompt + generated tokens, cached, streamed and --no-cache alike."""
+    import re
+
+    from subllm.cli import main
+    from subllm.flops import decode_ideal_speedup
+    from subllm.generate_cli import load_tokenizer
+    from subllm.model.subllm import SubLLM
+
+    _checkpoint_with_tokenizer(tmp_path)
+    model = SubLLM.from_pretrained(tmp_path).eval()
+    tok = load_tokenizer(tmp_path)
+    text = "hello world the cat sat on the mat a cat sat on a mat the world " * 2
+    prompt = torch.tensor([tok(text)["input_ids"]])
+    T = prompt.shape[1]
+    ids = generate(model, prompt, max_new_tokens=12, eos_token_id=tok.eos_token_id)
+    before, after = _recount(model, ids, T)
+    expected = []
+    for i, parent in enumerate([0, 1]):  # TT(T(TT)T)T: S0 reads level 0, S1 level 1
+        kp, np_ = before[i + 1][0], before[parent][0]
+        kg, ng = after[i + 1][0] - kp, after[parent][0] - np_
+        expected.append((kp, np_, kg, ng))
+    assert all(0 < k < n for k, n, _, _ in expected)  # a real mix of kept and dropped tokens
+    ideal = f"{decode_ideal_speedup(model.config, before, after):.3f}x"
+    base = ["generate", "--checkpoint", str(tmp_path), "--prompt", text, "--max-new-tokens", "12", "--stats"]
+    base += ["--dtype", "fp32"]  # the recount above runs in fp32
+    outputs = []
+    for extra in ([], ["--stream"], ["--no-cache"]):
+        assert main([*base, *extra]) == 0
+        err = capsys.readouterr().err
+        found = re.findall(r"keep S(\d): prompt (\d+)/(\d+) = \S+, generated (\d+)/(\d+)", err)
+        assert [tuple(int(v) for v in f[1:]) for f in found] == expected, err
+        assert [int(f[0]) for f in found] == [0, 1]
+        assert f"context {T} -> {ids.shape[1]}): {ideal}" in err, err
+        outputs.append([ln for ln in err.splitlines() if ln.startswith(("  keep S", "  decode FLOP"))])
+    assert outputs[0] == outputs[1] == outputs[2]

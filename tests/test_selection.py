@@ -45,7 +45,8 @@ def test_paper_recipe_names_a_config_and_old_configs_load_as_paper():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(threshold="x"), dict(balancer_fraction="x"), dict(select_loss=-1.0), dict(threshold_momentum=2.0)]
+    "bad",
+    [dict(threshold="x"), dict(balancer_fraction="x"), dict(select_loss=-1.0), dict(threshold_momentum=2.0)],
 )
 def test_bad_selection_fields_are_one_line_errors(bad):
     with pytest.raises(Exception, match=next(iter(bad))):
@@ -91,7 +92,8 @@ def test_counted_balancer_fraction_pushes_the_right_way():
 
 
 def _calibrated(**kw):
-    return tiny_config(threshold="calibrated", threshold_momentum=0.5, balancer_steps=10, bypass_steps=10, **kw)
+    kw = dict(threshold_momentum=0.5, balancer_steps=10, bypass_steps=10, **kw)
+    return tiny_config(threshold="calibrated", **kw)
 
 
 def test_calibrated_threshold_tracks_the_topk_cut():
@@ -142,3 +144,37 @@ def test_calibrated_threshold_saved_loaded_and_used_by_the_cache(tmp_path):
             s.threshold.zero_()
         k_zero = back(ids, return_selections=True).selections[0].n_kept
     assert not torch.equal(k_theta, k_zero)
+
+
+def test_measure_selection_recounts_and_leaves_state_alone():
+    from subllm.selection import format_selection, measure_selection
+
+    model = tiny_model(threshold="calibrated")
+    with torch.no_grad():
+        model.subsamples[0].threshold.fill_(0.2)
+    windows = [torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rng = torch.get_rng_state()
+    res = measure_selection(model, windows)
+    assert torch.equal(rng, torch.get_rng_state()) and not model.training
+    assert float(model.subsamples[0].threshold) == pytest.approx(0.2)  # measuring moves no theta
+    assert int(model.subsamples[0].threshold_updates) == 0
+    kept = [0, 0]
+    real = [0, 0]
+    agree = [0.0, 0.0]
+    with torch.no_grad():
+        for x in windows:
+            for i, s in enumerate(model(x, return_selections=True).selections):
+                kept[i] += int(s.n_kept.sum())
+                real[i] += int(s.n_real.sum())
+        model.train()
+        model.set_step(0)
+        for x in windows:  # agreement: top-k membership vs s > theta, in a train-mode forward
+            for i, s in enumerate(model(x, return_selections=True).selections):
+                agree[i] += float(((s.kept_mask == (s.scores > 0)).float()).sum())
+        model.eval()
+    train_real = [60 * 2, None]
+    assert res["keep_eval"] == pytest.approx([k / r for k, r in zip(kept, real)])
+    assert res["agreement"][0] == pytest.approx(agree[0] / train_real[0])
+    assert res["threshold"][0] == pytest.approx(0.2) and res["threshold"][1] == 0.0
+    lines = format_selection(res, model.config.keep_ratios).splitlines()
+    assert len(lines) == 2 and "agreement with top-k" in lines[0] and "theta +0.200" in lines[0]

@@ -55,6 +55,12 @@ def test_end_to_end_on_a_text_file(text_file, tmp_path, capsys):
     assert run["kind"] == "run"
     assert run["schedule_steps"] == {"mode": "scale", "balancer_steps": 2, "bypass_steps": 6}
     assert (out / "loss.png").stat().st_size > 1000
+    sel = evals[-1]["selection"]  # issue 9: the selection, seen at every evaluation
+    for key in ("keep_eval", "keep_train", "agreement", "score_p05", "score_p50", "score_p95", "saturated"):
+        assert len(sel[key]) == 2, key
+    assert sel["score_p05"][0] <= sel["score_p50"][0] <= sel["score_p95"][0]
+    assert sel["keep_eval"] == evals[-1]["keep_fractions_eval"] and len(sel["balancer_push"]) == 2
+    assert (out / "selection.png").stat().st_size > 1000
     # the final model folder and the latest checkpoint both load with SubLLM and AutoTokenizer
     for d in (out, out / "checkpoints" / "latest"):
         model = SubLLM.from_pretrained(d)
@@ -100,7 +106,7 @@ def test_llama_preset_and_packed_data(text_file, tmp_path, capsys):
         (["--preset", "subllm-huge"], "unknown preset 'subllm-huge'"),
         (["--steps", "-3"], "--steps must be >= 1"),
         (["--steps", "ten"], "--steps must be an integer"),
-        (["--dtype", "fp16"], "--dtype must be one of bf16, fp32"),
+        (["--dtype", "fp16"], "--dtype must be one of auto, bf16, fp32"),
         (["--keep-ratio", "1.5"], r"--keep-ratio values must lie in \(0, 1\]"),
         (["--lr=-1e-3"], "--lr must be a positive number"),
         (["--set", "dimension=3"], "unknown ModelConfig field"),

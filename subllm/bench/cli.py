@@ -1,8 +1,10 @@
 """`subllm bench <infer | ...>`: benchmarks of SUBLLM against the same-size LLaMA.
 
-    subllm bench infer                                   # subllm-small, 1k-8k, batch 1 and 8, bf16 + fp32
+    subllm bench infer                                   # subllm-small, 1k-8k, batch 1 and 8, --dtypes auto
     subllm bench infer --lengths 8k --batch-sizes 1 --dtypes fp32 --reps 2
     subllm bench infer --quick                           # tiny CI smoke run, seconds
+    subllm bench infer --checkpoint runs/x --text data/corpus/val/shakespeare_hamlet.txt --lengths 1k
+                                                         # a trained model's keep and speed-up on real text
 
     subllm bench train --lengths 1k,2k --reps 2           # training steps (subllm/bench/train.py)
 
@@ -17,6 +19,7 @@ import sys
 import torch
 
 from subllm.bench.common import environment, int_list, json_line, str_list
+from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
 
 QUICK = dict(
@@ -30,9 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf = sub.add_parser("infer", help="prefill / decode speed and KV-cache bytes vs LLaMA")
     inf.add_argument("--preset", default="subllm-small", help="model preset (default subllm-small)")
     inf.add_argument("--checkpoint", default=None, help="a SUBLLM checkpoint folder: trained scores")
+    inf.add_argument(
+        "--text",
+        default=None,
+        help="with --checkpoint: prompts are consecutive ctx-token windows of this text file (the "
+        "checkpoint's tokenizer), decode is teacher-forced on the text's next tokens",
+    )
     inf.add_argument("--lengths", default="1k,2k,4k,8k", help="prompt lengths, comma-separated (2k = 2048)")
     inf.add_argument("--batch-sizes", default="1,8", help="comma-separated")
-    inf.add_argument("--dtypes", default="bf16,fp32", help="bf16 (autocast) and/or fp32")
+    inf.add_argument(
+        "--dtypes",
+        default="auto",
+        help="comma-separated bf16 (autocast), fp32, auto; auto (default) = bf16 where this CPU does bf16 "
+        "natively, else fp32",
+    )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
     inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
@@ -68,8 +82,10 @@ def _run_infer(args: argparse.Namespace) -> int:
             setattr(args, k, v)
     if args.decode_tokens < 1 or args.reps < 1 or args.warmup < 0:
         raise SubLLMError("--decode-tokens and --reps must be >= 1, --warmup >= 0")
+    if args.text and not args.checkpoint:
+        raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
     lengths, batches = int_list(args.lengths), int_list(args.batch_sizes)
-    dtypes = str_list(args.dtypes, ("bf16", "fp32"))
+    dtypes = str_list(args.dtypes, DTYPES)  # resolved in run_infer
     env = environment("cpu")
 
     def log(msg):
@@ -77,7 +93,7 @@ def _run_infer(args: argparse.Namespace) -> int:
 
     report = run_infer(
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
-        seed=args.seed, bound=not args.no_bound, log=log,
+        seed=args.seed, bound=not args.no_bound, log=log, text=args.text,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))

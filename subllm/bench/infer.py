@@ -7,7 +7,7 @@ shared layer has identical weights. Both run through the same engine (subllm/eng
 Per (dtype, batch, prompt length), after warm-up, with interleaved repetitions:
 - prefill seconds for LLaMA, SUBLLM and the zero-overhead bound: SUBLLM's own layers run as plain
   causal LLaMA stacks on the sequence lengths SUBLLM's levels saw (no score, gather, scatter);
-- decode tokens/s over `decode_tokens` teacher-forced random tokens from the prefilled caches;
+- decode tokens/s over `decode_tokens` teacher-forced tokens from the prefilled caches;
 - KV-cache bytes held (and allocated);
 - realised keep fraction per S in prefill and in decode;
 - the ideal speed-up from FLOPs of the actual kept counts: per layer and row, 2 * params FLOPs per
@@ -19,64 +19,31 @@ Prompts are uniform random token ids. Without `--checkpoint` the score layers ar
 that the realised keep fraction over each benchmark's prompt + decode tokens (rows pooled) equals
 the configured ratio r (see `calibrate_scores`); the prefill and decode fractions are reported
 separately as measured. With a checkpoint its trained scores are used.
+
+With `--text FILE` (needs `--checkpoint`: a trained model's scores on random ids say nothing about
+its keep on real text) the prompts are real text instead: FILE tokenized with the checkpoint's
+tokenizer (no special tokens), row b of a (batch B, context L) setting takes the window of tokens
+[b L, (b + 1) L), and decode is teacher-forced on the text's next `decode_tokens` tokens after that
+window (`text_windows`). The keep columns are then the trained model's realised keep on real text
+and its continuation, and "dec x" / "ideal" / "eff" the decode speed-up that keep buys.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from subllm.bench.common import autocast, format_table, interleaved, median, spread
 from subllm.cache import layer_levels
-from subllm.config import ModelConfig, Sub, get_preset, iter_subs, keep_count
+from subllm.config import get_preset, iter_subs, keep_count
+from subllm.dtype import describe_hardware, dtype_line, resolve_dtype
 from subllm.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer
 from subllm.errors import SubLLMError
-from subllm.flops import linear_flops_per_token
+from subllm.flops import flops_between, keep_fractions
 from subllm.model.subllm import SubLLM
-
-# ---- FLOPs from kept counts ---------------------------------------------------------------------
-
-
-def sub_parents(tree: tuple) -> dict[int, int]:
-    """S index -> the level whose tokens enter it (0 = outside every bracket)."""
-    out: dict[int, int] = {}
-
-    def walk(nodes, level):
-        for n in nodes:
-            if isinstance(n, Sub):
-                out[n.index] = level
-                walk(n.children, n.index + 1)
-
-    walk(tree, 0)
-    return out
-
-
-def flops_between(cfg: ModelConfig, before: list[list[int]], after: list[list[int]], head_tokens: int) -> int:
-    """FLOPs to take the caches from per-level per-row lengths `before` to `after` (prefill:
-    before = 0), computing `head_tokens` logits. A token appended at length j attends to j keys."""
-    layer_level, _ = layer_levels(cfg.tree)
-    lin, d = linear_flops_per_token(cfg), cfg.dim
-    total = 0
-    for lv in layer_level:
-        for b0, b1 in zip(before[lv], after[lv]):
-            total += (b1 - b0) * lin + 4 * d * (b1 * (b1 + 1) - b0 * (b0 + 1)) // 2
-    for i, parent in sub_parents(cfg.tree).items():
-        entered = sum(after[parent]) - sum(before[parent])
-        kept = sum(after[i + 1]) - sum(before[i + 1])
-        total += 2 * d * entered + 4 * d * kept  # score; U + B
-    return total + head_tokens * 2 * d * cfg.vocab_size
-
-
-def keep_fractions(cfg: ModelConfig, before: list[list[int]], after: list[list[int]]) -> list[float]:
-    out = []
-    for i, parent in sorted(sub_parents(cfg.tree).items()):
-        entered = sum(after[parent]) - sum(before[parent])
-        kept = sum(after[i + 1]) - sum(before[i + 1])
-        out.append(kept / entered if entered else float("nan"))
-    return out
-
 
 # ---- score calibration (random weights only) ------------------------------------------------------
 
@@ -303,6 +270,44 @@ def bench_setting(
     return out
 
 
+# ---- real text as prompts (--text) -----------------------------------------------------------------
+
+
+def load_text_tokens(path: str, checkpoint: str, vocab_size: int) -> list[int]:
+    """The token ids of the text file `path` under the tokenizer saved in `checkpoint`."""
+    from subllm.generate_cli import load_tokenizer
+
+    f = Path(path)
+    if not f.is_file():
+        raise SubLLMError(f"--text {path}: no such file")
+    try:
+        text = f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SubLLMError(f"--text {path}: cannot read it as UTF-8 text ({type(e).__name__}: {e})") from None
+    tok = load_tokenizer(Path(checkpoint))
+    ids = list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if ids and max(ids) >= vocab_size:
+        raise SubLLMError(
+            f"the tokenizer in {checkpoint} gives id {max(ids)} >= the model's vocab_size {vocab_size}"
+        )
+    return ids
+
+
+def text_windows(tokens: list[int], length: int, batch: int, decode_tokens: int):
+    """Consecutive windows of the text: prompt row b = tokens[b L : (b + 1) L], and the tokens
+    decoded after it = the next `decode_tokens` of the text. -> ids (B, L), dec (decode_tokens, B)."""
+    need = length * batch + decode_tokens
+    if len(tokens) < need:
+        raise SubLLMError(
+            f"--text has {len(tokens)} tokens; ctx {length} x batch {batch} + {decode_tokens} decode "
+            f"tokens needs {need}"
+        )
+    t = torch.tensor(tokens[:need], dtype=torch.long)
+    ids = torch.stack([t[b * length : (b + 1) * length] for b in range(batch)])
+    dec = torch.stack([t[(b + 1) * length : (b + 1) * length + decode_tokens] for b in range(batch)], 1)
+    return ids, dec
+
+
 # ---- the whole run ---------------------------------------------------------------------------------
 
 
@@ -354,7 +359,13 @@ def run_infer(
     seed: int = 0,
     bound: bool = True,
     log=print,
+    text: str | None = None,
 ) -> dict:
+    if text and not checkpoint:
+        raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
+    requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 for this CPU (subllm/dtype.py)
+    dtypes = list(dict.fromkeys(resolve_dtype(d, "cpu") for d in requested))
+    log(f"[bench infer] dtype {', '.join(dtype_line(d) for d in requested)}")
     sub, llama = build_models(preset, checkpoint, seed)
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
@@ -362,12 +373,20 @@ def run_infer(
         raise SubLLMError(
             f"prompt lengths {too_long} + {decode_tokens} decode tokens exceed max_seq_len {cfg.max_seq_len}"
         )
+    tokens = None
+    if text:
+        tokens = load_text_tokens(text, checkpoint, cfg.vocab_size)
+        L, B = max(((n, b) for n in lengths for b in batches), key=lambda lb: lb[0] * lb[1])
+        text_windows(tokens, L, B, decode_tokens)  # too short for the largest setting: fail up front
     results, calibration = [], {}
     for L in lengths:
         for B in batches:
-            g = torch.Generator().manual_seed(seed * 1000003 + L * 31 + B)
-            ids = torch.randint(3, cfg.vocab_size, (B, L), generator=g)
-            dec = torch.randint(3, cfg.vocab_size, (decode_tokens, B), generator=g)
+            if tokens is not None:
+                ids, dec = text_windows(tokens, L, B, decode_tokens)
+            else:
+                g = torch.Generator().manual_seed(seed * 1000003 + L * 31 + B)
+                ids = torch.randint(3, cfg.vocab_size, (B, L), generator=g)
+                dec = torch.randint(3, cfg.vocab_size, (decode_tokens, B), generator=g)
             if not checkpoint:
                 seq = torch.cat([ids, dec.T], 1)  # the prompt and the decode tokens, pooled
                 calibration[f"{L}x{B}"] = calibrate_scores(sub, seq, seed + L + B)
@@ -393,9 +412,16 @@ def run_infer(
         "the least-squares constant direction, "
         "realised keep = r over each benchmark's prompt + decode tokens, rows pooled (key: length x batch)",
         calibration=calibration,
-        prompts="uniform random token ids; decode feeds random token ids (teacher-forced)",
+        prompts="uniform random token ids; decode feeds random token ids (teacher-forced)"
+        if tokens is None
+        else f"text {text} ({len(tokens)} tokens, the checkpoint's tokenizer): row b = tokens "
+        "[b*ctx, (b+1)*ctx); decode feeds the text's next tokens after each row's window (teacher-forced)",
+        text=None if tokens is None else dict(path=text, tokens=len(tokens)),
         flops="linear 2*params/token/layer + causal attention 4*dim per (query, key) + LM head + S + U/B; "
         "embedding lookup 0",
+        dtypes=dtypes,
+        dtypes_requested=requested,
+        **describe_hardware(),
         results=results,
     )
 
@@ -424,6 +450,7 @@ def print_report(report: dict, env: dict, out=sys.stdout) -> None:
     print("", file=out)
     print(f"subllm bench infer  |  {report['model']}  |  {env}", file=out)
     print(f"scores: {report['scores']}", file=out)
+    print(f"prompts: {report['prompts']}", file=out)
     print(format_table(ROW_HEADERS, rows), file=out)
     for line in summary_lines(report["results"]):
         print(line, file=out)

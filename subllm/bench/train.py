@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from subllm.bench.common import autocast, format_table, interleaved, median, spread, sync
 from subllm.config import ModelConfig, Sub, get_preset, keep_count
+from subllm.dtype import DTYPES, dtype_line, dtype_record
 from subllm.flops import ideal_speedup
 from subllm.model.subllm import SubLLM
 
@@ -184,7 +185,11 @@ def bench_length(
 def run_train_bench(
     preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print
 ) -> dict:
+    """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both."""
     device = torch.device(device)
+    record = dtype_record(dtype, device.type)  # resolves (and warns once about a slow bf16)
+    log(f"[bench train] dtype {dtype_line(dtype, device.type)}")
+    dtype = record["dtype"]
     cfg = get_preset(preset)
     for T in lengths:
         if T > cfg.max_seq_len:
@@ -200,6 +205,7 @@ def run_train_bench(
         "keep_ratios": cfg.keep_ratios,
         "schedule_step": 0,
         "optimizer": "AdamW",
+        **record,
         "results": results,
     }
 
@@ -258,7 +264,12 @@ def add_train_arguments(sub) -> None:
     p.add_argument("--preset", default="subllm-small", help="model preset (default subllm-small)")
     p.add_argument("--lengths", default="1k,2k,4k,8k", help="context lengths, comma-separated (2k = 2048)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="bf16 autocast or fp32; auto (default): bf16 on a GPU or CPU that does bf16 natively, else fp32",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

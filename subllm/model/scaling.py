@@ -55,9 +55,9 @@ class _BalancerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate) -> Tensor:
+    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate, box) -> Tensor:
         ctx.save_for_backward(x, mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-        ctx.limits, ctx.grad_scale, ctx.gate = limits, grad_scale, gate
+        ctx.limits, ctx.grad_scale, ctx.gate, ctx.box = limits, grad_scale, gate, box
         return x.view_as(x)
 
     @staticmethod
@@ -84,7 +84,10 @@ class _BalancerFn(torch.autograd.Function):
         g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
         gf = grad.float()
         size = gf.abs() if ctx.gate is None else ctx.gate.value(gf)
-        return (gf + size * g).to(grad.dtype), None, None, None, None
+        push = size * g
+        if ctx.box is not None:  # for the logs: the push relative to the gradient (no host sync)
+            ctx.box["push"] = (push.square().mean() / gf.square().mean().clamp(min=1e-30)).sqrt().detach()
+        return (gf + push).to(grad.dtype), None, None, None, None, None
 
 
 def balance(
@@ -98,6 +101,7 @@ def balance(
     grad_scale: float = 0.04,
     gate: GradSize | None = None,
     direct: bool = False,
+    box: dict | None = None,
 ) -> Tensor:
     """Apply the score Balancer (method.md section 4) with probability `prob` (torch RNG).
 
@@ -107,6 +111,7 @@ def balance(
     mean/stddev through a Gaussian (which misreads the bimodal scores the subtraction trick
     makes); when it lies outside [r - margin, r + margin] the push is a uniform shift of all
     scores toward the limits (the gradient of +-mean(s)), rescaled with the rms term as usual.
+    `box`: a dict that receives "push", rms(push) / rms(grad) of the last backward (for logs).
     """
     if prob <= 0.0 or (prob < 1.0 and float(torch.rand(())) >= prob):
         return x
@@ -119,7 +124,7 @@ def balance(
         1.25331413732 * max_abs,
         (lo_p, hi_p) if direct else None,
     )
-    return _BalancerFn.apply(x, mask, limits, grad_scale, gate)
+    return _BalancerFn.apply(x, mask, limits, grad_scale, gate, box)
 
 
 class GradSize:

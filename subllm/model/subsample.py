@@ -28,6 +28,7 @@ class Selection:
     scores: Tensor  # (B, T) float32 scores at this level, minus the threshold theta if calibrated
     agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > 0)
     kept_mask: Tensor | None = None  # training only: (B, T) bool top-k membership (no gradient)
+    real: Tensor | None = None  # (B, T) bool: which scores belong to real tokens (None = all)
     select_loss: Tensor | None = None  # training only, when enabled: the auxiliary BCE (scalar)
 
     @property
@@ -85,7 +86,7 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
         kept.scatter_(1, idx, True if slot_valid is None else slot_valid)
         real = torch.ones_like(kept) if valid is None else valid
         agree = ((kept == (s > 0)) & real).sum() / real.sum().clamp(min=1)
-    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree, kept)
+    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree, kept, real=valid)
 
 
 def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
@@ -104,7 +105,7 @@ def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
     if bool((n_kept != K).any()):
         slot_valid = torch.arange(K, device=s.device) < n_kept[:, None]
         weight = weight * slot_valid
-    return Selection(idx, weight, slot_valid, n_kept, n_real, s)
+    return Selection(idx, weight, slot_valid, n_kept, n_real, s, real=valid)
 
 
 BALANCER_GATES = ("grad", "weight")
@@ -181,9 +182,14 @@ class Subsample(nn.Module):
         self.grad_scale = grad_scale
         self.options = opts
         self.score = ScoreLinear(dim, score_norm)
+        self.push_box: dict = {}  # the Balancer's last relative push (selection.py reads it)
         if opts.threshold == "calibrated":
             self.register_buffer("threshold", torch.zeros(()))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def last_push(self) -> Tensor | None:
+        return self.push_box.get("push")
 
     @property
     def theta(self) -> Tensor | None:
@@ -204,7 +210,7 @@ class Subsample(nn.Module):
         prob = self.balancer_prob(step)
         s = balance(
             s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
-            direct=opts.balancer_fraction == "direct",
+            direct=opts.balancer_fraction == "direct", box=self.push_box,
         )  # fmt: skip
         flip = bool(torch.rand(()) < 0.5)
         sel = select_topk(s, valid, self.keep_ratio, flip)
@@ -236,9 +242,7 @@ class Subsample(nn.Module):
 
 def selection_bce(s: Tensor, kept: Tensor, valid: Tensor | None, tau: float) -> Tensor:
     """Mean over real tokens of BCE(sigmoid(s / tau), kept) - labels carry no gradient."""
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(
-        s / tau, kept.float(), reduction="none"
-    )
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(s / tau, kept.float(), reduction="none")
     if valid is None:
         return bce.mean()
     m = valid.float()

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from subllm.config import ModelConfig, get_preset
+from subllm.dtype import DTYPES  # auto | bf16 | fp32, resolved per device in the loop
 from subllm.errors import SubLLMError
 
 OPTIMIZERS = ("scaled_adam", "adamw")
-DTYPES = ("bf16", "fp32")
 SCHEDULES = ("paper", "scale")
 DEVICES = ("auto", "cpu", "cuda")
 BALANCER_FRACTION = 0.4  # 8000 / 20000: where the Balancer schedule ends, as a share of the bypass one
@@ -52,7 +52,7 @@ class TrainConfig:
     log_every: int = 10
     out: str = "runs/train"
     seed: int = 0
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 where the hardware does bf16 natively, else fp32 (subllm/dtype.py)
     schedule_steps: str = "paper"
     fsdp: bool = False
     device: str = "auto"
@@ -73,7 +73,7 @@ TRAJECTORY = (
     "seq_len",
     "grad_accum",
     "seed",
-    "dtype",
+    "dtype",  # as requested: "auto" resumes as "auto" (resolved again on the resuming machine)
     "schedule_steps",
 )
 NOT_IN_FILE = ("resume", "overwrite", "config")

@@ -2,13 +2,13 @@
 
 On the same validation windows, two forwards:
 
-1. EVAL mode (the causal inference rule, keep t iff score > 0; docs/method.md section 3): the
+1. EVAL mode (the causal inference rule, keep t iff score > theta; docs/method.md section 3): the
    validation loss, bits per byte (tokens -> bytes from the shards' metadata) and the realised
    keep fraction of every S.
 2. TRAIN mode under torch.no_grad (global top-k, section 2): top-k lets future scores decide what
    is kept, so this loss can be lower than the eval-mode one; `leak_gap` = eval-mode loss minus
    train-mode loss measures that leak. It is reported, not hidden. This forward also gives the
-   train/infer selection agreement (share of real tokens where top-k and score > 0 agree). It
+   train/infer selection agreement (share of real tokens where top-k and score > theta agree). It
    runs from a fixed RNG seed, and the RNG state is saved and restored around it, so evaluating
    never perturbs the training randomness (a resumed run stays bit-identical).
 
@@ -24,8 +24,6 @@ import math
 import torch
 
 from subllm.distributed import DistInfo, all_reduce_sum
-
-TRAIN_MODE_EVAL_SEED = 1234
 
 
 def load_val_batches(val_dir, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
@@ -52,72 +50,64 @@ def _my_batches(batches: list, info: DistInfo) -> list[tuple[torch.Tensor, float
 
 
 def _forward(model, mine, info: DistInfo, autocast):
-    """(model output, weighted rows, weighted predicted tokens) of each of this rank's batches."""
+    """(model output, batch weight, weighted predicted tokens) of each of this rank's batches."""
     for x, w in mine:
         x = x.to(info.device)
         with autocast():
-            out = model(x, labels=x)
-        yield out, w * x.shape[0], w * x.shape[0] * (x.shape[1] - 1)
+            out = model(x, labels=x, return_selections=True)
+        yield out, w, w * x.shape[0] * (x.shape[1] - 1)
 
 
 @torch.no_grad()
 def evaluate(
     model, batches: list, info: DistInfo, step: int, autocast, tokens_per_byte: float | None
 ) -> dict:
-    """Validation metrics of `model` (the module itself, not a DDP wrapper) at training step `step`."""
+    """Validation metrics of `model` (the module itself, not a DDP wrapper) at training step `step`.
+
+    With subsampling modules, also `selection` (subllm/selection.py: per S keep in both modes,
+    agreement, score quantiles, saturation, theta, the Balancer's last push); its score quantiles
+    are this rank's, the rest is pooled over ranks."""
+    from subllm.selection import SelectionMeter, train_mode_pass
+
     was_training = model.training
     n_subs = model.config.n_subsamples
     mine = _my_batches(batches, info)
-    # sums: [nll, predicted tokens, rows, keep fraction per S (x rows)]
-    ev = [0.0] * (3 + n_subs)
+    meter = SelectionMeter(n_subs)
+    ev = [0.0, 0.0]  # nll, predicted tokens
     model.eval()
-    for out, rows, n in _forward(model, mine, info, autocast):
+    for out, w, n in _forward(model, mine, info, autocast):
         ev[0] += float(out.lm_loss) * n
         ev[1] += n
-        ev[2] += rows
-        for i, f in enumerate(out.keep_fractions):
-            ev[3 + i] += f * rows
-    ev = all_reduce_sum(ev, info)
+        if w:
+            meter.add_eval(out.selections)
     result = {"step": step}
+    tr = [0.0, 0.0]
+    if n_subs:
+
+        def run():
+            for out, w, n in _forward(model, mine, info, autocast):
+                tr[0] += float(out.lm_loss) * n  # without the auxiliary selection loss
+                tr[1] += n
+                if w:
+                    meter.add_train(out.selections)
+
+        train_mode_pass(model, run)
+    sums = all_reduce_sum(ev + tr + meter.sums(), info)
+    ev, tr = sums[:2], sums[2:4]
+    meter.load_sums(sums[4:])
     if ev[1] > 0:
         loss = ev[0] / ev[1]
         result["val_loss"] = loss
         result["val_tokens"] = int(ev[1])
         if tokens_per_byte:
             result["val_bpb"] = loss / math.log(2) * tokens_per_byte
-        if n_subs:
-            result["keep_fractions_eval"] = [v / ev[2] for v in ev[3:]]
     if n_subs and ev[1] > 0:
-        result.update(_train_mode(model, mine, info, step, autocast, n_subs))
+        sel = meter.result(model)
+        result["val_loss_train_mode"] = tr[0] / tr[1]
         result["leak_gap"] = result["val_loss"] - result["val_loss_train_mode"]
+        result["keep_fractions_eval"] = sel["keep_eval"]
+        result["keep_fractions_train"] = sel["keep_train"]
+        result["agreement"] = sel["agreement"]
+        result["selection"] = sel
     model.train(was_training)
     return result
-
-
-def _train_mode(model, mine, info: DistInfo, step: int, autocast, n_subs: int) -> dict:
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    old_step = model.step
-    try:
-        torch.manual_seed(TRAIN_MODE_EVAL_SEED)
-        model.train()
-        model.set_step(step)
-        tr = [0.0] * (2 + 2 * n_subs)  # nll, tokens, agreement per S, train keep fraction per S
-        for out, _, n in _forward(model, mine, info, autocast):
-            tr[0] += float(out.lm_loss) * n  # without the auxiliary selection loss
-            tr[1] += n
-            for i, a in enumerate(out.agreement or []):
-                tr[2 + i] += a * n
-            for i, f in enumerate(out.keep_fractions):
-                tr[2 + n_subs + i] += f * n
-        tr = all_reduce_sum(tr, info)
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
-        model.step = old_step
-    return {
-        "val_loss_train_mode": tr[0] / tr[1],
-        "agreement": [v / tr[1] for v in tr[2 : 2 + n_subs]],
-        "keep_fractions_train": [v / tr[1] for v in tr[2 + n_subs :]],
-    }

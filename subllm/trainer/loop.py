@@ -26,8 +26,9 @@ import torch
 
 from subllm import checkpoint as ckpt
 from subllm import distributed as D
+from subllm.dtype import dtype_line, dtype_record, resolve_dtype
 from subllm.errors import SubLLMError
-from subllm.metrics import LOSS_PNG, METRICS, MetricsWriter, plot_run
+from subllm.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
 from subllm.trainer.config import (
     TRAJECTORY,
     TrainConfig,
@@ -85,8 +86,6 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) 
 
 def _autocast_factory(dtype: str, device: str):
     """`--dtype` (auto | bf16 | fp32, resolved for `device` by subllm/dtype.py) -> a context factory."""
-    from subllm.dtype import resolve_dtype
-
     if resolve_dtype(dtype, device) == "bf16":
         kind = "cuda" if device.startswith("cuda") else "cpu"
         return lambda: torch.autocast(kind, dtype=torch.bfloat16)
@@ -190,11 +189,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 "bypass_steps": mconf.bypass_steps,
             },
             "torch": torch.__version__,
+            **dtype_record(cfg.dtype, info.device),  # dtype (resolved), cpu_capability, ...
         }
     )
     say(
         f"training {mconf.structure} ({n_params / 1e6:.2f} M params, keep {mconf.keep_ratios}) for {steps} "
-        f"steps x {tps:,} tokens, {cfg.optimizer}, {cfg.dtype}, {mode} x {info.world_size}, "
+        f"steps x {tps:,} tokens, {cfg.optimizer}, {dtype_line(cfg.dtype, info.device)}, "
+        f"{mode} x {info.world_size}, "
         f"schedules {cfg.schedule_steps} (balancer {mconf.balancer_steps}, bypass {mconf.bypass_steps} steps)"
     )
 
@@ -324,9 +325,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         _write_json(run_dir / "summary.json", summary)
         from subllm.metrics import read_metrics
 
-        plot_run(
-            read_metrics(run_dir / METRICS), run_dir / LOSS_PNG, title=f"{run_dir.name}: {mconf.structure}"
-        )
+        records = read_metrics(run_dir / METRICS)
+        plot_run(records, run_dir / LOSS_PNG, title=f"{run_dir.name}: {mconf.structure}")
+        plot_selection(records, run_dir / SELECTION_PNG, mconf.keep_ratios, f"{run_dir.name}: selection")
         say(f"done: {step} steps, {tokens_seen:,} tokens in {elapsed:.0f} s; model + tokenizer in {run_dir}")
     elif mode == "fsdp":
         D.full_model_state(wrapped, info, mode)  # the gather is a collective: take part

@@ -1,0 +1,169 @@
+"""Seeing the selection (issue 9): per S, what the inference rule keeps, how often it agrees with
+the training rule, and what the scores look like.
+
+- keep_eval: kept / real tokens under the inference rule (keep t iff s_t > theta; theta = 0 is the
+  paper's rule, docs/method.md section 3), pooled over rows;
+- keep_train: the same under training top-k (ceil(r n) per row, section 2);
+- agreement: share of real tokens where top-k membership equals (s > theta), from a train-mode
+  forward (its inner S sees what top-k kept, as in training);
+- score_p05 / score_p50 / score_p95 and saturated (share of scores <= 0 or >= 1, where
+  clamp(s, 0, 1) passes no gradient) of the eval-mode scores, in the rule's frame (s - theta);
+- threshold: theta of a calibrated S (0 for the paper's rule);
+- balancer_push: rms of the Balancer's added gradient over rms of the gradient it was added to,
+  at the last training backward (None before any; written by scaling.balance).
+
+`SelectionMeter` accumulates both passes; `measure_selection(model, windows)` runs them on token
+windows of any text (used by `subllm eval`, `subllm analyze` and the demo). The train-mode pass
+runs under no_grad from a fixed seed with the RNG state restored, and the training step does not
+change a forward's values (schedules act on gradients only), so it works on any checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+QUANTILES = {"score_p05": 0.05, "score_p50": 0.5, "score_p95": 0.95}
+SEED = 1234
+MAX_SCORES = 200_000  # per S, scores kept for the quantiles (a uniform subsample beyond)
+
+
+class SelectionMeter:
+    def __init__(self, n_subs: int):
+        self.n = n_subs
+        self.eval_kept = [0.0] * n_subs
+        self.eval_real = [0.0] * n_subs
+        self.train_kept = [0.0] * n_subs
+        self.train_real = [0.0] * n_subs
+        self.agree = [0.0] * n_subs
+        self.scores: list[list[Tensor]] = [[] for _ in range(n_subs)]
+
+    def add_eval(self, selections) -> None:
+        for i, sel in enumerate(selections):
+            if sel is None:
+                continue
+            self.eval_kept[i] += float(sel.n_kept.sum())
+            self.eval_real[i] += float(sel.n_real.sum())
+            s = sel.scores.detach().float()
+            self.scores[i].append((s if sel.real is None else s[sel.real]).flatten().cpu())
+
+    def add_train(self, selections) -> None:
+        for i, sel in enumerate(selections):
+            if sel is None:
+                continue
+            real = float(sel.n_real.sum())
+            self.train_kept[i] += float(sel.n_kept.sum())
+            self.train_real[i] += real
+            self.agree[i] += float(sel.agreement) * real
+
+    def sums(self) -> list[float]:
+        """The additive state, for an all-reduce across ranks (scores stay per rank)."""
+        return self.eval_kept + self.eval_real + self.train_kept + self.train_real + self.agree
+
+    def load_sums(self, v: list[float]) -> None:
+        n = self.n
+        self.eval_kept, self.eval_real = list(v[:n]), list(v[n : 2 * n])
+        self.train_kept, self.train_real = list(v[2 * n : 3 * n]), list(v[3 * n : 4 * n])
+        self.agree = list(v[4 * n :])
+
+    def result(self, model=None) -> dict:
+        def ratio(a, b):
+            return [x / y if y else float("nan") for x, y in zip(a, b)]
+
+        out = {"keep_eval": ratio(self.eval_kept, self.eval_real)}
+        if any(self.train_real):
+            out["keep_train"] = ratio(self.train_kept, self.train_real)
+            out["agreement"] = ratio(self.agree, self.train_real)
+        for key in (*QUANTILES, "saturated"):
+            out[key] = []
+        for chunks in self.scores:
+            s = torch.cat(chunks) if chunks else torch.zeros(0)
+            if s.numel() > MAX_SCORES:
+                s = s[torch.linspace(0, s.numel() - 1, MAX_SCORES).long()]
+            for key, q in QUANTILES.items():
+                out[key].append(float(s.quantile(q)) if s.numel() else float("nan"))
+            sat = float(((s <= 0) | (s >= 1)).float().mean()) if s.numel() else float("nan")
+            out["saturated"].append(sat)
+        if model is not None:
+            out["threshold"] = [float(m.theta) if m.theta is not None else 0.0 for m in model.subsamples]
+            pushes = [m.last_push for m in model.subsamples]
+            if any(p is not None for p in pushes):
+                out["balancer_push"] = [float(p) if p is not None else float("nan") for p in pushes]
+        return out
+
+
+@torch.no_grad()
+def train_mode_pass(model, run) -> None:
+    """Call `run()` with `model` in train mode from a fixed seed, restoring the RNG, mode and step."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    was_training, old_step = model.training, model.step
+    try:
+        torch.manual_seed(SEED)
+        model.train()
+        model.set_step(old_step or 0)
+        saved = [{k: v.clone() for k, v in m.named_buffers()} for m in model.subsamples]
+        run()
+        for m, bufs in zip(model.subsamples, saved):  # measuring must not move a calibrated theta
+            for k, v in m.named_buffers():
+                v.copy_(bufs[k])
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        model.train(was_training)
+        model.step = old_step
+
+
+@torch.no_grad()
+def measure_selection(model, windows: list[Tensor], autocast=None) -> dict:
+    """Selection statistics of `model` over token windows (each (B, T), unpadded)."""
+    import contextlib
+
+    ctx = autocast or contextlib.nullcontext
+    meter = SelectionMeter(model.config.n_subsamples)
+    if not meter.n:
+        return {}
+    was_training = model.training
+    model.eval()
+    for x in windows:
+        with ctx():
+            meter.add_eval(model(x, return_selections=True).selections)
+
+    def run():
+        for x in windows:
+            with ctx():
+                meter.add_train(model(x, return_selections=True).selections)
+
+    train_mode_pass(model, run)
+    model.train(was_training)
+    return meter.result(model)
+
+
+def format_selection(res: dict, ratios: list[float] | None = None) -> str:
+    """One line per S: keep (eval vs train), agreement, score quantiles, saturation, theta."""
+    lines = []
+    for i, keep in enumerate(res.get("keep_eval", [])):
+        line = f"S{i}: keep {keep:.3f}"
+        if ratios:
+            line += f" (r {ratios[i]:.2f})"
+        if "agreement" in res:
+            line += f", agreement with top-k {res['agreement'][i]:.3f}"
+        q = "/".join(f"{res[k][i]:+.2f}" for k in QUANTILES)
+        line += f", score p5/p50/p95 {q}, saturated {res['saturated'][i]:.2f}"
+        if res.get("threshold") and res["threshold"][i]:
+            line += f", theta {res['threshold'][i]:+.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def token_windows(
+    ids: list[int], seq_len: int, batch_size: int, max_windows: int | None = None
+) -> list[Tensor]:
+    """Consecutive, non-overlapping windows of `seq_len` tokens, batched (B, T): the training view
+    of a text. The tail shorter than a window is dropped; so is a text shorter than one window."""
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    t = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return list(t.split(batch_size)) if n else []
