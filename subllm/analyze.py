@@ -117,7 +117,7 @@ def analyze_window(model, ids: torch.Tensor) -> list[dict]:
             )
             continue
         scores = sel.scores[0].cpu()
-        kept = scores > 0
+        kept = model.subsamples[i].keep(scores)
         positions[i] = reach[sel.idx[0].cpu()] if sel.k else reach[:0]
         att_raw = att = torch.full_like(scores, float("nan"))
         if before[i] is not None and before[i] in captured:

@@ -217,8 +217,8 @@ def _decode_sub(
     cos: Tensor,
     sin: Tensor,
 ) -> Tensor:
-    s = model.subsamples[node.index].scores(x)  # (n, 1), s - theta as in Subsample.forward
-    keep = (s[:, 0] > 0).tolist()
+    s = model.subsamples[node.index].scores(x)  # (n, 1), as Subsample.forward
+    keep = model.subsamples[node.index].keep(s[:, 0]).tolist()
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x

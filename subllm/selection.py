@@ -7,7 +7,7 @@ the training rule, and what the scores look like.
 - agreement: share of real tokens where top-k membership equals (s > theta), from a train-mode
   forward (its inner S sees what top-k kept, as in training);
 - score_p05 / score_p50 / score_p95 and saturated (share of scores <= 0 or >= 1, where
-  clamp(s, 0, 1) passes no gradient) of the eval-mode scores, in the rule's frame (s - theta);
+  clamp(s, 0, 1) passes no gradient) of the eval-mode scores;
 - threshold: theta of a calibrated S (0 for the paper's rule);
 - balancer_push: rms of the Balancer's added gradient over rms of the gradient it was added to,
   at the last training backward (None before any; written by scaling.balance).

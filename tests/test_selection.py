@@ -107,8 +107,7 @@ def test_calibrated_threshold_tracks_the_topk_cut():
     assert float(s0.threshold) == 0.0
     out = model(x, return_selections=True)
     sel = out.selections[0]
-    scores = sel.scores + 0.0  # s - theta with theta = 0 at the first update
-    top = scores.sort(1, descending=True).values
+    top = sel.scores.sort(1, descending=True).values
     k = sel.k
     want = ((top[:, k - 1] + top[:, k]) / 2).mean()
     torch.testing.assert_close(s0.threshold, want)  # the first update is the batch's cut itself
@@ -118,8 +117,27 @@ def test_calibrated_threshold_tracks_the_topk_cut():
     ev = model(x, return_selections=True).selections[0]
     kept = ev.n_kept.float() / 50
     assert (kept - k / 50).abs().max() < 0.25
-    raw_eval = ev.scores + s0.threshold
-    assert torch.equal(ev.n_kept, (raw_eval > s0.threshold).sum(1))
+    assert torch.equal(ev.n_kept, (ev.scores > s0.threshold).sum(1))
+    assert ev.weight.max() <= 1 and torch.equal(ev.weight, ev.scores.clamp(0, 1).gather(1, ev.idx))
+
+
+def test_calibrated_threshold_only_follows_training():
+    """Training with a calibrated threshold is the paper's training, whatever theta holds."""
+    x = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for threshold in ("zero", "calibrated"):
+        torch.manual_seed(0)
+        model = SubLLM(_calibrated().replace(threshold=threshold)).train()
+        if threshold == "calibrated":
+            for s in model.subsamples:
+                s.threshold.fill_(0.7)
+        model.set_step(2)
+        torch.manual_seed(5)
+        out = model(x, labels=x)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.subsamples[0].score.weight.grad)
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
 
 
 def test_calibrated_threshold_saved_loaded_and_used_by_the_cache(tmp_path):
@@ -170,7 +188,8 @@ def test_measure_selection_recounts_and_leaves_state_alone():
         model.set_step(0)
         for x in windows:  # agreement: top-k membership vs s > theta, in a train-mode forward
             for i, s in enumerate(model(x, return_selections=True).selections):
-                agree[i] += float(((s.kept_mask == (s.scores > 0)).float()).sum())
+                theta = 0.2 if i == 0 else 0.0  # as before these forwards moved the thresholds
+                agree[i] += float((s.kept_mask == (s.scores > theta)).float().sum())
         model.eval()
     train_real = [60 * 2, None]
     assert res["keep_eval"] == pytest.approx([k / r for k, r in zip(kept, real)])

@@ -25,8 +25,8 @@ class Selection:
     valid: Tensor | None  # (B, K) bool, None when every row keeps exactly K tokens
     n_kept: Tensor  # (B,) long
     n_real: Tensor  # (B,) long: real tokens that competed
-    scores: Tensor  # (B, T) float32 scores at this level, minus the threshold theta if calibrated
-    agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > 0)
+    scores: Tensor  # (B, T) float32 scores at this level
+    agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > theta)
     kept_mask: Tensor | None = None  # training only: (B, T) bool top-k membership (no gradient)
     real: Tensor | None = None  # (B, T) bool: which scores belong to real tokens (None = all)
     select_loss: Tensor | None = None  # training only, when enabled: the auxiliary BCE (scalar)
@@ -41,7 +41,9 @@ def _keep_counts(n: Tensor, ratio: float) -> Tensor:
     return torch.minimum(n, torch.ceil(n.double() * ratio - 1e-9).long())
 
 
-def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Selection:
+def select_topk(
+    s: Tensor, valid: Tensor | None, ratio: float, flip: bool, theta: Tensor | None = None
+) -> Selection:
     """Training-mode selection: global top-k of the real tokens, k = ceil(ratio * n_real).
 
     The subtraction trick: the i-th kept token (in score order) gets weight
@@ -50,6 +52,7 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
     kept scores and lowers the scores just below the cut (only inside (0, 1)), which drives kept
     scores to >= 1 and discarded ones to <= 0, so that the causal inference rule `score > 0`
     learns to agree with top-k. Top-k itself has no gradient; it flows only through the weights.
+    `theta`: the inference threshold the agreement is measured against (None = 0, the paper).
     """
     B, T = s.shape
     key = s if valid is None else s.masked_fill(~valid, float("-inf"))
@@ -85,16 +88,19 @@ def select_topk(s: Tensor, valid: Tensor | None, ratio: float, flip: bool) -> Se
         kept = torch.zeros(B, T, dtype=torch.bool, device=s.device)
         kept.scatter_(1, idx, True if slot_valid is None else slot_valid)
         real = torch.ones_like(kept) if valid is None else valid
-        agree = ((kept == (s > 0)) & real).sum() / real.sum().clamp(min=1)
+        above = s > 0 if theta is None else s > theta
+        agree = ((kept == above) & real).sum() / real.sum().clamp(min=1)
     return Selection(idx, weight, slot_valid, k_row, n_real, s, agree, kept, real=valid)
 
 
-def select_threshold(s: Tensor, valid: Tensor | None) -> Selection:
-    """Inference-mode selection: keep token t iff s_t > 0 (and t is real); weight clamp(s_t, 0, 1).
+def select_threshold(s: Tensor, valid: Tensor | None, theta: Tensor | None = None) -> Selection:
+    """Inference-mode selection: keep token t iff s_t > theta (and t is real; theta = 0 when None,
+    the paper); weight clamp(s_t, 0, 1), as in training.
 
     Causal by construction: whether t is kept depends on t's own score only.
     """
-    keep = s > 0 if valid is None else (s > 0) & valid
+    above = s > 0 if theta is None else s > theta
+    keep = above if valid is None else above & valid
     n_kept = keep.sum(1)
     n_real = torch.full_like(n_kept, s.shape[1]) if valid is None else valid.sum(1)
     K = int(n_kept.max())
@@ -146,9 +152,10 @@ class SelectOptions:
     - `threshold`: "zero" keeps t iff s_t > 0 at inference (the paper); "calibrated" keeps iff
       s_t > theta, theta a buffer that tracks the top-k cut during training (a running mean of the
       midpoint between the k-th and (k+1)-th score of each row; 1/n-averaged over the first
-      1/(1 - momentum) updates, then exponential). Everything downstream - Balancer, subtraction
-      weights, the auxiliary loss, the inference weight clamp(s - theta, 0, 1) - then sees s - theta:
-      the paper's rule in a frame that follows the score distribution; theta = 0 is the paper.
+      1/(1 - momentum) updates, then exponential). Training itself is untouched (theta only
+      follows), and the inference weight stays clamp(s, 0, 1) as in training. (Feeding theta back
+      into training - Balancer, weights and loss on s - theta - was tried first: theta then chases
+      a cut that runs away from it, and S1 ended keeping 3% in eval mode.)
     """
 
     balancer_gate: str = "grad"
@@ -197,14 +204,17 @@ class Subsample(nn.Module):
         return getattr(self, "threshold", None)
 
     def scores(self, x: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T) float32 scores in the frame of the rule: s, or s - theta if calibrated."""
-        s = self.score(x).squeeze(-1).float()
-        return s if self.theta is None else s - self.theta
+        """(B, T, C) -> (B, T) float32 scores."""
+        return self.score(x).squeeze(-1).float()
+
+    def keep(self, s: Tensor) -> Tensor:
+        """The inference rule on scores: s > theta (s > 0 for the paper's rule)."""
+        return s > 0 if self.theta is None else s > self.theta
 
     def forward(self, x: Tensor, valid: Tensor | None, step: int | None) -> Selection:
         s = self.scores(x)  # (B, T)
         if not self.training:
-            return select_threshold(s, valid)
+            return select_threshold(s, valid, self.theta)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None
         prob = self.balancer_prob(step)
@@ -213,13 +223,13 @@ class Subsample(nn.Module):
             direct=opts.balancer_fraction == "direct", box=self.push_box,
         )  # fmt: skip
         flip = bool(torch.rand(()) < 0.5)
-        sel = select_topk(s, valid, self.keep_ratio, flip)
+        sel = select_topk(s, valid, self.keep_ratio, flip, self.theta)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
             sel.select_loss = selection_bce(s, sel.kept_mask, valid, opts.select_loss_tau)
         if self.theta is not None:
-            self._track_cut(s.detach() + self.theta, sel.n_kept, valid)
+            self._track_cut(s.detach(), sel.n_kept, valid)
         return sel
 
     @torch.no_grad()
