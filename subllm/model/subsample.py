@@ -152,7 +152,8 @@ class SelectOptions:
     - `threshold`: "zero" keeps t iff s_t > 0 at inference (the paper); "calibrated" keeps iff
       s_t > theta, theta a buffer that tracks the top-k cut during training (a running mean of the
       midpoint between the k-th and (k+1)-th score of each row; 1/n-averaged over the first
-      1/(1 - momentum) updates, then exponential). Training itself is untouched (theta only
+      1/(1 - momentum) updates, then exponential; only forwards with gradients enabled update it,
+      so evaluating never moves it). Training itself is untouched (theta only
       follows), and the inference weight stays clamp(s, 0, 1) as in training. (Feeding theta back
       into training - Balancer, weights and loss on s - theta - was tried first: theta then chases
       a cut that runs away from it, and S1 ended keeping 3% in eval mode.)
@@ -228,7 +229,7 @@ class Subsample(nn.Module):
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
             sel.select_loss = selection_bce(s, sel.kept_mask, valid, opts.select_loss_tau)
-        if self.theta is not None:
+        if self.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
             self._track_cut(s.detach(), sel.n_kept, valid)
         return sel
 
