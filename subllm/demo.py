@@ -208,18 +208,12 @@ def _stats(run: Path) -> dict:
 
 def _sample(run: Path, prompt: str, seed: int) -> str:
     import torch
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
+    from subllm.generate_cli import load_tokenizer
     from subllm.generation import generate
     from subllm.model.subllm import SubLLM
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "model of type subllm" notice: only the tokenizer is loaded here
-    try:
-        tok = AutoTokenizer.from_pretrained(str(run))
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    tok = load_tokenizer(run)
     model = SubLLM.from_pretrained(run).eval()
     ids = torch.tensor([tok.encode(prompt)])
     out = generate(model, ids, max_new_tokens=48, temperature=0.8, top_k=40, seed=seed)

@@ -20,6 +20,8 @@ change a forward's values (schedules act on gradients only), so it works on any 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -102,11 +104,7 @@ def train_mode_pass(model, run) -> None:
         torch.manual_seed(SEED)
         model.train()
         model.set_step(old_step or 0)
-        saved = [{k: v.clone() for k, v in m.named_buffers()} for m in model.subsamples]
-        run()
-        for m, bufs in zip(model.subsamples, saved):  # measuring must not move a calibrated theta
-            for k, v in m.named_buffers():
-                v.copy_(bufs[k])
+        run()  # under no_grad: a calibrated theta does not move (subsample.Subsample.forward)
     finally:
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
@@ -117,27 +115,51 @@ def train_mode_pass(model, run) -> None:
 
 @torch.no_grad()
 def measure_selection(model, windows: list[Tensor], autocast=None) -> dict:
-    """Selection statistics of `model` over token windows (each (B, T), unpadded)."""
-    import contextlib
-
+    """Selection statistics of `model` over token windows (each (B, T), unpadded), plus the
+    next-token loss in both modes: loss_eval (the inference rule), loss_train (top-k) and their
+    difference leak_gap."""
     ctx = autocast or contextlib.nullcontext
     meter = SelectionMeter(model.config.n_subsamples)
     if not meter.n:
         return {}
+    nll = [0.0, 0.0]
+    n_pred = sum(x.shape[0] * (x.shape[1] - 1) for x in windows)
     was_training = model.training
     model.eval()
     for x in windows:
         with ctx():
-            meter.add_eval(model(x, return_selections=True).selections)
+            out = model(x, labels=x, return_selections=True)
+        meter.add_eval(out.selections)
+        nll[0] += float(out.lm_loss) * x.shape[0] * (x.shape[1] - 1)
 
     def run():
         for x in windows:
             with ctx():
-                meter.add_train(model(x, return_selections=True).selections)
+                out = model(x, labels=x, return_selections=True)
+            meter.add_train(out.selections)
+            nll[1] += float(out.lm_loss) * x.shape[0] * (x.shape[1] - 1)
 
     train_mode_pass(model, run)
     model.train(was_training)
-    return meter.result(model)
+    res = meter.result(model)
+    res["loss_eval"], res["loss_train"] = nll[0] / n_pred, nll[1] / n_pred
+    res["leak_gap"] = res["loss_eval"] - res["loss_train"]
+    return res
+
+
+@contextlib.contextmanager
+def paper_threshold(model):
+    """Temporarily evaluate a calibrated model with the paper's rule (theta = 0 in every S)."""
+    saved = [m.theta.clone() if m.theta is not None else None for m in model.subsamples]
+    try:
+        for m in model.subsamples:
+            if m.theta is not None:
+                m.theta.zero_()
+        yield model
+    finally:
+        for m, t in zip(model.subsamples, saved):
+            if t is not None:
+                m.theta.copy_(t)
 
 
 def format_selection(res: dict, ratios: list[float] | None = None) -> str:

@@ -7,6 +7,8 @@
                                                          # a trained model's keep and speed-up on real text
 
     subllm bench train --lengths 1k,2k --reps 2           # training steps (subllm/bench/train.py)
+    subllm bench selection --runs 'runs/ablate/*' --unseen data/extra/val
+                                                         # trained runs: keep, agreement, loss by group
 
 Each benchmark prints a human table, then ONE JSON line last (docs/design.md).
 """
@@ -59,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_train_arguments(sub)
 
+    from subllm.bench.selection import add_selection_arguments
+
+    add_selection_arguments(sub)
+
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None) is not None:
@@ -71,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         from subllm.bench.train import run_train
 
         return run_train(args)
+    if args.bench_command == "selection":
+        from subllm.bench.selection import run_selection
+
+        return run_selection(args)
     raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
 
 
