@@ -68,6 +68,15 @@ class SubLLMConfig(PreTrainedConfig):
             self.n_kv_heads = self.n_heads
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A config.json written before the selection fields existed is a paper-rule model (as in
+        ModelConfig.from_dict), not one with today's defaults."""
+        from subllm.config import SELECTION_RECIPES
+
+        legacy = {k: v for k, v in SELECTION_RECIPES["paper"].items() if k not in config_dict}
+        return super().from_dict({**config_dict, **legacy}, **kwargs)
+
     @property
     def num_hidden_layers(self) -> int:
         return self.structure.count("T")
@@ -135,7 +144,7 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
             return
         from subllm.model.subllm import init_module
 
-        init_module(module, self.config.init_std)
+        init_module(module, self.config)
 
     def get_input_embeddings(self):
         return self.embed

@@ -13,12 +13,13 @@ def run_curve(steps: int = 30) -> list[float]:
     from helpers import tiny_config
 
     from subllm import SubLLM
+    from subllm.config import SELECTION_RECIPES
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # fixed reduction order
     try:
         torch.manual_seed(1234)
-        cfg = tiny_config(balancer_steps=20, bypass_steps=40)
+        cfg = tiny_config(balancer_steps=20, bypass_steps=40, **SELECTION_RECIPES["paper"])
         model = SubLLM(cfg).train()
         with torch.no_grad():
             for s in model.subsamples:

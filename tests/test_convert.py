@@ -87,7 +87,13 @@ def test_structure_conversion_only_s_and_b_are_new(tmp_path):
         "subsamples.1.score.weight",
         "bypasses.0.scale",
         "bypasses.1.scale",
+        # the default ("aligned") rule's calibrated thresholds start at 0, the paper's rule
+        "subsamples.0.threshold",
+        "subsamples.0.threshold_updates",
+        "subsamples.1.threshold",
+        "subsamples.1.threshold_updates",
     }
+    assert all(float(s.threshold) == 0.0 and int(s.threshold_updates) == 0 for s in model.subsamples)
     assert torch.all(model.bypasses[0].scale == 0.5)
     # ready for continued training: a training step runs and reaches the new score layers
     model.train().set_step(0)

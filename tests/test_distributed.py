@@ -76,7 +76,12 @@ def test_ddp_two_processes_match_one(packed, tmp_path):
     b = SubLLM.from_pretrained(tmp_path / "one").state_dict()
     # Adam-type steps amplify rounding where a gradient is ~0 (the bypass scales start below their
     # scheduled minimum, where the limiter flips tiny gradients), so compare whole tensors
-    rel = {k: float((a[k] - b[k]).norm() / b[k].norm()) for k in a}
+    # a calibrated threshold is estimated from rank 0's shard under DDP (buffers are broadcast from
+    # rank 0), from the whole batch in one process: not compared; its update count is
+    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
+    assert all(a[k].isfinite().all() for k in a if k.endswith(".threshold"))
+    rel = {k: float((a[k] - b[k]).norm() / b[k].norm()) for k in a if a[k].is_floating_point()}
+    rel = {k: v for k, v in rel.items() if not k.endswith(".threshold")}
     assert max(v for k, v in rel.items() if "bypass" not in k) < 1e-3, rel
     assert max(rel.values()) < 1e-2, rel
 

@@ -212,14 +212,19 @@ def test_output_fields_and_errors():
 
 def test_score_flags_reach_the_modules():
     """ModelConfig's score/Balancer fields (docs/method.md sections 2, 4; score_norm and the "weight"
-    gate are beyond the paper) reach every S; the defaults are the paper's."""
+    gate are beyond the paper) reach every S; the "paper" recipe gives the paper's, the defaults
+    score on x / rms(x) with unit-scale scores at initialisation."""
     from subllm.model.subsample import ScoreLinear
 
     torch.manual_seed(0)
-    m = SubLLM(tiny_config())
+    m = SubLLM(tiny_config().with_selection("paper"))
     for s in m.subsamples:
         assert isinstance(s.score, ScoreLinear) and not s.score.norm
         assert s.options.balancer_gate == "grad" and s.grad_scale == 0.04
+        assert 0.01 < float(s.score.weight.detach().std()) < 0.03  # init_std, like every Linear
+    m = SubLLM(tiny_config())
+    for s in m.subsamples:
+        assert s.score.norm and 0.1 < float(s.score.weight.detach().std()) < 0.25  # 1/sqrt(32) = 0.18
     cfg = tiny_config(score_norm=True, score_init_std=0.5, balancer_gate="weight", balancer_grad_scale=0.1)
     m = SubLLM(cfg)
     for s in m.subsamples:

@@ -20,6 +20,7 @@ from subllm.model.layers import Block, RMSNorm, rope_cos_sin
 from subllm.model.scaling import ScheduledFloat
 from subllm.model.subsample import (
     Bypass,
+    ScoreLinear,
     Selection,
     SelectOptions,
     Subsample,
@@ -50,10 +51,21 @@ def attention_mask_for(valid: Tensor | None) -> Tensor | None:
     return (causal & valid[:, None, None, :]) | eye
 
 
-def init_module(m: nn.Module, std: float) -> None:
-    """The initialisation of one module (LLaMA's: normal(0, std) weights, unit norms; bypass 0.5)."""
-    if isinstance(m, nn.Linear | nn.Embedding):
-        nn.init.normal_(m.weight, mean=0.0, std=std)
+def score_init_std(config) -> float:
+    """The score layers' init std: score_init_std, else 1/sqrt(dim) with score_norm (scores of unit
+    scale at initialisation), else init_std like every other Linear."""
+    if config.score_init_std is not None:
+        return config.score_init_std
+    return config.dim**-0.5 if config.score_norm else config.init_std
+
+
+def init_module(m: nn.Module, config) -> None:
+    """The initialisation of one module (LLaMA's: normal(0, init_std) weights, unit norms; bypass
+    0.5; score layers: `score_init_std`). `config`: a ModelConfig or the HF SubLLMConfig."""
+    if isinstance(m, ScoreLinear):
+        nn.init.normal_(m.weight, mean=0.0, std=score_init_std(config))
+    elif isinstance(m, nn.Linear | nn.Embedding):
+        nn.init.normal_(m.weight, mean=0.0, std=config.init_std)
     elif isinstance(m, RMSNorm):
         nn.init.ones_(m.weight)
     elif isinstance(m, Bypass) and m.enabled:
@@ -104,10 +116,7 @@ class SubLLM(nn.Module):
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            init_module(m, self.config.init_std)
-        if self.config.score_init_std is not None:
-            for m in self.subsamples:
-                nn.init.normal_(m.score.weight, mean=0.0, std=self.config.score_init_std)
+            init_module(m, self.config)
 
     def set_step(self, step: int) -> None:
         """Feed the training step to the schedules (Balancer prob, bypass minimum)."""
