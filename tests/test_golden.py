@@ -1,13 +1,18 @@
-"""A tiny seeded training run reproduces the stored loss curve (catches silent maths changes)."""
+"""Tiny seeded training runs reproduce the stored loss curves (catches silent maths changes): the
+paper's rule with AdamW, and the default selection with ScaledAdam + Eden (0.5x score lr)."""
 
 import json
 
-from golden_curve import GOLDEN, run_curve
+import pytest
+from golden_curve import GOLDEN, GOLDEN_ALIGNED, run_curve
 
 
-def test_golden_loss_curve():
-    want = json.loads(GOLDEN.read_text())["losses"]
-    got = run_curve(len(want))
+@pytest.mark.parametrize(
+    "path,recipe,optimizer", [(GOLDEN, "paper", "adamw"), (GOLDEN_ALIGNED, "aligned", "scaled_adam")]
+)
+def test_golden_loss_curve(path, recipe, optimizer):
+    want = json.loads(path.read_text())["losses"]
+    got = run_curve(len(want), recipe, optimizer)
     diffs = [abs(a - b) for a, b in zip(got, want)]
     assert max(diffs) < 2e-4, list(zip(got, want))
     assert got[-1] < got[0] - 0.05  # and it does learn

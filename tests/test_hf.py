@@ -122,3 +122,31 @@ def test_generate_sampling_runs_and_cache_rejects_multi_token_decode():
     assert cache.get_seq_length() == 8
     with pytest.raises(SubLLMError, match="one new token"):
         hf(input_ids=ids[:, :2], cache=cache)
+
+
+def test_auto_model_carries_calibrated_thresholds_and_reads_old_configs_as_paper(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from subllm.config import SELECTION_RECIPES
+
+    model = tiny_model(threshold="calibrated")
+    with torch.no_grad():
+        for i, s in enumerate(model.subsamples):
+            s.threshold.fill_(0.25 * (i + 1))
+    model.save_pretrained(tmp_path / "cal")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "cal")
+    assert [float(s.threshold) for s in hf.subsamples] == [0.25, 0.5]
+    assert _same_state(hf.state_dict(), model.state_dict())
+    # a config.json from before the selection fields existed: the paper's rule, not today's defaults
+    paper = tiny_model().config.with_selection("paper")
+    SubLLM(paper).save_pretrained(tmp_path / "old")
+    cfg_file = tmp_path / "old" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    for k in SELECTION_RECIPES["paper"]:
+        d.pop(k)
+    cfg_file.write_text(json.dumps(d))
+    old = AutoModelForCausalLM.from_pretrained(tmp_path / "old")
+    assert old.config.to_model_config().selection == "paper"
+    assert SubLLM.from_pretrained(tmp_path / "old").config.selection == "paper"
