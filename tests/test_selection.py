@@ -197,3 +197,23 @@ def test_measure_selection_recounts_and_leaves_state_alone():
     assert res["threshold"][0] == pytest.approx(0.2) and res["threshold"][1] == 0.0
     lines = format_selection(res, model.config.keep_ratios).splitlines()
     assert len(lines) == 2 and "agreement with top-k" in lines[0] and "theta +0.200" in lines[0]
+
+
+def test_train_selection_flag_names_a_recipe():
+    from subllm.errors import SubLLMError
+    from subllm.trainer.config import build_config, model_config
+
+    assert model_config(build_config({"data": "-"}), 100, None).selection == "aligned"  # new configs
+    paper = model_config(build_config({"data": "-", "selection": "paper"}), 100, None)
+    assert paper.selection == "paper" and paper.select_loss == 0.0 and paper.threshold == "zero"
+    mixed = model_config(
+        build_config({"data": "-", "selection": "paper", "set": ["select_loss=0.2"]}), 100, None
+    )
+    assert mixed.select_loss == 0.2 and mixed.selection is None  # --set wins, and the mix has no name
+    with pytest.raises(SubLLMError, match="--selection must be one of"):
+        build_config({"data": "-", "selection": "best"})
+    from subllm.config import get_preset
+
+    assert (
+        get_preset("subllm-1.3b").selection == "paper" and get_preset("subllm-small").selection == "aligned"
+    )

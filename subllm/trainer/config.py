@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from subllm.config import ModelConfig, get_preset
+from subllm.config import SELECTION_RECIPES, ModelConfig, get_preset
 from subllm.dtype import DTYPES  # auto | bf16 | fp32, resolved per device in the loop
 from subllm.errors import SubLLMError
 
@@ -33,6 +33,7 @@ class TrainConfig:
     data: str | None = None
     structure: str | None = None
     keep_ratio: float | list[float] | None = None
+    selection: str | None = None  # a SELECTION_RECIPES name applied before --set (None = the preset's)
     set: dict = field(default_factory=dict)  # ModelConfig field overrides
     tokenizer: str | None = None
     vocab_size: int = 8192  # only when a tokenizer is trained for a raw-text --data
@@ -203,6 +204,7 @@ FIELDS = {
     "data": _str,
     "structure": _str,
     "keep_ratio": _keep_ratio,
+    "selection": lambda n, v: None if v is None else _choice(tuple(SELECTION_RECIPES))(n, v),
     "set": _overrides,
     "tokenizer": _str,
     "vocab_size": lambda n, v: parse_int(n, v, lo=259),
@@ -286,8 +288,8 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
 
 
 def model_config(cfg: TrainConfig, steps: int, tokenizer_meta: dict | None) -> ModelConfig:
-    """Preset, then --structure / --keep-ratio, the tokenizer's vocabulary and special ids, the
-    schedule lengths, and finally --set overrides."""
+    """Preset, then --structure / --keep-ratio, --selection, the tokenizer's vocabulary and special
+    ids, the schedule lengths, and finally --set overrides."""
     mc = get_preset(cfg.preset)
     changes: dict = {}
     if cfg.structure is not None:
@@ -306,6 +308,8 @@ def model_config(cfg: TrainConfig, steps: int, tokenizer_meta: dict | None) -> M
         ):
             if tokenizer_meta.get(theirs) is not None:
                 changes[ours] = int(tokenizer_meta[theirs])
+    if cfg.selection is not None:
+        changes.update(SELECTION_RECIPES[cfg.selection])
     if cfg.schedule_steps == "scale":
         changes["bypass_steps"] = max(1, steps)
         changes["balancer_steps"] = max(1, round(BALANCER_FRACTION * steps))
