@@ -235,29 +235,20 @@ class ModelConfig:
 # Named selection rules (issue 9). "paper": the released method, bit for bit (the rule of
 # subllm-1.3b and of converted official checkpoints); "aligned": the default, chosen by the
 # ablation in docs/RESULTS.md. Every key is a ModelConfig field.
+_PAPER_SELECTION = dict(
+    balancer_gate="grad",
+    balancer_fraction="gaussian",
+    score_norm=False,
+    score_init_std=None,
+    score_lr_scale=0.5,
+    select_loss=0.0,
+    select_loss_tau=1.0,
+    threshold="zero",
+    threshold_momentum=0.95,
+)
 SELECTION_RECIPES: dict[str, dict] = {
-    "paper": dict(
-        balancer_gate="grad",
-        balancer_fraction="gaussian",
-        score_norm=False,
-        score_init_std=None,
-        score_lr_scale=0.5,
-        select_loss=0.0,
-        select_loss_tau=1.0,
-        threshold="zero",
-        threshold_momentum=0.95,
-    ),
-    "aligned": dict(
-        balancer_gate="grad",
-        balancer_fraction="gaussian",
-        score_norm=True,
-        score_init_std=None,
-        score_lr_scale=0.5,
-        select_loss=0.1,
-        select_loss_tau=1.0,
-        threshold="calibrated",
-        threshold_momentum=0.95,
-    ),
+    "paper": _PAPER_SELECTION,
+    "aligned": {**_PAPER_SELECTION, "score_norm": True, "select_loss": 0.1, "threshold": "calibrated"},
 }
 
 

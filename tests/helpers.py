@@ -62,3 +62,30 @@ def pack_synthetic(root, words, seed, n_train, n_val=200):
     for split in ("train", "val"):
         pack_corpus(root / "corpus" / split, root / "tok", root / "tokens" / split, log=lambda *a: None)
     return root / "tokens"
+
+
+WORDS = "hello world the a cat sat on mat dog ran far".split()
+
+
+def checkpoint_with_tokenizer(path) -> SubLLM:
+    """A tiny SUBLLM checkpoint folder (`tiny_preset_model`: a real mix of kept and dropped tokens)
+    with a word-level tokenizer over WORDS saved beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {
+        "<pad>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{w: i + 3 for i, w in enumerate(WORDS)},
+        "[UNK]": 3 + len(WORDS),
+    }
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
+    model = tiny_preset_model()
+    model.save_pretrained(path)
+    fast.save_pretrained(str(path))
+    return model

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import WORDS, checkpoint_with_tokenizer
 
 from subllm.bench.train import bound_loss
 from subllm.config import get_preset
@@ -41,27 +42,8 @@ def test_gpu_script_cpu_smoke(tmp_path):
 
 
 def _tiny_checkpoint(path):
-    """A tiny SUBLLM checkpoint (a real mix of kept and dropped tokens) with a word-level tokenizer."""
-    from helpers import tiny_preset_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "hello world the a cat sat on mat dog ran far".split()
-    vocab = {
-        "<pad>": 0,
-        "<s>": 1,
-        "</s>": 2,
-        **{w: i + 3 for i, w in enumerate(words)},
-        "[UNK]": 3 + len(words),
-    }
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
-    )
-    tiny_preset_model().save_pretrained(path)
-    fast.save_pretrained(str(path))
-    return words
+    checkpoint_with_tokenizer(path)
+    return WORDS
 
 
 def test_text_windows_are_consecutive_and_decode_reads_on():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import left_padded, tiny_preset_model
+from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 
 from subllm import SubLLMError, generate
 from subllm.generation import (
@@ -232,32 +232,10 @@ def test_stream_text_matches_generate():
     assert text == ByteTokenizer().decode(out[0, 6:].tolist())
 
 
-def _checkpoint_with_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {
-        "<pad>": 0,
-        "<s>": 1,
-        "</s>": 2,
-        **{w: i + 3 for i, w in enumerate("hello world the a cat sat on mat".split())},
-    }
-    vocab["[UNK]"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
-    )
-    model = tiny_preset_model()
-    model.save_pretrained(path)
-    fast.save_pretrained(str(path))
-    return model
-
-
 def test_cli(tmp_path, capsys):
     from subllm.cli import main
 
-    _checkpoint_with_tokenizer(tmp_path)
+    checkpoint_with_tokenizer(tmp_path)
     base = ["generate", "--checkpoint", str(tmp_path)]
     assert main([*base, "--prompt", "hello world the cat", "--max-new-tokens", "5"]) == 0
     plain = capsys.readouterr().out
@@ -303,7 +281,7 @@ def test_cli_stats_equal_a_full_forward_recount(tmp_path, capsys):
     from subllm.generate_cli import load_tokenizer
     from subllm.model.subllm import SubLLM
 
-    _checkpoint_with_tokenizer(tmp_path)
+    checkpoint_with_tokenizer(tmp_path)
     model = SubLLM.from_pretrained(tmp_path).eval()
     tok = load_tokenizer(tmp_path)
     text = "hello world the cat sat on the mat a cat sat on a mat the world " * 2

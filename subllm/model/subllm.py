@@ -8,6 +8,7 @@ attention mask built once and shared by all of its layers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -94,14 +95,7 @@ class SubLLM(nn.Module):
             (0, config.balancer_prob_start), (config.balancer_steps, config.balancer_prob_end)
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
-        opts = SelectOptions(
-            balancer_gate=config.balancer_gate,
-            balancer_fraction=config.balancer_fraction,
-            select_loss=config.select_loss,
-            select_loss_tau=config.select_loss_tau,
-            threshold=config.threshold,
-            threshold_momentum=config.threshold_momentum,
-        )
+        opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
         self.subsamples = nn.ModuleList(
             Subsample(config.dim, r, prob, config.balancer_grad_scale, opts, config.score_norm)
             for r in config.keep_ratios
