@@ -111,6 +111,7 @@ class ModelConfig:
     balancer_fraction: str = "gaussian"  # "gaussian" (paper: mean/std proxy) | "direct" (counted)
     select_loss: float = 0.1  # weight of the auxiliary BCE of sigmoid(s / tau) vs top-k (0 = off)
     select_loss_tau: float = 1.0
+    select_loss_detach: bool = False  # the auxiliary loss trains the score layer only (x detached)
     threshold: str = "calibrated"  # "zero" (paper: keep iff s > 0) | "calibrated" (keep iff s > theta)
     threshold_momentum: float = 0.95
     bypass: bool = True  # False: no bypass B, z = U(x, h) (the ablation "bypass off")
@@ -243,6 +244,7 @@ _PAPER_SELECTION = dict(
     score_lr_scale=0.5,
     select_loss=0.0,
     select_loss_tau=1.0,
+    select_loss_detach=False,
     threshold="zero",
     threshold_momentum=0.95,
 )

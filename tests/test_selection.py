@@ -217,3 +217,19 @@ def test_train_selection_flag_names_a_recipe():
     assert (
         get_preset("subllm-1.3b").selection == "paper" and get_preset("subllm-small").selection == "aligned"
     )
+
+
+def test_detached_select_loss_trains_only_the_score_layer():
+    x = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        model = SubLLM(tiny_config(select_loss=1.0, select_loss_detach=detach, balancer_prob_start=0.0,
+                                   balancer_prob_end=0.0)).train()  # fmt: skip
+        model.set_step(0)
+        torch.manual_seed(3)
+        model(x, labels=x).select_loss.backward()  # the auxiliary loss alone
+        grads[detach] = (model.embed.weight.grad, model.subsamples[0].score.weight.grad)
+    assert grads[False][0] is not None and grads[False][0].abs().sum() > 0  # reaches the layers below S
+    assert grads[True][0] is None or grads[True][0].abs().sum() == 0  # detached: it does not
+    torch.testing.assert_close(grads[True][1], grads[False][1])  # the score layer's own gradient is the same

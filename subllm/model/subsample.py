@@ -148,7 +148,9 @@ class SelectOptions:
     - `select_loss`: weight of an auxiliary loss, the binary cross-entropy of sigmoid(s / tau)
       against the top-k membership (labels without gradient) - Mixture-of-Depths' causal
       "auxiliary loss" route; it pulls kept scores above 0 and dropped ones below 0, so that the
-      inference rule s > 0 keeps what top-k keeps. 0 = off (the paper).
+      inference rule s > 0 keeps what top-k keeps. 0 = off (the paper). `select_loss_detach`:
+      the auxiliary loss scores a detached copy of the input, so it trains the score layer only
+      and never pushes on the representations below S.
     - `threshold`: "zero" keeps t iff s_t > 0 at inference (the paper); "calibrated" keeps iff
       s_t > theta, theta a buffer that tracks the top-k cut during training (a running mean of the
       midpoint between the k-th and (k+1)-th score of each row; 1/n-averaged over the first
@@ -163,6 +165,7 @@ class SelectOptions:
     balancer_fraction: str = "gaussian"
     select_loss: float = 0.0
     select_loss_tau: float = 1.0
+    select_loss_detach: bool = False
     threshold: str = "zero"
     threshold_momentum: float = 0.95
 
@@ -228,7 +231,8 @@ class Subsample(nn.Module):
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
-            sel.select_loss = selection_bce(s, sel.kept_mask, valid, opts.select_loss_tau)
+            s_aux = self.scores(x.detach()) if opts.select_loss_detach else s
+            sel.select_loss = selection_bce(s_aux, sel.kept_mask, valid, opts.select_loss_tau)
         if self.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
             self._track_cut(s.detach(), sel.n_kept, valid)
         return sel
