@@ -138,7 +138,9 @@ def bench_length(
     times, _ = interleaved(fns, reps=reps, warmup=warmup, device=device)
     with torch.no_grad():
         sub.eval()
-        fr = sub(ids[:, : min(T, 512)]).keep_fractions  # untrained eval-mode fractions, for reference
+        fr = sub(
+            ids[:, : min(T, 512)]
+        ).keep_fractions.tolist()  # untrained eval-mode fractions, for reference
         sub.train()
     mem = {}
     for name, fwd in (

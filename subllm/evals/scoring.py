@@ -94,8 +94,8 @@ def score_tokens(
         with autocast_context(dtype, device):
             res = model(ids, attention_mask=mask)
         logp = torch.log_softmax(res.logits.float(), dim=-1)  # (B, W, V)
-        if keep_stats is not None and res.keep_fractions:
-            keep_stats.add(res.keep_fractions, int(mask.sum()))
+        if keep_stats is not None and len(res.keep_fractions):
+            keep_stats.add(res.keep_fractions.tolist(), int(mask.sum()))
         for r, inp in enumerate(batch):
             L = len(inp)
             for i in groups[inp]:

@@ -7,6 +7,8 @@ passed explicitly, so a forgotten step cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,7 +39,7 @@ class ScheduledFloat:
 
 def _mean_limit(p: float) -> float:
     """Fraction positive p -> mean/stddev of a Gaussian with that fraction (crude inverse erf)."""
-    return 0.8139535143 * float(torch.atanh(torch.tensor(2.0 * p - 1.0)))
+    return 0.8139535143 * math.atanh(2.0 * p - 1.0)
 
 
 class _BalancerFn(torch.autograd.Function):
@@ -55,9 +57,11 @@ class _BalancerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate, box) -> Tensor:
+    def forward(
+        ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate, box, on
+    ) -> Tensor:
         ctx.save_for_backward(x, mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-        ctx.limits, ctx.grad_scale, ctx.gate, ctx.box = limits, grad_scale, gate, box
+        ctx.limits, ctx.grad_scale, ctx.gate, ctx.box, ctx.on = limits, grad_scale, gate, box, on
         return x.view_as(x)
 
     @staticmethod
@@ -77,17 +81,19 @@ class _BalancerFn(torch.autograd.Function):
                 frac_term = (ms - ms.clamp(lo_m, hi_m)).abs()
             else:  # count the fraction positive; outside its limits, shift every score toward them
                 lo_p, hi_p = direct
-                frac = float(((x > 0) & mask).sum()) / float(n)
-                frac_term = (1.0 if frac > hi_p else (-1.0 if frac < lo_p else 0.0)) * mu
+                frac = ((x > 0) & mask).sum() / n
+                frac_term = ((frac > hi_p).float() - (frac < lo_p).float()) * mu
             loss = frac_term + (rms.clamp(lo_r, hi_r) / rms).log().abs()
             (g,) = torch.autograd.grad(loss, xf)
         g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
         gf = grad.float()
         size = gf.abs() if ctx.gate is None else ctx.gate.value(gf)
         push = size * g
+        if ctx.on is not None:  # applied with probability prob: a 0-d bool tensor, no host sync
+            push = push * ctx.on.to(push.device, push.dtype)
         if ctx.box is not None:  # for the logs: the push relative to the gradient (no host sync)
             ctx.box["push"] = (push.square().mean() / gf.square().mean().clamp(min=1e-30)).sqrt().detach()
-        return (gf + push).to(grad.dtype), None, None, None, None, None
+        return (gf + push).to(grad.dtype), None, None, None, None, None, None
 
 
 def balance(
@@ -113,8 +119,9 @@ def balance(
     scores toward the limits (the gradient of +-mean(s)), rescaled with the rms term as usual.
     `box`: a dict that receives "push", rms(push) / rms(grad) of the last backward (for logs).
     """
-    if prob <= 0.0 or (prob < 1.0 and float(torch.rand(())) >= prob):
+    if prob <= 0.0:
         return x
+    on = torch.rand(()) < prob if prob < 1.0 else None  # decided by a tensor: no host sync
     lo_p = min(max(keep_ratio - pos_margin, 0.001), 0.999)
     hi_p = min(max(keep_ratio + pos_margin, 0.001), 0.999)
     limits = (
@@ -124,7 +131,7 @@ def balance(
         1.25331413732 * max_abs,
         (lo_p, hi_p) if direct else None,
     )
-    return _BalancerFn.apply(x, mask, limits, grad_scale, gate, box)
+    return _BalancerFn.apply(x, mask, limits, grad_scale, gate, box, on)
 
 
 class GradSize:
@@ -173,9 +180,9 @@ class _LimitParamValue(torch.autograd.Function):
     [min, max] (a soft limit that still lets other gradients act, unlike a clamp)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lo: float, hi: float) -> Tensor:
+    def forward(ctx, x: Tensor, lo: float, hi: float, on: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        ctx.lo, ctx.hi = lo, hi
+        ctx.lo, ctx.hi, ctx.on = lo, hi, on
         return x.view_as(x)
 
     @staticmethod
@@ -183,13 +190,15 @@ class _LimitParamValue(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         # gradient descent moves x by -grad: grad > 0 below the minimum would push x further down
         flip = ((grad > 0) & (x < ctx.lo)) | ((grad < 0) & (x > ctx.hi))
-        return torch.where(flip, -grad, grad), None, None
+        flip = flip & ctx.on.to(flip.device)
+        return torch.where(flip, -grad, grad), None, None, None
 
 
 def limit_param_value(x: Tensor, lo: float, hi: float, prob: float = 0.6, training: bool = True) -> Tensor:
     """Hold a parameter in [lo, hi] by gradient sign flips, applied with probability `prob`."""
     if lo > hi:
         raise ValueError(f"limit_param_value: lo {lo} > hi {hi}")
-    if not training or float(torch.rand(())) >= prob:
+    if not training:
         return x
-    return _LimitParamValue.apply(x, lo, hi)
+    on = torch.rand(()) < prob  # applied with probability prob, decided by a tensor: no host sync
+    return _LimitParamValue.apply(x, lo, hi, on)

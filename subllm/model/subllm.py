@@ -79,8 +79,8 @@ class SubLLMOutput:
     loss: Tensor | None = None  # what training minimises: lm_loss (+ select_loss when enabled)
     lm_loss: Tensor | None = None  # next-token cross-entropy alone
     select_loss: Tensor | None = None  # training: the weighted auxiliary selection loss, summed over S
-    keep_fractions: list[float] = field(default_factory=list)  # per S, structure order
-    agreement: list[float] | None = None  # training mode: top-k vs (score > 0), per S
+    keep_fractions: Tensor = field(default_factory=lambda: torch.zeros(0))  # (n_S,) per S, structure order
+    agreement: Tensor | None = None  # (n_S,) training mode: top-k vs (score > theta), per S
     selections: list[Selection | None] | None = None  # with return_selections=True
 
 
@@ -220,20 +220,23 @@ class SubLLM(nn.Module):
         return from_hf_llama(hf_model, structure=structure, keep_ratio=keep_ratio)
 
 
-def _keep_fractions(sels: list[Selection | None]) -> list[float]:
-    """Realised kept/real tokens per S, averaged over the batch rows (0 where S never ran)."""
-    if not sels:
-        return []
+def _keep_fractions(sels: list[Selection | None]) -> Tensor:
+    """Realised kept/real tokens per S, averaged over the batch rows (0 where S never ran): a (n_S,)
+    tensor on the model's device - no host sync; callers that log it convert it."""
     vals = [
-        (s.n_kept.float() / s.n_real.clamp(min=1).float()).mean() if s is not None else torch.zeros(())
-        for s in sels
+        (s.n_kept.float() / s.n_real.clamp(min=1).float()).mean() if s is not None else None for s in sels
     ]
-    return torch.stack([v.cpu() for v in vals]).tolist()
+    dev = next((v.device for v in vals if v is not None), None)
+    return (
+        torch.stack([v if v is not None else torch.zeros((), device=dev) for v in vals])
+        if vals
+        else torch.zeros(0)
+    )
 
 
-def _agreement(sels: list[Selection | None]) -> list[float] | None:
+def _agreement(sels: list[Selection | None]) -> Tensor | None:
     vals = [s.agreement for s in sels if s is not None and s.agreement is not None]
-    return torch.stack([v.cpu() for v in vals]).tolist() if vals else None
+    return torch.stack(vals) if vals else None
 
 
 __all__ = ["SubLLM", "SubLLMOutput", "Level", "attention_mask_for", "iter_subs"]

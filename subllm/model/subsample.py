@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from subllm.config import keep_count
 from subllm.model.scaling import GradSize, ScheduledFloat, balance, limit_param_value
 
 
@@ -58,17 +59,23 @@ def select_topk(
     key = s if valid is None else s.masked_fill(~valid, float("-inf"))
     sorted_s, order = key.sort(dim=1, descending=True)
     u = sorted_s.clamp(0.0, 1.0)  # pads (-inf) become 0
-    n_real = torch.full((B,), T, dtype=torch.long, device=s.device) if valid is None else valid.sum(1)
-    k_row = _keep_counts(n_real, ratio)
-    ragged = valid is not None and bool((k_row != k_row[0]).any())
-    K = int(k_row.max()) if valid is not None else int(k_row[0])
+    flip = torch.as_tensor(flip, device=s.device)  # a 0-d bool tensor: the decision stays on device
+    if valid is None:  # unpadded: the count comes from the shape, no host sync
+        K = keep_count(T, ratio)
+        n_real = torch.full((B,), T, dtype=torch.long, device=s.device)
+        k_row = torch.full((B,), K, dtype=torch.long, device=s.device)
+        ragged = False
+    else:  # padded: one host sync per S for the ragged count
+        n_real = valid.sum(1)
+        k_row = _keep_counts(n_real, ratio)
+        K = int(k_row.max())
+        ragged = bool((k_row != K).any())
     top = order[:, :K]
     if not ragged:
         disc = u[:, K : 2 * K]
         if disc.shape[1] < K:
             disc = torch.nn.functional.pad(disc, (0, K - disc.shape[1]))
-        if flip:
-            disc = disc.flip(1)
+        disc = torch.where(flip, disc.flip(1), disc)
         w_sorted = u[:, :K] - disc
         idx, asc = top.sort(dim=1)
         slot_valid = None
@@ -76,7 +83,7 @@ def select_topk(
         j = torch.arange(K, device=s.device)
         kr = k_row[:, None]
         slot_ok = j < kr  # (B, K)
-        src = kr + (kr - 1 - j if flip else j)
+        src = kr + torch.where(flip, kr - 1 - j, j)
         src_ok = slot_ok & (src < T)
         disc = u.gather(1, src.clamp(0, T - 1)) * src_ok
         w_sorted = (u[:, :K] - disc) * slot_ok
@@ -226,7 +233,7 @@ class Subsample(nn.Module):
             s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
             direct=opts.balancer_fraction == "direct", box=self.push_box,
         )  # fmt: skip
-        flip = bool(torch.rand(()) < 0.5)
+        flip = torch.rand(()) < 0.5  # a tensor: no host sync
         sel = select_topk(s, valid, self.keep_ratio, flip, self.theta)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)

@@ -295,7 +295,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
             if out.agreement is not None:
-                rec["agreement"] = out.agreement
+                rec["agreement"] = out.agreement.tolist()  # the step's one sync for logging
             if out.select_loss is not None:
                 rec["select_loss"] = float(select_sum)  # this rank's
             metrics.write(rec)
