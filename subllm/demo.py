@@ -253,11 +253,14 @@ def _selection_check(run: Path, texts: dict[str, list[Path]], seq_len: int) -> d
     for name, files in texts.items():
         if files:
             docs = [f.read_text("utf-8", errors="replace") for f in files]
-            out[name] = text_selection(model, tok, docs, seq_len, 8, "float32", SELECTION_TOKENS)
+            res = text_selection(model, tok, docs, seq_len, 8, "float32", SELECTION_TOKENS)
+            out[name] = {"files": [f.name for f in files], **res}
     return out
 
 
-def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int, check: dict | None = None) -> str:
+def _table(
+    s: dict, l: dict, ideal: float, kf_train: list, threads: int, check: dict | None = None, rule: str = ""
+) -> str:
     fs, fl = s["final"], l["final"]
 
     def row(label, a, b, fmt, ratio=None):
@@ -281,8 +284,9 @@ def _table(s: dict, l: dict, ideal: float, kf_train: list, threads: int, check: 
     if "val_loss_train_mode" in fs:
         leak = f"{fs['val_loss_train_mode']:.4f}"
         lines.append(f"| {'val loss, train-mode top-k (leak)':<34} | {leak:>14} | {'-':>14} | {'':>8} |")
+        lines.append(f"| {'selection rule':<34} | {rule:>14} | {'-':>14} | {'':>8} |")
         for label, vals, fmt in (
-            ("keep fraction per S, eval (s > 0)", fs["keep_fractions_eval"], "{:.2f}"),
+            ("keep fraction per S, eval rule", fs["keep_fractions_eval"], "{:.2f}"),
             ("keep fraction per S, train (top-k)", kf_train, "{:.2f}"),
             ("train/infer selection agreement", fs["agreement"], "{:.3f}"),
         ):
@@ -373,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     check = _selection_check(
         runs["subllm"], {"val text": val_text, "unseen prose": _unseen_prose()}, args.seq_len
     )
-    print(_table(s, l, ideal, kf_train, threads, check))
+    print(_table(s, l, ideal, kf_train, threads, check, mc.selection or "custom"))
     plot_comparison(
         {n: read_metrics(r / "metrics.jsonl") for n, r in runs.items()},
         out / "loss.png",
@@ -397,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
         "speedup_measured": s["tok_per_s"] / l["tok_per_s"],
         "speedup_flop_ideal": ideal,
         "subllm": {k: v for k, v in s.items() if k != "final"} | _final(s["final"]),
-        "selection_check": {k: {**v, "files": len(v)} for k, v in check.items()},
+        "selection": mc.selection or "custom",
+        "selection_check": check,
         "llama": {k: v for k, v in l.items() if k != "final"} | _final(l["final"]),
         "wall_s": time.perf_counter() - t_start,
     }
