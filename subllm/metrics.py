@@ -128,7 +128,8 @@ def plot_selection(records: list[dict], path: Path | str, ratios: list[float], t
     """Per S along the run (eval records): eval-mode keep vs r, train/infer agreement, score
     quantiles p5/p50/p95 in the rule's frame, and the saturated share with the Balancer's push.
     None when the run has no selection records (a LLaMA)."""
-    evals = [(r["step"], r["selection"]) for r in records if r.get("kind") == "eval" and r.get("selection")]
+    evals = [(r["step"], _selection_of(r)) for r in records if r.get("kind") == "eval"]
+    evals = [(s, sel) for s, sel in evals if sel]
     if not evals:
         return None
     plt = _pyplot()
@@ -165,6 +166,15 @@ def plot_selection(records: list[dict], path: Path | str, ratios: list[float], t
         ax.set_xlabel("training step")
     fig.suptitle(title or "selection")
     return _save(fig, plt, path)
+
+
+def _selection_of(record: dict) -> dict | None:
+    """An eval record's selection statistics (runs logged before they existed: keep and agreement)."""
+    if record.get("selection"):
+        return record["selection"]
+    if "keep_fractions_eval" in record:
+        return {"keep_eval": record["keep_fractions_eval"], "agreement": record.get("agreement", [])}
+    return None
 
 
 def _pyplot():
