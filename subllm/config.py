@@ -108,7 +108,7 @@ class ModelConfig:
     score_init_std: float | None = None  # None: 1/sqrt(dim) with score_norm (unit scores), else init_std
     score_norm: bool = True  # score on x / rms(x) instead of x (beyond the paper)
     score_lr_scale: float = 0.5  # the score layers' learning rate, a multiple of the base lr
-    balancer_fraction: str = "gaussian"  # "gaussian" (paper: mean/std proxy) | "direct" (counted)
+    balancer_fraction: str = "direct"  # "gaussian" (paper: mean/std proxy) | "direct" (counted)
     select_loss: float = 0.1  # weight of the auxiliary BCE of sigmoid(s / tau) vs top-k (0 = off)
     select_loss_tau: float = 1.0
     select_loss_detach: bool = False  # the auxiliary loss trains the score layer only (x detached)
@@ -250,7 +250,13 @@ _PAPER_SELECTION = dict(
 )
 SELECTION_RECIPES: dict[str, dict] = {
     "paper": _PAPER_SELECTION,
-    "aligned": {**_PAPER_SELECTION, "score_norm": True, "select_loss": 0.1, "threshold": "calibrated"},
+    "aligned": {
+        **_PAPER_SELECTION,
+        "score_norm": True,
+        "select_loss": 0.1,
+        "threshold": "calibrated",
+        "balancer_fraction": "direct",
+    },
 }
 
 

@@ -22,7 +22,8 @@ HELP = {
     "structure": "override the preset's structure string, e.g. 'TT(TT(TT)TT)TT'",
     "keep_ratio": "keep ratio per S: one number or one per '(' comma-separated (default: the preset's)",
     "selection": "how S learns to select at inference what it selects in training: aligned (the default "
-    "of new configs: auxiliary BCE + normalised scores + calibrated threshold) | paper (the released "
+    "of new configs: auxiliary BCE, normalised scores, counted Balancer, calibrated threshold) | paper (the "
+    "released "
     "rule); default: the preset's",
     "set": "override any ModelConfig field, KEY=VALUE (repeatable), e.g. --set dim=128 --set n_heads=2",
     "tokenizer": "tokenizer for raw-text --data (default: train one), or where packed data's tokenizer is",
