@@ -152,20 +152,29 @@ def text_loss(
     }
 
 
+def text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens=None) -> list:
+    """Non-overlapping windows (B, seq_len) of `texts` (eos after each), as in training; with
+    `max_tokens`, at most max_tokens / len(texts) tokens from each text (diverse, not the first)."""
+    from subllm.selection import token_windows
+
+    ids: list[int] = []
+    per_text = None if max_tokens is None else max(seq_len, max_tokens // max(1, len(texts)))
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"][:per_text] + [model.config.eos_token_id]
+    windows = token_windows(ids[:max_tokens], seq_len, batch_size)
+    if not windows:
+        raise SubLLMError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return windows
+
+
 def text_selection(model, tokenizer, texts, seq_len, batch_size, dtype, max_tokens=None) -> dict:
     """Keep per S under the inference rule and under training top-k, their agreement, the score
     distribution and the loss in both modes (subllm/selection.py) over non-overlapping windows of
     `texts`, as in training; with `max_tokens`, at most max_tokens / len(texts) from each text."""
     from subllm.evals.scoring import autocast_context
-    from subllm.selection import measure_selection, token_windows
+    from subllm.selection import measure_selection
 
-    ids: list[int] = []
-    per_text = None if max_tokens is None else max(seq_len, max_tokens // max(1, len(texts)))
-    for text in texts:  # with max_tokens, an equal share from every text (diverse, not the first one)
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"][:per_text] + [model.config.eos_token_id]
-    windows = token_windows(ids[:max_tokens], seq_len, batch_size)
-    if not windows:
-        raise SubLLMError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    windows = text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens)
     device = next(model.parameters()).device
     res = measure_selection(model, [w.to(device) for w in windows], lambda: autocast_context(dtype, device))
     return {"tokens": sum(w.numel() for w in windows), **res}

@@ -233,3 +233,37 @@ def test_detached_select_loss_trains_only_the_score_layer():
     assert grads[False][0] is not None and grads[False][0].abs().sum() > 0  # reaches the layers below S
     assert grads[True][0] is None or grads[True][0].abs().sum() == 0  # detached: it does not
     torch.testing.assert_close(grads[True][1], grads[False][1])  # the score layer's own gradient is the same
+
+
+def test_bench_selection_groups_seeds_and_scores_llama_on_the_same_windows(tmp_path, capsys):
+    from helpers import WORDS, checkpoint_with_tokenizer
+
+    from subllm.bench.selection import _loss_only, measure_run, summarize
+    from subllm.cli import main
+    from subllm.evaluate import text_windows
+    from subllm.generate_cli import load_tokenizer
+
+    for name in ("cal_s0", "cal_s1"):
+        checkpoint_with_tokenizer(tmp_path / name)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS * 30))
+    assert (
+        main(
+            ["bench", "selection", "--runs", str(tmp_path / "cal_s*"), "--text", str(text), "--seq-len", "16"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert any(line.split()[:2] == ["cal", "val"] for line in out.splitlines()[1:-1])
+    res = [measure_run(tmp_path / n, {"val": [text]}, 16, 4, 4096) for n in ("cal_s0", "cal_s1")]
+    rows = summarize(res)
+    assert rows[0]["group"] == "cal" and rows[0]["runs"] == 2 and " / " in rows[0]["agreement"]
+    # an all-T model's loss is taken on exactly the windows the SUBLLMs are measured on
+    model = SubLLM(SubLLM.from_pretrained(tmp_path / "cal_s0").config.as_llama()).eval()
+    tok = load_tokenizer(tmp_path / "cal_s0")
+    docs = [text.read_text()]
+    windows = text_windows(model, tok, docs, 16, 4, 4096)
+    with torch.no_grad():
+        want = sum(float(model(x, labels=x).lm_loss) * x.shape[0] * 15 for x in windows)
+    want /= sum(x.shape[0] * 15 for x in windows)
+    assert _loss_only(model, tok, docs, 16, 4, 4096) == pytest.approx(want)

@@ -93,14 +93,12 @@ def measure_run(
 
 
 def _loss_only(model, tok, docs, seq_len, batch_size, max_tokens) -> float:
+    """The next-token loss on the very windows `text_selection` measures SUBLLMs on."""
     import torch
 
-    from subllm.selection import token_windows
+    from subllm.evaluate import text_windows
 
-    ids: list[int] = []
-    for d in docs:
-        ids += tok(d, add_special_tokens=False)["input_ids"] + [model.config.eos_token_id]
-    windows = token_windows(ids[:max_tokens], seq_len, batch_size)
+    windows = text_windows(model, tok, docs, seq_len, batch_size, max_tokens)
     nll = n = 0.0
     with torch.no_grad():
         for x in windows:
