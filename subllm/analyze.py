@@ -2,7 +2,7 @@
 
     subllm analyze --checkpoint runs/demo/subllm --text data/corpus/val/book.txt --out docs/analysis
 
-Runs the eval-mode model (keep token iff score > 0, docs/method.md section 3) over consecutive
+Runs the eval-mode model (keep token iff score > theta, docs/method.md section 3) over consecutive
 windows of a text and writes, into --out:
 - tokens.html: the text with every token shaded by how many S kept it (hover: its scores);
 - attention_vs_score.png: for each S, the attention each token RECEIVES in the layer just before

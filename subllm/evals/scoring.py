@@ -1,4 +1,4 @@
-"""Batched log-likelihood scoring of token sequences with a SubLLM (eval mode: keep iff score > 0).
+"""Batched log-likelihood scoring of token sequences with a SubLLM (eval mode: keep iff score > theta).
 
 The one primitive under both the text loss / bits per byte and the lm-eval adapter: given token
 lists `tokens` and a count `n`, score the last `n` tokens of each list conditioned on everything
