@@ -126,7 +126,7 @@ def plot_comparison(runs: dict[str, list[dict]], path: Path | str, title: str = 
 
 def plot_selection(records: list[dict], path: Path | str, ratios: list[float], title: str = ""):
     """Per S along the run (eval records): eval-mode keep vs r, train/infer agreement, score
-    quantiles p5/p50/p95 in the rule's frame, and the saturated share with the Balancer's push.
+    quantiles p5/p50/p95 with theta, and the saturated share with the Balancer's push.
     None when the run has no selection records (a LLaMA)."""
     evals = [(r["step"], _selection_of(r)) for r in records if r.get("kind") == "eval"]
     evals = [(s, sel) for s, sel in evals if sel]

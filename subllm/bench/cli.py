@@ -92,8 +92,6 @@ def _run_infer(args: argparse.Namespace) -> int:
             setattr(args, k, v)
     if args.decode_tokens < 1 or args.reps < 1 or args.warmup < 0:
         raise SubLLMError("--decode-tokens and --reps must be >= 1, --warmup >= 0")
-    if args.text and not args.checkpoint:
-        raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
     lengths, batches = int_list(args.lengths), int_list(args.batch_sizes)
     dtypes = str_list(args.dtypes, DTYPES)  # resolved in run_infer
     env = environment("cpu")

@@ -30,6 +30,7 @@ class Selection:
     agreement: Tensor | None = None  # training only: share of real tokens where top-k == (score > theta)
     kept_mask: Tensor | None = None  # training only: (B, T) bool top-k membership (no gradient)
     real: Tensor | None = None  # (B, T) bool: which scores belong to real tokens (None = all)
+    sorted_scores: Tensor | None = None  # training only: (B, T) scores sorted descending, pads -inf
     select_loss: Tensor | None = None  # training only, when enabled: the auxiliary BCE (scalar)
 
     @property
@@ -68,8 +69,8 @@ def select_topk(
     else:  # padded: one host sync per S for the ragged count
         n_real = valid.sum(1)
         k_row = _keep_counts(n_real, ratio)
-        K = int(k_row.max())
-        ragged = bool((k_row != K).any())
+        k_min, K = torch.stack([k_row.min(), k_row.max()]).tolist()
+        ragged = k_min != K
     top = order[:, :K]
     if not ragged:
         disc = u[:, K : 2 * K]
@@ -97,7 +98,9 @@ def select_topk(
         real = torch.ones_like(kept) if valid is None else valid
         above = s > 0 if theta is None else s > theta
         agree = ((kept == above) & real).sum() / real.sum().clamp(min=1)
-    return Selection(idx, weight, slot_valid, k_row, n_real, s, agree, kept, real=valid)
+    return Selection(
+        idx, weight, slot_valid, k_row, n_real, s, agree, kept, real=valid, sorted_scores=sorted_s
+    )
 
 
 def select_threshold(s: Tensor, valid: Tensor | None, theta: Tensor | None = None) -> Selection:
@@ -241,16 +244,14 @@ class Subsample(nn.Module):
             s_aux = self.scores(x.detach()) if opts.select_loss_detach else s
             sel.select_loss = selection_bce(s_aux, sel.kept_mask, valid, opts.select_loss_tau)
         if self.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
-            self._track_cut(s.detach(), sel.n_kept, valid)
+            self._track_cut(sel.sorted_scores.detach(), sel.n_kept, sel.n_real)
         return sel
 
     @torch.no_grad()
-    def _track_cut(self, s: Tensor, k: Tensor, valid: Tensor | None) -> None:
+    def _track_cut(self, top: Tensor, k: Tensor, n_real: Tensor) -> None:
         """Move theta toward this batch's top-k cut: per row, the midpoint of the k-th and
-        (k+1)-th highest real score (the k-th itself when every real token is kept)."""
-        key = s if valid is None else s.masked_fill(~valid, float("-inf"))
-        top = key.sort(dim=1, descending=True).values
-        n_real = top.isfinite().sum(1)
+        (k+1)-th highest real score (the k-th itself when every real token is kept); `top` is the
+        row's scores sorted descending, as select_topk already sorted them."""
         kth = top.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
         nxt = top.gather(1, k.clamp(max=top.shape[1] - 1)[:, None])[:, 0]
         cut = torch.where(k < n_real, (kth + nxt) / 2, kth)
