@@ -120,7 +120,7 @@ def make_step(model: SubLLM, forward, opt, dtype: str, device) -> callable:
 
 def bench_length(
     cfg: ModelConfig, T: int, batch_size: int, dtype: str, reps: int, warmup: int, device, seed: int,
-    compile: bool = False,
+    compile: bool = False, hf: bool = False,
 ):  # fmt: skip
     torch.manual_seed(seed)
     with device:  # build directly on the device (a 1.3B model initialised on CPU is slow)
@@ -136,6 +136,12 @@ def bench_length(
         "llama": make_step(llama, lambda: llama(ids, labels=ids).loss, opts["l"], dtype, device),
         "bound": make_step(llama, lambda: bound_loss(llama, ids, cfg), opts["l"], dtype, device),
     }
+    if hf:  # transformers' LlamaForCausalLM with the LLaMA's weights (subllm/bench/hf_llama.py)
+        from subllm.bench.hf_llama import hf_train_step, hf_twin
+
+        hfm = hf_twin(llama, device)
+        hopt = torch.optim.AdamW(hfm.parameters(), lr=1e-4, fused=fused)
+        fns["hf_llama"] = hf_train_step(hfm, ids, hopt, dtype, device)
     if compile:  # the same models and optimizers, called through torch.compile (subllm/compiled.py)
         from subllm.compiled import compile_for_training
 
@@ -172,7 +178,7 @@ def bench_length(
     ideal = ideal_speedup(cfg, T)
     speedup = med["llama"] / med["subllm"]
     del fr
-    compiled = {}
+    compiled = {"llama_over_hf": round(med["llama"] / med["hf_llama"], 4)} if hf else {}
     if compile:
         compiled = {
             "compiled": {
@@ -205,7 +211,7 @@ def bench_length(
 
 
 def run_train_bench(
-    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False
+    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False, hf=False
 ) -> dict:
     """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both."""
     device = torch.device(device)
@@ -219,7 +225,7 @@ def run_train_bench(
     results = []
     for T in lengths:
         log(f"[bench train] {preset} T={T} batch={batch_size} {dtype}: {warmup} warm-up + {reps} interleaved")
-        results.append(bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed, compile))
+        results.append(bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed, compile, hf))
         gc.collect()
     return {
         "preset": preset,
@@ -228,6 +234,7 @@ def run_train_bench(
         "schedule_step": 0,
         "optimizer": "AdamW",
         "compile": compile,
+        "hf": hf,
         **record,
         "results": results,
     }
@@ -257,6 +264,13 @@ def print_report(report: dict, env: dict, out=sys.stdout) -> None:
         file=out,
     )
     print(format_table(headers, rows), file=out)
+    if report.get("hf"):
+        for r in report["results"]:
+            print(
+                f"T={r['T']}: HF LlamaForCausalLM {r['step_s']['hf_llama']:.3f} s/step vs our LLaMA "
+                f"{r['step_s']['llama']:.3f} s: ours takes {r['llama_over_hf']:.3f}x HF's time",
+                file=out,
+            )
     if report.get("compile"):
         rows = [
             [
@@ -318,6 +332,9 @@ def add_train_arguments(sub) -> None:
     p.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd SUBLLM and LLaMA (same weights)"
     )
+    p.add_argument(
+        "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
 
@@ -335,7 +352,7 @@ def run_train(args) -> int:
     report = run_train_bench(
         args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
         device=args.device, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
-        compile=args.compile,
+        compile=args.compile, hf=args.hf,
     )  # fmt: skip
     env = environment(args.device)
     print_report(report, env)
