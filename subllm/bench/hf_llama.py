@@ -21,7 +21,8 @@ def hf_twin(llama: SubLLM, device) -> torch.nn.Module:
     """transformers' LlamaForCausalLM with `llama`'s weights (same logits), SDPA attention, on `device`."""
     from subllm.convert import to_hf_llama
 
-    hf = to_hf_llama(llama)
+    with torch.device(device):  # built where it runs (initialising 1.3B parameters on a CPU is slow)
+        hf = to_hf_llama(llama)
     hf.config._attn_implementation = "sdpa"
     return hf.to(device).train(llama.training)
 

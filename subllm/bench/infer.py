@@ -336,7 +336,8 @@ def build_models(preset: str, checkpoint: str | None, seed: int, device="cpu") -
             sub = SubLLM(get_preset(preset))
     if sub.config.n_subsamples == 0:
         raise SubLLMError(f"{preset or checkpoint} has no subsampling module: nothing to compare")
-    llama = SubLLM(sub.config.as_llama())
+    with torch.device(device):
+        llama = SubLLM(sub.config.as_llama())
     missing, unexpected = llama.load_state_dict(sub.state_dict(), strict=False)
     assert not missing and all(k.startswith(("subsamples.", "bypasses.")) for k in unexpected)
     return sub.to(device).eval(), llama.to(device).eval()
