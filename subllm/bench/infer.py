@@ -146,6 +146,7 @@ class Setting:
     bound: bool = True
     device: str = "cpu"
     hf: bool = False  # also time transformers' LlamaForCausalLM (subllm/bench/hf_llama.py)
+    prefill_reps: int | None = None  # None: reps (long prefills are costly when decode is the point)
 
 
 def _groups(layer_level: list[int]) -> list[tuple[int, list[int]]]:
@@ -218,7 +219,8 @@ def bench_setting(
 
         hf = hf_twin(llama, dev)
         fns["hf_llama"] = hf_prefill(hf, ids, st.dtype, dev)
-    t_pre, caches = interleaved(fns, st.reps, st.warmup, device=dev)
+    pre_reps = st.prefill_reps or st.reps
+    t_pre, caches = interleaved(fns, pre_reps, st.warmup if pre_reps == st.reps else 0, device=dev)
     snap["llama"] = caches["llama"].snapshot()
     assert caches["subllm"].snapshot() == snap["subllm"]
 
@@ -380,6 +382,7 @@ def run_infer(
     text: str | None = None,
     device: str = "cpu",
     hf: bool = False,
+    prefill_reps: int | None = None,
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
@@ -414,7 +417,7 @@ def run_infer(
                 calibration[f"{L}x{B}"] = calibrate_scores(sub, seq, seed + L + B)
                 log(f"calibrated scores on the {B}x{L} prompt + decode tokens: {calibration[f'{L}x{B}']}")
             for dtype in dtypes:
-                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound, device, hf)
+                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound, device, hf, prefill_reps)
                 r = bench_setting(sub, llama, st, ids, dec, seed)
                 results.append(r)
                 log(format_table(ROW_HEADERS, [table_row(r)]).splitlines()[-1])
