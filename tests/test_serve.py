@@ -315,3 +315,30 @@ def test_sigterm_lets_the_stream_finish_then_exits_0(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- the load benchmark -----------------------------------------------------------------------
+def test_bench_serve_smoke(ckpt, tmp_path):
+    """`subllm bench serve` end to end on the tiny checkpoint (served twice): every request
+    succeeds, outputs agree across concurrencies and with generate(), the servers end idle."""
+    import argparse
+    import random
+
+    from subllm.bench.serve import print_serve_report, run_serve_bench
+
+    rng = random.Random(0)
+    text = tmp_path / "val.txt"
+    text.write_text(" ".join(f"w{rng.randint(4, 255)}" for _ in range(400)))
+    args = argparse.Namespace(
+        checkpoints=f"{ckpt[0]},{ckpt[0]}", text=str(text), prompt_tokens=24, max_tokens=4,
+        concurrency="1,3", requests=3, max_batch=4, dtype="fp32", server_threads=1, verify=2,
+    )  # fmt: skip
+    out = run_serve_bench(args, log=lambda *a: None)
+    s = out["summary"]
+    assert s["zero_failed"] and s["zero_mismatched"] and s["idle_after"], s
+    for m in out["models"]:
+        assert m["exit_code"] == 0 and m["verify_mismatched"] == 0
+        assert [lv["generated_tokens"] for lv in m["levels"]] == [12, 12]
+        assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95_s"] >= lv["ttft_p50_s"] > 0 for lv in m["levels"])
+    assert 1 < s["flop_ideal_speedup"] < 3
+    print_serve_report(out)
