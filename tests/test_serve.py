@@ -245,7 +245,7 @@ def test_unknown_routes_and_server_keeps_serving(server):
 
 
 # ---- full queue and disconnects ---------------------------------------------------------------
-def test_full_queue_429_and_disconnect_drops_the_row(ckpt):
+def test_full_queue_429_disconnect_drops_the_row_and_drain_503(ckpt):
     batcher, app = load_server(ckpt[0], max_batch=1, max_queue=1, dtype="fp32", model_name="tiny")
     long = {"prompt": [5, 6], "max_tokens": 500, "ignore_eos": True, "temperature": 0}
     with LiveServer(app) as s, httpx.Client(timeout=30) as client:
@@ -273,6 +273,11 @@ def test_full_queue_429_and_disconnect_drops_the_row(ckpt):
         assert m['subllm_requests_total{model="tiny",finish_reason="cancelled"}'] == 1
         assert m['subllm_requests_rejected_total{model="tiny",status="429"}'] == 1
         assert m['subllm_generation_tokens_total{model="tiny"}'] < 500  # A never ran to the end
+        batcher.drain()  # what SIGTERM does first: new requests get 503, /health says unavailable
+        r = client.post(s.url + "/v1/completions", json=long)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.json()["error"]["type"] == "service_unavailable"
+        assert client.get(s.url + "/health").status_code == 503
 
 
 def test_non_streaming_disconnect_cancels(server):
