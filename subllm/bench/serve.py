@@ -115,6 +115,19 @@ class ServerProcess:
 
         return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)
 
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """/metrics once no row runs and nothing waits (+ a moment for the idle memory release)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            met = self.metrics()
+            busy = sum(
+                v for k, v in met.items() if k.startswith(("subllm_running_batch", "subllm_queue_depth"))
+            )
+            if not busy or time.monotonic() > deadline:
+                time.sleep(0.5)
+                return self.metrics()
+            time.sleep(0.05)
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -271,7 +284,7 @@ def run_serve_bench(args, log=print) -> dict:
                     ref = texts
                 lv["mismatched"] = sum(t != ref[i] for i, t in enumerate(texts[: len(ref)]) if t is not None)
                 m["levels"].append(lv)
-            met = server.metrics()
+            met = server.wait_idle()
             m["rss_after_mb"] = server.rss_mb()
             name = Path(ck).name
             m["idle_after"] = {
