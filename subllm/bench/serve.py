@@ -4,8 +4,9 @@ LLaMA side by side in one run.
     subllm bench serve --checkpoints runs/demo/subllm,runs/demo/llama \\
         --text data/corpus/val/shakespeare_hamlet.txt --prompt-tokens 1024 --max-tokens 64
 
-Each checkpoint is served by its own `subllm serve` process (started here, one at a time, same
-settings). For each concurrency c (closed loop: c clients, each sending its next request as soon as
+Each checkpoint is served by its own `subllm serve` process (started here, same settings, all up
+at once; the models take turns, in alternating order from one level to the next). For each
+concurrency c (closed loop: c clients, each sending its next request as soon as
 the last one ended) a fixed number of streamed greedy requests is sent; prompt i is the i-th
 consecutive `--prompt-tokens` window of the validation text (token ids, the checkpoint's
 tokenizer), the same prompts at every concurrency and for every model; eos is ignored so every
@@ -267,26 +268,34 @@ def run_serve_bench(args, log=print) -> dict:
     count = {c: args.requests or max(4, 2 * c) for c in levels}
     n_prompts = max(count.values())
     out = {"dtype": dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "models": []}
-    for ck in ckpts:
-        prompts = prompt_windows(args.text, ck, args.prompt_tokens, n_prompts, _vocab(ck))
-        log(f"serving {ck} ...")
-        server = ServerProcess(ck, args.max_batch, args.dtype, args.server_threads)
-        try:
-            run_level(server.url, prompts[:1], 1, 1, 2)  # warm-up (untimed)
-            rss_idle = server.rss_mb()
-            m = {"checkpoint": ck, "server": server.banner, "levels": [], "rss_idle_mb": rss_idle}
-            ref = None
-            for c in levels:
-                log(f"  concurrency {c}: {count[c]} requests")
-                lv = run_level(server.url, prompts, count[c], c, args.max_tokens)
+    prompts = [prompt_windows(args.text, ck, args.prompt_tokens, n_prompts, _vocab(ck)) for ck in ckpts]
+    servers: list[ServerProcess] = []
+    models: list[dict] = []
+    refs: list[list | None] = [None] * len(ckpts)
+    try:
+        for ck in ckpts:  # all up at once; an idle server costs nothing, so levels can alternate
+            log(f"starting `subllm serve` for {ck} ...")
+            servers.append(ServerProcess(ck, args.max_batch, args.dtype, args.server_threads))
+        for i, srv in enumerate(servers):
+            run_level(srv.url, prompts[i][:1], 1, 1, 2)  # warm-up (untimed)
+            models.append(
+                {"checkpoint": ckpts[i], "server": srv.banner, "levels": [], "rss_idle_mb": srv.rss_mb()}
+            )
+        order = list(range(len(ckpts)))
+        for j, c in enumerate(levels):  # A B at one level, B A at the next: drift hits both alike
+            for i in order if j % 2 == 0 else order[::-1]:
+                log(f"  {Path(ckpts[i]).name}, concurrency {c}: {count[c]} requests")
+                lv = run_level(servers[i].url, prompts[i], count[c], c, args.max_tokens)
                 texts = lv.pop("texts")
-                if ref is None:
-                    ref = texts
-                lv["mismatched"] = sum(t != ref[i] for i, t in enumerate(texts[: len(ref)]) if t is not None)
-                m["levels"].append(lv)
-            met = server.wait_idle()
-            m["rss_after_mb"] = server.rss_mb()
-            name = Path(ck).name
+                if refs[i] is None:
+                    refs[i] = texts  # the first level's outputs (concurrency 1: each request alone)
+                lv["mismatched"] = sum(
+                    t != refs[i][k] for k, t in enumerate(texts[: len(refs[i])]) if t is not None
+                )
+                models[i]["levels"].append(lv)
+        for m, srv in zip(models, servers):
+            met, name = srv.wait_idle(), Path(m["checkpoint"]).name
+            m["rss_after_mb"] = srv.rss_mb()
             m["idle_after"] = {
                 "running": met.get(f'subllm_running_batch{{model="{name}"}}'),
                 "kv_cache_allocated_bytes": met.get(f'subllm_kv_cache_allocated_bytes{{model="{name}"}}'),
@@ -296,11 +305,15 @@ def run_serve_bench(args, log=print) -> dict:
                 met.get(f'subllm_flops_total{{model="{name}",arch="{a}"}}') for a in ("subllm", "llama")
             )
             m["flop_ideal_speedup"] = llama / sub if sub else float("nan")
-        finally:
-            m["exit_code"] = server.stop()
+    finally:
+        for i, srv in enumerate(servers):
+            code = srv.stop()
+            if i < len(models):
+                models[i]["exit_code"] = code
+    for i, m in enumerate(models):
         if args.verify:
             m["verify_mismatched"] = verify_solo(
-                ck, prompts[: args.verify], ref[: args.verify], args.max_tokens, dtype
+                ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype
             )
         out["models"].append(m)
     out["summary"] = summarise(out)
@@ -328,13 +341,14 @@ def summarise(out: dict) -> dict:
     s["idle_after"] = all(
         m["idle_after"]["running"] == 0 and m["idle_after"]["kv_cache_allocated_bytes"] == 0 for m in ms
     )
+    s["rss_back_to_idle"] = all(m["rss_after_mb"] <= 1.1 * m["rss_idle_mb"] for m in ms)  # within 10%
     if len(ms) >= 2:
         a, b = ms[0]["levels"][-1], ms[1]["levels"][-1]
         speed = a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else float("nan")
         ideal = ms[0]["flop_ideal_speedup"]
         s["speedup_at_c_max"] = speed
         s["flop_ideal_speedup"] = ideal
-        s["fraction_of_ideal"] = (speed - 1) / (ideal - 1) if ideal > 1 else float("nan")
+        s["gain_fraction_of_ideal"] = (speed - 1) / (ideal - 1) if ideal > 1 else float("nan")
         s["speedup_over_ideal"] = speed / ideal if ideal else float("nan")
         s["p95_tpot_lower"] = a["tpot_p95_s"] < b["tpot_p95_s"]
     return s
