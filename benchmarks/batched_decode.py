@@ -2,7 +2,8 @@
 each prefilled alone and merged with KVCache.add_rows, then decode_step on all rows; bf16 autocast
 vs fp32. What serving throughput can gain from batching on this CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/batched_decode.py --checkpoints runs/ablate/paper_s0,runs/ablate/llama_s0
+    OMP_NUM_THREADS=1 python benchmarks/batched_decode.py \\
+        --checkpoints runs/ablate/paper_s0,runs/ablate/llama_s0
 """
 
 import argparse
@@ -42,7 +43,8 @@ def main() -> None:
                     for _ in range(a.steps):
                         decode_step(model, batch, tok)
                     dt_s = (time.perf_counter() - t0) / a.steps
-                    print(f"{ck} {dt} batch {B}: {dt_s * 1e3:.1f} ms/step, {B / dt_s:.0f} tokens/s", flush=True)
+                    ms, rate = dt_s * 1e3, B / dt_s
+                    print(f"{ck} {dt} batch {B}: {ms:.1f} ms/step, {rate:.0f} tokens/s", flush=True)
 
 
 if __name__ == "__main__":
