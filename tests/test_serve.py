@@ -322,6 +322,26 @@ def test_sigterm_lets_the_stream_finish_then_exits_0(ckpt):
             proc.wait()
 
 
+def test_shutdown_timeout_cancels_the_stream_cleanly(ckpt):
+    """Past the graceful-shutdown timeout the in-flight stream is cancelled: its row is dropped,
+    the batcher thread stops, no cache is left."""
+    batcher, app = load_server(ckpt[0], 4, 8, "fp32", "tiny")
+    body = {"prompt": [5, 6], "max_tokens": 500, "ignore_eos": True, "temperature": 0, "stream": True}
+    s = LiveServer(app, shutdown_timeout=0.3).__enter__()
+    t0 = time.monotonic()
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        s.server.should_exit = True  # what SIGTERM sets
+        with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut, not completed
+            for _ in lines:
+                pass
+    s.__exit__(None, None, None)
+    assert not s.thread.is_alive() and not batcher.alive and time.monotonic() - t0 < 10
+    assert batcher.cache is None and not batcher.running
+    assert batcher.metrics.requests["cancelled"] + batcher.metrics.requests["error"] == 1
+
+
 # ---- the load benchmark -----------------------------------------------------------------------
 def test_bench_serve_smoke(ckpt, tmp_path):
     """`subllm bench serve` end to end on the tiny checkpoint (served twice): every request
