@@ -327,7 +327,7 @@ def test_shutdown_timeout_cancels_the_stream_cleanly(ckpt):
     the batcher thread stops, no cache is left."""
     batcher, app = load_server(ckpt[0], 4, 8, "fp32", "tiny")
     body = {"prompt": [5, 6], "max_tokens": 500, "ignore_eos": True, "temperature": 0, "stream": True}
-    s = LiveServer(app, shutdown_timeout=0.3).__enter__()
+    s = LiveServer(app, shutdown_timeout=0.05).__enter__()
     t0 = time.monotonic()
     with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()

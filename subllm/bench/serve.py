@@ -354,7 +354,8 @@ def summarise(out: dict) -> dict:
     return s
 
 
-def print_serve_report(out: dict, file=sys.stdout) -> None:
+def print_serve_report(out: dict, file=None) -> None:
+    file = file or sys.stdout
     rows = []
     for m in out["models"]:
         for lv in m["levels"]:
