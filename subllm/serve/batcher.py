@@ -116,6 +116,7 @@ class Batcher:
         self.draining = False
         self.peak = 0  # most rows ever decoded together
         self._stop = False
+        self._was_busy = False
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -155,14 +156,14 @@ class Batcher:
             torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
         )
         with amp, torch.no_grad():  # both are thread-local: entered here, on the worker thread
-            busy = False
             while True:
+                if not self.running and self._was_busy:
+                    release_memory()  # idle again: the freed cache rows go back to the OS
+                    self._was_busy = False
                 with self._cv:
-                    if busy and not self.waiting and not self.running:
-                        release_memory()  # idle again: the freed cache rows go back to the OS
                     while not self._stop and not self.waiting and not self.running:
                         self._cv.wait()
-                    busy = True
+                    self._was_busy = True
                     if self._stop:
                         break
                     admit = self._pop_admissible()
@@ -173,6 +174,7 @@ class Batcher:
                         if not r.done:
                             self._fail(r, f"internal error: {type(e).__name__}: {e}")
                     self.running, self.cache = [], None
+                    self._gauges()
         with self._cv:
             left, self.waiting = [*self.waiting, *self.running], collections.deque()
         for r in left:
@@ -193,10 +195,13 @@ class Batcher:
         every running row. Must run under torch.no_grad (and the serving autocast)."""
         for r in admit or []:
             self._admit(r)
-        gone = [i for i, r in enumerate(self.running) if r.cancelled]
-        for i in gone:
-            self._finish(self.running[i], "cancelled", i)
-        self._keep([i for i in range(len(self.running)) if i not in set(gone)])
+        stay = []
+        for i, r in enumerate(self.running):
+            if r.cancelled:  # the client went away: its row leaves before this step
+                self._finish(r, "cancelled", i)
+            else:
+                stay.append(i)
+        self._keep(stay)
         if self.running:
             self.peak = max(self.peak, len(self.running))
             self._decode()
@@ -209,7 +214,7 @@ class Batcher:
             return
         try:
             s = r.settings
-            if s.temperature > 0:  # generate(): a Generator of its own when seeded
+            if s.temperature > 0:  # as generate() with a seed; unseeded: a random seed, never the global RNG
                 r.gen = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
             if s.repetition_penalty is not None:
                 r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)
