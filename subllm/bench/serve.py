@@ -2,7 +2,7 @@
 LLaMA side by side in one run.
 
     subllm bench serve --checkpoints runs/demo/subllm,runs/demo/llama \\
-        --text data/corpus/val/shakespeare_hamlet.txt --prompt-tokens 1024 --max-tokens 64
+        --text data/corpus/val/shakespeare_hamlet.txt --prompt-tokens 1024 --max-tokens 128
 
 Each checkpoint is served by its own `subllm serve` process (started here, same settings, all up
 at once; the models take turns, in alternating order from one level to the next). For each
@@ -42,13 +42,13 @@ def add_serve_arguments(sub) -> None:
     p.add_argument(
         "--checkpoints",
         default="runs/demo/subllm,runs/demo/llama",
-        help="comma-separated checkpoint folders, served one after the other (SUBLLM first)",
+        help="comma-separated checkpoint folders, each served by its own process (SUBLLM first, then LLaMA)",
     )
     p.add_argument(
         "--text", required=True, help="validation text file: prompts are consecutive windows of it"
     )
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length in tokens (default 1024)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated closed-loop client counts")
     p.add_argument("--requests", type=int, default=0, help="requests per concurrency (default max(4, 2c))")
     p.add_argument("--max-batch", type=int, default=16)
