@@ -9,6 +9,8 @@
     subllm bench train --lengths 1k,2k --reps 2           # training steps (subllm/bench/train.py)
     subllm bench selection --runs 'runs/ablate/*' --unseen data/extra/val
                                                          # trained runs: keep, agreement, loss by group
+    subllm bench serve --checkpoints runs/demo/subllm,runs/demo/llama --text data/corpus/val/x.txt
+                                                         # `subllm serve` under load (subllm/bench/serve.py)
 
 Each benchmark prints a human table, then ONE JSON line last (docs/design.md).
 """
@@ -76,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_selection_arguments(sub)
 
+    from subllm.bench.serve import add_serve_arguments
+
+    add_serve_arguments(sub)
+
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None) is not None:
@@ -92,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         from subllm.bench.selection import run_selection
 
         return run_selection(args)
+    if args.bench_command == "serve":
+        return _run_serve(args)
     raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
 
 
@@ -119,6 +127,16 @@ def _run_infer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from subllm.bench.serve import print_serve_report, run_serve_bench
+
+    env = environment("cpu")
+    report = run_serve_bench(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print_serve_report(report)
+    print(json_line({"bench": "serve", "command": _command("serve"), "env": env, **report}))
     return 0
 
 
