@@ -211,7 +211,7 @@ class ModelConfig:
         """A config.json written before a selection field existed is a paper-rule model: such
         missing fields take the paper's values (SELECTION_RECIPES["paper"]), not today's defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"model_type", "architectures", "n_layers"})
+        unknown = sorted(set(d) - names - {"model_type", "architectures", "auto_map", "n_layers"})
         if unknown:
             raise SubLLMError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         legacy = {k: v for k, v in SELECTION_RECIPES["paper"].items() if k not in d}

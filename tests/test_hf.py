@@ -54,7 +54,11 @@ def test_round_trip_subllm_dir_through_auto(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, hf(ids).logits)
     hf.save_pretrained(tmp_path / "b")  # the same format back
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "modeling_subllm.py",
+    ]
     back = SubLLM.from_pretrained(tmp_path / "b")
     assert back.config == model.config
     assert _same_state(model.state_dict(), back.state_dict())

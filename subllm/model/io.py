@@ -17,6 +17,28 @@ from subllm.errors import SubLLMError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# transformers' convention for an architecture it does not ship: config.json names the classes in a
+# modeling file beside the weights, which `from_pretrained(..., trust_remote_code=True)` imports.
+# Ours only re-exports the installed package's classes (subllm/hf.py), so the folder never holds
+# a second, divergent copy of the model code.
+REMOTE_CODE_NAME = "modeling_subllm.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_subllm.SubLLMConfig",
+    "AutoModelForCausalLM": "modeling_subllm.SubLLMForCausalLM",
+}
+REMOTE_CODE = '''"""Loads this subllm checkpoint with plain transformers (written by subllm save_pretrained).
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    pipeline("text-generation", model=DIR, trust_remote_code=True)
+
+Needs the `subllm` package installed (pip install subllm, or from its repository); the classes
+below are its own, so this folder holds no copy of the model code.
+"""
+
+from subllm.hf import SubLLMConfig, SubLLMForCausalLM
+
+__all__ = ["SubLLMConfig", "SubLLMForCausalLM"]
+'''
 
 
 def save_pretrained(model, directory) -> None:
@@ -31,8 +53,14 @@ def save_pretrained(model, directory) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # shared with embed.weight
-    cfg = {"model_type": "subllm", "architectures": ["SubLLMForCausalLM"], **model.config.to_dict()}
+    cfg = {
+        "model_type": "subllm",
+        "architectures": ["SubLLMForCausalLM"],
+        "auto_map": AUTO_MAP,
+        **model.config.to_dict(),
+    }
     _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(d / REMOTE_CODE_NAME, lambda p: p.write_text(REMOTE_CODE))
     _atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
 
 
