@@ -41,8 +41,13 @@ __all__ = ["SubLLMConfig", "SubLLMForCausalLM"]
 '''
 
 
-def save_pretrained(model, directory) -> None:
-    """Write config.json and model.safetensors into `directory` (created if needed).
+# tensors a checkpoint may carry beside the model's own (the HF wrapper's optimizer-step count)
+EXTRA_STATE_KEYS = ("train_step",)
+
+
+def save_pretrained(model, directory, extra_state: dict | None = None) -> None:
+    """Write config.json and model.safetensors into `directory` (created if needed); `extra_state`:
+    tensors stored beside the model's (EXTRA_STATE_KEYS).
 
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
     """
@@ -53,6 +58,9 @@ def save_pretrained(model, directory) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # shared with embed.weight
+    for k, v in (extra_state or {}).items():
+        assert k in EXTRA_STATE_KEYS, k
+        state[k] = v.detach().contiguous().cpu()
     cfg = {
         "model_type": "subllm",
         "architectures": ["SubLLMForCausalLM"],
@@ -101,6 +109,8 @@ def load_pretrained(directory, map_location: str = "cpu"):
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError) as e:
         raise SubLLMError(f"{path} is corrupt or unreadable: {e}") from None
+    for k in EXTRA_STATE_KEYS:
+        state.pop(k, None)
     model = SubLLM(cfg)
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
