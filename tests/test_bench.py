@@ -38,7 +38,9 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert r["ideal_speedup"] > 1 and r["memory_bytes"]["subllm"] < r["memory_bytes"]["llama"]
     assert (tmp_path / "train_speedup.png").stat().st_size > 0
     infer = json.loads((tmp_path / "infer.txt").read_text().strip().splitlines()[-1])
-    assert infer["bench"] == "infer" and all(r["kv_exact"] for r in infer["results"])
+    assert infer["bench"] == "infer"
+    for r in infer["results"]:  # measured allocation: at or above the ideal (reserved decode slots)
+        assert r["kv_ideal_ratio"] <= r["kv_alloc_ratio"] < 1.0
 
 
 def _tiny_checkpoint(path):
