@@ -139,6 +139,16 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking a local folder's weights against their recorded
+        sha256 (a damaged copy is a SubLLMError, not silently different weights)."""
+        from subllm.model.io import verify_weights
+
+        if Path(str(pretrained_model_name_or_path)).is_dir():
+            verify_weights(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # our own cache, created in prepare_inputs_for_generation
 

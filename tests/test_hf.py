@@ -59,6 +59,7 @@ def test_round_trip_subllm_dir_through_auto(tmp_path, tie):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
         "config.json",
         "model.safetensors",
+        "model.safetensors.sha256",
         "modeling_subllm.py",
     ]
     back = SubLLM.from_pretrained(tmp_path / "b")
