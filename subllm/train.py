@@ -50,6 +50,8 @@ HELP = {
     "schedule_steps": f"{' | '.join(SCHEDULES)}: Balancer/bypass schedules of 8000/20000 steps as in the "
     "paper (default), or scaled to this run's length",
     "fsdp": "shard with FSDP2 (fully_shard) instead of DDP under torchrun",
+    "compile": "torch.compile the training step's forward and backward (inductor): one graph per model, "
+    "compiled once (the first step takes a while); evaluation stays eager",
     "device": f"{' | '.join(DEVICES)} (default auto: cuda if available)",
     "threads": "torch CPU threads per process (default: torch's choice; torchrun sets 1)",
     "progress": "show a progress bar (default on)",
@@ -76,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="JSON file of options (keys = long flag names)")
     for name in TrainConfig.__dataclass_fields__:
         flag = "--" + name.replace("_", "-")
-        if name == "fsdp":
+        if name in ("fsdp", "compile"):
             parser.add_argument(flag, action="store_const", const=True, default=None, help=HELP[name])
         elif name == "progress":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[name])

@@ -119,3 +119,25 @@ def test_infer_text_keep_equals_a_full_forward_recount(tmp_path, capsys, monkeyp
     assert "--text has 200 tokens; ctx 70 x batch 3 + 6 decode tokens needs 216" in capsys.readouterr().err
     assert main([*base, "--text", str(tmp_path / "nope.txt"), "--lengths", "40"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_hf_baseline_times_the_same_computation():
+    """`--hf`: transformers' Llama with our LLaMA's weights - its prefill + teacher-forced decode
+    (rewound by crop before every run) ends on the logits of our engine's decode."""
+    from subllm.bench.hf_llama import hf_decode, hf_prefill, hf_twin
+    from subllm.engine import decode_step, new_cache, prefill
+
+    torch.manual_seed(0)
+    llama = SubLLM(get_preset("subllm-tiny").as_llama()).eval()
+    ids = torch.randint(3, 256, (2, 30))
+    dec = torch.randint(3, 256, (5, 2))
+    hf = hf_twin(llama, "cpu")
+    run = hf_decode(hf, hf_prefill(hf, ids, "fp32", "cpu")(), 30, dec, "fp32", "cpu")
+    first, again = run(), run()
+    torch.testing.assert_close(again, first)  # rewound: the second run decodes from the prompt again
+    cache = new_cache(llama, 2)
+    with torch.no_grad():
+        prefill(llama, ids, None, cache)
+        for tok in dec:
+            ours = decode_step(llama, cache, tok)
+    torch.testing.assert_close(first, ours, rtol=1e-4, atol=1e-4)

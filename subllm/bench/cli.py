@@ -52,9 +52,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
     inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    inf.add_argument(
+        "--prefill-reps",
+        type=int,
+        default=None,
+        help="timed prefill repetitions (default: --reps; "
+        "fewer keeps long-context decode measurements affordable; prefill then gets no warm-up)",
+    )
     inf.add_argument("--seed", type=int, default=0)
     inf.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     inf.add_argument("--no-bound", action="store_true", help="skip the zero-overhead prefill bound")
+    inf.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    inf.add_argument(
+        "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
+    )
     inf.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
     from subllm.bench.train import add_train_arguments
@@ -94,14 +105,17 @@ def _run_infer(args: argparse.Namespace) -> int:
         raise SubLLMError("--decode-tokens and --reps must be >= 1, --warmup >= 0")
     lengths, batches = int_list(args.lengths), int_list(args.batch_sizes)
     dtypes = str_list(args.dtypes, DTYPES)  # resolved in run_infer
-    env = environment("cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SubLLMError("--device cuda asked for, but torch sees no CUDA device")
+    env = environment(args.device)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
     report = run_infer(
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
-        seed=args.seed, bound=not args.no_bound, log=log, text=args.text,
+        seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
+        prefill_reps=args.prefill_reps,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))

@@ -77,7 +77,7 @@ def _trend_directions(X: torch.Tensor, rows: int) -> list[torch.Tensor]:
     """Orthonormal directions along which x drifts with the position in the sequence (the
     prefix-average components of attention): least-squares fit of X on (1, log(1 + t), t / n)."""
     n = X.shape[0] // rows if X.shape[0] % rows == 0 else X.shape[0]
-    t = torch.arange(X.shape[0], dtype=torch.float32) % n
+    t = torch.arange(X.shape[0], dtype=torch.float32, device=X.device) % n
     P = torch.stack([torch.ones_like(t), torch.log1p(t), t / n], 1)
     W = torch.linalg.lstsq(P, X).solution[1:]  # (2, C): the trend part, the constant excluded
     q, _ = torch.linalg.qr(W.T)  # (C, 2) orthonormal
@@ -107,11 +107,11 @@ def calibrate_scores(model: SubLLM, ids: torch.Tensor, seed: int) -> list[dict]:
         N, C = X.shape
         r = model.config.keep_ratios[sub.index]
         k = keep_count(N, r)
-        u = torch.randn(C, generator=g)
+        u = torch.randn(C, generator=g).to(X.device)
         for w in _trend_directions(X, ids.shape[0]):  # no drift of the score along the sequence
             u = u - (u @ w) * w
         u = u / u.norm()
-        d = torch.linalg.lstsq(X, torch.ones(N, 1)).solution[:, 0]
+        d = torch.linalg.lstsq(X, torch.ones(N, 1, device=X.device)).solution[:, 0]
         a, c = X @ u, X @ d
         exact = bool((c > 0).all())
         if exact:
@@ -145,6 +145,9 @@ class Setting:
     reps: int
     warmup: int
     bound: bool = True
+    device: str = "cpu"
+    hf: bool = False  # also time transformers' LlamaForCausalLM (subllm/bench/hf_llama.py)
+    prefill_reps: int | None = None  # None: reps (long prefills are costly when decode is the point)
 
 
 def _groups(layer_level: list[int]) -> list[tuple[int, list[int]]]:
@@ -158,7 +161,7 @@ def _groups(layer_level: list[int]) -> list[tuple[int, list[int]]]:
     return out
 
 
-def _bound_fn(sub: SubLLM, ids: torch.Tensor, snap: list[list[int]], dtype: str, seed: int):
+def _bound_fn(sub: SubLLM, ids: torch.Tensor, snap: list[list[int]], dtype: str, seed: int, device="cpu"):
     """The zero-overhead bound: SUBLLM's layers as plain causal LLaMA stacks (the engine's prefill
     layer, K/V written to a cache as LLaMA's prefill does) on (B, longest row of the level) random
     inputs - no score, gather, upsample or bypass - plus the embedding and the last-token head."""
@@ -171,11 +174,11 @@ def _bound_fn(sub: SubLLM, ids: torch.Tensor, snap: list[list[int]], dtype: str,
         n = max(snap[lv])
         if n == 0:
             continue
-        x = torch.randn(B, n, cfg.dim, generator=g) * 0.3
-        groups.append((lv, x, torch.arange(n).expand(B, n), layers))
+        x = torch.randn(B, n, cfg.dim, generator=g).to(device) * 0.3
+        groups.append((lv, x, torch.arange(n, device=device).expand(B, n), layers))
 
     def run():
-        with torch.no_grad(), autocast(dtype):
+        with torch.no_grad(), autocast(dtype, device):
             cache = new_cache(sub, B)
             x0 = sub.embed(ids)
             for lv, x, pos, layers in groups:
@@ -196,9 +199,11 @@ def bench_setting(
     cfg = sub.config
     B, L = st.batch, st.length
 
+    dev = st.device
+
     def prefill_fn(model):
         def run():
-            with torch.no_grad(), autocast(st.dtype):
+            with torch.no_grad(), autocast(st.dtype, dev):
                 cache = new_cache(model, B)
                 prefill(model, ids, None, cache, extra=st.decode_tokens)
             return cache
@@ -209,15 +214,21 @@ def bench_setting(
     first = fns["subllm"]()  # also a warm-up; gives the level lengths the bound needs
     snap = {"subllm": first.snapshot()}
     if st.bound:
-        fns["bound"] = _bound_fn(sub, ids, snap["subllm"], st.dtype, seed)
-    t_pre, caches = interleaved(fns, st.reps, st.warmup)
+        fns["bound"] = _bound_fn(sub, ids, snap["subllm"], st.dtype, seed, dev)
+    if st.hf:
+        from subllm.bench.hf_llama import hf_decode, hf_prefill, hf_twin
+
+        hf = hf_twin(llama, dev)
+        fns["hf_llama"] = hf_prefill(hf, ids, st.dtype, dev)
+    pre_reps = st.prefill_reps or st.reps
+    t_pre, caches = interleaved(fns, pre_reps, st.warmup if pre_reps == st.reps else 0, device=dev)
     snap["llama"] = caches["llama"].snapshot()
     assert caches["subllm"].snapshot() == snap["subllm"]
 
     def decode_fn(model, cache, start):
         def run():
             cache.rewind(start)
-            with torch.no_grad(), autocast(st.dtype):
+            with torch.no_grad(), autocast(st.dtype, dev):
                 for tok in dec:
                     decode_step(model, cache, tok)
             return cache.snapshot()
@@ -225,7 +236,9 @@ def bench_setting(
         return run
 
     dfns = {m: decode_fn(mod, caches[m], snap[m]) for m, mod in (("llama", llama), ("subllm", sub))}
-    t_dec, ends = interleaved(dfns, st.reps, st.warmup)
+    if st.hf:
+        dfns["hf_llama"] = hf_decode(hf, caches["hf_llama"], L, dec, st.dtype, dev)
+    t_dec, ends = interleaved(dfns, st.reps, st.warmup, device=dev)
     bytes_held, bytes_alloc = {}, {}
     for m in ("llama", "subllm"):
         bytes_alloc[m] = caches[m].allocated_nbytes()  # measured (torch storages), prompt + decode
@@ -265,6 +278,11 @@ def bench_setting(
         kv_ideal_ratio=round(entries / entries_llama, 6),
         kv_alloc_ratio=round(bytes_alloc["subllm"] / bytes_alloc["llama"], 6),
     )
+    if st.hf:  # our LLaMA's time over transformers' (< 1: ours is faster)
+        out["llama_over_hf"] = {
+            "prefill": round(pre["llama"] / pre["hf_llama"], 4),
+            "decode": round(dps["hf_llama"] / dps["llama"], 4),
+        }
     out["prefill_efficiency"] = round(out["prefill_speedup"] / out["prefill_ideal"], 4)
     out["decode_efficiency"] = round(out["decode_speedup"] / out["decode_ideal"], 4)
     if st.bound:
@@ -313,18 +331,20 @@ def text_windows(tokens: list[int], length: int, batch: int, decode_tokens: int)
 # ---- the whole run ---------------------------------------------------------------------------------
 
 
-def build_models(preset: str, checkpoint: str | None, seed: int) -> tuple[SubLLM, SubLLM]:
+def build_models(preset: str, checkpoint: str | None, seed: int, device="cpu") -> tuple[SubLLM, SubLLM]:
     if checkpoint:
         sub = SubLLM.from_pretrained(checkpoint)
     else:
         torch.manual_seed(seed)
-        sub = SubLLM(get_preset(preset))
+        with torch.device(device):  # built on the device (a 1.3B model initialised on a CPU is slow)
+            sub = SubLLM(get_preset(preset))
     if sub.config.n_subsamples == 0:
         raise SubLLMError(f"{preset or checkpoint} has no subsampling module: nothing to compare")
-    llama = SubLLM(sub.config.as_llama())
+    with torch.device(device):
+        llama = SubLLM(sub.config.as_llama())
     missing, unexpected = llama.load_state_dict(sub.state_dict(), strict=False)
     assert not missing and all(k.startswith(("subsamples.", "bypasses.")) for k in unexpected)
-    return sub.eval(), llama.eval()
+    return sub.to(device).eval(), llama.to(device).eval()
 
 
 ROW_HEADERS = [
@@ -362,13 +382,17 @@ def run_infer(
     bound: bool = True,
     log=print,
     text: str | None = None,
+    device: str = "cpu",
+    hf: bool = False,
+    prefill_reps: int | None = None,
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
     requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 for this CPU (subllm/dtype.py)
-    dtypes = list(dict.fromkeys(resolve_dtype(d, "cpu") for d in requested))
-    log(f"[bench infer] dtype {', '.join(dtype_line(d) for d in requested)}")
-    sub, llama = build_models(preset, checkpoint, seed)
+    kind = torch.device(device).type
+    dtypes = list(dict.fromkeys(resolve_dtype(d, kind) for d in requested))
+    log(f"[bench infer] dtype {', '.join(dtype_line(d, kind) for d in requested)}")
+    sub, llama = build_models(preset, checkpoint, seed, device)
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
     if too_long:
@@ -389,12 +413,13 @@ def run_infer(
                 g = torch.Generator().manual_seed(seed * 1000003 + L * 31 + B)
                 ids = torch.randint(3, cfg.vocab_size, (B, L), generator=g)
                 dec = torch.randint(3, cfg.vocab_size, (decode_tokens, B), generator=g)
+            ids, dec = ids.to(device), dec.to(device)
             if not checkpoint:
                 seq = torch.cat([ids, dec.T], 1)  # the prompt and the decode tokens, pooled
                 calibration[f"{L}x{B}"] = calibrate_scores(sub, seq, seed + L + B)
                 log(f"calibrated scores on the {B}x{L} prompt + decode tokens: {calibration[f'{L}x{B}']}")
             for dtype in dtypes:
-                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound)
+                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound, device, hf, prefill_reps)
                 r = bench_setting(sub, llama, st, ids, dec, seed)
                 results.append(r)
                 log(format_table(ROW_HEADERS, [table_row(r)]).splitlines()[-1])
@@ -423,6 +448,7 @@ def run_infer(
         "embedding lookup 0",
         dtypes=dtypes,
         dtypes_requested=requested,
+        device=str(device),
         **describe_hardware(),
         results=results,
     )
@@ -443,6 +469,12 @@ def summary_lines(results: list[dict]) -> list[str]:
             f"({100 * r['decode_efficiency']:.1f}% of ideal); prefill {bound}"
             f"KV allocated ratio {r['kv_alloc_ratio']:.4f} vs ideal {r['kv_ideal_ratio']:.4f}"
         )
+        if "llama_over_hf" in r:
+            h = r["llama_over_hf"]
+            lines.append(
+                f"{tag}: our LLaMA vs HF LlamaForCausalLM (same weights): prefill time {h['prefill']:.3f}x, "
+                f"decode time per token {h['decode']:.3f}x HF's (< 1: ours faster)"
+            )
     return lines
 
 

@@ -119,8 +119,9 @@ def make_step(model: SubLLM, forward, opt, dtype: str, device) -> callable:
 
 
 def bench_length(
-    cfg: ModelConfig, T: int, batch_size: int, dtype: str, reps: int, warmup: int, device, seed: int
-):
+    cfg: ModelConfig, T: int, batch_size: int, dtype: str, reps: int, warmup: int, device, seed: int,
+    compile: bool = False, hf: bool = False,
+):  # fmt: skip
     torch.manual_seed(seed)
     with device:  # build directly on the device (a 1.3B model initialised on CPU is slow)
         sub = SubLLM(cfg).train()
@@ -135,6 +136,21 @@ def bench_length(
         "llama": make_step(llama, lambda: llama(ids, labels=ids).loss, opts["l"], dtype, device),
         "bound": make_step(llama, lambda: bound_loss(llama, ids, cfg), opts["l"], dtype, device),
     }
+    if hf:  # transformers' LlamaForCausalLM with the LLaMA's weights (subllm/bench/hf_llama.py)
+        from subllm.bench.hf_llama import hf_train_step, hf_twin
+
+        hfm = hf_twin(llama, device)
+        hopt = torch.optim.AdamW(hfm.parameters(), lr=1e-4, fused=fused)
+        fns["hf_llama"] = hf_train_step(hfm, ids, hopt, dtype, device)
+    if compile:  # the same models and optimizers, called through torch.compile (subllm/compiled.py)
+        from subllm.compiled import compile_for_training
+
+        csub, cllama = compile_for_training(sub, cfg, device), compile_for_training(llama, cfg, device)
+        fns["subllm_compiled"] = make_step(sub, lambda: csub(ids, labels=ids).loss, opts["s"], dtype, device)
+        fns["llama_compiled"] = make_step(
+            llama, lambda: cllama(ids, labels=ids).loss, opts["l"], dtype, device
+        )
+        warmup = max(warmup, 1)  # the first call compiles
     times, _ = interleaved(fns, reps=reps, warmup=warmup, device=device)
     with torch.no_grad():
         sub.eval()
@@ -162,6 +178,15 @@ def bench_length(
     ideal = ideal_speedup(cfg, T)
     speedup = med["llama"] / med["subllm"]
     del fr
+    compiled = {"llama_over_hf": round(med["llama"] / med["hf_llama"], 4)} if hf else {}
+    if compile:
+        compiled = {
+            "compiled": {
+                "speedup": round(med["llama_compiled"] / med["subllm_compiled"], 4),
+                "subllm_compiled_over_eager": round(med["subllm_compiled"] / med["subllm"], 4),
+                "llama_compiled_over_eager": round(med["llama_compiled"] / med["llama"], 4),
+            }
+        }
     return {
         "T": T,
         "batch_size": batch_size,
@@ -181,11 +206,12 @@ def bench_length(
         "memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "saved_activations",
         "memory_bytes": mem,
         "memory_ratio": round(mem["subllm"] / mem["llama"], 4),
+        **compiled,
     }
 
 
 def run_train_bench(
-    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print
+    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False, hf=False
 ) -> dict:
     """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both."""
     device = torch.device(device)
@@ -199,7 +225,7 @@ def run_train_bench(
     results = []
     for T in lengths:
         log(f"[bench train] {preset} T={T} batch={batch_size} {dtype}: {warmup} warm-up + {reps} interleaved")
-        results.append(bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed))
+        results.append(bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed, compile, hf))
         gc.collect()
     return {
         "preset": preset,
@@ -207,6 +233,8 @@ def run_train_bench(
         "keep_ratios": cfg.keep_ratios,
         "schedule_step": 0,
         "optimizer": "AdamW",
+        "compile": compile,
+        "hf": hf,
         **record,
         "results": results,
     }
@@ -236,6 +264,29 @@ def print_report(report: dict, env: dict, out=sys.stdout) -> None:
         file=out,
     )
     print(format_table(headers, rows), file=out)
+    if report.get("hf"):
+        for r in report["results"]:
+            print(
+                f"T={r['T']}: HF LlamaForCausalLM {r['step_s']['hf_llama']:.3f} s/step vs our LLaMA "
+                f"{r['step_s']['llama']:.3f} s: ours takes {r['llama_over_hf']:.3f}x HF's time",
+                file=out,
+            )
+    if report.get("compile"):
+        rows = [
+            [
+                r["T"], f"{r['step_s']['llama_compiled']:.3f}", f"{r['step_s']['subllm_compiled']:.3f}",
+                f"{r['compiled']['speedup']:.3f}x", f"{r['speedup']:.3f}x",
+                f"{r['compiled']['subllm_compiled_over_eager']:.3f}",
+                f"{r['compiled']['llama_compiled_over_eager']:.3f}",
+            ]
+            for r in report["results"]
+        ]  # fmt: skip
+        headers = ["T", "llama s (compiled)", "subllm s (compiled)", "speed-up compiled", "speed-up eager",
+                   "subllm compiled/eager", "llama compiled/eager"]  # fmt: skip
+        print(
+            "torch.compile (inductor, fullgraph, static shapes), interleaved with the eager runs:", file=out
+        )
+        print(format_table(headers, rows), file=out)
 
 
 def plot(report: dict, path: str) -> None:
@@ -278,6 +329,12 @@ def add_train_arguments(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="write speed-up vs context length (PNG) here")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd SUBLLM and LLaMA (same weights)"
+    )
+    p.add_argument(
+        "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
 
@@ -295,6 +352,7 @@ def run_train(args) -> int:
     report = run_train_bench(
         args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
         device=args.device, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
+        compile=args.compile, hf=args.hf,
     )  # fmt: skip
     env = environment(args.device)
     print_report(report, env)

@@ -33,6 +33,18 @@ class ScheduledFloat:
                 return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return pts[-1][1]
 
+    def at(self, step: Tensor) -> Tensor:
+        """The value at a 0-d integer tensor `step`, as a float32 tensor on its device: the same
+        piecewise-linear curve computed by tensor ops, so a compiled graph that reads the step from
+        a buffer never sees a new Python constant (no recompilation from step to step)."""
+        pts = self.points
+        s = step.float()
+        v = torch.full_like(s, pts[0][1])
+        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):  # telescoping: each segment adds its rise
+            rise = ((s - s0) / (s1 - s0)).clamp(0.0, 1.0) if s1 > s0 else (s > s0).float()
+            v = v + (v1 - v0) * rise
+        return v
+
     def __repr__(self) -> str:
         return f"ScheduledFloat{tuple(self.points)}"
 
@@ -60,47 +72,76 @@ class _BalancerFn(torch.autograd.Function):
     def forward(
         ctx, x: Tensor, mask: Tensor | None, limits: tuple, grad_scale: float, gate, box, on
     ) -> Tensor:
-        ctx.save_for_backward(x, mask if mask is not None else torch.ones_like(x, dtype=torch.bool))
-        ctx.limits, ctx.grad_scale, ctx.gate, ctx.box, ctx.on = limits, grad_scale, gate, box, on
+        m = mask if mask is not None else torch.ones_like(x, dtype=torch.bool)
+        ctx.save_for_backward(x, m, on)
+        ctx.limits, ctx.grad_scale, ctx.gate, ctx.box = limits, grad_scale, gate, box
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, mask = ctx.saved_tensors
-        lo_m, hi_m, lo_r, hi_r, direct = ctx.limits
-        m = mask.float()
-        n = m.sum().clamp(min=1.0)
-        with torch.enable_grad():
-            xf = x.detach().float().requires_grad_(True)
-            u = (xf * xf * m).sum() / n
-            mu = (xf * m).sum() / n
-            rms = u.clamp(min=1e-20).sqrt()
-            if direct is None:
-                sigma = (u - mu * mu).clamp(min=1e-20).sqrt()
-                ms = mu / sigma
-                frac_term = (ms - ms.clamp(lo_m, hi_m)).abs()
-            else:  # count the fraction positive; outside its limits, shift every score toward them
-                lo_p, hi_p = direct
-                frac = ((x > 0) & mask).sum() / n
-                frac_term = ((frac > hi_p).float() - (frac < lo_p).float()) * mu
-            loss = frac_term + (rms.clamp(lo_r, hi_r) / rms).log().abs()
-            (g,) = torch.autograd.grad(loss, xf)
+        x, mask, on = ctx.saved_tensors
+        g = limit_violation_grad(x.float(), mask, ctx.limits)
+        n = mask.sum().clamp(min=1).float()
         g = g * (ctx.grad_scale / ((g * g).sum() / n).sqrt().clamp(min=1e-20))
         gf = grad.float()
         size = gf.abs() if ctx.gate is None else ctx.gate.value(gf)
-        push = size * g
-        if ctx.on is not None:  # applied with probability prob: a 0-d bool tensor, no host sync
-            push = push * ctx.on.to(push.device, push.dtype)
+        push = size * g * on.to(gf.dtype)  # applied with probability prob: `on` is a 0-d bool tensor
         if ctx.box is not None:  # for the logs: the push relative to the gradient (no host sync)
             ctx.box["push"] = (push.square().mean() / gf.square().mean().clamp(min=1e-30)).sqrt().detach()
         return (gf + push).to(grad.dtype), None, None, None, None, None, None
+
+
+def violation_loss(x: Tensor, mask: Tensor, limits: tuple) -> Tensor:
+    """The Balancer's limit-violation loss of float32 scores `x` over `mask` (reference form: its
+    autograd gradient is what `limit_violation_grad` computes in closed form)."""
+    lo_m, hi_m, lo_r, hi_r, direct = limits
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    u = (x * x * m).sum() / n
+    mu = (x * m).sum() / n
+    rms = u.clamp(min=1e-20).sqrt()
+    if direct is None:
+        ms = mu / (u - mu * mu).clamp(min=1e-20).sqrt()
+        frac_term = (ms - ms.clamp(lo_m, hi_m)).abs()
+    else:  # the counted fraction positive (no gradient) picks the direction; mean(x) carries it
+        frac = ((x.detach() > 0) & mask).sum() / n
+        frac_term = ((frac > direct[1]).float() - (frac < direct[0]).float()) * mu
+    return frac_term + (rms.clamp(lo_r, hi_r) / rms).log().abs()
+
+
+def limit_violation_grad(x: Tensor, mask: Tensor, limits: tuple) -> Tensor:
+    """d violation_loss / d x, written out (no torch.autograd.grad inside a backward: that breaks a
+    compiled graph). With n real elements, u = mean x^2, mu = mean x, sigma^2 = u - mu^2:
+    rms term: +-x / (n u) outside [lo_r, hi_r] (sign: + above, - below); Gaussian fraction term:
+    +-(1 - mu (x - mu) / sigma^2) / (n sigma) when mu / sigma lies outside its limits; counted
+    fraction term: +-1 / n. Zero at masked-out elements."""
+    lo_m, hi_m, lo_r, hi_r, direct = limits
+    m = mask.float()
+    n = m.sum().clamp(min=1.0)
+    u = (x * x * m).sum() / n
+    mu = (x * m).sum() / n
+    u_ok = (u > 1e-20).float()  # below the clamp the loss is flat
+    rms = u.clamp(min=1e-20).sqrt()
+    r_dir = (rms > hi_r).float() - (rms < lo_r).float()
+    g = (r_dir * u_ok / (n * u.clamp(min=1e-20))) * x
+    if direct is None:
+        var = u - mu * mu
+        sigma = var.clamp(min=1e-20).sqrt()
+        ms = mu / sigma
+        f_dir = (ms > hi_m).float() - (ms < lo_m).float()
+        var_ok = (var > 1e-20).float()
+        g = g + (f_dir / (n * sigma)) * (1.0 - var_ok * mu * (x - mu) / sigma.square())
+    else:
+        frac = ((x > 0) & mask).sum() / n
+        g = g + ((frac > direct[1]).float() - (frac < direct[0]).float()) / n
+    return g * m
 
 
 def balance(
     x: Tensor,
     keep_ratio: float,
     mask: Tensor | None,
-    prob: float,
+    prob: float | Tensor,
     pos_margin: float = 0.05,
     min_abs: float = 1.0,
     max_abs: float = 4.0,
@@ -109,7 +150,8 @@ def balance(
     direct: bool = False,
     box: dict | None = None,
 ) -> Tensor:
-    """Apply the score Balancer (method.md section 4) with probability `prob` (torch RNG).
+    """Apply the score Balancer (method.md section 4) with probability `prob` (a float or a 0-d
+    tensor, e.g. a schedule's `at(step)`; one draw of the torch RNG on x's device per call).
 
     Statistics are taken over the elements where `mask` is True (real tokens), or all if None.
     `gate`: see `GradSize` (None = the paper's elementwise |grad|).
@@ -119,9 +161,9 @@ def balance(
     scores toward the limits (the gradient of +-mean(s)), rescaled with the rms term as usual.
     `box`: a dict that receives "push", rms(push) / rms(grad) of the last backward (for logs).
     """
-    if prob <= 0.0:
+    if not isinstance(prob, Tensor) and prob <= 0.0:
         return x
-    on = torch.rand(()) < prob if prob < 1.0 else None  # decided by a tensor: no host sync
+    on = torch.rand((), device=x.device) < prob  # decided by a tensor on x's device: no host sync
     lo_p = min(max(keep_ratio - pos_margin, 0.001), 0.999)
     hi_p = min(max(keep_ratio + pos_margin, 0.001), 0.999)
     limits = (
@@ -177,28 +219,30 @@ class _TapGradSize(torch.autograd.Function):
 
 class _LimitParamValue(torch.autograd.Function):
     """Forward identity; backward flips the sign of gradients that would push x further outside
-    [min, max] (a soft limit that still lets other gradients act, unlike a clamp)."""
+    [lo, hi] (a soft limit that still lets other gradients act, unlike a clamp)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lo: float, hi: float, on: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.lo, ctx.hi, ctx.on = lo, hi, on
+    def forward(ctx, x: Tensor, lo: Tensor, hi: Tensor, on: Tensor) -> Tensor:
+        ctx.save_for_backward(x, lo, hi, on)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
+        x, lo, hi, on = ctx.saved_tensors
         # gradient descent moves x by -grad: grad > 0 below the minimum would push x further down
-        flip = ((grad > 0) & (x < ctx.lo)) | ((grad < 0) & (x > ctx.hi))
-        flip = flip & ctx.on.to(flip.device)
+        flip = (((grad > 0) & (x < lo)) | ((grad < 0) & (x > hi))) & on
         return torch.where(flip, -grad, grad), None, None, None
 
 
-def limit_param_value(x: Tensor, lo: float, hi: float, prob: float = 0.6, training: bool = True) -> Tensor:
-    """Hold a parameter in [lo, hi] by gradient sign flips, applied with probability `prob`."""
-    if lo > hi:
+def limit_param_value(
+    x: Tensor, lo: float | Tensor, hi: float | Tensor, prob: float = 0.6, training: bool = True
+) -> Tensor:
+    """Hold a parameter in [lo, hi] by gradient sign flips, applied with probability `prob`.
+    `lo`/`hi` may be 0-d tensors (a schedule's `at(step)`): nothing then leaves the device."""
+    if not isinstance(lo, Tensor) and not isinstance(hi, Tensor) and lo > hi:
         raise ValueError(f"limit_param_value: lo {lo} > hi {hi}")
     if not training:
         return x
-    on = torch.rand(()) < prob  # applied with probability prob, decided by a tensor: no host sync
+    on = torch.rand((), device=x.device) < prob  # applied with probability prob, decided on x's device
+    lo, hi = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (lo, hi))
     return _LimitParamValue.apply(x, lo, hi, on)

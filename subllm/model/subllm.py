@@ -103,7 +103,10 @@ class SubLLM(nn.Module):
         self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass) for _ in config.keep_ratios)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.step: int | None = None
+        self._step: int | None = None
+        self._has_step = False  # what forward checks: a bool that flips once (an int would recompile)
+        # the step as a device tensor: what forward reads, so a compiled graph never sees a new constant
+        self.register_buffer("step_tensor", torch.zeros((), dtype=torch.long), persistent=False)
         self.reset_parameters()
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -117,6 +120,18 @@ class SubLLM(nn.Module):
         if not isinstance(step, int) or step < 0:
             raise SubLLMError(f"step must be a non-negative int, got {step!r}")
         self.step = step
+
+    @property
+    def step(self) -> int | None:
+        """The training step last given to `set_step` (None before; forward reads `step_tensor`)."""
+        return self._step
+
+    @step.setter
+    def step(self, step: int | None) -> None:
+        self._step = step
+        self._has_step = step is not None
+        if step is not None:
+            self.step_tensor.fill_(step)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -141,7 +156,7 @@ class SubLLM(nn.Module):
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise SubLLMError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        if self.training and self.config.n_subsamples and self.step is None:
+        if self.training and self.config.n_subsamples and not self._has_step:
             raise SubLLMError(
                 "training-mode forward before model.set_step(step): the Balancer and bypass schedules "
                 "depend on the training step (docs/method.md section 7)"
@@ -191,14 +206,14 @@ class SubLLM(nn.Module):
         return x
 
     def _subsample(self, node: Sub, x: Tensor, level: Level, sels: list) -> Tensor:
-        sel = self.subsamples[node.index](x, level.valid, self.step)
+        sel = self.subsamples[node.index](x, level.valid, self.step_tensor)
         sels[node.index] = sel
         if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
             return x
         xg = gather_tokens(x, sel.idx)  # (B, K, C)
         inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid)
         h = self._run(node.children, xg, inner, sels)
-        b = self.bypasses[node.index].scale_value(self.step)
+        b = self.bypasses[node.index].scale_value(self.step_tensor)
         return upsample_bypass(x, xg, h, sel.idx, sel.weight, b)
 
     # ---- weights I/O (subllm/model/io.py) --------------------------------------------------

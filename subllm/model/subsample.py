@@ -227,18 +227,20 @@ class Subsample(nn.Module):
         """The inference rule on scores: s > theta (s > 0 for the paper's rule)."""
         return s > 0 if self.theta is None else s > self.theta
 
-    def forward(self, x: Tensor, valid: Tensor | None, step: int | None) -> Selection:
+    def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
+        """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles)."""
         s = self.scores(x)  # (B, T)
         if not self.training:
             return select_threshold(s, valid, self.theta)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None
-        prob = self.balancer_prob(step)
+        prob = self.balancer_prob.at(torch.as_tensor(step, device=x.device))
+        box = None if torch.compiler.is_compiling() else self.push_box  # a dict cannot enter a graph
         s = balance(
             s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
-            direct=opts.balancer_fraction == "direct", box=self.push_box,
+            direct=opts.balancer_fraction == "direct", box=box,
         )  # fmt: skip
-        flip = torch.rand(()) < 0.5  # a tensor: no host sync
+        flip = torch.rand((), device=x.device) < 0.5  # a tensor: no host sync
         sel = select_topk(s, valid, self.keep_ratio, flip, self.theta)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
@@ -290,12 +292,13 @@ class Bypass(nn.Module):
         else:
             self.register_buffer("scale", torch.ones(dim))
 
-    def scale_value(self, step: int | None) -> Tensor:
+    def scale_value(self, step: Tensor | int | None) -> Tensor:
         if not (self.training and self.enabled):
             return self.scale
-        return limit_param_value(self.scale, self.scale_min(step), 1.0, prob=0.6, training=True)
+        lo = self.scale_min.at(torch.as_tensor(step, device=self.scale.device))
+        return limit_param_value(self.scale, lo, 1.0, prob=0.6, training=True)
 
-    def forward(self, x: Tensor, y: Tensor, step: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor, step: Tensor | int | None = None) -> Tensor:
         return x + self.scale_value(step) * (y - x)
 
 

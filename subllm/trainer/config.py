@@ -56,6 +56,9 @@ class TrainConfig:
     dtype: str = "auto"  # bf16 where the hardware does bf16 natively, else fp32 (subllm/dtype.py)
     schedule_steps: str = "paper"
     fsdp: bool = False
+    compile: bool = (
+        False  # torch.compile the training forward+backward (one static graph, subllm/compiled.py)
+    )
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
@@ -228,6 +231,7 @@ FIELDS = {
     "dtype": _choice(DTYPES),
     "schedule_steps": _choice(SCHEDULES),
     "fsdp": _bool,
+    "compile": _bool,
     "device": _choice(DEVICES),
     "threads": lambda n, v: parse_int(n, v, none_ok=True),
     "progress": _bool,

@@ -142,6 +142,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         model.load_state_dict(state.model_state)
     model.to(info.device).train()
     wrapped = D.wrap_model(model, info, mode)
+    forward = wrapped  # what the training step calls; state dicts and no_sync stay on `wrapped`
+    if cfg.compile:
+        if mode == "fsdp":
+            raise SubLLMError("--compile with --fsdp is not supported; use DDP (plain torchrun) or drop one")
+        from subllm.compiled import compile_for_training
+
+        forward = compile_for_training(wrapped, mconf, info.device)
     optimizer, schedule = build_optimizer(
         model, cfg.optimizer, cfg.lr, steps, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay
     )
@@ -265,7 +272,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 x = next(sampler).to(info.device, non_blocking=True)
                 with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
                     with autocast():
-                        out = wrapped(x, labels=x)
+                        out = forward(x, labels=x)
                     loss = out.loss / cfg.grad_accum
                     loss.backward()
                 loss_sum += out.lm_loss.detach().float() / cfg.grad_accum
