@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.bench.common import autocast, format_table, interleaved, median, spread
+from subllm.bench.common import autocast, format_table, interleaved, median, min_med_max, spread
 from subllm.cache import layer_levels
 from subllm.config import get_preset, iter_subs, keep_count
 from subllm.dtype import describe_hardware, dtype_line, resolve_dtype
@@ -265,10 +265,14 @@ def bench_setting(
         keep_prefill=[round(f, 4) for f in keep_fractions(cfg, zero["subllm"], snap["subllm"])],
         keep_decode=[round(f, 4) for f in keep_fractions(cfg, snap["subllm"], ends["subllm"])],
         prefill_s={m: round(v, 4) for m, v in pre.items()},
+        prefill_s_min_med_max={m: [round(x, 4) for x in min_med_max(t)] for m, t in t_pre.items()},
         prefill_spread={m: round(spread(t), 3) for m, t in t_pre.items()},
         prefill_speedup=round(pre["llama"] / pre["subllm"], 4),
         prefill_ideal=round(f_pre["llama"] / f_pre["subllm"], 4),
         decode_tok_s={m: round(v, 2) for m, v in dps.items()},
+        decode_tok_s_min_med_max={
+            m: [round(n_dec / x, 2) for x in min_med_max(t)[::-1]] for m, t in t_dec.items()
+        },
         decode_spread={m: round(spread(t), 3) for m, t in t_dec.items()},
         decode_speedup=round(dps["subllm"] / dps["llama"], 4),
         decode_ideal=round(f_dec["llama"] / f_dec["subllm"], 4),
