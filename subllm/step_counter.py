@@ -34,6 +34,11 @@ class StepCounter:
         self.explicit = False
         self._handle = None
 
+    def __getstate__(self) -> dict:
+        """A copy (deepcopy or pickle of the model) counts for itself: it re-registers its own hook
+        on its first training forward instead of sharing the original's."""
+        return {**self.__dict__, "_handle": None}
+
     @property
     def current(self) -> int:
         return (self.base or 0) + self.updates - self.ref

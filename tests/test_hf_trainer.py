@@ -80,6 +80,24 @@ def test_folder_written_by_trainer_loads_with_step(tmp_path):
     SubLLM.from_pretrained(tmp_path / "final")  # the plain loader ignores the step
 
 
+def test_a_copy_counts_its_own_steps():
+    import copy
+
+    model = _model()
+    ids = torch.randint(3, 97, (2, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    twin = copy.deepcopy(model)  # one step done; the copy must continue from there on its own
+    opt2 = torch.optim.SGD(twin.parameters(), lr=1e-2)
+    twin(ids, labels=ids).loss.backward()
+    assert twin.subllm.step == 1
+    opt2.step()
+    twin(ids, labels=ids)
+    assert twin.subllm.step == 2 and int(twin.train_step) == 2
+    assert model.steps.current == 1  # the original did not see the copy's optimizer
+
+
 def test_counter_and_stale_explicit_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
