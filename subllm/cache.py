@@ -110,8 +110,18 @@ class KVCache:
         return self.bytes_per_token() * sum(per_level[lv] for lv in self.layer_level)
 
     def capacity_nbytes(self) -> int:
-        """Bytes allocated for K/V (held entries plus unused capacity)."""
+        """Bytes allocated for K/V (held entries plus unused capacity), from the tensors' shapes."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of the storages behind the K/V tensors, each storage counted once, as torch
+        reports them: a measurement of what is allocated, independent of this cache's own length
+        and capacity bookkeeping (a view into a larger buffer counts the whole buffer)."""
+        storages = {}
+        for t in (*self.k, *self.v):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return sum(storages.values())
 
     # ---- storage -----------------------------------------------------------------------------
     def _new_pos(self, cap: int) -> Tensor:

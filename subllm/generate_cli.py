@@ -64,10 +64,10 @@ def load_tokenizer(directory: Path):
             f"no tokenizer beside the checkpoint in {directory} (none of {', '.join(known)}); "
             "save one there with tokenizer.save_pretrained(dir)"
         )
-    from transformers.utils import logging as hf_logging
+    # AutoTokenizer reads config.json first; with model_type "subllm" registered it resolves our
+    # config class (no remote-code prompt, no "model of type `subllm` ... type ``" warning)
+    import subllm.hf  # noqa: F401
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "model of type subllm" notice: only the tokenizer is loaded here
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -75,8 +75,6 @@ def load_tokenizer(directory: Path):
             f"cannot load a tokenizer from {directory} ({type(e).__name__}: {e}); "
             "save one beside the checkpoint (tokenizer.save_pretrained(dir))"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "natively, else fp32",
     )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
-    inf.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
+    inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
     inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     inf.add_argument(
         "--prefill-reps",
