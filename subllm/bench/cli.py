@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument(
         "--dtypes",
         default="auto",
-        help="comma-separated bf16 (autocast), fp32, auto; auto (default) = bf16 where this CPU does bf16 "
-        "natively, else fp32",
+        help="comma-separated bf16 (autocast), fp32, auto; auto (default) = fp32 on a CPU (decoding is "
+        "slower in bf16 there), bf16 on a GPU that has it",
     )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")

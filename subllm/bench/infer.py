@@ -394,8 +394,8 @@ def run_infer(
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
     requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 for this CPU (subllm/dtype.py)
     kind = torch.device(device).type
-    dtypes = list(dict.fromkeys(resolve_dtype(d, kind) for d in requested))
-    log(f"[bench infer] dtype {', '.join(dtype_line(d, kind) for d in requested)}")
+    dtypes = list(dict.fromkeys(resolve_dtype(d, kind, "decode") for d in requested))
+    log(f"[bench infer] dtype {', '.join(dtype_line(d, kind, 'decode') for d in requested)}")
     sub, llama = build_models(preset, checkpoint, seed, device)
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]

@@ -52,7 +52,9 @@ def add_serve_arguments(sub) -> None:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated closed-loop client counts")
     p.add_argument("--requests", type=int, default=0, help="requests per concurrency (default max(4, 2c))")
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): fp32 on a CPU"
+    )
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of each server (default 1)")
     p.add_argument(
         "--verify", type=int, default=1, help="compare the first K outputs with in-process generate()"
@@ -264,7 +266,7 @@ def run_serve_bench(args, log=print) -> dict:
     for c in ckpts:
         if not (Path(c) / "config.json").is_file():
             raise SubLLMError(f"no checkpoint at {c} (config.json missing)")
-    dtype = resolve_dtype(args.dtype, "cpu")
+    dtype = resolve_dtype(args.dtype, "cpu", "decode")
     count = {c: args.requests or max(4, 2 * c) for c in levels}
     n_prompts = max(count.values())
     out = {"dtype": dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "models": []}

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): bf16 where this CPU does bf16 natively, else fp32",
+        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
     )
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -66,7 +66,7 @@ def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, mo
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
-    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu"), metrics)
+    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
     return batcher, build_app(batcher, name, metrics)
 
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype)}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
