@@ -148,3 +148,22 @@ def test_hf_baseline_times_the_same_computation():
         for tok in dec:
             ours = decode_step(llama, cache, tok)
     torch.testing.assert_close(first, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_train_report_with_hf_and_compile_keeps_both(monkeypatch):
+    """--hf and --compile together: the report carries both comparisons (one once overwrote the other)."""
+    from subllm.bench.train import print_report, run_train_bench
+
+    monkeypatch.setattr("subllm.compiled.BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    rep = run_train_bench(
+        "subllm-tiny", [32], 1, "fp32", reps=1, warmup=0, log=lambda *a: None, compile=True, hf=True
+    )
+    r = rep["results"][0]
+    assert r["llama_over_hf"] > 0 and r["compiled"]["speedup"] > 0
+    assert {"subllm_compiled", "llama_compiled", "hf_llama"} <= set(r["step_s"])
+    import io
+
+    out = io.StringIO()
+    print_report(rep, {}, out=out)
+    assert "HF LlamaForCausalLM" in out.getvalue() and "torch.compile" in out.getvalue()

@@ -180,7 +180,7 @@ def bench_length(
     del fr
     compiled = {"llama_over_hf": round(med["llama"] / med["hf_llama"], 4)} if hf else {}
     if compile:
-        compiled = {
+        compiled |= {
             "compiled": {
                 "speedup": round(med["llama_compiled"] / med["subllm_compiled"], 4),
                 "subllm_compiled_over_eager": round(med["subllm_compiled"] / med["subllm"], 4),
