@@ -123,8 +123,13 @@ def to_hf_llama(model):
     """An all-T SubLLM as a transformers LlamaForCausalLM with the same weights (and logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from subllm.model.rope import to_hf_rope_parameters
+
     c = model.config
     check_all_t(c.structure)
+    rope_parameters, max_position_embeddings = to_hf_rope_parameters(
+        c.rope_scaling, c.rope_theta, c.max_seq_len
+    )
     hf_cfg = LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.dim,
@@ -133,9 +138,9 @@ def to_hf_llama(model):
         num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_kv_heads,
         head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len,
+        max_position_embeddings=max_position_embeddings,
         rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        rope_parameters=rope_parameters,
         tie_word_embeddings=c.tie_embeddings,
         pad_token_id=c.pad_token_id,
         bos_token_id=c.bos_token_id,

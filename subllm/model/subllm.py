@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from subllm.config import ModelConfig, Sub, iter_subs
 from subllm.errors import SubLLMError
 from subllm.model.layers import Block, RMSNorm, rope_cos_sin
+from subllm.model.rope import is_dynamic
 from subllm.model.scaling import ScheduledFloat
 from subllm.model.subsample import (
     Bypass,
@@ -35,6 +36,7 @@ class Level:
     """What every layer at one nesting level shares."""
 
     pos: Tensor  # (B, L) original positions in the full sequence
+    seq_len: Tensor | None  # (B,) full-sequence length per row (dynamic RoPE scaling only)
     valid: Tensor | None  # (B, L) bool: real token / valid slot; None = all valid
     cos: Tensor  # (B, L, head_dim)
     sin: Tensor
@@ -138,9 +140,10 @@ class SubLLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     # ---- forward ---------------------------------------------------------------------------
-    def make_level(self, pos: Tensor, valid: Tensor | None) -> Level:
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-        return Level(pos, valid, cos, sin, attention_mask_for(valid))
+    def make_level(self, pos: Tensor, valid: Tensor | None, seq_len: Tensor | None = None) -> Level:
+        c = self.config
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
+        return Level(pos, seq_len, valid, cos, sin, attention_mask_for(valid))
 
     def forward(
         self,
@@ -148,9 +151,13 @@ class SubLLM(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_selections: bool = False,
+        position_ids: Tensor | None = None,
     ) -> SubLLMOutput:
         """input_ids (B, T); attention_mask (B, T) 1 = real, 0 = pad (left or right padding);
-        labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored."""
+        labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored;
+        position_ids (B, T) long (HF's convention): each token's RoPE position, kept by the token at
+        every nesting level (default: 0, 1, ... counting real tokens only). With "dynamic" RoPE
+        scaling a row's sequence length is its largest position (of a real token) + 1."""
         if input_ids.dim() != 2:
             raise SubLLMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -168,13 +175,23 @@ class SubLLM(nn.Module):
             valid = attention_mask.bool()
             if bool(valid.all()):
                 valid = None
-        if valid is None:
+        if position_ids is not None:
+            if position_ids.shape != input_ids.shape or position_ids.dtype.is_floating_point:
+                raise SubLLMError(
+                    f"position_ids must be integers of the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {position_ids.dtype} {tuple(position_ids.shape)}"
+                )
+            pos = position_ids.long()
+        elif valid is None:
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+        seq_len = None
+        if is_dynamic(self.config.rope_scaling):  # per row, from level 0: never a subsampled level's
+            seq_len = (pos if valid is None else pos.masked_fill(~valid, 0)).amax(1) + 1
         sels: list[Selection | None] = [None] * self.config.n_subsamples
         x = self.embed(input_ids)  # (B, T, C)
-        x = self._run(self.tree, x, self.make_level(pos, valid), sels)
+        x = self._run(self.tree, x, self.make_level(pos, valid, seq_len), sels)
         logits = self.head(self.norm(x))  # (B, T, V)
         loss = lm_loss = None
         if labels is not None:
@@ -211,7 +228,7 @@ class SubLLM(nn.Module):
         if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
             return x
         xg = gather_tokens(x, sel.idx)  # (B, K, C)
-        inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid)
+        inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid, level.seq_len)
         h = self._run(node.children, xg, inner, sels)
         b = self.bypasses[node.index].scale_value(self.step_tensor)
         return upsample_bypass(x, xg, h, sel.idx, sel.weight, b)
