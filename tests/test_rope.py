@@ -2,6 +2,8 @@
 rope_type past the original length, cached == uncached for a nested SUBLLM with each, positions
 given explicitly, config checks and the HF / convert round trips."""
 
+import json
+
 import pytest
 import torch
 from helpers import left_padded, tiny_model
@@ -214,3 +216,21 @@ def test_dynamic_cached_decode_equals_hf_cached_decode():
         full = model(torch.cat([ids, new], 1)).logits[:, -1]
     assert (torch.stack(ref) - torch.stack(ours)).abs().max() < 1e-4
     assert (full - ours[-1]).abs().max() > 1e-3
+
+
+def test_convert_cli_sets_rope_scaling(tmp_path, capsys):
+    """`subllm convert --from-hf-llama --rope-scaling JSON --max-seq-len N`: a plain Llama extended
+    with yarn equals the same Llama with yarn in transformers (the weights are untouched)."""
+    from subllm.cli import main
+
+    _hf_llama(None).save_pretrained(tmp_path / "hf")
+    yarn = SCALINGS["yarn"]
+    args = ["convert", "--from-hf-llama", str(tmp_path / "hf"), "--out", str(tmp_path / "sub")]
+    assert main(args + ["--rope-scaling", json.dumps(yarn), "--max-seq-len", "512"]) == 0
+    model = SubLLM.from_pretrained(tmp_path / "sub").eval()
+    assert model.config.rope_scaling == yarn and model.config.max_seq_len == 512
+    ids = torch.randint(0, 101, (1, 200))
+    with torch.no_grad():
+        assert (model(ids).logits - _hf_llama(yarn)(ids).logits).abs().max() < 1e-4
+    assert main(args + ["--overwrite", "--rope-scaling", "yarn"]) != 0
+    assert "--rope-scaling must be a JSON object" in capsys.readouterr().err
