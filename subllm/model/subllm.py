@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from subllm.config import ModelConfig, Sub, iter_subs
 from subllm.errors import SubLLMError
@@ -106,6 +107,10 @@ class SubLLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._step: int | None = None
+        # activation checkpointing per layer (set by the trainer, never by the model itself): each
+        # Block's activations are recomputed in backward instead of saved (torch.utils.checkpoint,
+        # non-reentrant); only training-mode forwards with grad enabled are affected
+        self.activation_checkpointing = False
         self._has_step = False  # what forward checks: a bool that flips once (an int would recompile)
         # the step as a device tensor: what forward reads, so a compiled graph never sees a new constant
         self.register_buffer("step_tensor", torch.zeros((), dtype=torch.long), persistent=False)
@@ -219,8 +224,14 @@ class SubLLM(nn.Module):
             if isinstance(node, Sub):
                 x = self._subsample(node, x, level, sels)
             else:
-                x = self.layers[node](x, level.cos, level.sin, level.mask)
+                x = self._layer(node, x, level)
         return x
+
+    def _layer(self, i: int, x: Tensor, level: Level) -> Tensor:
+        block = self.layers[i]
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, level.cos, level.sin, level.mask, use_reentrant=False)
+        return block(x, level.cos, level.sin, level.mask)
 
     def _subsample(self, node: Sub, x: Tensor, level: Level, sels: list) -> Tensor:
         sel = self.subsamples[node.index](x, level.valid, self.step_tensor)
