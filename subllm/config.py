@@ -211,6 +211,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["keep_ratio"], tuple):
             d["keep_ratio"] = list(d["keep_ratio"])
+        if d["rope_scaling"] is None:  # plain RoPE: config.json exactly as before the field existed
+            del d["rope_scaling"]
         return d
 
     @classmethod

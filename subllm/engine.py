@@ -94,14 +94,28 @@ def compact(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, l
     return input_ids.gather(1, order), n.tolist()
 
 
-def prefill(
-    model: SubLLM, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, extra: int = 0
-) -> Tensor:
-    """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
-    token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed)."""
+def check_prefill_inputs(model: SubLLM, input_ids: Tensor, cache: KVCache) -> None:
     _check_eval(model)
     if input_ids.dim() != 2 or input_ids.shape[0] != cache.batch_size:
         raise SubLLMError(f"input_ids must be (batch={cache.batch_size}, time), got {tuple(input_ids.shape)}")
+
+
+def prefill(
+    model: SubLLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    extra: int = 0,
+    chunk: int | None = None,
+) -> Tensor:
+    """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
+    token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed).
+    `chunk`: run the prompt `chunk` tokens at a time (bounded peak memory, subllm/chunked_prefill.py)."""
+    if chunk is not None:
+        from subllm.chunked_prefill import prefill_chunked
+
+        return prefill_chunked(model, input_ids, attention_mask, cache, chunk, extra)
+    check_prefill_inputs(model, input_ids, cache)
     ids, lengths = compact(input_ids, attention_mask)
     if min(lengths) == 0:
         raise SubLLMError("every row needs at least one real (attention_mask = 1) token")
