@@ -61,3 +61,27 @@ def test_cli_prefill_chunk(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert main([*base, "--max-new-tokens", "6", "--prefill-chunk", "3"]) == 0
     assert capsys.readouterr().out == plain
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16},
+    ],
+)
+def test_chunked_prefill_with_rope_scaling(scaling):
+    """Past the original length: each chunk rotates by the scaled frequencies (dynamic: of the
+    whole prompt's length, as one pass does)."""
+    from helpers import tiny_model
+
+    model = tiny_model(rope_scaling=scaling, seed=1)
+    ids, mask = left_padded([40, 25], vocab=97)
+    with torch.no_grad():
+        ref_cache, cache = new_cache(model, 2), new_cache(model, 2)
+        ref = prefill(model, ids, mask, ref_cache)
+        got = prefill(model, ids, mask, cache, chunk=6)
+    assert (got - ref).abs().max() < 1e-5 and cache.snapshot() == ref_cache.snapshot()
+    for layer, level in enumerate(cache.layer_level):
+        n = cache.length(level, 0)
+        assert (cache.k[layer][0, :, :n] - ref_cache.k[layer][0, :, :n]).abs().max() < 1e-5

@@ -24,6 +24,18 @@ with max_seq_len 16384.
 
 Positions are ORIGINAL positions at every nesting level (docs/method.md section 6); for "dynamic"
 the sequence length is that of the full sequence (level 0), never of a subsampled level.
+
+"dynamic", the choice made here. HF recomputes its frequencies from max(position_ids) + 1 of the
+call: in a full forward every token of a sequence of n > orig tokens is rotated with the
+frequencies of n; in its cached decode the prompt's keys keep the prompt length's frequencies and
+each new token gets those of the length it makes. The two disagree past orig, and no KV cache can
+reproduce the full forward there (the hidden states of every earlier token change with n, not only
+its keys). So: the full forward (`SubLLM.forward`) equals HF's full forward, with the length taken
+per row (max position of a real token + 1; HF takes the batch maximum, which makes a row depend on
+its batch), and the cached engine equals HF's cached decode (prefill at the prompt's length, each
+decoded token at its own). Both are stateless (HF's rotary module keeps the largest length seen
+until a short call resets it). Up to orig both are plain RoPE and cached == uncached exactly; tests
+check all three equalities.
 """
 
 from __future__ import annotations

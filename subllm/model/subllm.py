@@ -37,11 +37,11 @@ class Level:
     """What every layer at one nesting level shares."""
 
     pos: Tensor  # (B, L) original positions in the full sequence
-    seq_len: Tensor | None  # (B,) full-sequence length per row (dynamic RoPE scaling only)
     valid: Tensor | None  # (B, L) bool: real token / valid slot; None = all valid
     cos: Tensor  # (B, L, head_dim)
     sin: Tensor
     mask: Tensor | None  # (B, 1, L, L) bool, True = may attend; None = plain causal
+    seq_len: Tensor | None = None  # (B,) full-sequence length per row (dynamic RoPE scaling only)
 
 
 def attention_mask_for(valid: Tensor | None) -> Tensor | None:
@@ -148,7 +148,7 @@ class SubLLM(nn.Module):
     def make_level(self, pos: Tensor, valid: Tensor | None, seq_len: Tensor | None = None) -> Level:
         c = self.config
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
-        return Level(pos, seq_len, valid, cos, sin, attention_mask_for(valid))
+        return Level(pos, valid, cos, sin, attention_mask_for(valid), seq_len)
 
     def forward(
         self,
