@@ -110,8 +110,18 @@ class KVCache:
         return self.bytes_per_token() * sum(per_level[lv] for lv in self.layer_level)
 
     def capacity_nbytes(self) -> int:
-        """Bytes allocated for K/V (held entries plus unused capacity)."""
+        """Bytes allocated for K/V (held entries plus unused capacity), from the tensors' shapes."""
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def allocated_nbytes(self) -> int:
+        """Bytes of the storages behind the K/V tensors, each storage counted once, as torch
+        reports them: a measurement of what is allocated, independent of this cache's own length
+        and capacity bookkeeping (a view into a larger buffer counts the whole buffer)."""
+        storages = {}
+        for t in (*self.k, *self.v):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return sum(storages.values())
 
     # ---- storage -----------------------------------------------------------------------------
     def _new_pos(self, cap: int) -> Tensor:
@@ -227,9 +237,62 @@ class KVCache:
                 self.pos[level][b, n : self._len[level][b]] = -1
             self._len[level] = list(lens)
 
+    # ---- rows (continuous batching, subllm/serve/batcher.py) --------------------------------
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only batch rows `rows`, in that order (e.g. drop finished requests); the other rows'
+        K/V is freed and each level's capacity shrinks to the kept rows' longest length, rounded up
+        to `chunk` (never grows). Row r of the result is old row rows[r]."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise SubLLMError("keep_rows needs at least one row (drop the whole cache instead)")
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.batch_size for r in rows):
+            raise SubLLMError(f"rows must be distinct batch indexes below {self.batch_size}, got {rows}")
+        idx = torch.tensor(rows, device=self.device)
+        for level in range(self.n_levels):
+            lens = [self._len[level][r] for r in rows]
+            cap = min(self.capacity[level], -(-max(lens) // self.chunk) * self.chunk)
+            for i in self.level_layers[level]:  # slice first: index_select copies only what is kept
+                self.k[i] = self.k[i][:, :, :cap].index_select(0, idx)
+                self.v[i] = self.v[i][:, :, :cap].index_select(0, idx)
+            self.pos[level] = self.pos[level][:, :cap].index_select(0, idx)
+            self.capacity[level] = cap
+            self._len[level] = lens
+        self.batch_size = len(rows)
+
+    def add_rows(self, other: KVCache) -> list[int]:
+        """Append the rows of `other` (same config, dtype and device; e.g. a request prefilled
+        alone) after this cache's rows; -> their new row indexes. Per level, capacity becomes the
+        larger of this cache's and what `other`'s rows hold (rounded up to `chunk`)."""
+        if other.config != self.config or other.dtype != self.dtype or other.device != self.device:
+            raise SubLLMError("add_rows needs a cache of the same model config, dtype and device")
+        first = self.batch_size
+        for level in range(self.n_levels):
+            need = max(other._len[level])
+            cap = max(self.capacity[level], -(-need // self.chunk) * self.chunk)
+            for i in self.level_layers[level]:
+                self.k[i] = torch.cat([_fit(self.k[i], cap), _fit(other.k[i], cap)])
+                self.v[i] = torch.cat([_fit(self.v[i], cap), _fit(other.v[i], cap)])
+            pos = torch.cat([_fit(self.pos[level][:, None], cap), _fit(other.pos[level][:, None], cap)])
+            self.pos[level] = pos[:, 0]
+            self.capacity[level] = cap
+            self._len[level] = self._len[level] + list(other._len[level])
+        self.batch_size += other.batch_size
+        return list(range(first, self.batch_size))
+
     def __repr__(self) -> str:
         lens = ", ".join(f"L{lv}={self._len[lv]}" for lv in range(self.n_levels))
         return (
             f"KVCache(batch={self.batch_size}, levels={self.n_levels}, {lens}, "
             f"held={self.nbytes()} B, allocated={self.capacity_nbytes()} B, dtype={self.dtype})"
         )
+
+
+def _fit(t: Tensor, cap: int) -> Tensor:
+    """t (B, H, S, hd) (or (B, 1, S) positions) with its slot dimension cut or padded to `cap`
+    (zeros for K/V, -1 for positions: both the values of unused slots)."""
+    S = t.shape[2]
+    if S >= cap:
+        return t[:, :, :cap]
+    fill = -1 if t.dtype == torch.long else 0
+    pad = t.new_full((*t.shape[:2], cap - S, *t.shape[3:]), fill)
+    return torch.cat([t, pad], 2)

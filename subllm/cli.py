@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("subllm.data.cli", "fetch corpora, train tokenizers, pack token shards"),
     "train": ("subllm.train", "pretrain a SUBLLM (or the LLaMA baseline)"),
     "generate": ("subllm.generate_cli", "generate text from a checkpoint"),
+    "serve": ("subllm.serve.cli", "an OpenAI-compatible HTTP server with continuous batching"),
     "bench": ("subllm.bench.cli", "benchmarks: SUBLLM vs the same-size LLaMA"),
     "eval": ("subllm.evaluate", "evaluate a checkpoint: loss, bits per byte, few-shot tasks"),
     "convert": ("subllm.convert", "convert between Hugging Face Llama and SUBLLM checkpoints"),

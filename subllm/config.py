@@ -220,7 +220,7 @@ class ModelConfig:
         """A config.json written before a selection field existed is a paper-rule model: such
         missing fields take the paper's values (SELECTION_RECIPES["paper"]), not today's defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names - {"model_type", "architectures", "n_layers"})
+        unknown = sorted(set(d) - names - {"model_type", "architectures", "auto_map", "n_layers"})
         if unknown:
             raise SubLLMError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         legacy = {k: v for k, v in SELECTION_RECIPES["paper"].items() if k not in d}
@@ -277,9 +277,9 @@ def keep_count(n: int, ratio: float) -> int:
 _SUBLLM = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
 
 PRESETS: dict[str, ModelConfig] = {
-    # the released 1.3B configs (method.md section 1)
-    "subllm-1.3b": ModelConfig().with_selection("paper"),
-    "llama-1.3b": ModelConfig().with_selection("paper").as_llama(),
+    # the released 1.3B configs (method.md sections 1 and 11: RMSNorm eps 1e-5, as their code uses)
+    "subllm-1.3b": ModelConfig(norm_eps=1e-5).with_selection("paper"),
+    "llama-1.3b": ModelConfig(norm_eps=1e-5).with_selection("paper").as_llama(),
     # the paper's exact 24-layer structure at a width a 2-core CPU can benchmark
     "subllm-small": ModelConfig(
         vocab_size=8192, dim=256, n_heads=4, ffn_dim=688, max_seq_len=16384, structure=_SUBLLM

@@ -2,6 +2,11 @@
 
     subllm convert --from-hf-llama HF_DIR [--structure S] [--keep-ratio R] --out DIR
     subllm convert --to-hf-llama SUBLLM_DIR --out HF_DIR
+    subllm convert --from-official CKPT --config JSON --out DIR
+    subllm convert --to-official SUBLLM_DIR --out DIR
+
+`--from-official` / `--to-official`: the authors' released format (XiaoMi/subllm `SubllmModel`
+state dict + `SubllmConfig` JSON; subllm/official.py, docs/method.md section 11).
 
 `--from-hf-llama` copies every Llama layer into a SubLLM (docs/method.md section 1): with
 `--structure` only the new S (score) and B (bypass) parameters are initialised fresh, which is
@@ -202,6 +207,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf-llama", metavar="DIR", help="a Hugging Face Llama directory to convert")
     src.add_argument("--to-hf-llama", metavar="DIR", help="an all-T SubLLM checkpoint to export as a Llama")
+    src.add_argument("--from-official", metavar="CKPT", help="the authors' SubllmModel state dict (.pt/.bin)")
+    src.add_argument(
+        "--to-official", metavar="DIR", help="a SubLLM checkpoint to export in the authors' format"
+    )
+    parser.add_argument("--config", metavar="JSON", help="with --from-official: the SubllmConfig JSON")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
         "--structure", help="with --from-hf-llama: e.g. 'TT(T(TT)T)T' (as many T as the Llama has layers)"
@@ -223,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SubLLMError(f"{out} exists and is not empty (pass --overwrite to write into it)")
+    if args.config and not args.from_official:
+        raise SubLLMError("--config only applies to --from-official")
+    if args.from_official or args.to_official:
+        return run_official(args, out)
     if args.from_hf_llama:
         model = from_hf_llama_dir(
             args.from_hf_llama,
@@ -249,6 +263,31 @@ def run(args: argparse.Namespace) -> int:
             )
         hf = to_hf_llama_dir(args.to_hf_llama, out)
         print(f"exported {args.to_hf_llama} -> {out}: LlamaForCausalLM, {hf.config.num_hidden_layers} layers")
+    return 0
+
+
+def run_official(args: argparse.Namespace, out: Path) -> int:
+    from subllm.official import from_official, to_official
+
+    if args.structure or args.keep_ratio:
+        raise SubLLMError("--structure/--keep-ratio only apply to --from-hf-llama")
+    if args.from_official:
+        if not args.config:
+            raise SubLLMError("--from-official needs --config JSON (the SubllmConfig fields)")
+        model = from_official(args.from_official, args.config)
+        model.save_pretrained(out)
+        c = model.config
+        print(
+            f"converted {args.from_official} -> {out}: structure {c.structure}, keep ratio "
+            f"{c.keep_ratio}, norm eps {c.norm_eps:g}, tied {c.tie_embeddings}, "
+            f"{model.num_params():,} parameters"
+        )
+        return 0
+    from subllm.model.subllm import SubLLM
+
+    weights, config = to_official(SubLLM.from_pretrained(args.to_official), out)
+    copy_tokenizer_files(args.to_official, out)
+    print(f"exported {args.to_official} -> {weights} + {config} (the authors' SubllmModel format)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Which dtype a command computes in: `--dtype auto` (the default everywhere) -> bf16 autocast or fp32.
 
 auto = bf16 on a CUDA device that supports bf16 and on a CPU with native bf16 (AVX512-BF16 or AMX
-on x86; whatever oneDNN accepts elsewhere), else fp32. Measured: on a CPU with AVX2 only, bf16
+on x86; whatever oneDNN accepts elsewhere), else fp32 - except decoding on a CPU (generate, serve,
+bench infer: `work="decode"`), which is fp32 there. Measured: on a CPU with AVX2 only, bf16
 autocast matmuls run ~80x slower than fp32, so bf16 is no default there. fp16 is never used.
 The hardware is probed once per process (`cpu_probe`, cached), through private torch calls that
 may vanish: any failure reads as "no native bf16". Imports torch lazily (no cost at `--help`).
@@ -68,25 +69,36 @@ def _warn_slow_bf16(capability: str) -> None:
     )
 
 
-def resolve_dtype(name: str, device: str = "cpu") -> str:
+WORK = ("train", "decode")
+
+
+def resolve_dtype(name: str, device: str = "cpu", work: str = "train") -> str:
     """auto | bf16 | fp32 on `device` ("cpu", "cuda", "cuda:1", a torch.device) -> "bf16" or "fp32".
-    An explicit bf16 on a CPU without native bf16 is kept, with one warning per process."""
+    `work`: "train" (training, evaluation: large matmuls) or "decode" (generation, serving, the
+    inference benchmark). On a CPU, auto decodes in fp32 even where bf16 is native: a decode step
+    multiplies a few rows by every weight, where autocast's per-step weight casts cost more than
+    bf16 saves (measured in docs/RESULTS.md, issue 10). An explicit bf16 on a CPU without native bf16
+    is kept, with one warning per process."""
     if name not in DTYPES:
         raise SubLLMError(f"--dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    if work not in WORK:
+        raise ValueError(f"work must be one of {WORK}, got {work!r}")
     on_cuda = str(device).startswith("cuda")
     if name == "auto":
-        return "bf16" if (cuda_bf16() if on_cuda else cpu_probe()["cpu_native_bf16"]) else "fp32"
+        if on_cuda:
+            return "bf16" if cuda_bf16() else "fp32"
+        return "bf16" if cpu_probe()["cpu_native_bf16"] and work == "train" else "fp32"
     if name == "bf16" and not on_cuda and not cpu_probe()["cpu_native_bf16"]:
         _warn_slow_bf16(cpu_probe()["cpu_capability"])
     return name
 
 
-def dtype_record(name: str, device: str = "cpu") -> dict:
+def dtype_record(name: str, device: str = "cpu", work: str = "train") -> dict:
     """The fields every results / metrics JSON carries: resolved and requested dtype, hardware."""
-    return {"dtype": resolve_dtype(name, device), "dtype_requested": name, **describe_hardware()}
+    return {"dtype": resolve_dtype(name, device, work), "dtype_requested": name, **describe_hardware()}
 
 
-def dtype_line(name: str, device: str = "cpu") -> str:
+def dtype_line(name: str, device: str = "cpu", work: str = "train") -> str:
     """The resolved dtype with what it rests on, for a command's log: 'bf16 (auto; cpu AVX512,
     native bf16)'."""
     hw = describe_hardware()
@@ -94,4 +106,6 @@ def dtype_line(name: str, device: str = "cpu") -> str:
     if str(device).startswith("cuda"):
         why.append("cuda bf16" if hw.get("cuda_bf16") else "cuda without bf16")
     why.append(f"cpu {hw['cpu_capability']}, {'native' if hw['cpu_native_bf16'] else 'no native'} bf16")
-    return f"{resolve_dtype(name, device)} ({'; '.join(why)})"
+    if name == "auto" and work == "decode" and not str(device).startswith("cuda"):
+        why.append("decoding on a CPU")
+    return f"{resolve_dtype(name, device, work)} ({'; '.join(why)})"

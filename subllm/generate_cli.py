@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): bf16 where this CPU does bf16 natively, else fp32",
+        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
     )
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
     p.add_argument(
@@ -71,10 +71,10 @@ def load_tokenizer(directory: Path):
             f"no tokenizer beside the checkpoint in {directory} (none of {', '.join(known)}); "
             "save one there with tokenizer.save_pretrained(dir)"
         )
-    from transformers.utils import logging as hf_logging
+    # AutoTokenizer reads config.json first; with model_type "subllm" registered it resolves our
+    # config class (no remote-code prompt, no "model of type `subllm` ... type ``" warning)
+    import subllm.hf  # noqa: F401
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "model of type subllm" notice: only the tokenizer is loaded here
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -82,8 +82,6 @@ def load_tokenizer(directory: Path):
             f"cannot load a tokenizer from {directory} ({type(e).__name__}: {e}); "
             "save one beside the checkpoint (tokenizer.save_pretrained(dir))"
         ) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stats and not args.no_cache:
         kw["on_prefill"] = lambda cache: held.update(cache=cache, before=cache.snapshot())
     prompt = torch.tensor([ids])
-    dtype = resolve_dtype(args.dtype, "cpu")
+    dtype = resolve_dtype(args.dtype, "cpu", "decode")
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     t0 = time.perf_counter()
     count = 0
@@ -150,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(
         f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, "
-        f"{dtype_line(args.dtype)}]",
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}]",
         file=sys.stderr,
     )
     if args.stats:

@@ -14,6 +14,12 @@ prefills `SubLLMCache` with the (left-padded) prompt, every later step decodes o
 so tokens that an S drops skip the layers inside it (docs/method.md section 3). With
 `use_cache=False` every step recomputes the full eval-mode forward. Greedy and sampling are
 supported; beam search (which reorders cache rows) is not.
+
+Training with `transformers.Trainer` (or any loop) needs no extra code: the schedules' step
+(docs/method.md section 7) is counted by the model itself, one per optimizer step over its
+parameters (subllm/step_counter.py), and kept in the `train_step` buffer, which save_pretrained
+writes and a Trainer resume restores. A loop that calls `set_step` takes over,
+and a step it forgets to advance raises instead of passing silently.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -28,6 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from subllm.config import ModelConfig
 from subllm.errors import SubLLMError
 from subllm.model.subllm import SubLLM
+from subllm.step_counter import StepCounter
 
 MODEL_TYPE = "subllm"
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -116,6 +124,7 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"head.weight": "embed.weight"}  # used only when tie_embeddings is set
+    _keys_to_ignore_on_load_missing = [r"^train_step$"]  # folders saved before the step was kept
     _supports_sdpa = True
 
     def __init__(self, config: SubLLMConfig):
@@ -124,7 +133,20 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         for name, child in core.named_children():
             self.add_module(name, child)
         self.__dict__["subllm"] = core  # not a submodule: its children are already ours
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))  # optimizer steps so far
+        self.steps = StepCounter()
+        self.register_load_state_dict_post_hook(_reread_step)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking a local folder's weights against their recorded
+        sha256 (a damaged copy is a SubLLMError, not silently different weights)."""
+        from subllm.model.io import verify_weights
+
+        if Path(str(pretrained_model_name_or_path)).is_dir():
+            verify_weights(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -141,6 +163,7 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         if module is self:
+            self.train_step.zero_()
             return
         from subllm.model.subllm import init_module
 
@@ -159,7 +182,20 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         self.head = self.subllm.head = value
 
     def set_step(self, step: int) -> None:
+        """Explicit mode: the caller sets the step before every optimizer step's forwards (a
+        forgotten update raises at the next training forward)."""
         self.subllm.set_step(step)
+        self.steps.attach(self, _store_step)
+        self.steps.set(step)
+        self.train_step.fill_(step)
+
+    def _training_step(self) -> int:
+        """The step for this training forward: optimizer steps counted since the `train_step`
+        buffer was read (a restored count after a resume), or the explicit one."""
+        self.steps.attach(self, _store_step)
+        if self.steps.base is None:
+            self.steps.reset(int(self.train_step))  # one host read per loaded state
+        return self.steps.step()
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -181,6 +217,8 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise SubLLMError("SubLLMForCausalLM needs input_ids (inputs_embeds is not supported)")
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         self.subllm.training = self.training
+        if self.training and torch.is_grad_enabled() and cache is None:
+            self.subllm.set_step(self._training_step())
         if cache is None:
             out = self.subllm(
                 input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
@@ -226,7 +264,18 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         if not is_main_process:
             return
         Path(save_directory).mkdir(parents=True, exist_ok=True)
-        self.to_subllm().save_pretrained(save_directory)
+        from subllm.model.io import save_pretrained
+
+        save_pretrained(self.to_subllm(), save_directory, extra_state={"train_step": self.train_step})
+
+
+def _store_step(model: SubLLMForCausalLM, step: int) -> None:
+    model.train_step.fill_(step)  # optimizer steps so far: what a checkpoint of this moment resumes from
+
+
+def _reread_step(model: SubLLMForCausalLM, incompatible_keys) -> None:
+    model.steps.base = None  # new weights (e.g. a Trainer resume): read train_step at the next forward
+    model.steps.explicit = False
 
 
 _registered = False

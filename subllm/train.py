@@ -29,7 +29,8 @@ HELP = {
     "tokenizer": "tokenizer for raw-text --data (default: train one), or where packed data's tokenizer is",
     "vocab_size": "vocabulary of the tokenizer trained for raw-text --data (default 8192)",
     "optimizer": f"{' | '.join(OPTIMIZERS)} (default scaled_adam, with Eden; adamw uses warmup-cosine)",
-    "lr": "base learning rate (default: 0.035 scaled_adam, 3e-4 adamw)",
+    "lr": "base learning rate (default: 0.035 scaled_adam, 3e-4 adamw); with --resume a new value applies "
+    "from the resumed step on and is recorded as a trajectory change",
     "warmup_steps": "lr warmup steps (default min(500, steps // 10))",
     "weight_decay": "AdamW weight decay (default 0.1)",
     "batch_size": "sequences per micro-batch per rank (default 8)",

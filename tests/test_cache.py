@@ -252,3 +252,41 @@ def test_bf16_autocast_cache():
     assert cache.nbytes() == cache.bytes_per_token() * sum(
         sum(cache.lengths(lv).tolist()) for lv in cache.layer_level
     )
+
+
+@torch.no_grad()
+def test_allocated_kv_bytes_against_the_ideal_ratio():
+    """Allocated K/V bytes, measured from torch's storages (not from the cache's counters), equal
+    bytes per token x (tokens each layer's level kept in an eval forward + the reserved decode
+    slots); for SUBLLM vs the same-size LLaMA that ratio lies at or above the ideal (held-entry)
+    ratio, above it only by the reserved decode slots."""
+    model = tiny_preset_model()
+    llama = SubLLM(model.config.as_llama()).eval()
+    ids = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    sels = model(ids, return_selections=True).selections
+    kept = {0: 48}  # tokens per level, counted from the selections alone
+    for sub in iter_subs(model.config.tree):
+        kept[len(kept)] = int(sels[sub.index].n_kept[0])
+    assert 0 < kept[2] < kept[1] < 48
+    D = 5
+    alloc, held = {}, {}
+    for name, m in (("subllm", model), ("llama", llama)):
+        cache = new_cache(m, 1)
+        prefill(m, ids, None, cache, extra=D)
+        per_tok = cache.bytes_per_token()
+        levels = cache.layer_level
+        assert cache.allocated_nbytes() == per_tok * sum(kept[lv] + D for lv in levels)
+        alloc[name], held[name] = cache.allocated_nbytes(), cache.nbytes()
+        assert held[name] == per_tok * sum(kept[lv] for lv in levels)
+    n_layers = model.config.n_layers
+    ideal = held["subllm"] / held["llama"]
+    measured = alloc["subllm"] / alloc["llama"]
+    assert ideal == sum(kept[lv] for lv in layer_levels(model.config.tree)[0]) / (n_layers * 48)
+    assert ideal < measured < (ideal * n_layers * 48 + n_layers * D) / (n_layers * 48)
+
+
+def test_allocated_bytes_see_a_view_into_a_larger_buffer():
+    cache = KVCache(tiny_preset_model().config, 1)
+    big = torch.zeros(1, cache.config.n_kv_heads, 100, cache.config.head_dim)
+    cache.k[0] = big[:, :, :10]  # a view: its shape says 10 slots, its storage holds 100
+    assert cache.allocated_nbytes() - cache.capacity_nbytes() == 90 * cache.bytes_per_token() // 2

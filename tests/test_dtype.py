@@ -125,3 +125,16 @@ def test_probe_rules(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SVE256")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert D.cpu_probe() == {"cpu_capability": "SVE256", "cpu_native_bf16": True}  # oneDNN decides
+
+
+def test_auto_decodes_in_fp32_on_any_cpu(monkeypatch):
+    """Decoding (generate, serve, bench infer) on a CPU: fp32 even with native bf16; explicit bf16
+    is honoured; a GPU decodes in bf16 where it has it."""
+    _cpu(monkeypatch, NATIVE)
+    assert D.resolve_dtype("auto", "cpu", "decode") == "fp32"
+    assert D.resolve_dtype("bf16", "cpu", "decode") == "bf16"
+    assert "decoding on a CPU" in D.dtype_line("auto", "cpu", "decode")
+    monkeypatch.setattr(D, "cuda_bf16", lambda: True)
+    assert D.resolve_dtype("auto", "cuda", "decode") == "bf16"
+    with pytest.raises(ValueError):
+        D.resolve_dtype("auto", "cpu", "prefill")

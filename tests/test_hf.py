@@ -15,6 +15,8 @@ hf_mod = pytest.importorskip("subllm.hf")
 
 
 def _same_state(a: dict, b: dict) -> bool:
+    """Equal model tensors (the HF wrapper's own `train_step` counter aside)."""
+    a, b = ({k: v for k, v in s.items() if k != "train_step"} for s in (a, b))
     return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -54,7 +56,12 @@ def test_round_trip_subllm_dir_through_auto(tmp_path, tie):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, hf(ids).logits)
     hf.save_pretrained(tmp_path / "b")  # the same format back
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.sha256",
+        "modeling_subllm.py",
+    ]
     back = SubLLM.from_pretrained(tmp_path / "b")
     assert back.config == model.config
     assert _same_state(model.state_dict(), back.state_dict())
@@ -71,9 +78,12 @@ def test_forward_loss_and_training_flag_match_subllm():
         ours = model(ids, attention_mask=mask, labels=ids)
         theirs = hf(input_ids=ids, attention_mask=mask, labels=ids)
     assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.loss, theirs.loss)
-    hf.train()
-    with pytest.raises(SubLLMError, match="set_step"):
-        hf(input_ids=ids)
+    model.train()
+    with pytest.raises(SubLLMError, match="set_step"):  # the core still needs its step
+        model(ids)
+    hf.train()  # the HF wrapper counts optimizer steps itself (tests/test_hf_trainer.py)
+    hf(input_ids=ids)
+    assert model.step == 0
     hf.set_step(0)
     hf(input_ids=ids, labels=ids).loss.backward()
     assert model.subsamples[0].score.weight.grad is not None

@@ -9,6 +9,8 @@
     subllm bench train --lengths 1k,2k --reps 2           # training steps (subllm/bench/train.py)
     subllm bench selection --runs 'runs/ablate/*' --unseen data/extra/val
                                                          # trained runs: keep, agreement, loss by group
+    subllm bench serve --checkpoints runs/demo/subllm,runs/demo/llama --text data/corpus/val/x.txt
+                                                         # `subllm serve` under load (subllm/bench/serve.py)
 
 Each benchmark prints a human table, then ONE JSON line last (docs/design.md).
 """
@@ -46,12 +48,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument(
         "--dtypes",
         default="auto",
-        help="comma-separated bf16 (autocast), fp32, auto; auto (default) = bf16 where this CPU does bf16 "
-        "natively, else fp32",
+        help="comma-separated bf16 (autocast), fp32, auto; auto (default) = fp32 on a CPU (decoding is "
+        "slower in bf16 there), bf16 on a GPU that has it",
     )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
-    inf.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
+    inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
     inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    inf.add_argument(
+        "--prefill-reps",
+        type=int,
+        default=None,
+        help="timed prefill repetitions (default: --reps; "
+        "fewer keeps long-context decode measurements affordable; prefill then gets no warm-up)",
+    )
     inf.add_argument("--seed", type=int, default=0)
     inf.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     inf.add_argument("--no-bound", action="store_true", help="skip the zero-overhead prefill bound")
@@ -69,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_selection_arguments(sub)
 
+    from subllm.bench.serve import add_serve_arguments
+
+    add_serve_arguments(sub)
+
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None) is not None:
@@ -85,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         from subllm.bench.selection import run_selection
 
         return run_selection(args)
+    if args.bench_command == "serve":
+        return _run_serve(args)
     raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
 
 
@@ -108,9 +123,20 @@ def _run_infer(args: argparse.Namespace) -> int:
     report = run_infer(
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
         seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
+        prefill_reps=args.prefill_reps,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from subllm.bench.serve import print_serve_report, run_serve_bench
+
+    env = environment("cpu")
+    report = run_serve_bench(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print_serve_report(report)
+    print(json_line({"bench": "serve", "command": _command("serve"), "env": env, **report}))
     return 0
 
 

@@ -60,6 +60,11 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def min_med_max(xs: list[float]) -> list[float]:
+    """[min, median, max] of repeated timings: how docs/RESULTS.md reports them."""
+    return [float(min(xs)), median(xs), float(max(xs))]
+
+
 def spread(xs: list[float]) -> float:
     """(max - min) / median: how noisy a measurement was."""
     m = median(xs)

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from subllm.bench.common import autocast, format_table, interleaved, median, spread, sync
+from subllm.bench.common import autocast, format_table, interleaved, median, min_med_max, spread, sync
 from subllm.config import ModelConfig, Sub, get_preset, keep_count
 from subllm.dtype import DTYPES, dtype_line, dtype_record
 from subllm.flops import ideal_speedup
@@ -194,6 +194,7 @@ def bench_length(
         "dtype": dtype,
         "step_s": {k: round(v, 4) for k, v in med.items()},
         "spread": {k: round(spread(v), 3) for k, v in times.items()},
+        "step_s_min_med_max": {k: [round(x, 4) for x in min_med_max(v)] for k, v in times.items()},
         "tokens_per_s": {k: round(batch_size * T / v, 1) for k, v in med.items()},
         "speedup": round(speedup, 4),
         "bound_speedup": round(med["llama"] / med["bound"], 4),
@@ -328,7 +329,7 @@ def add_train_arguments(sub) -> None:
         choices=DTYPES,
         help="bf16 autocast or fp32; auto (default): bf16 on a GPU or CPU that does bf16 natively, else fp32",
     )
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (interleaved)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -1,11 +1,18 @@
 """Weights in and out: `config.json` + `model.safetensors` (no pickle), and conversion from a
 Hugging Face `LlamaForCausalLM` (docs/design.md: HF Llama is the parity oracle).
 
+Trust: every file is written under a temporary name, fsynced, renamed, and the folder fsynced, so
+a crash or power loss never leaves a torn or missing file behind a complete-looking folder; the
+weights' sha256 is recorded beside them (`model.safetensors.sha256`, `sha256sum -c` format) and
+checked on every load (also against a training checkpoint's checkpoint.json), so a damaged copy
+is a one-line SubLLMError instead of silently different weights.
+
 transformers is imported lazily, only by `from_hf_llama`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,10 +24,39 @@ from subllm.errors import SubLLMError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_SHA256_NAME = WEIGHTS_NAME + ".sha256"
+MANIFEST_NAME = "checkpoint.json"  # a training checkpoint's manifest (subllm/checkpoint.py)
+# transformers' convention for an architecture it does not ship: config.json names the classes in a
+# modeling file beside the weights, which `from_pretrained(..., trust_remote_code=True)` imports.
+# Ours only re-exports the installed package's classes (subllm/hf.py), so the folder never holds
+# a second, divergent copy of the model code.
+REMOTE_CODE_NAME = "modeling_subllm.py"
+AUTO_MAP = {
+    "AutoConfig": "modeling_subllm.SubLLMConfig",
+    "AutoModelForCausalLM": "modeling_subllm.SubLLMForCausalLM",
+}
+REMOTE_CODE = '''"""Loads this subllm checkpoint with plain transformers (written by subllm save_pretrained).
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+    pipeline("text-generation", model=DIR, trust_remote_code=True)
+
+Needs the `subllm` package installed (pip install subllm, or from its repository); the classes
+below are its own, so this folder holds no copy of the model code.
+"""
+
+from subllm.hf import SubLLMConfig, SubLLMForCausalLM
+
+__all__ = ["SubLLMConfig", "SubLLMForCausalLM"]
+'''
 
 
-def save_pretrained(model, directory) -> None:
-    """Write config.json and model.safetensors into `directory` (created if needed).
+# tensors a checkpoint may carry beside the model's own (the HF wrapper's optimizer-step count)
+EXTRA_STATE_KEYS = ("train_step",)
+
+
+def save_pretrained(model, directory, extra_state: dict | None = None) -> None:
+    """Write config.json and model.safetensors into `directory` (created if needed); `extra_state`:
+    tensors stored beside the model's (EXTRA_STATE_KEYS).
 
     Each file is written to a temporary name and renamed, so a crash never leaves a torn file.
     """
@@ -31,15 +67,81 @@ def save_pretrained(model, directory) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # shared with embed.weight
-    cfg = {"model_type": "subllm", "architectures": ["SubLLMForCausalLM"], **model.config.to_dict()}
+    for k, v in (extra_state or {}).items():
+        assert k in EXTRA_STATE_KEYS, k
+        state[k] = v.detach().contiguous().cpu()
+    cfg = {
+        "model_type": "subllm",
+        "architectures": ["SubLLMForCausalLM"],
+        "auto_map": AUTO_MAP,
+        **model.config.to_dict(),
+    }
     _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    line = f"{sha256_file(d / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n"
+    _atomic_write(d / WEIGHTS_SHA256_NAME, lambda p: p.write_text(line))
+    _atomic_write(d / REMOTE_CODE_NAME, lambda p: p.write_text(REMOTE_CODE))
     _atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    fsync_path(d)  # the renames themselves
+
+
+def fsync_path(path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def recorded_sha256(directory) -> tuple[str, Path] | None:
+    """The sha256 the folder records for its weights, and the file that records it (the sidecar
+    written by save_pretrained, else a training checkpoint's manifest); None if neither exists."""
+    d = Path(directory)
+    side, manifest = d / WEIGHTS_SHA256_NAME, d / MANIFEST_NAME
+    if side.is_file():
+        digest = side.read_text().split()
+        if not digest or len(digest[0]) != 64:
+            raise SubLLMError(f"{side} is damaged: no sha256 in it")
+        return digest[0].lower(), side
+    if manifest.is_file():
+        entry = (read_json(manifest).get("files") or {}).get(WEIGHTS_NAME) or {}
+        if "sha256" in entry:
+            return entry["sha256"], manifest
+    return None
+
+
+def verify_weights(directory) -> bool:
+    """Check model.safetensors against its recorded sha256 (SubLLMError on a mismatch); False when
+    the folder records none (written before sha256s were kept, or by another tool)."""
+    rec = recorded_sha256(directory)
+    if rec is None:
+        return False
+    want, source = rec
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise SubLLMError(f"no {WEIGHTS_NAME} in {directory}")
+    got = sha256_file(path)
+    if got != want:
+        raise SubLLMError(
+            f"{path} is corrupt: its sha256 {got[:16]}... differs from the {want[:16]}... recorded in "
+            f"{source.name} when it was saved (a damaged or truncated copy); copy or save it again"
+        )
+    return True
 
 
 def read_json(path, label: str | None = None):
@@ -59,7 +161,8 @@ def load_config(directory) -> ModelConfig:
     return ModelConfig.from_dict(read_json(path))
 
 
-def load_pretrained(directory, map_location: str = "cpu"):
+def load_pretrained(directory, map_location: str = "cpu", verify: bool = True):
+    """The SubLLM saved in `directory`; `verify`: check the weights' recorded sha256 first."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -69,10 +172,14 @@ def load_pretrained(directory, map_location: str = "cpu"):
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise SubLLMError(f"no {WEIGHTS_NAME} in {directory}")
+    if verify:
+        verify_weights(directory)
     try:
         state = load_file(str(path), device=map_location)
     except (SafetensorError, OSError) as e:
         raise SubLLMError(f"{path} is corrupt or unreadable: {e}") from None
+    for k in EXTRA_STATE_KEYS:
+        state.pop(k, None)
     model = SubLLM(cfg)
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]

@@ -251,10 +251,11 @@ class SubLLM(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu") -> SubLLM:
+    def from_pretrained(cls, directory, map_location: str = "cpu", verify: bool = True) -> SubLLM:
+        """Load a saved folder; `verify` checks the weights against their recorded sha256."""
         from subllm.model.io import load_pretrained
 
-        return load_pretrained(directory, map_location=map_location)
+        return load_pretrained(directory, map_location=map_location, verify=verify)
 
     @classmethod
     def from_hf_llama(cls, hf_model, structure: str | None = None, keep_ratio=None) -> SubLLM:

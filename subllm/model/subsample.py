@@ -143,7 +143,7 @@ class ScoreLinear(nn.Linear):
         if self.norm:
             xf = x.float()
             x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return super().forward(x)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
 
 @dataclass
@@ -218,8 +218,10 @@ class Subsample(nn.Module):
         return getattr(self, "threshold", None)
 
     def scores(self, x: Tensor) -> Tensor:
-        """(B, T, C) -> (B, T) float32 scores."""
-        return self.score(x).squeeze(-1).float()
+        """(B, T, C) -> (B, T) float32 scores, computed in fp32 under any autocast: top-k and s > theta
+        never depend on bf16 rounding."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.score(x.float()).squeeze(-1)
 
     def keep(self, s: Tensor) -> Tensor:
         """The inference rule on scores: s > theta (s > 0 for the paper's rule)."""

@@ -56,6 +56,16 @@ class LRSchedule:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * f
 
+    def rescale(self, ratio: float) -> None:
+        """Multiply every group's base lr by `ratio` (a resumed run given a new --lr); the groups
+        keep their ratios (e.g. the 0.5x score layers)."""
+        if not ratio > 0:
+            raise SubLLMError(f"{type(self).__name__}.rescale: ratio must be > 0, got {ratio}")
+        self.base_lrs = [b * ratio for b in self.base_lrs]
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["initial_lr"] = base
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         """The lr of every param group, as last set."""
         return [group["lr"] for group in self.optimizer.param_groups]

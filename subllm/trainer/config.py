@@ -69,7 +69,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# fields that decide the training trajectory: a resumed run must agree on all of them
+# fields that decide the training trajectory: a resumed run must agree on all of them, except lr (a new
+# --lr on resume is applied and recorded as a trajectory change, trainer/loop.py _lr_change)
 TRAJECTORY = (
     "optimizer",
     "lr",

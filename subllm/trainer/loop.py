@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     tps = tokens_per_step(cfg, info.world_size)
     mconf = model_config(cfg, steps, data.tokenizer_meta)
 
-    state = None
+    state, changes = None, []  # changes: trajectory changes made on resume (a new --lr), all resumes
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
         _check_resumable(loaded, cfg, mconf, steps, info)
@@ -163,6 +163,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         sampler.load_state_dict(_for_rank(ts["sampler"], info.rank))
         ckpt.restore_rng(_for_rank(ts["rng"], info.rank))
         step, tokens_seen, elapsed = ts["step"], ts["tokens_seen"], ts.get("elapsed_s", 0.0)
+        changes = list(ts.get("trajectory_changes", []))
+        lr_change = _lr_change(ts.get("train_config", {}), cfg)
+        if lr_change is not None:  # an explicit new --lr: applied and recorded, not refused
+            schedule.rescale(lr_change[1] / lr_change[0])
+            changes.append({"step": step, "lr": {"from": lr_change[0], "to": lr_change[1]}})
+            say(f"trajectory change at step {step}: lr {lr_change[0]:g} -> {lr_change[1]:g} (in {METRICS})")
     val = []
     if data.val_dir is not None:
         val = load_val_batches(data.val_dir, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
@@ -183,6 +189,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             "kind": "run",
             "step": step,
             "resumed_from": str(resume_from) if resume_from else None,
+            "trajectory_changes": changes,
             "config": cfg.to_dict(),
             "model": mconf.to_dict(),
             "total_steps": steps,
@@ -224,6 +231,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 "world_size": info.world_size,
                 "train_config": cfg.to_dict(),
                 "total_steps": steps,
+                "trajectory_changes": changes,
             }
             ckpt.save_checkpoint(
                 run_dir,
@@ -291,8 +299,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             window_tokens += tps
             window_time += dt
             if not math.isfinite(step_loss):
+                from subllm.optim import DEFAULT_LR
+
+                lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
                 raise SubLLMError(
-                    f"the loss became {step_loss} at step {step}: lower --lr or use --dtype fp32"
+                    f"the loss became {step_loss} at step {step}: resume from the last checkpoint with a "
+                    f"lower learning rate (subllm train --out {cfg.out} --resume --lr {lr / 2:g}; recorded "
+                    "as a trajectory change) or use --dtype fp32"
                 )
             losses.append(step_loss)
             rec = {
@@ -354,7 +367,7 @@ def _for_rank(states: list, rank: int):
 
 def _check_resumable(loaded, cfg: TrainConfig, mconf, steps: int, info) -> None:
     saved = loaded.trainer_state.get("train_config", {})
-    diffs = config_diff(saved, cfg.to_dict(), TRAJECTORY)
+    diffs = config_diff(saved, cfg.to_dict(), [k for k in TRAJECTORY if k != "lr"])  # lr: _lr_change
     if loaded.trainer_state.get("total_steps") != steps:
         diffs.append(f"total steps: {loaded.trainer_state.get('total_steps')} -> {steps}")
     diffs += [f"model {d}" for d in config_diff(loaded.config.to_dict(), mconf.to_dict())]
@@ -365,6 +378,15 @@ def _check_resumable(loaded, cfg: TrainConfig, mconf, steps: int, info) -> None:
             f"checkpoint {loaded.path} does not match this run ({'; '.join(diffs)}): "
             "resume with the original settings, or start a new run with another --out"
         )
+
+
+def _lr_change(saved: dict, cfg: TrainConfig) -> tuple[float, float] | None:
+    """(saved lr, new lr) when a resumed run asks for another learning rate (None = the default)."""
+    from subllm.optim import DEFAULT_LR
+
+    old = saved.get("lr") if saved.get("lr") is not None else DEFAULT_LR[cfg.optimizer]
+    new = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+    return None if float(old) == float(new) else (float(old), float(new))
 
 
 def _eval_line(r: dict) -> str:

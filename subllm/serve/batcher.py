@@ -1,0 +1,364 @@
+"""Continuous batching on the SUBLLM KV cache (docs/method.md section 3, served).
+
+One worker thread owns the model and ONE running batch cache (subllm/cache.py). Between decode
+steps it admits waiting requests: each is prefilled alone, exactly as `generate()` prefills it
+(subllm/engine.py `prefill` on a batch-1 cache), samples its first token, and its cache row is
+appended to the running batch (`KVCache.add_rows`). Every decode step then feeds the last token of
+every running row (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone)
+leave at once and their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the
+last row leaves). Rows of different lengths at every level are what the cache stores natively -
+tokens an S dropped were never stored for that row.
+
+Why each request's output equals its solo `generate()`: prefill is the same call on the same
+batch-1 input; a decode step gives every row its own logits (the engine's per-row invariant,
+tests/test_generate.py); and sampling is per row with the request's own `torch.Generator`, through
+the same functions in the same order as `generate()` (subllm/generation.py: repetition penalty,
+temperature, top-k, top-p, multinomial), so a draw never depends on what else is batched.
+
+Requests talk to the HTTP side through `sink(kind, payload)`, called on the worker thread:
+("delta", text), then ("done", {"finish_reason", "usage"}) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from subllm.cache import KVCache
+from subllm.engine import decode_step, new_cache, prefill
+from subllm.errors import SubLLMError
+from subllm.generation import TextDeltas, apply_repetition_penalty, next_tokens
+
+
+class QueueFull(SubLLMError):
+    """The waiting queue holds --max-queue requests (HTTP 429)."""
+
+
+class Unavailable(SubLLMError):
+    """The server is shutting down (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings of one request, with `generate()`'s meaning (stop: strings that end
+    the text, not included; ignore_eos: generate as if eos_token_id=None)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One completion in flight. `cancel()` may be called from any thread (client gone)."""
+
+    def __init__(self, prompt: list[int], settings: Settings, sink: Callable[[str, object], None]):
+        self.id = next(_ids)
+        self.prompt, self.settings, self.sink = list(prompt), settings, sink
+        self.cancelled = False
+        self.tokens: list[int] = []
+        self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.sent = ""  # text sent so far (deltas concatenated)
+        self.before: list[list[int]] | None = None  # per-level lengths after prefill (metrics)
+        self.gen: torch.Generator | None = None
+        self.seen: torch.Tensor | None = None  # (1, V) bool, for the repetition penalty
+        self._deltas: TextDeltas | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Batcher:
+    """The continuous-batching loop (see the module docstring). `start()` runs it on a thread;
+    `step()` runs one admit + decode round synchronously (tests)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        eos_token_id: int | None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        dtype: str = "fp32",
+        metrics=None,
+        chunk: int = 256,
+    ):
+        if max_batch < 1 or max_queue < 1:
+            raise SubLLMError("--max-batch and --max-queue must be >= 1")
+        self.model, self.tokenizer, self.eos = model.eval(), tokenizer, eos_token_id
+        self.max_batch, self.max_queue, self.dtype, self.chunk = max_batch, max_queue, dtype, chunk
+        self.metrics = metrics
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.cache: KVCache | None = None
+        self.draining = False
+        self.peak = 0  # most rows ever decoded together
+        self._stop = False
+        self._was_busy = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # ---- called from the HTTP side ----------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stop or self.draining:
+                raise Unavailable("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            self.waiting.append(req)
+            self._cv.notify()
+
+    def drain(self) -> None:
+        """Refuse new requests (503); those already accepted still run to the end."""
+        self.draining = True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="subllm-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still waiting or running get an error event."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the worker thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        amp = (
+            torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+        )
+        with amp, torch.no_grad():  # both are thread-local: entered here, on the worker thread
+            while True:
+                if not self.running and self._was_busy:
+                    release_memory()  # idle again: the freed cache rows go back to the OS
+                    self._was_busy = False
+                with self._cv:
+                    while not self._stop and not self.waiting and not self.running:
+                        self._cv.wait()
+                    self._was_busy = True
+                    if self._stop:
+                        break
+                    admit = self._pop_admissible()
+                try:
+                    self.step(admit)
+                except Exception as e:  # a bug or OOM: fail what is in flight, keep serving
+                    for r in [*self.running, *admit]:
+                        if not r.done:
+                            self._fail(r, f"internal error: {type(e).__name__}: {e}")
+                    self.running, self.cache = [], None
+                    self._gauges()
+        with self._cv:
+            left, self.waiting = [*self.waiting, *self.running], collections.deque()
+        for r in left:
+            if not r.done:
+                self._fail(r, "the server shut down before this request finished")
+        self.running, self.cache = [], None
+        self._gauges()
+
+    def _pop_admissible(self) -> list[Request]:
+        n = self.max_batch - len(self.running)
+        out = []
+        while self.waiting and len(out) < n:
+            out.append(self.waiting.popleft())
+        return out
+
+    def step(self, admit: list[Request] | None = None) -> None:
+        """Admit `admit` (prefill each, first token), drop cancelled rows, decode one token for
+        every running row. Must run under torch.no_grad (and the serving autocast)."""
+        for r in admit or []:
+            self._admit(r)
+        stay = []
+        for i, r in enumerate(self.running):
+            if r.cancelled:  # the client went away: its row leaves before this step
+                self._finish(r, "cancelled", i)
+            else:
+                stay.append(i)
+        self._keep(stay)
+        if self.running:
+            self.peak = max(self.peak, len(self.running))
+            self._decode()
+        self._gauges()
+
+    def _admit(self, r: Request) -> None:
+        if r.cancelled:
+            r.finish_reason = "cancelled"
+            self._count("cancelled")
+            return
+        try:
+            s = r.settings
+            if s.temperature > 0:  # as generate() with a seed; unseeded: a random seed, never the global RNG
+                r.gen = torch.Generator().manual_seed(s.seed if s.seed is not None else secrets.randbits(63))
+            if s.repetition_penalty is not None:
+                r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)
+                r.seen[0, r.prompt] = True
+            r._deltas = TextDeltas(self.tokenizer)
+            cache = new_cache(self.model, 1, chunk=self.chunk)
+            logits = prefill(self.model, torch.tensor([r.prompt]), None, cache).float()  # (1, V)
+            r.before = cache.snapshot()
+            if self.metrics is not None:
+                self.metrics.add_prompt(len(r.prompt))
+            if self._push(r, self._sample([r], logits)[0]):
+                self._finish(r, r.finish_reason, 0, cache)
+                return
+        except Exception as e:
+            self._fail(r, f"internal error: {type(e).__name__}: {e}")
+            return
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.add_rows(cache)
+        self.running.append(r)
+
+    def _decode(self) -> None:
+        rows = self.running
+        tokens = torch.tensor([r.tokens[-1] for r in rows])
+        logits = decode_step(self.model, self.cache, tokens).float()  # (n, V)
+        keep = []
+        for i, (r, t) in enumerate(zip(rows, self._sample(rows, logits))):
+            if self._push(r, t):
+                self._finish(r, r.finish_reason, i)
+            else:
+                keep.append(i)
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Running rows `keep` stay; the others leave the batch and free their cache rows."""
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.cache = None
+        else:
+            self.cache.keep_rows(keep)
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """One token per request from its row of logits (n, V) float, as `generate()` samples."""
+        out: list[int] = [0] * len(reqs)
+        plain = [i for i, r in enumerate(reqs) if r.settings.temperature == 0 and r.seen is None]
+        if plain:  # greedy without penalty: a row-wise argmax, batched
+            for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+                out[i] = t
+        for i, r in enumerate(reqs):
+            if i in plain:
+                continue
+            s, row = r.settings, logits[i : i + 1]
+            scores = row if r.seen is None else apply_repetition_penalty(row, r.seen, s.repetition_penalty)
+            t = int(next_tokens(scores, s.temperature, s.top_k, s.top_p, r.gen)[0])
+            if r.seen is not None:
+                r.seen[0, t] = True
+            out[i] = t
+        return out
+
+    def _push(self, r: Request, token: int) -> bool:
+        """Record a new token, send the text that is final, -> whether the request finished."""
+        s = r.settings
+        now = time.perf_counter()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.add_ttft(now - r.arrived)
+        r.tokens.append(token)
+        if self.metrics is not None:
+            self.metrics.add_generated(1, now)
+        r._deltas.push([token])
+        text = r._deltas.text[0]
+        reason = None
+        if not s.ignore_eos and self.eos is not None and token == self.eos:
+            reason = "stop"
+        elif len(r.tokens) >= s.max_tokens:
+            reason = "length"
+        if reason is not None:
+            r._deltas.flush()
+            text = r._deltas.text[0]
+        if s.stop:
+            start = max(0, len(r.sent) - max(map(len, s.stop)))
+            hits = [i for i in (text.find(x, start) for x in s.stop) if i >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+        if reason is None:
+            text = text[: len(text) - _held_back(text, s.stop)]
+        if text.startswith(r.sent) and len(text) > len(r.sent):
+            r.sink("delta", text[len(r.sent) :])
+            r.sent = text
+        r.finish_reason = reason
+        return reason is not None
+
+    def _finish(self, r: Request, reason: str, row: int, cache: KVCache | None = None) -> None:
+        cache = self.cache if cache is None else cache
+        r.finish_reason = reason
+        after = [[cache.length(level, row)] for level in range(cache.n_levels)]
+        if self.metrics is not None:
+            self.metrics.add_finished(self.model.config, r.before, after)
+        self._count(reason)
+        if reason != "cancelled":
+            n = len(r.tokens)
+            usage = {
+                "prompt_tokens": len(r.prompt),
+                "completion_tokens": n,
+                "total_tokens": len(r.prompt) + n,
+            }
+            r.sink("done", {"finish_reason": reason, "usage": usage})
+
+    def _fail(self, r: Request, message: str) -> None:
+        r.finish_reason = "error"
+        self._count("error")
+        r.sink("error", message)
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.add_request(reason)
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            c = self.cache
+            self.metrics.set_batch(
+                len(self.running), len(self.waiting), c.nbytes() if c else 0, c.capacity_nbytes() if c else 0
+            )
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` that could begin a stop string: not sent until decided."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), so that an idle server's
+    resident memory returns to its idle level after a burst; a no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,113 @@
+"""`subllm serve`: an OpenAI-compatible HTTP server for a checkpoint folder, with continuous batching.
+
+    subllm serve --checkpoint runs/demo/subllm --port 8000
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "To be, or not", "max_tokens": 16, "temperature": 0}'
+
+Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, /health,
+/metrics (Prometheus text). SIGTERM / Ctrl-C: new requests get 503, the requests already accepted
+finish (up to --shutdown-timeout seconds, then they are cancelled), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from subllm.dtype import DTYPES, dtype_line, resolve_dtype
+from subllm.errors import SubLLMError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="folder with config.json, weights, tokenizer"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port (0: any free port; the line printed says which)"
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
+    )
+    p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    p.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None):
+    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher."""
+    from subllm.generate_cli import load_tokenizer
+    from subllm.model.subllm import SubLLM
+    from subllm.serve.app import build_app
+    from subllm.serve.batcher import Batcher
+    from subllm.serve.metrics import ServeMetrics
+
+    if not checkpoint.is_dir() or not (checkpoint / "config.json").is_file():
+        raise SubLLMError(
+            f"no checkpoint at {checkpoint} (expected a folder with config.json and model.safetensors)"
+        )
+    model = SubLLM.from_pretrained(checkpoint).eval()
+    tok = load_tokenizer(checkpoint)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
+    name = model_name or checkpoint.resolve().name
+    metrics = ServeMetrics(len(model.subsamples), name)
+    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
+    return batcher, build_app(batcher, name, metrics)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise SubLLMError(f"subllm serve needs uvicorn and starlette: {e}") from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SubLLMError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if not 0 <= args.port < 65536:
+        raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
+    batcher, app = load_server(args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise SubLLMError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    host, port = sock.getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # no re-raise of the signal after shutdown: exit 0
+            batcher.drain()
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
+        http="h11",
+        lifespan="on",
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    print(
+        f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    Server(config).run(sockets=[sock])
+    print("subllm serve: stopped", file=sys.stderr, flush=True)
+    return 0
