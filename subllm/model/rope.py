@@ -34,8 +34,8 @@ its keys). So: the full forward (`SubLLM.forward`) equals HF's full forward, wit
 per row (max position of a real token + 1; HF takes the batch maximum, which makes a row depend on
 its batch), and the cached engine equals HF's cached decode (prefill at the prompt's length, each
 decoded token at its own). Both are stateless (HF's rotary module keeps the largest length seen
-until a short call resets it). Up to orig both are plain RoPE and cached == uncached exactly; tests
-check all three equalities.
+until a short call resets it). Up to orig both are plain RoPE and cached == uncached as without
+scaling; tests/test_rope.py checks all three equalities.
 """
 
 from __future__ import annotations
