@@ -196,6 +196,27 @@ class KVCache:
         kb[r, :, s] = k[:, :, 0]
         vb[r, :, s] = v[:, :, 0]
 
+    def extend(self, level: int, rows: list[int], pos: Tensor, counts: list[int]) -> list[int]:
+        """Chunked prefill: counts[i] new tokens for row rows[i] at `level`, at original positions
+        pos[i, :counts[i]] (pos (n, c)). Returns each row's first new slot."""
+        lens = self._len[level]
+        starts = [lens[r] for r in rows]
+        self.reserve(level, max(s + n for s, n in zip(starts, counts)))
+        for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
+            if n:
+                self.pos[level][r, s : s + n] = pos[i, :n]
+                lens[r] = s + n
+        return starts
+
+    def write_extend(
+        self, layer: int, rows: list[int], starts: list[int], counts: list[int], k: Tensor, v: Tensor
+    ) -> None:
+        """Chunked prefill: k, v (n, Hkv, c, hd); row rows[i]'s first counts[i] into slots starts[i]..."""
+        for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
+            if n:
+                self.k[layer][r, :, s : s + n] = k[i, :, :n]
+                self.v[layer][r, :, s : s + n] = v[i, :, :n]
+
     # ---- bookkeeping -------------------------------------------------------------------------
     def reset(self) -> None:
         """Empty every level (capacity is kept); prefill starts with this."""

@@ -84,6 +84,9 @@ class ModelConfig:
     structure: str = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
     keep_ratio: float | list[float] = 0.64  # one for all S, or one per '(' in structure order
     rope_theta: float = 10000.0
+    # RoPE scaling, Hugging Face's rope_parameters dict without rope_theta (subllm/model/rope.py):
+    # rope_type default | linear | dynamic | yarn | llama3 and its parameters; None = plain RoPE
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
@@ -130,6 +133,10 @@ class ModelConfig:
             raise SubLLMError(f"head dim ({self.head_dim}) must be even for RoPE")
         if self.n_heads % self.n_kv_heads:
             raise SubLLMError(f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.rope_scaling is not None:
+            from subllm.model.rope import check_rope_scaling  # imports torch: only when it is used
+
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rope_theta, self.max_seq_len)
         tree = parse_structure(self.structure)
         n_subs = sum(1 for _ in iter_subs(tree))
         ratios = self.keep_ratio if isinstance(self.keep_ratio, list | tuple) else None
@@ -204,6 +211,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["keep_ratio"], tuple):
             d["keep_ratio"] = list(d["keep_ratio"])
+        if d["rope_scaling"] is None:  # plain RoPE: config.json exactly as before the field existed
+            del d["rope_scaling"]
         return d
 
     @classmethod

@@ -51,6 +51,21 @@ def parse_keep_ratio(text: str | None):
     return vals[0] if len(vals) == 1 else vals
 
 
+def parse_rope_scaling(text: str | None) -> dict | None:
+    """'{"rope_type": "linear", "factor": 2}' -> that dict; None -> None."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(d, dict):
+        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r}")
+    return d
+
+
 # ---- HF Llama -> SubLLM ---------------------------------------------------------------------------
 def load_hf_llama(directory):
     """A LlamaForCausalLM from a local HF directory, in float32, eval mode (never the hub)."""
@@ -72,14 +87,23 @@ def load_hf_llama(directory):
     return model.eval()
 
 
-def from_hf_llama_dir(src, out, structure: str | None = None, keep_ratio=None):
-    """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out`; returns the SubLLM."""
+def from_hf_llama_dir(
+    src, out, structure: str | None = None, keep_ratio=None, rope_scaling=None, max_seq_len=None
+):
+    """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out`; returns the SubLLM.
+    `rope_scaling` (an HF rope_parameters dict; {"rope_type": "default"} = plain) and `max_seq_len`
+    replace what the Llama's config says (extending its context, subllm/model/rope.py)."""
     from subllm.model.subllm import SubLLM
 
     if structure is None and keep_ratio is not None:
         raise SubLLMError("--keep-ratio needs --structure (the all-T model has no subsampling module)")
     hf = load_hf_llama(src)
     model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio).eval()
+    if rope_scaling is not None or max_seq_len is not None:
+        changes = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
+        if rope_scaling is not None:
+            changes["rope_scaling"] = None if rope_scaling.get("rope_type") == "default" else rope_scaling
+        model.config = model.config.replace(**changes)  # RoPE has no parameters: the weights stay
     model.save_pretrained(out)
     copy_tokenizer_files(src, out)
     return model
@@ -128,8 +152,13 @@ def to_hf_llama(model):
     """An all-T SubLLM as a transformers LlamaForCausalLM with the same weights (and logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from subllm.model.rope import to_hf_rope_parameters
+
     c = model.config
     check_all_t(c.structure)
+    rope_parameters, max_position_embeddings = to_hf_rope_parameters(
+        c.rope_scaling, c.rope_theta, c.max_seq_len
+    )
     hf_cfg = LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.dim,
@@ -138,9 +167,9 @@ def to_hf_llama(model):
         num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_kv_heads,
         head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len,
+        max_position_embeddings=max_position_embeddings,
         rms_norm_eps=c.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        rope_parameters=rope_parameters,
         tie_word_embeddings=c.tie_embeddings,
         pad_token_id=c.pad_token_id,
         bos_token_id=c.bos_token_id,
@@ -190,6 +219,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-ratio", help="with --structure: keep ratio per S, one value or one per '(' (default 0.64)"
     )
+    parser.add_argument(
+        "--rope-scaling",
+        metavar="JSON",
+        help="with --from-hf-llama: RoPE scaling to use instead of the Llama's, as HF's rope_parameters, "
+        'e.g. \'{"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 4096}\'',
+    )
+    parser.add_argument("--max-seq-len", type=int, help="with --from-hf-llama: the longest input to allow")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
 
 
@@ -202,7 +238,14 @@ def run(args: argparse.Namespace) -> int:
     if args.from_official or args.to_official:
         return run_official(args, out)
     if args.from_hf_llama:
-        model = from_hf_llama_dir(args.from_hf_llama, out, args.structure, parse_keep_ratio(args.keep_ratio))
+        model = from_hf_llama_dir(
+            args.from_hf_llama,
+            out,
+            args.structure,
+            parse_keep_ratio(args.keep_ratio),
+            parse_rope_scaling(args.rope_scaling),
+            args.max_seq_len,
+        )
         c = model.config
         new = (
             f"{c.n_subsamples} S + {c.n_subsamples} B modules initialised fresh"
@@ -214,8 +257,10 @@ def run(args: argparse.Namespace) -> int:
             f"{model.num_params():,} parameters"
         )
     else:
-        if args.structure or args.keep_ratio:
-            raise SubLLMError("--structure/--keep-ratio only apply to --from-hf-llama")
+        if args.structure or args.keep_ratio or args.rope_scaling or args.max_seq_len:
+            raise SubLLMError(
+                "--structure/--keep-ratio/--rope-scaling/--max-seq-len only apply to --from-hf-llama"
+            )
         hf = to_hf_llama_dir(args.to_hf_llama, out)
         print(f"exported {args.to_hf_llama} -> {out}: LlamaForCausalLM, {hf.config.num_hidden_layers} layers")
     return 0

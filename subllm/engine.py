@@ -10,6 +10,13 @@ position = slot index at level 0 and every level is right-aligned, as the cache 
 of a level hold different counts, attention runs row by row on exact lengths (no (B, L, L) mask,
 no padded keys); the linear layers run batched.
 
+RoPE scaling (subllm/model/rope.py) is applied through `rope_cos_sin` at the original positions of
+every level. "dynamic" scaling depends on the sequence length: prefill uses each row's prompt
+length (= the full forward of the prompt) and each decoded token the length it makes; keys already
+cached keep the frequencies they were written with - exactly Hugging Face's cached decode. Past
+the original length this differs from recomputing the full forward (which changes the hidden
+states of every earlier token as the sequence grows - no KV cache can hold that).
+
 Decode, per subsampling module S: the new token's score decides per row. Rows that drop it skip
 every layer inside S and leave those caches untouched - U + B returns x exactly (method.md
 section 3). Rows that keep it are index-selected and only they run the inner layers; when no row
@@ -29,6 +36,7 @@ from subllm.cache import KVCache
 from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.model.layers import Block, rope_cos_sin
+from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import gather_tokens, upsample_bypass
 
@@ -60,16 +68,18 @@ class _Level:
     valid: Tensor | None  # (B, L) bool, None when every row holds L tokens
     cos: Tensor  # (B, L, head_dim)
     sin: Tensor
+    seq_len: Tensor | None = None  # (B,) full-sequence length per row (dynamic RoPE scaling only)
 
 
-def level_inputs(model: SubLLM, pos: Tensor, lengths: list[int]) -> _Level:
+def level_inputs(model: SubLLM, pos: Tensor, lengths: list[int], seq_len: Tensor | None = None) -> _Level:
     """What every layer of one level shares in prefill: positions, lengths, validity, RoPE."""
     L = pos.shape[1]
     valid = None
     if any(n != L for n in lengths):
         valid = torch.arange(L, device=pos.device) < torch.tensor(lengths, device=pos.device)[:, None]
-    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta)
-    return _Level(pos, lengths, valid, cos, sin)
+    c = model.config
+    cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
+    return _Level(pos, lengths, valid, cos, sin, seq_len)
 
 
 def compact(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, list[int]]:
@@ -84,14 +94,28 @@ def compact(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, l
     return input_ids.gather(1, order), n.tolist()
 
 
-def prefill(
-    model: SubLLM, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache, extra: int = 0
-) -> Tensor:
-    """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
-    token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed)."""
+def check_prefill_inputs(model: SubLLM, input_ids: Tensor, cache: KVCache) -> None:
     _check_eval(model)
     if input_ids.dim() != 2 or input_ids.shape[0] != cache.batch_size:
         raise SubLLMError(f"input_ids must be (batch={cache.batch_size}, time), got {tuple(input_ids.shape)}")
+
+
+def prefill(
+    model: SubLLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    extra: int = 0,
+    chunk: int | None = None,
+) -> Tensor:
+    """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
+    token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed).
+    `chunk`: run the prompt `chunk` tokens at a time (bounded peak memory, subllm/chunked_prefill.py)."""
+    if chunk is not None:
+        from subllm.chunked_prefill import prefill_chunked
+
+        return prefill_chunked(model, input_ids, attention_mask, cache, chunk, extra)
+    check_prefill_inputs(model, input_ids, cache)
     ids, lengths = compact(input_ids, attention_mask)
     if min(lengths) == 0:
         raise SubLLMError("every row needs at least one real (attention_mask = 1) token")
@@ -99,8 +123,9 @@ def prefill(
     pos = torch.arange(L, device=ids.device).expand(B, L)
     cache.reset()  # levels that no token reaches stay empty
     cache.start_level(0, pos, lengths, extra)
+    seq_len = torch.tensor(lengths, device=ids.device) if is_dynamic(model.config.rope_scaling) else None
     x = model.embed(ids)  # (B, L, C)
-    x = _prefill_nodes(model, cache, model.tree, x, level_inputs(model, pos, lengths), extra)
+    x = _prefill_nodes(model, cache, model.tree, x, level_inputs(model, pos, lengths, seq_len), extra)
     last = x[torch.arange(B, device=x.device), torch.tensor(lengths, device=x.device) - 1]  # (B, C)
     return model.head(model.norm(last))
 
@@ -138,7 +163,9 @@ def _prefill_sub(model: SubLLM, cache: KVCache, node: Sub, x: Tensor, lvl: _Leve
     if sel.k == 0:  # no row keeps anything: U returns x, B gives x + b (x - x) = x
         return x
     xg = gather_tokens(x, sel.idx)  # (B, K, C)
-    h = _prefill_nodes(model, cache, node.children, xg, level_inputs(model, inner_pos, kept), extra)
+    h = _prefill_nodes(
+        model, cache, node.children, xg, level_inputs(model, inner_pos, kept, lvl.seq_len), extra
+    )
     return upsample_bypass(x, xg, h, sel.idx, sel.weight, model.bypasses[node.index].scale)
 
 
@@ -158,7 +185,10 @@ def decode_step(model: SubLLM, cache: KVCache, tokens: Tensor, rows: list[int] |
         return model.head.weight.new_zeros(0, model.config.vocab_size)
     positions = [cache.length(0, r) for r in rows]  # level 0 holds every real token: next position
     pos = torch.tensor(positions, device=tokens.device)[:, None]  # (n, 1)
-    cos, sin = rope_cos_sin(pos, model.config.head_dim, model.config.rope_theta)
+    c, seq_len = model.config, None
+    if is_dynamic(c.rope_scaling):  # HF's cached decode: the new token at its own length's frequencies
+        seq_len = pos[:, 0] + 1
+    cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
     x = model.embed(tokens)[:, None]  # (n, 1, C)
     x = _decode_level(model, cache, model.tree, 0, x, rows, positions, cos, sin)
     return model.head(model.norm(x[:, 0]))

@@ -46,6 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill the prompt N tokens at a time (bounded peak memory for a long prompt; same output)",
+    )
+    p.add_argument(
         "--stats",
         action="store_true",
         help="stderr: realised keep per S over prompt / generated tokens, FLOP-ideal decode speed-up",
@@ -114,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         eos_token_id=eos,
         use_cache=not args.no_cache,
         seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
     )
     held: dict = {}
     if args.stats and not args.no_cache:

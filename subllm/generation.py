@@ -147,8 +147,10 @@ class _Cached:
         max_new_tokens: int,
         chunk: int | None,
         on_prefill: Callable | None = None,
+        prefill_chunk: int | None = None,
     ):
         self.model, self.ids, self.mask = model, ids, mask
+        self.prefill_chunk = prefill_chunk
         self.extra = max_new_tokens if chunk is None else 0  # None: preallocate the whole run
         self.chunk = chunk or 256
         self.cache = None
@@ -157,7 +159,9 @@ class _Cached:
     def start(self) -> Tensor:
         # created here, at the first step, so that it takes the dtype of an enclosing autocast
         self.cache = new_cache(self.model, self.ids.shape[0], self.ids.device, chunk=self.chunk)
-        logits = prefill(self.model, self.ids, self.mask, self.cache, extra=self.extra)
+        logits = prefill(
+            self.model, self.ids, self.mask, self.cache, extra=self.extra, chunk=self.prefill_chunk
+        )
         if self.on_prefill is not None:
             self.on_prefill(self.cache)
         return logits
@@ -202,6 +206,7 @@ def stream_generate(
     return_logits: bool = False,
     chunk: int | None = 256,
     on_prefill: Callable | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
     """Yield the new token of every row, (B,) per step; rows that stopped at an eos token yield
     `pad_token_id` (default: the config's). Stops after `max_new_tokens` steps or when every row
@@ -215,18 +220,24 @@ def stream_generate(
     tokens their S will drop); None preallocates prompt + max_new_tokens slots at every level.
     `on_prefill` (opt-in, cached path only): called with the KVCache right after prefill, e.g. to
     snapshot its per-level lengths; when the loop ends the cache holds the prompt and every
-    generated token but the last (never fed back). Arguments are checked here, before the first step.
+    generated token but the last (never fed back). `prefill_chunk` (cached path): prefill the prompt
+    that many tokens at a time, so its peak memory is bounded (subllm/chunked_prefill.py; the same
+    result). Arguments are checked here, before the first step.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     eos = _validate_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad)
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise SubLLMError(f"chunk must be a positive integer or None, got {chunk!r}")
+    if prefill_chunk is not None and (
+        not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1
+    ):
+        raise SubLLMError(f"prefill_chunk must be a positive integer or None, got {prefill_chunk!r}")
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     if use_cache:
-        runner = _Cached(model, input_ids, attention_mask, max_new_tokens, chunk, on_prefill)
+        runner = _Cached(model, input_ids, attention_mask, max_new_tokens, chunk, on_prefill, prefill_chunk)
     else:
         runner = _Uncached(model, input_ids, attention_mask)
     return _loop(model, runner, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
@@ -293,6 +304,7 @@ def generate(
     pad_token_id: int | None = None,
     chunk: int | None = 256,
     on_prefill: Callable | None = None,
+    prefill_chunk: int | None = None,
 ) -> Tensor:
     """Prompt + continuation, (B, T + n) like Hugging Face `generate` (n <= max_new_tokens: fewer
     when every row stopped early); rows that stopped early are padded with pad_token_id.
@@ -301,6 +313,7 @@ def generate(
         stream_generate(
             model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
             repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, False, chunk, on_prefill,
+            prefill_chunk,
         )
     )  # fmt: skip
     if not steps:

@@ -206,11 +206,13 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         cache: SubLLMCache | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Without `cache`: the full SubLLM forward, logits (B, T, V). With a `SubLLMCache`
-        (generation): prefill on the first call, then one token per row; logits (B, 1, V) at
-        each row's last token (the prompt must be left-padded)."""
+        """Without `cache`: the full SubLLM forward, logits (B, T, V); `position_ids` (B, T) as in
+        HF (default: counting real tokens). With a `SubLLMCache` (generation): prefill on the first
+        call, then one token per row; logits (B, 1, V) at each row's last token (the prompt must be
+        left-padded; positions count each row's real tokens)."""
         if input_ids is None:
             raise SubLLMError("SubLLMForCausalLM needs input_ids (inputs_embeds is not supported)")
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
@@ -218,7 +220,9 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         if self.training and torch.is_grad_enabled() and cache is None:
             self.subllm.set_step(self._training_step())
         if cache is None:
-            out = self.subllm(input_ids, attention_mask=attention_mask, labels=labels)
+            out = self.subllm(
+                input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
+            )
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
         from subllm.engine import decode_step, new_cache, prefill
 

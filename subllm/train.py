@@ -52,6 +52,9 @@ HELP = {
     "fsdp": "shard with FSDP2 (fully_shard) instead of DDP under torchrun",
     "compile": "torch.compile the training step's forward and backward (inductor): one graph per model, "
     "compiled once (the first step takes a while); evaluation stays eager",
+    "pose_target": "PoSE: train at --seq-len with position ids split into 2 chunks with a random skip, "
+    "so that relative distances up to N are seen (Zhu et al. 2023); default off",
+    "checkpointing": "activation checkpointing per layer: recompute each layer in backward (less memory)",
     "device": f"{' | '.join(DEVICES)} (default auto: cuda if available)",
     "threads": "torch CPU threads per process (default: torch's choice; torchrun sets 1)",
     "progress": "show a progress bar (default on)",
@@ -78,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="JSON file of options (keys = long flag names)")
     for name in TrainConfig.__dataclass_fields__:
         flag = "--" + name.replace("_", "-")
-        if name in ("fsdp", "compile"):
+        if name in ("fsdp", "compile", "checkpointing"):
             parser.add_argument(flag, action="store_const", const=True, default=None, help=HELP[name])
         elif name == "progress":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[name])

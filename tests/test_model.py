@@ -169,9 +169,9 @@ def test_nested_levels_see_original_positions():
     seen = []
     orig = model.make_level
 
-    def spy(pos, valid):
+    def spy(pos, valid, *rest):
         seen.append(pos.clone())
-        return orig(pos, valid)
+        return orig(pos, valid, *rest)
 
     model.make_level = spy
     with torch.no_grad():

@@ -120,12 +120,13 @@ def make_step(model: SubLLM, forward, opt, dtype: str, device) -> callable:
 
 def bench_length(
     cfg: ModelConfig, T: int, batch_size: int, dtype: str, reps: int, warmup: int, device, seed: int,
-    compile: bool = False, hf: bool = False,
+    compile: bool = False, hf: bool = False, checkpointing: bool = False,
 ):  # fmt: skip
     torch.manual_seed(seed)
     with device:  # build directly on the device (a 1.3B model initialised on CPU is slow)
         sub = SubLLM(cfg).train()
         llama = SubLLM(cfg.as_llama()).train()
+    sub.activation_checkpointing = llama.activation_checkpointing = checkpointing  # per layer, both
     sub.set_step(0)
     llama.load_state_dict(sub.state_dict(), strict=False)  # identical weights in the shared layers
     ids = torch.randint(0, cfg.vocab_size, (batch_size, T), device=device)
@@ -212,8 +213,9 @@ def bench_length(
 
 
 def run_train_bench(
-    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False, hf=False
-) -> dict:
+    preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False,
+    hf=False, checkpointing=False,
+) -> dict:  # fmt: skip
     """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both."""
     device = torch.device(device)
     record = dtype_record(dtype, device.type)  # resolves (and warns once about a slow bf16)
@@ -226,7 +228,9 @@ def run_train_bench(
     results = []
     for T in lengths:
         log(f"[bench train] {preset} T={T} batch={batch_size} {dtype}: {warmup} warm-up + {reps} interleaved")
-        results.append(bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed, compile, hf))
+        results.append(
+            bench_length(cfg, T, batch_size, dtype, reps, warmup, device, seed, compile, hf, checkpointing)
+        )
         gc.collect()
     return {
         "preset": preset,
@@ -236,6 +240,7 @@ def run_train_bench(
         "optimizer": "AdamW",
         "compile": compile,
         "hf": hf,
+        "checkpointing": checkpointing,
         **record,
         "results": results,
     }
@@ -336,6 +341,7 @@ def add_train_arguments(sub) -> None:
     p.add_argument(
         "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
     )
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
 
@@ -353,7 +359,7 @@ def run_train(args) -> int:
     report = run_train_bench(
         args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
         device=args.device, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
-        compile=args.compile, hf=args.hf,
+        compile=args.compile, hf=args.hf, checkpointing=args.checkpointing,
     )  # fmt: skip
     env = environment(args.device)
     print_report(report, env)

@@ -195,16 +195,23 @@ def from_hf_llama(hf_model, structure: str | None = None, keep_ratio=None):
     """A SubLLM with every layer copied from a transformers LlamaForCausalLM.
 
     Only the new S (score) and B (bypass) parameters are initialised fresh. With
-    `structure=None` the result is the all-T model, whose logits equal the HF model's.
+    `structure=None` the result is the all-T model, whose logits equal the HF model's. RoPE scaling
+    (`rope_parameters`) is carried over as `rope_scaling`; for "dynamic", whose original length is
+    HF's max_position_embeddings, max_seq_len becomes max_position_embeddings * factor.
     """
+    from subllm.model.rope import from_hf_rope_parameters
     from subllm.model.subllm import SubLLM
 
     c = hf_model.config
     if getattr(c, "model_type", None) != "llama":
         raise SubLLMError(f"expected a Llama model, got model_type {getattr(c, 'model_type', None)!r}")
     rope = getattr(c, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise SubLLMError(f"rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+    rope_scaling = from_hf_rope_parameters(rope, c.max_position_embeddings)
+    max_seq_len = c.max_position_embeddings
+    if rope_scaling is not None and rope_scaling["rope_type"] == "dynamic":
+        # HF's dynamic scaling grows past max_position_embeddings (its original length); here
+        # max_seq_len is a hard limit, so allow the length the factor is meant for
+        max_seq_len = int(c.max_position_embeddings * rope_scaling["factor"])
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
         raise SubLLMError("Llama models with attention or MLP biases are not supported")
     if getattr(c, "hidden_act", "silu") != "silu":
@@ -226,7 +233,8 @@ def from_hf_llama(hf_model, structure: str | None = None, keep_ratio=None):
         structure=structure,
         keep_ratio=0.64 if keep_ratio is None else keep_ratio,
         rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))),
-        max_seq_len=c.max_position_embeddings,
+        rope_scaling=rope_scaling,
+        max_seq_len=max_seq_len,
         norm_eps=c.rms_norm_eps,
         tie_embeddings=bool(c.tie_word_embeddings),
         pad_token_id=c.pad_token_id if c.pad_token_id is not None else 0,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from subllm.config import ModelConfig
+from subllm.model import rope
 
 
 class RMSNorm(nn.Module):
@@ -26,12 +27,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T), computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+def rope_cos_sin(
+    positions: Tensor,
+    head_dim: int,
+    theta: float,
+    scaling: dict | None = None,
+    seq_len: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T), computed in fp32: the one
+    place that turns positions into rotations. `scaling`: ModelConfig.rope_scaling (subllm/model/
+    rope.py; yarn's attention factor multiplies cos and sin, as in HF); `seq_len` (B,): each row's
+    full-sequence length, read only by "dynamic" scaling."""
+    inv_freq, attention_factor = rope.inv_freq(head_dim, theta, scaling, seq_len, positions.device)
+    if inv_freq.dim() == 2:  # dynamic: one set of frequencies per row
+        freqs = positions.float()[..., None] * inv_freq[:, None, :]  # (B, T, head_dim/2)
+    else:
+        freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    if attention_factor == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from subllm.config import ModelConfig, Sub, iter_subs
 from subllm.errors import SubLLMError
 from subllm.model.layers import Block, RMSNorm, rope_cos_sin
+from subllm.model.rope import is_dynamic
 from subllm.model.scaling import ScheduledFloat
 from subllm.model.subsample import (
     Bypass,
@@ -39,6 +41,7 @@ class Level:
     cos: Tensor  # (B, L, head_dim)
     sin: Tensor
     mask: Tensor | None  # (B, 1, L, L) bool, True = may attend; None = plain causal
+    seq_len: Tensor | None = None  # (B,) full-sequence length per row (dynamic RoPE scaling only)
 
 
 def attention_mask_for(valid: Tensor | None) -> Tensor | None:
@@ -104,6 +107,10 @@ class SubLLM(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._step: int | None = None
+        # activation checkpointing per layer (set by the trainer, never by the model itself): each
+        # Block's activations are recomputed in backward instead of saved (torch.utils.checkpoint,
+        # non-reentrant); only training-mode forwards with grad enabled are affected
+        self.activation_checkpointing = False
         self._has_step = False  # what forward checks: a bool that flips once (an int would recompile)
         # the step as a device tensor: what forward reads, so a compiled graph never sees a new constant
         self.register_buffer("step_tensor", torch.zeros((), dtype=torch.long), persistent=False)
@@ -138,9 +145,10 @@ class SubLLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     # ---- forward ---------------------------------------------------------------------------
-    def make_level(self, pos: Tensor, valid: Tensor | None) -> Level:
-        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
-        return Level(pos, valid, cos, sin, attention_mask_for(valid))
+    def make_level(self, pos: Tensor, valid: Tensor | None, seq_len: Tensor | None = None) -> Level:
+        c = self.config
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
+        return Level(pos, valid, cos, sin, attention_mask_for(valid), seq_len)
 
     def forward(
         self,
@@ -148,9 +156,13 @@ class SubLLM(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         return_selections: bool = False,
+        position_ids: Tensor | None = None,
     ) -> SubLLMOutput:
         """input_ids (B, T); attention_mask (B, T) 1 = real, 0 = pad (left or right padding);
-        labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored."""
+        labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored;
+        position_ids (B, T) long (HF's convention): each token's RoPE position, kept by the token at
+        every nesting level (default: 0, 1, ... counting real tokens only). With "dynamic" RoPE
+        scaling a row's sequence length is its largest position (of a real token) + 1."""
         if input_ids.dim() != 2:
             raise SubLLMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -168,13 +180,23 @@ class SubLLM(nn.Module):
             valid = attention_mask.bool()
             if bool(valid.all()):
                 valid = None
-        if valid is None:
+        if position_ids is not None:
+            if position_ids.shape != input_ids.shape or position_ids.dtype.is_floating_point:
+                raise SubLLMError(
+                    f"position_ids must be integers of the shape of input_ids {tuple(input_ids.shape)}, "
+                    f"got {position_ids.dtype} {tuple(position_ids.shape)}"
+                )
+            pos = position_ids.long()
+        elif valid is None:
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+        seq_len = None
+        if is_dynamic(self.config.rope_scaling):  # per row, from level 0: never a subsampled level's
+            seq_len = (pos if valid is None else pos.masked_fill(~valid, 0)).amax(1) + 1
         sels: list[Selection | None] = [None] * self.config.n_subsamples
         x = self.embed(input_ids)  # (B, T, C)
-        x = self._run(self.tree, x, self.make_level(pos, valid), sels)
+        x = self._run(self.tree, x, self.make_level(pos, valid, seq_len), sels)
         logits = self.head(self.norm(x))  # (B, T, V)
         loss = lm_loss = None
         if labels is not None:
@@ -202,8 +224,14 @@ class SubLLM(nn.Module):
             if isinstance(node, Sub):
                 x = self._subsample(node, x, level, sels)
             else:
-                x = self.layers[node](x, level.cos, level.sin, level.mask)
+                x = self._layer(node, x, level)
         return x
+
+    def _layer(self, i: int, x: Tensor, level: Level) -> Tensor:
+        block = self.layers[i]
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, level.cos, level.sin, level.mask, use_reentrant=False)
+        return block(x, level.cos, level.sin, level.mask)
 
     def _subsample(self, node: Sub, x: Tensor, level: Level, sels: list) -> Tensor:
         sel = self.subsamples[node.index](x, level.valid, self.step_tensor)
@@ -211,7 +239,7 @@ class SubLLM(nn.Module):
         if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
             return x
         xg = gather_tokens(x, sel.idx)  # (B, K, C)
-        inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid)
+        inner = self.make_level(level.pos.gather(1, sel.idx), sel.valid, level.seq_len)
         h = self._run(node.children, xg, inner, sels)
         b = self.bypasses[node.index].scale_value(self.step_tensor)
         return upsample_bypass(x, xg, h, sel.idx, sel.weight, b)

@@ -59,6 +59,8 @@ class TrainConfig:
     compile: bool = (
         False  # torch.compile the training forward+backward (one static graph, subllm/compiled.py)
     )
+    pose_target: int | None = None  # PoSE: position ids spanning up to this length (trainer/pose.py)
+    checkpointing: bool = False  # activation checkpointing, per layer (recompute in backward)
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
@@ -80,6 +82,7 @@ TRAJECTORY = (
     "seed",
     "dtype",  # as requested: "auto" resumes as "auto" (resolved again on the resuming machine)
     "schedule_steps",
+    "pose_target",
 )
 NOT_IN_FILE = ("resume", "overwrite", "config")
 
@@ -232,6 +235,8 @@ FIELDS = {
     "schedule_steps": _choice(SCHEDULES),
     "fsdp": _bool,
     "compile": _bool,
+    "pose_target": lambda n, v: parse_int(n, v, lo=2, none_ok=True),
+    "checkpointing": _bool,
     "device": _choice(DEVICES),
     "threads": lambda n, v: parse_int(n, v, none_ok=True),
     "progress": _bool,
@@ -275,6 +280,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.steps is not None and cfg.tokens is not None:
         raise SubLLMError("give --steps or --tokens, not both")
     get_preset(cfg.preset)  # unknown preset -> SubLLMError naming the choices
+    if cfg.pose_target is not None and cfg.pose_target < cfg.seq_len:
+        raise SubLLMError(f"--pose-target ({cfg.pose_target}) must be at least --seq-len ({cfg.seq_len})")
     if cfg.warmup_steps is not None and cfg.steps is not None and cfg.warmup_steps > cfg.steps:
         raise SubLLMError(f"--warmup-steps ({cfg.warmup_steps}) exceeds --steps ({cfg.steps})")
 
@@ -332,6 +339,11 @@ def model_config(cfg: TrainConfig, steps: int, tokenizer_meta: dict | None) -> M
         )
     if cfg.seq_len > mc.max_seq_len:
         raise SubLLMError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {mc.max_seq_len}")
+    if cfg.pose_target is not None and cfg.pose_target > mc.max_seq_len:
+        raise SubLLMError(
+            f"--pose-target {cfg.pose_target} exceeds the model's max_seq_len {mc.max_seq_len} "
+            f"(raise it: --set max_seq_len={cfg.pose_target})"
+        )
     return mc
 
 

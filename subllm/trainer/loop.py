@@ -39,6 +39,7 @@ from subllm.trainer.config import (
 )
 from subllm.trainer.data import prepare_data
 from subllm.trainer.evaluation import evaluate, load_val_batches
+from subllm.trainer.pose import pose_generator, pose_position_ids
 
 TRAIN_CONFIG = "train_config.json"
 
@@ -141,6 +142,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     if state is not None:
         model.load_state_dict(state.model_state)
     model.to(info.device).train()
+    model.activation_checkpointing = cfg.checkpointing  # applied from outside: the trainer decides
     wrapped = D.wrap_model(model, info, mode)
     forward = wrapped  # what the training step calls; state dicts and no_sync stay on `wrapped`
     if cfg.compile:
@@ -270,9 +272,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             select_sum = torch.zeros((), device=info.device)  # the auxiliary selection loss, if any
             for micro in range(cfg.grad_accum):
                 x = next(sampler).to(info.device, non_blocking=True)
+                kw = {}
+                if cfg.pose_target is not None:  # its own generator: the global RNG stream is untouched
+                    g = pose_generator(cfg.seed, info.rank, step, micro)
+                    kw["position_ids"] = pose_position_ids(*x.shape, cfg.pose_target, g).to(x.device)
                 with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
                     with autocast():
-                        out = forward(x, labels=x)
+                        out = forward(x, labels=x, **kw)
                     loss = out.loss / cfg.grad_accum
                     loss.backward()
                 loss_sum += out.lm_loss.detach().float() / cfg.grad_accum
