@@ -32,6 +32,7 @@ from subllm.selection import format_selection
 
 DEFAULT_TEXT = Path("data/corpus/val")
 ALL_TASKS = ("loss", "mmlu", "bbh", "bbh_mc", "cloze", "next_sentence")
+RETRIEVAL_TASKS = ("passkey", "mqar")  # long-range, at --lengths (subllm/evals/retrieval.py); not in 'all'
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype's names before `auto`
 
 
@@ -185,9 +186,10 @@ def parse_tasks(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names == ["all"]:
         return list(ALL_TASKS)
-    bad = [t for t in names if t not in ALL_TASKS]
+    bad = [t for t in names if t not in ALL_TASKS + RETRIEVAL_TASKS]
     if bad or not names:
-        raise SubLLMError(f"unknown task(s) {bad}; choose from {', '.join(ALL_TASKS)} or 'all'")
+        choices = ", ".join(ALL_TASKS + RETRIEVAL_TASKS)
+        raise SubLLMError(f"unknown task(s) {bad}; choose from {choices} or 'all'")
     return list(dict.fromkeys(names))
 
 
@@ -210,6 +212,10 @@ def evaluate(
     seed: int = 1234,
     verbose: bool = False,
     log=print,
+    lengths: list[int] | None = None,
+    depths: list[float] | None = None,
+    examples: int = 5,
+    pairs: int = 8,
 ) -> dict:
     """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}.
     `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device."""
@@ -243,7 +249,27 @@ def evaluate(
             out["selection"] = text_selection(model, tok, texts, seq_len, batch_size, dtype, max_tokens)
             log(f"selection on {src} (windows of {seq_len} tokens, eval rule vs training top-k):")
             log(format_selection(out["selection"], c.keep_ratios))
-    lm_tasks = [t for t in tasks if t != "loss"]
+    retrieval = [t for t in tasks if t in RETRIEVAL_TASKS]
+    if retrieval:
+        from subllm.evals.retrieval import run_retrieval
+
+        src = heldout or text or DEFAULT_TEXT
+        if not Path(src).exists():
+            raise SubLLMError(f"passkey/mqar need filler prose: --heldout FILE_OR_DIR ({src} does not exist)")
+        filler = "\n".join(f.read_text("utf-8", errors="replace") for f in text_files(src))
+        amp = (
+            (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16))
+            if dtype == "bfloat16"
+            else None
+        )
+        out["retrieval"] = {
+            "filler": str(src),
+            **run_retrieval(
+                model, tok, filler, retrieval, lengths or [seq_len], depths or [0.1, 0.5, 0.9],
+                examples, pairs, seed, amp, log,
+            ),
+        }  # fmt: skip
+    lm_tasks = [t for t in tasks if t not in ("loss", *RETRIEVAL_TASKS)]
     if lm_tasks:
         from subllm.evals.harness import build_tasks, default_cache_dir, run_tasks
         from subllm.evals.lm import SubLLMLM
@@ -301,6 +327,12 @@ def format_table(res: dict) -> str:
                          str(r.get("n") or r.get("docs")) if first else "",
                          "" if chance is None else f"{chance:.3f}",
                          r.get("truncated", "") if first else ""))  # fmt: skip
+    for r in res.get("retrieval", {}).get("results", []):
+        where = f"{r['length']}" + (f" @{r['depth']:.2f}" if r["depth"] is not None else "")
+        rows.append((r["task"], f"acc {where}", f"{r['accuracy']:.4f}", "", str(r["answers"]), "", ""))
+        rows += [
+            ("", f"needle kept S{i}", f"{k:.3f}", "", "", "", "") for i, k in enumerate(r["needle_keep"])
+        ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -336,6 +368,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmlu-shots", type=int, default=5)
     parser.add_argument("--bbh-shots", type=int, default=2, help="at most 2 (3 examples per task bundled)")
     parser.add_argument("--cache-dir", help="where task documents are built (default ~/.cache/subllm/tasks)")
+    parser.add_argument("--lengths", help="passkey/mqar example lengths, e.g. 1k,2k,4k (default: the window)")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="passkey needle depths in [0, 1]")
+    parser.add_argument("--examples", type=int, default=5, help="passkey/mqar examples per setting (5)")
+    parser.add_argument("--pairs", type=int, default=8, help="mqar key-value pairs per example (8)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", help="also write the results as JSON here")
@@ -343,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("seq_len", "stride", "max_tokens", "batch_size", "limit", "n_text"):
+    for name in ("seq_len", "stride", "max_tokens", "batch_size", "limit", "n_text", "examples", "pairs"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SubLLMError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -371,6 +407,10 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         seed=args.seed,
         verbose=args.verbose,
+        lengths=_lengths(args.lengths),
+        depths=_depths(args.depths),
+        examples=args.examples,
+        pairs=args.pairs,
     )
     m = res["model"]
     print(
@@ -382,6 +422,19 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res))
     return 0
+
+
+def _lengths(text: str | None) -> list[int] | None:
+    from subllm.bench.common import int_list
+
+    return int_list(text) if text else None
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SubLLMError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}") from None
 
 
 __all__ = ["evaluate", "text_loss", "load_model", "load_tokenizer_for", "resolve_checkpoint", "format_table"]
