@@ -167,3 +167,13 @@ def test_train_report_with_hf_and_compile_keeps_both(monkeypatch):
     out = io.StringIO()
     print_report(rep, {}, out=out)
     assert "HF LlamaForCausalLM" in out.getvalue() and "torch.compile" in out.getvalue()
+
+
+def test_infer_preset_past_its_max_seq_len():
+    """Random-weight presets run past their max_seq_len (raised for the benchmark); checkpoints keep
+    theirs (the --text test above checks that error)."""
+    from subllm.bench.infer import build_models
+
+    sub, llama = build_models("subllm-tiny", None, 0, "cpu", 600)
+    assert sub.config.max_seq_len == llama.config.max_seq_len == 600
+    assert build_models("subllm-tiny", None, 0, "cpu", 100)[0].config.max_seq_len == 512

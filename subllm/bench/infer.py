@@ -335,13 +335,18 @@ def text_windows(tokens: list[int], length: int, batch: int, decode_tokens: int)
 # ---- the whole run ---------------------------------------------------------------------------------
 
 
-def build_models(preset: str, checkpoint: str | None, seed: int, device="cpu") -> tuple[SubLLM, SubLLM]:
+def build_models(
+    preset: str, checkpoint: str | None, seed: int, device="cpu", max_len: int = 0
+) -> tuple[SubLLM, SubLLM]:
+    """A checkpoint, or a preset with random weights whose max_seq_len is raised to `max_len` when
+    that is longer (RoPE has no built-in limit; a benchmark of random weights may go past it)."""
     if checkpoint:
         sub = SubLLM.from_pretrained(checkpoint)
     else:
         torch.manual_seed(seed)
+        cfg = get_preset(preset)
         with torch.device(device):  # built on the device (a 1.3B model initialised on a CPU is slow)
-            sub = SubLLM(get_preset(preset))
+            sub = SubLLM(cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len)))
     if sub.config.n_subsamples == 0:
         raise SubLLMError(f"{preset or checkpoint} has no subsampling module: nothing to compare")
     with torch.device(device):
@@ -396,7 +401,7 @@ def run_infer(
     kind = torch.device(device).type
     dtypes = list(dict.fromkeys(resolve_dtype(d, kind, "decode") for d in requested))
     log(f"[bench infer] dtype {', '.join(dtype_line(d, kind, 'decode') for d in requested)}")
-    sub, llama = build_models(preset, checkpoint, seed, device)
+    sub, llama = build_models(preset, checkpoint, seed, device, max(lengths) + decode_tokens)
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
     if too_long:
