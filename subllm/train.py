@@ -2,6 +2,7 @@
 
     subllm train --preset subllm-small --data data/corpus --steps 2000 --out runs/x
     subllm train --out runs/x --resume                       # continue after a crash / kill
+    subllm train --init-from runs/llama --structure 'TT(TT)TT' --data ... [--train-only subsample,bypass]
     torchrun --nproc_per_node 2 -m subllm train ... [--fsdp] # DDP (gloo on CPU, nccl on CUDA) / FSDP2
 
 Options come from flags and/or a JSON file (`--config FILE`, keys = the long flag names; flags
@@ -58,6 +59,11 @@ HELP = {
     "device": f"{' | '.join(DEVICES)} (default auto: cuda if available)",
     "threads": "torch CPU threads per process (default: torch's choice; torchrun sets 1)",
     "progress": "show a progress bar (default on)",
+    "init_from": "uptraining: start from this LLaMA (one of our run/model folders, or a Hugging Face Llama "
+    "folder); its layers are copied exactly, --structure/--keep-ratio decide which S/B modules are added "
+    "(default: its own all-T structure), architecture and tokenizer come from it",
+    "train_only": "with --init-from: train only these parameter groups, comma-separated subset of "
+    "subsample,bypass (router tuning: the S score layers and B scales); default all parameters",
 }
 
 METAVAR = {
@@ -74,6 +80,8 @@ METAVAR = {
     "dtype": "DTYPE",
     "schedule_steps": "MODE",
     "device": "DEVICE",
+    "init_from": "DIR",
+    "train_only": "GROUPS",
 }
 
 

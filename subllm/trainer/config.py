@@ -64,6 +64,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    init_from: str | None = None  # uptraining: start from this LLaMA folder (trainer/uptrain.py)
+    train_only: list[str] | None = None  # subsets of uptrain.TRAIN_ONLY to train; None = all parameters
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +85,8 @@ TRAJECTORY = (
     "dtype",  # as requested: "auto" resumes as "auto" (resolved again on the resuming machine)
     "schedule_steps",
     "pose_target",
+    "init_from",
+    "train_only",
 )
 NOT_IN_FILE = ("resume", "overwrite", "config")
 
@@ -206,6 +210,18 @@ def _overrides(name, v):
     return out
 
 
+def _train_only(name, v):
+    from subllm.trainer.uptrain import TRAIN_ONLY
+
+    if v is None:
+        return None
+    items = [x.strip() for x in v.split(",")] if isinstance(v, str) else v if isinstance(v, list) else [v]
+    bad = [x for x in items if x not in TRAIN_ONLY]
+    if bad or not items:
+        raise SubLLMError(f"--train-only takes a comma-separated subset of {','.join(TRAIN_ONLY)}; got {v!r}")
+    return [g for g in TRAIN_ONLY if g in items]
+
+
 FIELDS = {
     "preset": lambda n, v: _str(n, v, none_ok=False),
     "data": _str,
@@ -240,6 +256,8 @@ FIELDS = {
     "device": _choice(DEVICES),
     "threads": lambda n, v: parse_int(n, v, none_ok=True),
     "progress": _bool,
+    "init_from": lambda n, v: None if v is None else str(Path(_str(n, v)).resolve()),
+    "train_only": _train_only,
 }
 
 
@@ -282,6 +300,12 @@ def validate(cfg: TrainConfig) -> None:
     get_preset(cfg.preset)  # unknown preset -> SubLLMError naming the choices
     if cfg.pose_target is not None and cfg.pose_target < cfg.seq_len:
         raise SubLLMError(f"--pose-target ({cfg.pose_target}) must be at least --seq-len ({cfg.seq_len})")
+    if cfg.train_only is not None and cfg.init_from is None:
+        raise SubLLMError("--train-only needs --init-from (frozen random layers would train nothing)")
+    if cfg.init_from is not None and cfg.tokenizer is not None:
+        raise SubLLMError(
+            "--tokenizer and --init-from exclude each other: the tokenizer comes from that folder"
+        )
     if cfg.warmup_steps is not None and cfg.steps is not None and cfg.warmup_steps > cfg.steps:
         raise SubLLMError(f"--warmup-steps ({cfg.warmup_steps}) exceeds --steps ({cfg.steps})")
 
@@ -299,10 +323,13 @@ def total_steps(cfg: TrainConfig, world_size: int) -> int:
     return 1000
 
 
-def model_config(cfg: TrainConfig, steps: int, tokenizer_meta: dict | None) -> ModelConfig:
-    """Preset, then --structure / --keep-ratio, --selection, the tokenizer's vocabulary and special
-    ids, the schedule lengths, and finally --set overrides."""
-    mc = get_preset(cfg.preset)
+def model_config(
+    cfg: TrainConfig, steps: int, tokenizer_meta: dict | None, base: ModelConfig | None = None
+) -> ModelConfig:
+    """Preset (or `base`: an uptraining run's, trainer/uptrain.py), then --structure / --keep-ratio,
+    --selection, the tokenizer's vocabulary and special ids, the schedule lengths, and finally --set
+    overrides."""
+    mc = get_preset(cfg.preset) if base is None else base
     changes: dict = {}
     if cfg.structure is not None:
         changes["structure"] = cfg.structure

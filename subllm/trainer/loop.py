@@ -29,6 +29,7 @@ from subllm import distributed as D
 from subllm.dtype import dtype_line, dtype_record, resolve_dtype
 from subllm.errors import SubLLMError
 from subllm.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
+from subllm.trainer import uptrain
 from subllm.trainer.config import (
     TRAJECTORY,
     TrainConfig,
@@ -115,16 +116,26 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         say("note: --fsdp without torchrun (one process): training unsharded")
         mode = "none"
     resume_from = _check_run_dir(run_dir, resume, overwrite, info.is_main)
+    source, tokenizer = None, cfg.tokenizer
+    if cfg.init_from is not None:  # uptraining (trainer/uptrain.py): checked before any data work
+        source = uptrain.load_source(cfg.init_from)
+        uptrain.check_overrides(cfg.set, source.config, cfg.init_from)
+        tokenizer = uptrain.source_tokenizer(cfg.init_from)
     D.barrier(info)
     # data: rank 0 tokenizes/packs raw text once, the others wait and then read the result
     if info.is_main:
-        data = prepare_data(cfg.data, run_dir, cfg.tokenizer, cfg.vocab_size, True, say)
+        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, True, say)
     D.barrier(info)
     if not info.is_main:
-        data = prepare_data(cfg.data, run_dir, cfg.tokenizer, cfg.vocab_size, False, say)
+        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, False, say)
     steps = total_steps(cfg, info.world_size)
     tps = tokens_per_step(cfg, info.world_size)
-    mconf = model_config(cfg, steps, data.tokenizer_meta)
+    if source is None:
+        mconf = model_config(cfg, steps, data.tokenizer_meta)
+    else:
+        mconf = model_config(cfg, steps, None, base=uptrain.base_config(cfg.preset, source.config))
+        uptrain.check_model(mconf, source.config, data.tokenizer_meta, cfg.init_from)
+        mconf = mconf.replace(extra={**mconf.extra, "init_from": source.record()})
 
     state, changes = None, []  # changes: trajectory changes made on resume (a new --lr), all resumes
     if resume_from is not None:
@@ -141,6 +152,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     model = SubLLM(mconf)
     if state is not None:
         model.load_state_dict(state.model_state)
+    elif source is not None:
+        fresh = uptrain.copy_weights(model, source)
+        say(f"initialised from {source.path} ({source.kind}); {len(fresh)} fresh S/B tensors")
+    if cfg.train_only is not None:  # router tuning: the rest gets no gradient and no optimizer state
+        uptrain.freeze(model, cfg.train_only)
+    source = None  # the copied state dict is no longer needed
     model.to(info.device).train()
     model.activation_checkpointing = cfg.checkpointing  # applied from outside: the trainer decides
     wrapped = D.wrap_model(model, info, mode)
@@ -184,6 +201,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         )
     metrics = MetricsWriter(run_dir / METRICS, enabled=info.is_main, resume_step=step if state else None)
     n_params = model.num_params() if mode != "fsdp" else sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics.write(
         {
             "kind": "run",
@@ -199,6 +217,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             "device": info.device,
             "threads": torch.get_num_threads(),
             "params": n_params,
+            "trainable_params": n_trainable,
+            "init_from": mconf.extra.get("init_from"),
+            "train_only": cfg.train_only,
             "schedule_steps": {
                 "mode": cfg.schedule_steps,
                 "balancer_steps": mconf.balancer_steps,
@@ -261,6 +282,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
 
         bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.1)
     last_eval = None
+    if cfg.init_from is not None and state is None and val:  # the loss right after conversion
+        model.set_step(0)
+        last_eval = run_eval(0)
     losses: list[float] = []
     window_tokens, window_time = 0, 0.0
     try:
