@@ -1,7 +1,8 @@
 """Speed-up over LLaMA vs context length beside the FLOP ideal, from the JSON lines that
 `subllm bench train` and `subllm bench infer` print last (several runs may be combined).
 
-    python benchmarks/long_context_plot.py --train T1.txt T2.txt --infer I1.txt I2.txt --out docs/long_context_speedup.png
+    python benchmarks/long_context_plot.py --train T1.txt T2.txt --infer I1.txt I2.txt \
+        --out docs/long_context_speedup.png
 """
 
 import argparse

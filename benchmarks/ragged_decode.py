@@ -6,7 +6,8 @@ attends, one query each, to its own cache of its own length. Three ways:
   cache (rows outside the subset computed and thrown away), then the subset's rows gathered;
 - gathered: the subset's cache rows copied out (index_select), one masked SDPA call.
 
-    OMP_NUM_THREADS=1 python benchmarks/ragged_decode.py [--batch 8 --length 4096 --keep 6 --heads 4 --head-dim 64]
+    OMP_NUM_THREADS=1 python benchmarks/ragged_decode.py [--batch 8 --length 4096 --keep 6]
+        [--heads 4 --head-dim 64]
 """
 
 import argparse
@@ -40,7 +41,9 @@ def main() -> None:
     def per_row():
         return torch.cat(
             [
-                F.scaled_dot_product_attention(q[i : i + 1], k[r : r + 1, :, : lens[r]], v[r : r + 1, :, : lens[r]])
+                F.scaled_dot_product_attention(
+                    q[i : i + 1], k[r : r + 1, :, : lens[r]], v[r : r + 1, :, : lens[r]]
+                )
                 for i, r in enumerate(rows)
             ]
         )
