@@ -143,7 +143,7 @@ class ScoreLinear(nn.Linear):
         if self.norm:
             xf = x.float()
             x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
+        return super().forward(x)
 
 
 @dataclass
