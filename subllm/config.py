@@ -3,6 +3,9 @@
 The architecture is written as a structure string (docs/method.md section 1):
 `T` is a transformer layer, `(` a subsampling module S, `)` the matching upsampling U + bypass B.
 `TTTTT(TTTTT(TTTT)TTTTT)TTTTT` is the released 1.3B SUBLLM; all-`T` is the LLaMA baseline.
+`M` is a Mixture-of-Depths layer (Raposo et al. 2024; subllm/model/mod.py): a `T` layer with
+its own router that runs on the top `mod_capacity` share of the tokens reaching it - parsed as a
+one-layer subsampling module (`Sub` with `mod=True`), so every tree walk treats it like a bracket.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ class Sub:
 
     index: int
     children: tuple  # of int (layer index) | Sub
+    mod: bool = False  # an `M` layer: a router around the one layer in children (no bypass)
 
 
 def parse_structure(structure: str) -> tuple:
     """Parse a structure string into a tree: a tuple of layer indexes (int) and `Sub` nodes.
 
-    Layers are numbered 0.. left to right, subsampling modules 0.. in the order of their `(`.
-    Errors name the offending position.
+    Layers (`T` and `M`) are numbered 0.. left to right, subsampling modules 0.. in the order of
+    their `(` or `M` (an `M` is a module around its own layer). Errors name the offending position.
     """
     if not isinstance(structure, str) or not structure:
-        raise SubLLMError("structure must be a non-empty string of 'T', '(' and ')'")
+        raise SubLLMError("structure must be a non-empty string of 'T', 'M', '(' and ')'")
     stack: list[tuple[int, int, list]] = []  # (sub index, position of '(', children)
     top: list = []
     current = top
@@ -38,6 +42,10 @@ def parse_structure(structure: str) -> tuple:
         if ch == "T":
             current.append(n_layers)
             n_layers += 1
+        elif ch == "M":
+            current.append(Sub(n_subs, (n_layers,), mod=True))
+            n_layers += 1
+            n_subs += 1
         elif ch == "(":
             stack.append((n_subs, pos, current))
             n_subs += 1
@@ -55,12 +63,13 @@ def parse_structure(structure: str) -> tuple:
             current = parent
         else:
             raise SubLLMError(
-                f"structure {structure!r}: invalid character {ch!r} at position {pos} (only 'T', '(' and ')')"
+                f"structure {structure!r}: invalid character {ch!r} at position {pos} "
+                "(only 'T', 'M', '(' and ')')"
             )
     if stack:
         raise SubLLMError(f"structure {structure!r}: unclosed '(' at position {stack[-1][1]}")
     if n_layers == 0:
-        raise SubLLMError(f"structure {structure!r}: no layer at all (needs at least one 'T')")
+        raise SubLLMError(f"structure {structure!r}: no layer at all (needs at least one 'T' or 'M')")
     return tuple(top)
 
 
@@ -83,6 +92,11 @@ class ModelConfig:
     ffn_dim: int = 5504
     structure: str = "TTTTT(TTTTT(TTTT)TTTTT)TTTTT"
     keep_ratio: float | list[float] = 0.64  # one for all S, or one per '(' in structure order
+    # Mixture-of-Depths `M` layers (subllm/model/mod.py; ignored without an `M`)
+    mod_capacity: float = 0.125  # share of the tokens reaching an `M` layer that it processes
+    mod_router: str = "aux_loss"  # inference rule: "aux_loss" (router > theta) | "predictor" (MLP)
+    mod_aux_loss: float = 0.1  # weight of the BCE that teaches the router / predictor the top-k
+    mod_predictor_dim: int = 64  # hidden width of the "predictor" MLP
     rope_theta: float = 10000.0
     # RoPE scaling, Hugging Face's rope_parameters dict without rope_theta (subllm/model/rope.py):
     # rope_type default | linear | dynamic | yarn | llama3 and its parameters; None = plain RoPE
@@ -137,8 +151,8 @@ class ModelConfig:
             from subllm.model.rope import check_rope_scaling  # imports torch: only when it is used
 
             self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rope_theta, self.max_seq_len)
-        tree = parse_structure(self.structure)
-        n_subs = sum(1 for _ in iter_subs(tree))
+        parse_structure(self.structure)  # errors name the offending position
+        n_subs = self.structure.count("(")
         ratios = self.keep_ratio if isinstance(self.keep_ratio, list | tuple) else None
         if ratios is not None:
             if len(ratios) != n_subs:
@@ -147,9 +161,16 @@ class ModelConfig:
                     f"has {n_subs} subsampling modules"
                 )
             self.keep_ratio = [float(r) for r in ratios]
+        c = self.mod_capacity
+        if isinstance(c, bool) or not isinstance(c, int | float) or not 0.0 < c <= 1.0:
+            raise SubLLMError(f"mod_capacity must lie in (0, 1], got {c!r}")
         for i, r in enumerate(self.keep_ratios):
             if not (isinstance(r, int | float) and 0.0 < r <= 1.0):
                 raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
+        if self.mod_router not in MOD_ROUTERS:
+            raise SubLLMError(f"mod_router must be one of {MOD_ROUTERS}, got {self.mod_router!r}")
+        if not isinstance(self.mod_predictor_dim, int) or self.mod_predictor_dim <= 0:
+            raise SubLLMError(f"mod_predictor_dim must be a positive integer, got {self.mod_predictor_dim!r}")
         if self.balancer_steps <= 0 or self.bypass_steps <= 0:
             raise SubLLMError("balancer_steps and bypass_steps must be positive")
         if self.balancer_gate not in ("grad", "weight"):
@@ -169,6 +190,7 @@ class ModelConfig:
             ("select_loss_tau", 1e-6, float("inf")),
             ("threshold_momentum", 0.0, 1.0),
             ("score_lr_scale", 0.0, float("inf")),
+            ("mod_aux_loss", 0.0, float("inf")),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
@@ -185,22 +207,31 @@ class ModelConfig:
 
     @property
     def n_layers(self) -> int:
-        return self.structure.count("T")
+        return self.structure.count("T") + self.structure.count("M")
 
     @property
     def n_subsamples(self) -> int:
-        return self.structure.count("(")
+        """Subsampling modules: one per `(` and one per `M` layer (its router)."""
+        return self.structure.count("(") + self.structure.count("M")
+
+    @property
+    def mod_flags(self) -> list[bool]:
+        """Per subsampling module in structure order: True for an `M` layer's router."""
+        return [sub.mod for sub in iter_subs(self.tree)]
 
     @property
     def keep_ratios(self) -> list[float]:
-        """One keep ratio per subsampling module, in structure order."""
-        if isinstance(self.keep_ratio, list | tuple):
-            return list(self.keep_ratio)
-        return [float(self.keep_ratio)] * self.n_subsamples
+        """One keep ratio per subsampling module, in structure order (`M`: mod_capacity)."""
+        per_s = iter(
+            self.keep_ratio
+            if isinstance(self.keep_ratio, list | tuple)
+            else [float(self.keep_ratio)] * self.structure.count("(")
+        )
+        return [float(self.mod_capacity) if mod else float(next(per_s)) for mod in self.mod_flags]
 
     def as_llama(self) -> ModelConfig:
-        """The same-size LLaMA baseline: every bracket removed, all else equal."""
-        structure = self.structure.replace("(", "").replace(")", "")
+        """The same-size LLaMA baseline: every bracket removed, `M` layers made `T`, all else equal."""
+        structure = self.structure.replace("(", "").replace(")", "").replace("M", "T")
         return dataclasses.replace(self, structure=structure, keep_ratio=1.0, extra=dict(self.extra))
 
     def replace(self, **changes) -> ModelConfig:
@@ -267,6 +298,9 @@ SELECTION_RECIPES: dict[str, dict] = {
         "balancer_fraction": "direct",
     },
 }
+
+
+MOD_ROUTERS = ("aux_loss", "predictor")
 
 
 def keep_count(n: int, ratio: float) -> int:

@@ -247,12 +247,11 @@ def _decode_sub(
     cos: Tensor,
     sin: Tensor,
 ) -> Tensor:
-    s = model.subsamples[node.index].scores(x)  # (n, 1), as Subsample.forward
-    keep = model.subsamples[node.index].keep(s[:, 0]).tolist()
+    d, w = model.subsamples[node.index].decide(x)  # (n, 1) each: decision and eval-mode weight
+    keep = model.subsamples[node.index].keep(d[:, 0]).tolist()
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x
-    w = s.clamp(0.0, 1.0)  # (n, 1) eval-mode weight
     if len(kept) == len(rows):
         xk, sub_rows, sub_pos, ck, sk = x, rows, positions, cos, sin
     else:

@@ -129,7 +129,9 @@ def config_to_official(config: ModelConfig) -> dict:
         problems.append(
             "a selection rule other than the paper's (score_norm, calibrated threshold or no bypass)"
         )
-    if config.n_subsamples == 0:
+    if "M" in config.structure:
+        problems.append("Mixture-of-Depths 'M' layers (theirs has none)")
+    if config.structure.count("(") == 0:
         problems.append("no subsampling module (their model needs at least one '(')")
     if problems:
         raise SubLLMError("cannot export to the official format: " + "; ".join(problems))

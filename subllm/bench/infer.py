@@ -103,6 +103,11 @@ def calibrate_scores(model: SubLLM, ids: torch.Tensor, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     report = []
     for sub in iter_subs(model.tree):
+        if model.subsamples[sub.index].predictor is not None:
+            raise SubLLMError(
+                "calibrating the scores of an untrained model sets the router, not an `M` layer's "
+                "predictor: benchmark mod_router='aux_loss' (the layers' cost is the same)"
+            )
         X = _input_of(model, sub.index, ids)  # (N, C)
         N, C = X.shape
         r = model.config.keep_ratios[sub.index]

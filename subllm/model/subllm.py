@@ -23,6 +23,7 @@ from subllm.model.rope import is_dynamic
 from subllm.model.scaling import ScheduledFloat
 from subllm.model.subsample import (
     Bypass,
+    ModOptions,
     ScoreLinear,
     Selection,
     SelectOptions,
@@ -99,11 +100,15 @@ class SubLLM(nn.Module):
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
         opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
+        mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss)
+        self.mod_flags = flags = config.mod_flags  # `M` routers: MoD routing, no bypass (model/mod.py)
         self.subsamples = nn.ModuleList(
-            Subsample(config.dim, r, prob, config.balancer_grad_scale, opts, config.score_norm)
-            for r in config.keep_ratios
+            Subsample(
+                config.dim, r, prob, config.balancer_grad_scale, opts, config.score_norm, mod if m else None
+            )
+            for r, m in zip(config.keep_ratios, flags)
         )
-        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass) for _ in config.keep_ratios)
+        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass and not m) for m in flags)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._step: int | None = None
@@ -205,8 +210,15 @@ class SubLLM(nn.Module):
             loss = lm_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        aux = [s.select_loss for s in sels if s is not None and s.select_loss is not None]
+        # S's auxiliary losses share the weight select_loss; an `M` router's comes weighted already
+        aux, mod_aux = [], []
+        for s, m in zip(sels, self.mod_flags):
+            if s is not None and s.select_loss is not None:
+                (mod_aux if m else aux).append(s.select_loss)
         select_loss = self.config.select_loss * torch.stack(aux).sum() if aux else None
+        if mod_aux:
+            mod_loss = torch.stack(mod_aux).sum()
+            select_loss = mod_loss if select_loss is None else select_loss + mod_loss
         if loss is not None and select_loss is not None:
             loss = loss + select_loss
         return SubLLMOutput(

@@ -103,9 +103,12 @@ def select_topk(
     )
 
 
-def select_threshold(s: Tensor, valid: Tensor | None, theta: Tensor | None = None) -> Selection:
+def select_threshold(
+    s: Tensor, valid: Tensor | None, theta: Tensor | None = None, weight: Tensor | None = None
+) -> Selection:
     """Inference-mode selection: keep token t iff s_t > theta (and t is real; theta = 0 when None,
-    the paper); weight clamp(s_t, 0, 1), as in training.
+    the paper); weight clamp(s_t, 0, 1), as in training, or `weight` (B, T) where given (the
+    router value of an `M` layer whose decision comes from its predictor).
 
     Causal by construction: whether t is kept depends on t's own score only.
     """
@@ -116,7 +119,7 @@ def select_threshold(s: Tensor, valid: Tensor | None, theta: Tensor | None = Non
     K = int(n_kept.max())
     # a stable descending sort of the keep mask puts kept positions first, in ascending order
     idx = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
-    weight = s.clamp(0.0, 1.0).gather(1, idx)
+    weight = (s.clamp(0.0, 1.0) if weight is None else weight).gather(1, idx)
     slot_valid = None
     if bool((n_kept != K).any()):
         slot_valid = torch.arange(K, device=s.device) < n_kept[:, None]
@@ -180,6 +183,16 @@ class SelectOptions:
     threshold_momentum: float = 0.95
 
 
+@dataclass
+class ModOptions:
+    """An `M` layer's router (ModelConfig.mod_router, mod_predictor_dim, mod_aux_loss;
+    subllm/model/mod.py)."""
+
+    router: str = "aux_loss"
+    predictor_dim: int = 64
+    aux_weight: float = 0.1
+
+
 class Subsample(nn.Module):
     """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode."""
 
@@ -191,6 +204,7 @@ class Subsample(nn.Module):
         grad_scale: float = 0.04,
         options: SelectOptions | None = None,
         score_norm: bool = False,
+        mod: ModOptions | None = None,
     ):
         super().__init__()
         opts = options or SelectOptions()
@@ -203,6 +217,12 @@ class Subsample(nn.Module):
         self.grad_scale = grad_scale
         self.options = opts
         self.score = ScoreLinear(dim, score_norm)
+        self.mod = mod  # None: S of a bracket; else the router of an `M` layer (subllm/model/mod.py)
+        self.predictor = None
+        if mod is not None and mod.router == "predictor":
+            from subllm.model.mod import Predictor
+
+            self.predictor = Predictor(dim, mod.predictor_dim)
         self.push_box: dict = {}  # the Balancer's last relative push (selection.py reads it)
         if opts.threshold == "calibrated":
             self.register_buffer("threshold", torch.zeros(()))
@@ -224,14 +244,28 @@ class Subsample(nn.Module):
             return self.score(x.float()).squeeze(-1)
 
     def keep(self, s: Tensor) -> Tensor:
-        """The inference rule on scores: s > theta (s > 0 for the paper's rule)."""
+        """The inference rule on decision scores: s > theta (s > 0 for the paper's rule)."""
         return s > 0 if self.theta is None else s > self.theta
+
+    def decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: (decision scores d, weights w), both (B, T) float32 - keep t iff d_t > theta,
+        with weight w_t. S: d = s, w = clamp(s, 0, 1); an `M` layer: w = its router value r, and
+        d = r ("aux_loss") or the predictor's logit ("predictor")."""
+        s = self.scores(x)
+        if self.mod is None:
+            return s, s.clamp(0.0, 1.0)
+        return (s if self.predictor is None else self.predictor(x)), s
 
     def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
         """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles)."""
-        s = self.scores(x)  # (B, T)
         if not self.training:
-            return select_threshold(s, valid, self.theta)
+            d, w = self.decide(x)
+            return select_threshold(d, valid, self.theta, w)
+        if self.mod is not None:
+            from subllm.model.mod import route_topk
+
+            return route_topk(self, x, valid)
+        s = self.scores(x)  # (B, T)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None
         prob = self.balancer_prob.at(torch.as_tensor(step, device=x.device))
@@ -248,11 +282,11 @@ class Subsample(nn.Module):
             s_aux = self.scores(x.detach()) if opts.select_loss_detach else s
             sel.select_loss = selection_bce(s_aux, sel.kept_mask, valid, opts.select_loss_tau)
         if self.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
-            self._track_cut(sel.sorted_scores.detach(), sel.n_kept, sel.n_real)
+            self.track_cut(sel.sorted_scores.detach(), sel.n_kept, sel.n_real)
         return sel
 
     @torch.no_grad()
-    def _track_cut(self, top: Tensor, k: Tensor, n_real: Tensor) -> None:
+    def track_cut(self, top: Tensor, k: Tensor, n_real: Tensor) -> None:
         """Move theta toward this batch's top-k cut: per row, the midpoint of the k-th and
         (k+1)-th highest real score (the k-th itself when every real token is kept); `top` is the
         row's scores sorted descending, as select_topk already sorted them."""

@@ -1,0 +1,66 @@
+"""Mixture-of-Depths `M` layers (Raposo et al. 2024, arXiv 2404.02258), beyond the SUBLLM paper.
+
+An `M` layer is a transformer layer with a router r_t = w^T x_t (the S score layer, Linear(dim, 1)).
+In training it runs on the top-k tokens of each row, k = ceil(mod_capacity * n), and adds its
+residual update scaled by the router value: z_t = x_t + r_t f(x_t) for the chosen tokens, z_t = x_t
+for the others (MoD's equation 1). That is SUBLLM's gather / upsample with the router value as the
+weight and no bypass, so an `M` layer is parsed as a one-layer subsampling module and shares
+everything else with S: its own KV-cache level (a token it skips never enters its cache), the
+per-row ragged handling, the eval-mode threshold rule, the analysis.
+
+Top-k over a sequence is not causal, so inference decides per token, by one of MoD's two methods
+(`ModelConfig.mod_router`):
+- "aux_loss": an auxiliary binary cross-entropy of sigmoid(r_t) against the top-k membership
+  (labels without gradient) teaches the router itself to put chosen tokens above 0; inference keeps
+  t iff r_t > theta.
+- "predictor": a small MLP on a stop-gradient copy of the router's input learns the same labels
+  (its loss never reaches the model); inference keeps t iff its logit > theta. The router value
+  still scales the update.
+theta is 0, or with `threshold = "calibrated"` the running top-k cut of the decision logits
+(Subsample.track_cut). The auxiliary loss is weighted by `mod_aux_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from subllm.model.subsample import Selection, select_topk, selection_bce
+
+
+class Predictor(nn.Module):
+    """MoD's auxiliary predictor: RMS-normalised, detached input -> Linear -> SiLU -> Linear -> logit."""
+
+    def __init__(self, dim: int, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, 1)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T) float32 logits; no gradient reaches x."""
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.detach().float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.fc2(nn.functional.silu(self.fc1(xf))).squeeze(-1)
+
+
+def route_topk(sub, x: Tensor, valid: Tensor | None) -> Selection:
+    """Training-mode routing of an `M` layer (`sub`: its Subsample): exact top-k per row by the
+    router, weight = the router value at each chosen token (0 at invalid slots), the auxiliary loss
+    (already weighted by mod_aux_loss) and the agreement of the inference rule with top-k."""
+    r = sub.scores(x)  # (B, T) float32
+    sel = select_topk(r, valid, sub.keep_ratio, False)
+    w = r.gather(1, sel.idx)
+    sel.weight = w if sel.valid is None else w * sel.valid
+    d = r if sub.predictor is None else sub.predictor(x)
+    sel.scores = d
+    sel.select_loss = sub.mod.aux_weight * selection_bce(d, sel.kept_mask, valid, 1.0)
+    with torch.no_grad():
+        real = torch.ones_like(sel.kept_mask) if valid is None else valid
+        sel.agreement = ((sel.kept_mask == sub.keep(d)) & real).sum() / real.sum().clamp(min=1)
+    if sub.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
+        key = d.detach() if valid is None else d.detach().masked_fill(~valid, float("-inf"))
+        sorted_d = sel.sorted_scores.detach() if sub.predictor is None else key.sort(1, descending=True)[0]
+        sub.track_cut(sorted_d, sel.n_kept, sel.n_real)
+    return sel
