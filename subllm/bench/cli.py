@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_serve_arguments(sub)
 
+    from subllm.bench.compare import add_compare_arguments
+
+    add_compare_arguments(sub)
+
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None) is not None:
@@ -100,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         return run_selection(args)
     if args.bench_command == "serve":
         return _run_serve(args)
+    if args.bench_command == "compare":
+        return _run_compare(args)
     raise SubLLMError(f"unknown benchmark {args.bench_command!r}")  # pragma: no cover
 
 
@@ -127,6 +133,21 @@ def _run_infer(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from subllm.bench.compare import markdown, run_compare
+
+    report = run_compare(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if "summary" in report:
+        print(markdown(report["summary"]))
+        print(f"report: {args.out}/compare.md, compare.json, compare.png")
+        print(
+            json_line(
+                {"bench": "compare", "command": _command("compare"), "env": environment("cpu"), **report}
+            )
+        )
     return 0
 
 

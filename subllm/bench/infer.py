@@ -492,7 +492,8 @@ def summary_lines(results: list[dict]) -> list[str]:
     return lines
 
 
-def print_report(report: dict, env: dict, out=sys.stdout) -> None:
+def print_report(report: dict, env: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (a default would freeze it at import)
     rows = [table_row(r) for r in report["results"]]
     print("", file=out)
     print(f"subllm bench infer  |  {report['model']}  |  {env}", file=out)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from subllm.bench.common import autocast, format_table, interleaved, median, min_med_max, spread, sync
 from subllm.config import ModelConfig, Sub, get_preset, keep_count
 from subllm.dtype import DTYPES, dtype_line, dtype_record
+from subllm.errors import SubLLMError
 from subllm.flops import ideal_speedup
 from subllm.model.subllm import SubLLM
 
@@ -214,14 +215,18 @@ def bench_length(
 
 def run_train_bench(
     preset, lengths, batch_size, dtype, reps, warmup, device="cpu", seed=0, log=print, compile=False,
-    hf=False, checkpointing=False,
+    hf=False, checkpointing=False, overrides: dict | None = None,
 ) -> dict:  # fmt: skip
-    """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both."""
+    """`dtype`: auto | bf16 | fp32, resolved for `device` (subllm/dtype.py); the report records both.
+    `overrides`: ModelConfig fields set on the preset (`--set`, e.g. structure=TMTMTMTM)."""
     device = torch.device(device)
     record = dtype_record(dtype, device.type)  # resolves (and warns once about a slow bf16)
     log(f"[bench train] dtype {dtype_line(dtype, device.type)}")
     dtype = record["dtype"]
-    cfg = get_preset(preset)
+    try:
+        cfg = get_preset(preset).replace(**(overrides or {}))
+    except TypeError as e:
+        raise SubLLMError(f"bad --set: {e}") from None
     for T in lengths:
         if T > cfg.max_seq_len:
             cfg = cfg.replace(max_seq_len=T)
@@ -246,7 +251,8 @@ def run_train_bench(
     }
 
 
-def print_report(report: dict, env: dict, out=sys.stdout) -> None:
+def print_report(report: dict, env: dict, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (a default would freeze it at import)
     rows = []
     for r in report["results"]:
         s, m = r["step_s"], r["memory_bytes"]
@@ -342,12 +348,17 @@ def add_train_arguments(sub) -> None:
         "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
     )
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a ModelConfig field of the preset (repeatable), e.g. --set structure=TMTMTMTM",
+    )  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny smoke setting (overrides the sizes above)")
 
 
 def run_train(args) -> int:
     from subllm.bench.common import environment, int_list, json_line
     from subllm.errors import SubLLMError
+    from subllm.trainer.config import parse_overrides
 
     if args.quick:
         for k, v in QUICK.items():
@@ -360,6 +371,7 @@ def run_train(args) -> int:
         args.preset, int_list(args.lengths), args.batch_size, args.dtype, args.reps, args.warmup,
         device=args.device, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
         compile=args.compile, hf=args.hf, checkpointing=args.checkpointing,
+        overrides=parse_overrides("--set", args.set),
     )  # fmt: skip
     env = environment(args.device)
     print_report(report, env)

@@ -181,7 +181,7 @@ def _keep_ratio(name, v):
     return out[0] if len(out) == 1 else out
 
 
-def _overrides(name, v):
+def parse_overrides(name, v):
     """`--set dim=128 --set n_heads=2` (or a JSON object in the config file) -> {field: value}."""
     if v is None:
         return {}
@@ -228,7 +228,7 @@ FIELDS = {
     "structure": _str,
     "keep_ratio": _keep_ratio,
     "selection": lambda n, v: None if v is None else _choice(tuple(SELECTION_RECIPES))(n, v),
-    "set": _overrides,
+    "set": parse_overrides,
     "tokenizer": _str,
     "vocab_size": lambda n, v: parse_int(n, v, lo=259),
     "optimizer": _choice(OPTIMIZERS),
