@@ -97,6 +97,7 @@ class ModelConfig:
     mod_router: str = "aux_loss"  # inference rule: "aux_loss" (router > theta) | "predictor" (MLP)
     mod_aux_loss: float = 0.1  # weight of the BCE that teaches the router / predictor the top-k
     mod_predictor_dim: int = 64  # hidden width of the "predictor" MLP
+    mod_weight: str = "raw"  # what scales the update: "raw" router value (MoD's eq. 1) | "sigmoid" of it
     rope_theta: float = 10000.0
     # RoPE scaling, Hugging Face's rope_parameters dict without rope_theta (subllm/model/rope.py):
     # rope_type default | linear | dynamic | yarn | llama3 and its parameters; None = plain RoPE
@@ -169,6 +170,8 @@ class ModelConfig:
                 raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
         if self.mod_router not in MOD_ROUTERS:
             raise SubLLMError(f"mod_router must be one of {MOD_ROUTERS}, got {self.mod_router!r}")
+        if self.mod_weight not in ("raw", "sigmoid"):
+            raise SubLLMError(f"mod_weight must be 'raw' or 'sigmoid', got {self.mod_weight!r}")
         if not isinstance(self.mod_predictor_dim, int) or self.mod_predictor_dim <= 0:
             raise SubLLMError(f"mod_predictor_dim must be a positive integer, got {self.mod_predictor_dim!r}")
         if self.balancer_steps <= 0 or self.bypass_steps <= 0:

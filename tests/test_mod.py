@@ -24,10 +24,10 @@ def mod_model(structure="TMT(MT)M", router="aux_loss", seed=0, capacity=0.3, **k
     return SubLLM(cfg)
 
 
-def mixing_eval_model(structure="TMT(MT)M", router="aux_loss", seed=0) -> SubLLM:
+def mixing_eval_model(structure="TMT(MT)M", router="aux_loss", seed=0, **kw) -> SubLLM:
     """Eval-mode model whose decisions keep some and drop some tokens at every router: scores scaled
     up (S and routers), and the predictor's output bias set to split its logits about in half."""
-    m = mod_model(structure, router, seed)
+    m = mod_model(structure, router, seed, **kw)
     x = torch.randn(4, 64, m.config.dim)
     with torch.no_grad():
         for s in m.subsamples:
@@ -78,10 +78,12 @@ def test_training_keeps_exactly_top_k_per_row(router):
     assert torch.equal(out.selections[1].n_real, n_real)
 
 
-def test_training_forward_equals_a_slow_reference_of_mods_equation():
-    """z_t = x_t + r_t (block(x_S)_t - x_t) for the top-k tokens S of each row, x_t elsewhere; the
-    block attends causally among the chosen tokens only, at their original positions."""
-    m = mod_model("TMT", capacity=0.4)
+@pytest.mark.parametrize("weight", ["raw", "sigmoid"])
+def test_training_forward_equals_a_slow_reference_of_mods_equation(weight):
+    """z_t = x_t + w(r_t) (block(x_S)_t - x_t) for the top-k tokens S of each row, x_t elsewhere
+    (w(r) = r, or sigmoid(r)); the block attends causally among the chosen tokens only, at their
+    original positions."""
+    m = mod_model("TMT", capacity=0.4, mod_weight=weight)
     m.train()
     m.set_step(0)
     ids = torch.randint(3, 256, (3, 30))
@@ -98,7 +100,8 @@ def test_training_forward_equals_a_slow_reference_of_mods_equation():
             top = r[b].topk(k).indices.sort().values
             cb, sb = rope_cos_sin(top[None], c.head_dim, c.rope_theta)
             h = m.layers[1](x[b : b + 1, top], cb, sb, None)[0]
-            z[b, top] = x[b, top] + r[b, top, None] * (h - x[b, top])
+            w = r[b, top, None] if weight == "raw" else torch.sigmoid(r[b, top, None])
+            z[b, top] = x[b, top] + w * (h - x[b, top])
         want = m.head(m.norm(m.layers[2](z, cos, sin, None)))
     assert (got - want).abs().max() < 1e-5
 
@@ -115,9 +118,11 @@ def test_inference_is_causal(router):
     assert all(0.1 < f < 0.9 for f in a.keep_fractions), a.keep_fractions
 
 
-@pytest.mark.parametrize("router", ROUTERS)
-def test_cached_generation_equals_uncached(router):
-    m = mixing_eval_model(router=router)
+@pytest.mark.parametrize(
+    "router,weight", [("aux_loss", "raw"), ("predictor", "raw"), ("aux_loss", "sigmoid")]
+)
+def test_cached_generation_equals_uncached(router, weight):
+    m = mixing_eval_model(router=router, mod_weight=weight)
     ids, mask = left_padded([14, 6, 10])
 
     def run(use_cache):

@@ -3,10 +3,11 @@
 An `M` layer is a transformer layer with a router r_t = w^T x_t (the S score layer, Linear(dim, 1)).
 In training it runs on the top-k tokens of each row, k = ceil(mod_capacity * n), and adds its
 residual update scaled by the router value: z_t = x_t + r_t f(x_t) for the chosen tokens, z_t = x_t
-for the others (MoD's equation 1). That is SUBLLM's gather / upsample with the router value as the
-weight and no bypass, so an `M` layer is parsed as a one-layer subsampling module and shares
-everything else with S: its own KV-cache level (a token it skips never enters its cache), the
-per-row ragged handling, the eval-mode threshold rule, the analysis.
+for the others (MoD's equation 1; `mod_weight = "sigmoid"` scales by sigmoid(r_t) instead). That is
+SUBLLM's gather / upsample with the router value as the weight and no bypass, so an `M` layer is
+parsed as a one-layer subsampling module and shares everything else with S: its own KV-cache level
+(a token it skips never enters its cache), the per-row ragged handling, the eval-mode threshold
+rule, the analysis.
 
 Top-k over a sequence is not causal, so inference decides per token, by one of MoD's two methods
 (`ModelConfig.mod_router`):
@@ -51,7 +52,7 @@ def route_topk(sub, x: Tensor, valid: Tensor | None) -> Selection:
     (already weighted by mod_aux_loss) and the agreement of the inference rule with top-k."""
     r = sub.scores(x)  # (B, T) float32
     sel = select_topk(r, valid, sub.keep_ratio, False)
-    w = r.gather(1, sel.idx)
+    w = sub.mod.scale(r).gather(1, sel.idx)
     sel.weight = w if sel.valid is None else w * sel.valid
     d = r if sub.predictor is None else sub.predictor(x)
     sel.scores = d

@@ -100,7 +100,7 @@ class SubLLM(nn.Module):
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
         opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
-        mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss)
+        mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss, config.mod_weight)
         self.mod_flags = flags = config.mod_flags  # `M` routers: MoD routing, no bypass (model/mod.py)
         self.subsamples = nn.ModuleList(
             Subsample(

@@ -191,6 +191,10 @@ class ModOptions:
     router: str = "aux_loss"
     predictor_dim: int = 64
     aux_weight: float = 0.1
+    weight: str = "raw"  # "raw": the update is scaled by r (MoD's equation 1); "sigmoid": by sigmoid(r)
+
+    def scale(self, r: Tensor) -> Tensor:
+        return torch.sigmoid(r) if self.weight == "sigmoid" else r
 
 
 class Subsample(nn.Module):
@@ -249,12 +253,12 @@ class Subsample(nn.Module):
 
     def decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Inference: (decision scores d, weights w), both (B, T) float32 - keep t iff d_t > theta,
-        with weight w_t. S: d = s, w = clamp(s, 0, 1); an `M` layer: w = its router value r, and
-        d = r ("aux_loss") or the predictor's logit ("predictor")."""
+        with weight w_t. S: d = s, w = clamp(s, 0, 1); an `M` layer: w = its router value r (or
+        sigmoid(r), `mod_weight`), and d = r ("aux_loss") or the predictor's logit ("predictor")."""
         s = self.scores(x)
         if self.mod is None:
             return s, s.clamp(0.0, 1.0)
-        return (s if self.predictor is None else self.predictor(x)), s
+        return (s if self.predictor is None else self.predictor(x)), self.mod.scale(s)
 
     def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
         """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles)."""
