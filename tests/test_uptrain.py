@@ -241,3 +241,24 @@ def test_cli_flags(llama_dir, packed, tmp_path, capsys):
         ["train", "--init-from", str(tmp_path / "nope"), "--data", str(packed), "--out", str(out) + "2"]
     )
     assert rc == 2 and "no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("router", ["aux_loss", "predictor"])
+def test_router_tuning_into_mod_layers(router, llama_dir, packed, tmp_path):
+    """A LLaMA uptrained into Mixture-of-Depths layers (`M` in --structure): every layer keeps its
+    weights, only the routers (and the predictor) train."""
+    out = tmp_path / "mod"
+    cfg = _cfg(
+        packed, out, init_from=str(llama_dir), structure="TMTMTMT", train_only="subsample",
+        set={"mod_router": router, "mod_capacity": 0.25},
+    )  # fmt: skip
+    train(cfg, **QUIET)
+    tuned = SubLLM.from_pretrained(out)
+    assert tuned.config.structure == "TMTMTMT" and tuned.config.keep_ratios == [0.25] * 3
+    source = SubLLM.from_pretrained(llama_dir).state_dict()
+    state = tuned.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in _shared(source).items())
+    names = {k for k, _ in tuned.named_parameters() if k.startswith("subsamples.")}
+    assert any(".predictor." in k for k in names) == (router == "predictor")
+    run = read_metrics(out / "metrics.jsonl")[0]
+    assert run["trainable_params"] == sum(p.numel() for k, p in tuned.named_parameters() if k in names)

@@ -6,14 +6,15 @@ all-`T`) or a Hugging Face Llama folder (model_type "llama"). What comes from wh
 
 - the architecture (`ARCH_FIELDS`: dimensions, heads, vocabulary, RoPE, norm eps, tied embeddings,
   special token ids) and the tokenizer come from DIR; `--set` may not change them;
-- `--structure` / `--keep-ratio` decide which S (subsample) and B (bypass) modules are added
-  (default: DIR's own all-`T` structure, i.e. the LLaMA simply continues training); the structure
-  must have as many `T` as DIR has layers;
+- `--structure` / `--keep-ratio` decide which S (subsample) and B (bypass) modules are added, and
+  which layers become Mixture-of-Depths `M` layers (a router each; subllm/model/mod.py) (default:
+  DIR's own all-`T` structure, i.e. the LLaMA simply continues training); the structure must have as
+  many layers (`T` or `M`) as DIR has;
 - the selection recipe and schedules come from `--preset` / `--selection` / `--set` as in any run.
 
 Every parameter of DIR is copied exactly (the layers keep their index: `layers.i` is the i-th `T`
-of the structure); only the new S score layers and B scales keep the initialisation `SubLLM(config)`
-gives them from the run's seed. `--train-only subsample,bypass` (router tuning) sets
+of the structure); only the new S score layers (routers) and B scales keep the initialisation
+`SubLLM(config)` gives them from the run's seed. `--train-only subsample,bypass` (router tuning) sets
 requires_grad=False on everything else, so those parameters get no gradient and no optimizer state
 and stay bit-identical. On `--resume` the weights come from the checkpoint; DIR is read again only
 to rebuild (and check) the same model config.
@@ -128,8 +129,8 @@ def check_overrides(overrides: dict, source: ModelConfig, directory) -> None:
 def check_model(mc: ModelConfig, source: ModelConfig, tokenizer_meta: dict | None, directory) -> None:
     if mc.n_layers != source.n_layers:
         raise SubLLMError(
-            f"--structure {mc.structure!r} has {mc.n_layers} layers (T), but --init-from {directory} has "
-            f"{source.n_layers}: give a structure with {source.n_layers} T"
+            f"--structure {mc.structure!r} has {mc.n_layers} layers (T or M), but --init-from {directory} "
+            f"has {source.n_layers}: give a structure with {source.n_layers} T or M"
         )
     if tokenizer_meta and int(tokenizer_meta["vocab_size"]) > source.vocab_size:
         raise SubLLMError(
