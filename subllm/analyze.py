@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.config import Sub
+from subllm.config import Sub, module_names
 from subllm.errors import SubLLMError
 from subllm.evals.tasks import STOP_WORDS
 
@@ -377,11 +377,12 @@ def run(args: argparse.Namespace) -> int:
             raise SubLLMError(f"--{name.replace('_', '-')} must be >= 2, got {v}")
     res = analyze(args.checkpoint, args.text, args.out, args.tokenizer, args.seq_len, args.max_tokens)
     print(f"{res['structure']} on {res['tokens']} tokens of {res['text']}")
+    names = module_names(res["structure"])
     for st in res["per_S"]:
         rates = ", ".join(f"{c} {v['keep_rate']:.2f}" for c, v in st["keep_by_class"].items())
         g = st.get
         print(
-            f"S{st['S']}: kept {st['kept']}/{st['tokens']} ({_fmt(st['keep_fraction'])}); "
+            f"{names[st['S']]}: kept {st['kept']}/{st['tokens']} ({_fmt(st['keep_fraction'])}); "
             f"attention vs score: spearman {_fmt(g('spearman_attention_score'))}, "
             f"pearson {_fmt(g('pearson_attention_score'))}; mean attention kept "
             f"{_fmt(g('mean_attention_kept'))} vs dropped {_fmt(g('mean_attention_dropped'))}; "
@@ -390,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     from subllm.selection import format_selection
 
     print("selection (eval rule vs training top-k, windows of the analysis):")
-    print(format_selection(res["selection"], res["keep_ratios"]))
+    print(format_selection(res["selection"], res["keep_ratios"], names))
     print("wrote " + ", ".join(res["files"]))
     return 0
 

@@ -81,6 +81,12 @@ def iter_subs(tree: tuple):
             yield from iter_subs(node.children)
 
 
+def module_names(structure: str) -> list[str]:
+    """Display names of the subsampling modules in structure order: S<i> for a bracket's S, M<i>
+    for an `M` layer's router (one numbering, the index into keep_ratios and SubLLM.subsamples)."""
+    return [f"{'M' if sub.mod else 'S'}{sub.index}" for sub in iter_subs(parse_structure(structure))]
+
+
 @dataclass
 class ModelConfig:
     """Everything that defines a SUBLLM (or, with an all-`T` structure, a LLaMA)."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from subllm.config import module_names
 from subllm.dtype import dtype_line, dtype_record
 from subllm.errors import SubLLMError
 from subllm.selection import format_selection
@@ -248,7 +249,7 @@ def evaluate(
         if c.n_subsamples:
             out["selection"] = text_selection(model, tok, texts, seq_len, batch_size, dtype, max_tokens)
             log(f"selection on {src} (windows of {seq_len} tokens, eval rule vs training top-k):")
-            log(format_selection(out["selection"], c.keep_ratios))
+            log(format_selection(out["selection"], c.keep_ratios, module_names(c.structure)))
     retrieval = [t for t in tasks if t in RETRIEVAL_TASKS]
     if retrieval:
         from subllm.evals.retrieval import run_retrieval

@@ -177,6 +177,7 @@ def _stats_lengths(model, prompt, out, held: dict) -> tuple[list[list[int]], lis
 
 
 def _print_stats(cfg, before: list[list[int]], after: list[list[int]], source: str) -> None:
+    from subllm.config import module_names
     from subllm.flops import decode_ideal_speedup, keep_counts
 
     def frac(k: int, n: int) -> str:
@@ -184,10 +185,11 @@ def _print_stats(cfg, before: list[list[int]], after: list[list[int]], source: s
 
     zero = [[0] * len(lens) for lens in before]
     print(f"stats from the {source}; S i sees the tokens its enclosing S kept:", file=sys.stderr)
+    names = module_names(cfg.structure)  # S<i>, or M<i> for an `M` layer's router
     for i, ((kp, np_), (kg, ng)) in enumerate(
         zip(keep_counts(cfg, zero, before), keep_counts(cfg, before, after))
     ):
-        print(f"  keep S{i}: prompt {frac(kp, np_)}, generated {frac(kg, ng)}", file=sys.stderr)
+        print(f"  keep {names[i]}: prompt {frac(kp, np_)}, generated {frac(kg, ng)}", file=sys.stderr)
     T, n = sum(before[0]), sum(after[0]) - sum(before[0])
     print(
         f"  decode FLOP-ideal speed-up vs the same-size LLaMA with this keep (context {T} -> {T + n}): "

@@ -162,11 +162,12 @@ def paper_threshold(model):
                 m.theta.copy_(t)
 
 
-def format_selection(res: dict, ratios: list[float] | None = None) -> str:
-    """One line per S: keep (eval vs train), agreement, score quantiles, saturation, theta."""
+def format_selection(res: dict, ratios: list[float] | None = None, names: list[str] | None = None) -> str:
+    """One line per S (`names`: config.module_names, e.g. M1 for an `M` layer's router): keep (eval
+    vs train), agreement, score quantiles, saturation, theta."""
     lines = []
     for i, keep in enumerate(res.get("keep_eval", [])):
-        line = f"S{i}: keep {keep:.3f}"
+        line = f"{names[i] if names else f'S{i}'}: keep {keep:.3f}"
         if ratios:
             line += f" (r {ratios[i]:.2f})"
         if "agreement" in res:

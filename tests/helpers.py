@@ -67,9 +67,9 @@ def pack_synthetic(root, words, seed, n_train, n_val=200):
 WORDS = "hello world the a cat sat on mat dog ran far".split()
 
 
-def checkpoint_with_tokenizer(path) -> SubLLM:
-    """A tiny SUBLLM checkpoint folder (`tiny_preset_model`: a real mix of kept and dropped tokens)
-    with a word-level tokenizer over WORDS saved beside it."""
+def checkpoint_with_tokenizer(path, model: SubLLM | None = None) -> SubLLM:
+    """A tiny SUBLLM checkpoint folder (`model`, default `tiny_preset_model`: a real mix of kept and
+    dropped tokens) with a word-level tokenizer over WORDS saved beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,7 +85,7 @@ def checkpoint_with_tokenizer(path) -> SubLLM:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
     )
-    model = tiny_preset_model()
+    model = model or tiny_preset_model()
     model.save_pretrained(path)
     fast.save_pretrained(str(path))
     return model

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from helpers import left_padded, tiny_config
+from helpers import WORDS, checkpoint_with_tokenizer, left_padded, tiny_config
 
 from subllm import SubLLM, SubLLMError
-from subllm.config import ModelConfig, Sub, parse_structure
+from subllm.cli import main
+from subllm.config import ModelConfig, Sub, module_names, parse_structure
 from subllm.engine import new_cache, prefill
 from subllm.generation import stream_generate
 from subllm.model.layers import rope_cos_sin
@@ -46,6 +47,7 @@ def test_structure_parsing_numbers_m_layers_and_routers():
     assert c.mod_flags == [True, False, True, True]
     assert c.keep_ratios == [0.25, 0.5, 0.25, 0.25]
     assert c.as_llama().structure == "TTTTTT" and c.as_llama().n_subsamples == 0
+    assert module_names("TMT(MT)M") == ["M0", "S1", "M2", "M3"]
     with pytest.raises(SubLLMError, match="only 'T', 'M', '\\(' and '\\)'"):
         tiny_config("TXT")
     with pytest.raises(SubLLMError, match="keep_ratio has 2 values"):
@@ -186,3 +188,18 @@ def test_official_export_refuses_m_layers():
 
     with pytest.raises(SubLLMError, match="Mixture-of-Depths"):
         config_to_official(tiny_config("T(T)M", norm_eps=1e-5, n_kv_heads=4).with_selection("paper"))
+
+
+def test_generate_eval_and_analyze_commands_take_an_m_model(tmp_path, capsys):
+    checkpoint_with_tokenizer(tmp_path / "m", mixing_eval_model(router="predictor"))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(600)))
+    ck = ["--checkpoint", str(tmp_path / "m")]
+    assert main(["generate", *ck, "--prompt", "the cat", "--max-new-tokens", "4", "--stats"]) == 0
+    assert "keep M0" in capsys.readouterr().err
+    ev = ["eval", *ck, "--tasks", "loss", "--text", str(text), "--seq-len", "64", "--dtype", "fp32"]
+    assert main(ev) == 0
+    assert "M2: keep" in capsys.readouterr().out
+    assert main(["analyze", *ck, "--text", str(text), "--out", str(tmp_path / "an"), "--seq-len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "M0: kept" in out and "S1: kept" in out and "M3: keep" in out
