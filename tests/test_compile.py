@@ -56,7 +56,7 @@ def _counting(backend_name):
     return backend, count
 
 
-@pytest.mark.parametrize("recipe", ["paper", "aligned"])
+@pytest.mark.parametrize("recipe", ["paper", "aligned", "mod"])
 def test_training_compiles_once_and_equals_eager(recipe, monkeypatch):
     """Steps across the Balancer schedule (prob from 1 to its floor) and the bypass one: one graph,
     compiled once, fullgraph; loss, gradients and the calibrated threshold equal eager's. The coins
@@ -66,7 +66,11 @@ def test_training_compiles_once_and_equals_eager(recipe, monkeypatch):
     coin = torch.tensor(0.3)  # a tensor: changing it is not a new constant for the graph
     rand = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *a, **k: rand(*a, **k) * 0 + coin)
-    cfg = tiny_config(balancer_steps=4, bypass_steps=6).with_selection(recipe)
+    cfg = tiny_config(balancer_steps=4, bypass_steps=6)
+    if recipe == "mod":  # Mixture-of-Depths layers beside S, both routers and weightings
+        cfg = cfg.replace(structure="TM(TM)T", mod_router="predictor", mod_weight="sigmoid", mod_capacity=0.3)
+    else:
+        cfg = cfg.with_selection(recipe)
     torch.manual_seed(0)
     eager = SubLLM(cfg).train()
     comp = SubLLM(cfg).train()
