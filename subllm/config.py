@@ -103,7 +103,9 @@ class ModelConfig:
     mod_router: str = "aux_loss"  # inference rule: "aux_loss" (router > theta) | "predictor" (MLP)
     mod_aux_loss: float = 0.1  # weight of the BCE that teaches the router / predictor the top-k
     mod_predictor_dim: int = 64  # hidden width of the "predictor" MLP
-    mod_weight: str = "raw"  # what scales the update: "raw" router value (MoD's eq. 1) | "sigmoid" of it
+    # what scales the update: "sigmoid" of the router value (default: measured better, RESULTS.md
+    # issue 12) | "raw" router value (MoD's equation 1)
+    mod_weight: str = "sigmoid"
     rope_theta: float = 10000.0
     # RoPE scaling, Hugging Face's rope_parameters dict without rope_theta (subllm/model/rope.py):
     # rope_type default | linear | dynamic | yarn | llama3 and its parameters; None = plain RoPE

@@ -191,7 +191,7 @@ class ModOptions:
     router: str = "aux_loss"
     predictor_dim: int = 64
     aux_weight: float = 0.1
-    weight: str = "raw"  # "raw": the update is scaled by r (MoD's equation 1); "sigmoid": by sigmoid(r)
+    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), or by r itself ("raw", MoD's eq. 1)
 
     def scale(self, r: Tensor) -> Tensor:
         return torch.sigmoid(r) if self.weight == "sigmoid" else r
