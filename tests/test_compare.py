@@ -41,8 +41,17 @@ def test_plan_gives_each_architecture_the_steps_its_flops_buy(tmp_path, capsys):
     assert {r["steps"] for r in runs if r["budget"] == "tokens"} == {275}
     assert main(["bench", "compare", "--out", str(tmp_path), "--dry-run"]) == 0
     assert capsys.readouterr().err.count("subllm train") == 15
-    with pytest.raises(SubLLMError, match="llama"):
-        plan(_parse(["bench", "compare", "--archs", "subllm,mod"]))
+    with pytest.raises(SubLLMError, match="unknown"):
+        plan(_parse(["bench", "compare", "--archs", "subllm,nope"]))
+    # one architecture's own overrides; LLaMA stays the FLOP reference without being run
+    args = _parse(["bench", "compare", "--archs", "pred", "--structure", "pred=TMTMTMTMTMTM",
+                   "--arch-set", "pred:mod_router=predictor", "--seeds", "0"])  # fmt: skip
+    runs = plan(args)
+    assert [r["name"] for r in runs] == ["pred_tokens_s0", "pred_flops_s0"] and runs[1]["steps"] > 275
+    from subllm.bench.compare import command
+
+    cmd = command(args, runs[0])
+    assert cmd[cmd.index("mod_router=predictor") - 1] == "--set"
 
 
 def test_tiny_comparison_end_to_end_and_resume(packed, tmp_path, capsys):

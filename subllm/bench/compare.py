@@ -46,6 +46,10 @@ def add_compare_arguments(sub) -> None:
         help="add or replace an architecture (repeatable), e.g. mod=TMTMTMTMTMTM; "
         "defaults: " + ", ".join(f"{k}={v}" for k, v in STRUCTURES.items()),
     )  # fmt: skip
+    p.add_argument(
+        "--arch-set", action="append", default=[], metavar="ARCH:KEY=VALUE",
+        help="a model override for one architecture's runs (repeatable), e.g. mod_pred:mod_router=predictor",
+    )  # fmt: skip
     p.add_argument("--budgets", default="tokens,flops", help="tokens, flops or both")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=275, help="the LLaMA's steps (the demo's budget)")
@@ -63,10 +67,22 @@ def add_compare_arguments(sub) -> None:
     p.add_argument("--report-only", action="store_true", help="only collect the finished runs")
 
 
-def model_of(args, structure: str) -> ModelConfig:
+def arch_sets(args, arch: str) -> list[str]:
+    """--set values of every run, then --arch-set values of `arch`'s runs."""
+    sets = list(DEMO_SET if args.set is None else args.set)
+    for item in args.arch_set:
+        name, sep, kv = item.partition(":")
+        if not sep or "=" not in kv:
+            raise SubLLMError(f"--arch-set takes ARCH:KEY=VALUE, got {item!r}")
+        if name.strip() == arch:
+            sets.append(kv)
+    return sets
+
+
+def model_of(args, structure: str, arch: str = "") -> ModelConfig:
     from subllm.trainer.config import parse_overrides
 
-    sets = parse_overrides("--set", DEMO_SET if args.set is None else args.set)
+    sets = parse_overrides("--set", arch_sets(args, arch))
     return get_preset(args.preset).replace(**{**sets, "structure": structure})
 
 
@@ -80,15 +96,17 @@ def plan(args) -> list[dict]:
         structures[k.strip()] = v.strip()
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in archs if a not in structures]
-    if unknown or "llama" not in archs:
-        raise SubLLMError(f"--archs needs 'llama' (the reference) and known names; unknown: {unknown}")
+    if unknown or not archs or "llama" not in structures:
+        raise SubLLMError(
+            f"--archs: unknown {unknown} (known: {', '.join(structures)}; llama is the reference)"
+        )
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets or any(b not in BUDGETS for b in budgets):
         raise SubLLMError(f"--budgets: choose from {', '.join(BUDGETS)}, got {args.budgets!r}")
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     if args.steps < 1 or args.lanes < 1 or not seeds:
         raise SubLLMError("--steps and --lanes must be >= 1 and --seeds non-empty")
-    cost = {a: flops(model_of(args, structures[a]), args.seq_len)["total"] for a in archs}
+    cost = {a: flops(model_of(args, structures[a], a), args.seq_len)["total"] for a in {*archs, "llama"}}
     runs = []
     for seed in seeds:
         for budget in budgets:
@@ -104,7 +122,7 @@ def plan(args) -> list[dict]:
 
 
 def command(args, run: dict) -> list[str]:
-    sets = DEMO_SET if args.set is None else args.set
+    sets = arch_sets(args, run["arch"])
     cmd = [sys.executable, "-m", "subllm", "train", "--preset", args.preset, "--data", str(args.data)]
     cmd += ["--structure", run["structure"], *[x for s in sets for x in ("--set", s)]]
     cmd += [
