@@ -107,8 +107,8 @@ def select_threshold(
     s: Tensor, valid: Tensor | None, theta: Tensor | None = None, weight: Tensor | None = None
 ) -> Selection:
     """Inference-mode selection: keep token t iff s_t > theta (and t is real; theta = 0 when None,
-    the paper); weight clamp(s_t, 0, 1), as in training, or `weight` (B, T) where given (the
-    router value of an `M` layer whose decision comes from its predictor).
+    the paper); weight clamp(s_t, 0, 1), as in training, or `weight` (B, T) where given (an `M`
+    layer's router weight, subllm/model/mod.py).
 
     Causal by construction: whether t is kept depends on t's own score only.
     """
