@@ -96,3 +96,23 @@ def test_bench_train_takes_an_m_structure(capsys):
     assert report["results"][0]["ideal_speedup"] > 1
     assert main(["bench", "train", "--quick", "--set", "nope=1"]) == 2
     assert "unknown ModelConfig field" in capsys.readouterr().err
+
+
+def test_a_run_another_comparison_is_training_is_skipped(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from subllm.bench.compare import RUNNING, _taken
+
+    d = tmp_path / "run"
+    d.mkdir()
+    assert not _taken(d)
+    (d / RUNNING).write_text(str(os.getpid()))  # a live process holds it
+    assert _taken(d)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    (d / RUNNING).write_text(str(done.pid))  # its trainer died: the run is free again
+    assert not _taken(d)
+    (d / "summary.json").write_text("{}")
+    assert _taken(d)

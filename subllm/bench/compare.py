@@ -20,6 +20,7 @@ module's).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from subllm.flops import flops
 STRUCTURES = {"llama": "TTTTTTTTTTTT", "subllm": "TTT(TT(TT)TTT)TT", "mod": "TMTMTMTMTMTM"}
 DEMO_SET = ["dim=256", "n_heads=4", "n_kv_heads=4", "ffn_dim=688"]
 BUDGETS = ("tokens", "flops")
+RUNNING = "RUNNING"  # in a run folder while a comparison process trains it: the trainer's pid
 
 
 def add_compare_arguments(sub) -> None:
@@ -146,8 +148,23 @@ def command(args, run: dict) -> list[str]:
     return cmd
 
 
+def _taken(d: Path) -> bool:
+    """A run finished (summary.json) or being trained by another live process (its RUNNING file)."""
+    if (d / "summary.json").is_file():
+        return True
+    try:
+        pid = int((d / RUNNING).read_text())
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def execute(args, runs: list[dict], log=print) -> None:
-    """Run what is not finished, `--lanes` at a time; a failed run is reported, the others go on."""
+    """Run what is not finished, `--lanes` at a time; a failed run is reported, the others go on.
+    Several `bench compare` processes may share OUT: each skips the runs another is training."""
     todo = [r for r in runs if not (Path(args.out) / r["name"] / "summary.json").is_file()]
     log(f"[compare] {len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train")
     active: list[tuple[dict, subprocess.Popen, float]] = []
@@ -156,9 +173,12 @@ def execute(args, runs: list[dict], log=print) -> None:
         while todo and len(active) < args.lanes:
             r = todo.pop(0)
             d = Path(args.out) / r["name"]
+            if _taken(d):  # finished or started meanwhile by another comparison process
+                continue
             d.mkdir(parents=True, exist_ok=True)
             with open(d / "train.log", "w") as fh:
                 proc = subprocess.Popen(command(args, r), stdout=fh, stderr=subprocess.STDOUT)
+            (d / RUNNING).write_text(str(proc.pid))
             active.append((r, proc, time.time()))
             log(f"[compare] started {r['name']} ({r['steps']} steps)")
         time.sleep(0.5)
@@ -167,6 +187,7 @@ def execute(args, runs: list[dict], log=print) -> None:
             if proc.poll() is None:
                 continue
             active.remove(item)
+            (Path(args.out) / r["name"] / RUNNING).unlink(missing_ok=True)
             ok = proc.returncode == 0
             log(f"[compare] {'finished' if ok else 'FAILED'} {r['name']} in {time.time() - t0:.0f} s")
             if not ok:
