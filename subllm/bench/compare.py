@@ -282,8 +282,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"llama": "tab:blue", "subllm": "tab:red", "mod": "tab:green"}
+    spare = iter(["tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    for r in rows:  # other architectures (--structure) get the next free colour, in the legend too
+        if r["arch"] not in colors:
+            colors[r["arch"]] = next(spare, "tab:gray")
+    colors = {a: c for a, c in colors.items() if any(r["arch"] == a for r in rows)}
     for r in rows:
-        c = colors.get(r["arch"], "tab:gray")
+        c = colors[r["arch"]]
         mk = "o" if r["budget"] == "tokens" else "^"
         axes[0].scatter(r["train_flops"] / 1e15, r["val_loss"], c=c, marker=mk)
         axes[1].scatter(r["tokens"] / 1e6, r["val_loss"], c=c, marker=mk)
