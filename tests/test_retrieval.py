@@ -101,3 +101,63 @@ def test_eval_cli_passkey_mqar(tmp_path, capsys):
 def test_run_retrieval_rejects_unknown_tasks():
     with pytest.raises(SubLLMError, match="unknown retrieval task"):
         run_retrieval(tiny_preset_model(), byte_tok, FILLER, ["needle"], [64], [0.5])
+
+
+def test_parse_rope_override():
+    from subllm.model.rope import parse_rope_override
+
+    assert parse_rope_override("yarn:4", 256) == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256
+    }  # fmt: skip
+    assert parse_rope_override("linear:2", 256) == {"rope_type": "linear", "factor": 2.0}
+    assert parse_rope_override("llama3:8", 64)["high_freq_factor"] == 4.0
+    assert parse_rope_override("default", 256) == {"rope_type": "default"}
+    j = parse_rope_override('{"type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}', 256)
+    assert j == {"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}
+    for bad, msg in (("yarn", "TYPE:FACTOR"), ("ntk:2", "TYPE:FACTOR"), ("yarn:x", "must be a number"),
+                     ("{oops", "not valid JSON"), ("default:2", "TYPE:FACTOR")):  # fmt: skip
+        with pytest.raises(SubLLMError, match=msg):
+            parse_rope_override(bad, 256)
+
+
+def test_eval_rope_override_equals_a_checkpoint_saved_with_it(tmp_path, capsys):
+    """`subllm eval --rope-scaling yarn:2` on a plain-RoPE checkpoint gives exactly what the same
+    weights saved with that rope_scaling give (the obviously-correct path); the original length is
+    the training window of train_config.json."""
+    import json
+
+    from subllm.cli import main
+    from subllm.model.subllm import SubLLM
+
+    ck = tmp_path / "ck"
+    checkpoint_with_tokenizer(ck)
+    (ck / "train_config.json").write_text(json.dumps({"seq_len": 32}))
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    saved = tmp_path / "saved"
+    model = SubLLM.from_pretrained(ck)
+    model.config = model.config.replace(rope_scaling=yarn)
+    model.save_pretrained(saved)
+    for f in ck.glob("tokenizer*"):
+        (saved / f.name).write_bytes(f.read_bytes())
+    text = tmp_path / "filler.txt"
+    rng = random.Random(0)
+    text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    common = ["eval", "--heldout", str(text), "--examples", "2", "--dtype", "fp32", "--tasks", "passkey,mqar",
+              "--lengths", "64,128", "--pairs", "3"]  # fmt: skip
+    results = []
+    for args in (["--checkpoint", str(ck), "--rope-scaling", "yarn:2"], ["--checkpoint", str(saved)],
+                 ["--checkpoint", str(ck)]):  # fmt: skip
+        assert main([*common, *args, "--out", str(tmp_path / "r.json")]) == 0
+        capsys.readouterr()
+        results.append(json.loads((tmp_path / "r.json").read_text()))
+    assert (
+        results[0]["rope_scaling"] == yarn == results[1]["rope_scaling"]
+        and results[2]["rope_scaling"] is None
+    )
+    assert results[0]["retrieval"]["results"] == results[1]["retrieval"]["results"]
+    with torch.no_grad():  # and the logits themselves move (the override is not a no-op)
+        ids = torch.randint(3, 14, (1, 100), generator=torch.Generator().manual_seed(1))
+        a, b = SubLLM.from_pretrained(ck).eval(), SubLLM.from_pretrained(saved).eval()
+        assert not torch.equal(a(ids).logits, b(ids).logits)
+    assert main([*common, "--checkpoint", str(ck), "--rope-scaling", "ntk:2"]) == 2
+    assert "TYPE:FACTOR" in capsys.readouterr().err
