@@ -168,7 +168,7 @@ def run_retrieval(
         for n in lengths:
             for d in depths if task == "passkey" else [None]:
                 rng = random.Random(f"{seed}-{task}-{n}-{d}")
-                hits, keeps = [], []
+                hits, keeps, per_example = [], [], []
                 for _ in range(examples):
                     if task == "passkey":
                         ex = passkey(tok, filler, n, d, rng)
@@ -177,9 +177,12 @@ def run_retrieval(
                     h, k = score(model, ex, autocast)
                     hits += h
                     keeps.append(k)
+                    per_example.append(
+                        {"retrieved": sum(h), "of": len(h), "needle_keep": [round(x, 4) for x in k]}
+                    )
                 needle = [sum(k[i] for k in keeps) / len(keeps) for i in range(len(keeps[0]))]
                 row = dict(task=task, length=n, depth=d, answers=len(hits), accuracy=sum(hits) / len(hits))
-                rows.append({**row, "needle_keep": [round(x, 4) for x in needle]})
+                rows.append({**row, "needle_keep": [round(x, 4) for x in needle], "examples": per_example})
                 where = f" depth {d:.2f}" if d is not None else ""
                 kept = f", needle kept per S {'/'.join(f'{x:.2f}' for x in needle)}" if needle else ""
                 log(f"{task} length {n}{where}: {sum(hits)}/{len(hits)} retrieved{kept}")
