@@ -52,13 +52,13 @@ def main() -> None:
     lengths = sorted({k[1] for d in data.values() for k in d})
     depths = sorted({k[2] for d in data.values() for k in d if k[2] is not None})
 
-    def acc(model, method, task, n, depth="all"):
+    def acc(model, method, task, n, depth="all", key="accuracy"):
         rows = [r for (t, ln, d), r in data[(model, method)].items() if t == task and ln == n]
         if depth != "all":
             rows = [r for r in rows if r["depth"] == depth]
-        if not rows:
+        if not rows or key not in rows[0]:
             return float("nan")
-        return sum(r["accuracy"] * r["answers"] for r in rows) / sum(r["answers"] for r in rows)
+        return sum(r[key] * r["answers"] for r in rows) / sum(r["answers"] for r in rows)
 
     print("Accuracy (%), SUBLLM / LLaMA; passkey over all depths, mqar over all pairs:\n")
     print("| method | task | " + " | ".join(str(n) for n in lengths) + " |")
@@ -67,6 +67,18 @@ def main() -> None:
         for task in ("passkey", "mqar"):
             cells = [
                 f"{pct(acc('subllm', key, task, n))} / {pct(acc('llama', key, task, n))}" for n in lengths
+            ]
+            print(f"| {label} | {task} | " + " | ".join(cells) + " |")
+
+    print("\nAnswer tokens predicted right (%, teacher-forced; chance ~10% a digit), SUBLLM / LLaMA:\n")
+    print("| method | task | " + " | ".join(str(n) for n in lengths) + " |")
+    print("|---|---|" + "---:|" * len(lengths))
+    for key, label in METHODS:
+        for task in ("passkey", "mqar"):
+            cells = [
+                f"{pct(acc('subllm', key, task, n, key='token_accuracy'))} / "
+                f"{pct(acc('llama', key, task, n, key='token_accuracy'))}"
+                for n in lengths
             ]
             print(f"| {label} | {task} | " + " | ".join(cells) + " |")
 

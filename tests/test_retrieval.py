@@ -61,7 +61,9 @@ class _Oracle(torch.nn.Module):
 def test_teacher_forced_scoring_equals_retrieval():
     ex = Example(ids=[5, 6, 7, 8, 9, 10], answers=[(3, 2), (5, 1)], needles=[1, 2])
     assert score(_Oracle(ex.ids), ex)[0] == [True, True]
+    assert score(_Oracle(ex.ids), ex)[2] == [2, 1]  # answer tokens right
     assert score(_Oracle(ex.ids, wrong=True), ex)[0] == [False, False]
+    assert score(_Oracle(ex.ids, wrong=True), ex)[2] == [0, 0]
 
 
 def test_needle_keep_is_the_selection_recount():
@@ -74,7 +76,7 @@ def test_needle_keep_is_the_selection_recount():
     assert torch.equal(r[0], s0.keep(out.selections[0].scores))  # S0: its own eval rule
     assert int(r[1].sum()) == int(out.selections[1].n_kept.sum()) and not (r[1] & ~r[0]).any()
     ex = Example(ids=ids[0].tolist(), answers=[(80, 2)], needles=list(range(40, 50)))
-    _, keep = score(model, ex)
+    _, keep, _ = score(model, ex)
     assert keep == [float(r[i][0, 40:50].float().mean()) for i in range(2)]
 
 
