@@ -7,6 +7,8 @@
 #   (b) YaRN without training          - the base runs with rope_scaling yarn, factor = length / W
 #   (c) PoSE training                  - the same tokens with --pose-target 4096
 #   (d) YaRN + a short fine-tune       - from the base run: yarn factor 4, 50 steps x 2 x 1024 tokens
+# Stage `long` (not in the default): the base pair again with twice the retrieval share (0.5) and
+# 600 steps, evaluated with (a) and (b).
 # One thread, one job at a time. Stages: train finetune eval (default: all, in that order); a
 # finished run or evaluation (its summary.json / JSON file exists) is skipped.
 #   bash benchmarks/retrieval_protocol.sh [STAGE ...]
@@ -21,7 +23,7 @@ EXAMPLES=${EXAMPLES:-5}
 LENGTHS=256,512,1024,2048,4096
 STAGES=${*:-train finetune eval}
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT/eval"
+mkdir -p "$OUT/eval/long"
 
 train() {  # NAME ARGS...
   local name=$1; shift
@@ -29,8 +31,8 @@ train() {  # NAME ARGS...
   while [ -e "$OUT/PAUSE" ]; do sleep 10; done  # touch $OUT/PAUSE to hold the queue between jobs
   mkdir -p "$OUT/$name"
   echo "$(date -u +%FT%TZ) train $name" >> "$OUT/times.log"
-  "$PY" -m subllm train "$@" --out "$OUT/$name" --overwrite --threads 1 --no-progress \
-    --dtype bf16 --save-every 0 --eval-batches 6 --retrieval-mix 0.25 --seed 0 > "$OUT/$name/train.log" 2>&1
+  "$PY" -m subllm train --threads 1 --no-progress --dtype bf16 --save-every 0 --eval-batches 6 \
+    --retrieval-mix 0.25 --seed 0 "$@" --out "$OUT/$name" --overwrite > "$OUT/$name/train.log" 2>&1
   echo "$(date -u +%FT%TZ) done $name" >> "$OUT/times.log"
 }
 
@@ -79,6 +81,18 @@ for stage in $STAGES; do
       done
       "$PY" benchmarks/retrieval_table.py "$OUT/eval" | tee "$OUT/table.md"
       ;;
-    *) echo "unknown stage $stage (train | finetune | eval)"; exit 2 ;;
+    long)  # a larger retrieval budget: mix 0.5, 600 steps (1.23M tokens), (a) and (b) only
+      # shellcheck disable=SC2086
+      train subllm_long $SUB ${BASE/--steps 275/--steps 600} --retrieval-mix 0.5
+      train llama_long $LLAMA ${BASE/--steps 275/--steps 600} --retrieval-mix 0.5
+      for m in subllm llama; do
+        evaluate "long/${m}_plain" "$OUT/${m}_long" $LENGTHS
+        for n in 512 1024 2048 4096; do
+          evaluate "long/${m}_yarn_${n}" "$OUT/${m}_long" $n --rope-scaling "yarn:$((n / 256))"
+        done
+      done
+      "$PY" benchmarks/retrieval_table.py "$OUT/eval/long" | tee "$OUT/table_long.md"
+      ;;
+    *) echo "unknown stage $stage (train | finetune | eval | long)"; exit 2 ;;
   esac
 done
