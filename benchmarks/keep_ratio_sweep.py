@@ -37,9 +37,9 @@ def bench(out: Path, ratios: list[float], length: int, reps: int) -> None:
     (out / "speed.json").write_text(json.dumps(rec, indent=1))
 
 
-def acc(res: dict, task: str) -> float:
+def acc(res: dict, task: str, key: str = "accuracy") -> float:
     rows = [r for r in res["retrieval"]["results"] if r["task"] == task]
-    return sum(r["accuracy"] * r["answers"] for r in rows) / sum(r["answers"] for r in rows)
+    return sum(r.get(key, float("nan")) * r["answers"] for r in rows) / sum(r["answers"] for r in rows)
 
 
 def report(out: Path, plot: str | None) -> None:
@@ -53,16 +53,20 @@ def report(out: Path, plot: str | None) -> None:
         rows.append(dict(r=float(r), loss=s["val_loss"], keep=s.get("keep_fractions_eval"),
                          passkey=acc(ret, "passkey") if ret else float("nan"),
                          mqar=acc(ret, "mqar") if ret else float("nan"),
+                         tokens=acc(ret, "passkey", "token_accuracy") if ret else float("nan"),
+                         mqar_tokens=acc(ret, "mqar", "token_accuracy") if ret else float("nan"),
                          needle=[x["needle_keep"] for x in ret["retrieval"]["results"]] if ret else [],
                          speedup=sp.get("speedup", float("nan")), ideal=sp.get("ideal_speedup", float("nan")),
                          train_s=s["train_s"]))  # fmt: skip
     ref = next((x["loss"] for x in rows if x["r"] == 0.64), None)
-    print("| r | val loss | vs r=0.64 | eval keep S0/S1 | passkey | mqar | speed-up (FLOP ideal) | train s |")
-    print("|---:|---:|---:|---|---:|---:|---|---:|")
+    print("| r | val loss | vs r=0.64 | eval keep S0/S1 | passkey | mqar | answer tokens passkey / mqar "
+          "| speed-up (FLOP ideal) | train s |")  # fmt: skip
+    print("|---:|---:|---:|---|---:|---:|---|---|---:|")
     for x in rows:
         rel = f"{100 * (x['loss'] / ref - 1):+.2f}%" if ref else "-"
         keep = "/".join(f"{k:.2f}" for k in x["keep"]) if x["keep"] else "-"
         ret = f"{100 * x['passkey']:.0f}% | {100 * x['mqar']:.0f}%"
+        ret += f" | {100 * x['tokens']:.0f}% / {100 * x['mqar_tokens']:.0f}%"
         print(f"| {x['r']} | {x['loss']:.4f} | {rel} | {keep} | {ret} "
               f"| {x['speedup']:.3f}x ({x['ideal']:.3f}x) | {x['train_s']:.0f} |")  # fmt: skip
     if ref:
@@ -83,6 +87,8 @@ def report(out: Path, plot: str | None) -> None:
         ax[0].set(xlabel="keep ratio r (both S)", ylabel="eval-mode val loss (nats)", title="validation loss")
         ax[1].plot(rs, [100 * x["passkey"] for x in rows], "o-", label="passkey")
         ax[1].plot(rs, [100 * x["mqar"] for x in rows], "s-", label="mqar")
+        ax[1].plot(rs, [100 * x["tokens"] for x in rows], "o--", label="passkey, answer tokens right")
+        ax[1].plot(rs, [100 * x["mqar_tokens"] for x in rows], "s--", label="mqar, answer tokens right")
         ax[1].set(
             xlabel="keep ratio r", ylabel="accuracy (%)", title="retrieval at the window", ylim=(-5, 105)
         )
