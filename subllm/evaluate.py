@@ -217,12 +217,21 @@ def evaluate(
     depths: list[float] | None = None,
     examples: int = 5,
     pairs: int = 8,
+    rope_scaling: str | None = None,
 ) -> dict:
     """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}.
-    `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device."""
+    `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device.
+    `rope_scaling`: evaluate with this RoPE scaling instead of the checkpoint's (e.g. "yarn:4":
+    YaRN without training; subllm/model/rope.py parse_rope_override)."""
     torch.manual_seed(seed)
     dtype = _DTYPE_ALIASES.get(dtype, dtype)
     model = load_model(checkpoint)
+    if rope_scaling is not None:
+        from subllm.model.rope import parse_rope_override, with_rope_scaling
+
+        trained = default_window(checkpoint, model)
+        model.config = with_rope_scaling(model.config, parse_rope_override(rope_scaling, trained))
+        log(f"RoPE scaling overridden: {model.config.rope_scaling or 'plain'} (trained at {trained} tokens)")
     device = str(next(model.parameters()).device)
     tok = load_tokenizer_for(checkpoint, tokenizer)
     c = model.config
@@ -230,6 +239,8 @@ def evaluate(
     out: dict = {
         "checkpoint": str(checkpoint),
         "model": {"structure": c.structure, "keep_ratios": c.keep_ratios, "params": model.num_params()},
+        "rope_scaling": c.rope_scaling,
+        "rope_override": rope_scaling,
         "window": seq_len,
         **dtype_record(dtype, device),
     }
@@ -373,6 +384,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="passkey needle depths in [0, 1]")
     parser.add_argument("--examples", type=int, default=5, help="passkey/mqar examples per setting (5)")
     parser.add_argument("--pairs", type=int, default=8, help="mqar key-value pairs per example (8)")
+    parser.add_argument(
+        "--rope-scaling",
+        metavar="SPEC",
+        help="evaluate with this RoPE scaling instead of the checkpoint's: TYPE:FACTOR (yarn:4, linear:2, "
+        "dynamic:2, llama3:8), 'default' (plain RoPE) or a JSON object of HF's rope_parameters; "
+        "original_max_position_embeddings defaults to the training window",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", help="also write the results as JSON here")
@@ -412,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
         depths=_depths(args.depths),
         examples=args.examples,
         pairs=args.pairs,
+        rope_scaling=args.rope_scaling,
     )
     m = res["model"]
     print(

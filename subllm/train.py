@@ -55,13 +55,16 @@ HELP = {
     "compiled once (the first step takes a while); evaluation stays eager",
     "pose_target": "PoSE: train at --seq-len with position ids split into 2 chunks with a random skip, "
     "so that relative distances up to N are seen (Zhu et al. 2023); default off",
+    "retrieval_mix": "share in [0, 1] of each batch's rows replaced by passkey / mqar retrieval examples of "
+    "--seq-len tokens, built from the training split's text (subllm/trainer/retrieval_mix.py); default off",
     "checkpointing": "activation checkpointing per layer: recompute each layer in backward (less memory)",
     "device": f"{' | '.join(DEVICES)} (default auto: cuda if available)",
     "threads": "torch CPU threads per process (default: torch's choice; torchrun sets 1)",
     "progress": "show a progress bar (default on)",
     "init_from": "uptraining: start from this LLaMA (one of our run/model folders, or a Hugging Face Llama "
     "folder); its layers are copied exactly, --structure/--keep-ratio decide which S/B modules are added "
-    "(default: its own all-T structure), architecture and tokenizer come from it",
+    "(default: its own all-T structure), architecture and tokenizer come from it; a SUBLLM folder is "
+    "fine-tuned as it is (its whole config); --set rope_scaling=... / max_seq_len=... may change its context",
     "train_only": "with --init-from: train only these parameter groups, comma-separated subset of "
     "subsample,bypass (router tuning: the S score layers and B scales); default all parameters",
 }

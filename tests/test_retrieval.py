@@ -61,7 +61,9 @@ class _Oracle(torch.nn.Module):
 def test_teacher_forced_scoring_equals_retrieval():
     ex = Example(ids=[5, 6, 7, 8, 9, 10], answers=[(3, 2), (5, 1)], needles=[1, 2])
     assert score(_Oracle(ex.ids), ex)[0] == [True, True]
+    assert score(_Oracle(ex.ids), ex)[2] == [2, 1]  # answer tokens right
     assert score(_Oracle(ex.ids, wrong=True), ex)[0] == [False, False]
+    assert score(_Oracle(ex.ids, wrong=True), ex)[2] == [0, 0]
 
 
 def test_needle_keep_is_the_selection_recount():
@@ -74,7 +76,7 @@ def test_needle_keep_is_the_selection_recount():
     assert torch.equal(r[0], s0.keep(out.selections[0].scores))  # S0: its own eval rule
     assert int(r[1].sum()) == int(out.selections[1].n_kept.sum()) and not (r[1] & ~r[0]).any()
     ex = Example(ids=ids[0].tolist(), answers=[(80, 2)], needles=list(range(40, 50)))
-    _, keep = score(model, ex)
+    _, keep, _ = score(model, ex)
     assert keep == [float(r[i][0, 40:50].float().mean()) for i in range(2)]
 
 
@@ -101,3 +103,63 @@ def test_eval_cli_passkey_mqar(tmp_path, capsys):
 def test_run_retrieval_rejects_unknown_tasks():
     with pytest.raises(SubLLMError, match="unknown retrieval task"):
         run_retrieval(tiny_preset_model(), byte_tok, FILLER, ["needle"], [64], [0.5])
+
+
+def test_parse_rope_override():
+    from subllm.model.rope import parse_rope_override
+
+    assert parse_rope_override("yarn:4", 256) == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256
+    }  # fmt: skip
+    assert parse_rope_override("linear:2", 256) == {"rope_type": "linear", "factor": 2.0}
+    assert parse_rope_override("llama3:8", 64)["high_freq_factor"] == 4.0
+    assert parse_rope_override("default", 256) == {"rope_type": "default"}
+    j = parse_rope_override('{"type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}', 256)
+    assert j == {"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}
+    for bad, msg in (("yarn", "TYPE:FACTOR"), ("ntk:2", "TYPE:FACTOR"), ("yarn:x", "must be a number"),
+                     ("{oops", "not valid JSON"), ("default:2", "TYPE:FACTOR")):  # fmt: skip
+        with pytest.raises(SubLLMError, match=msg):
+            parse_rope_override(bad, 256)
+
+
+def test_eval_rope_override_equals_a_checkpoint_saved_with_it(tmp_path, capsys):
+    """`subllm eval --rope-scaling yarn:2` on a plain-RoPE checkpoint gives exactly what the same
+    weights saved with that rope_scaling give (the obviously-correct path); the original length is
+    the training window of train_config.json."""
+    import json
+
+    from subllm.cli import main
+    from subllm.model.subllm import SubLLM
+
+    ck = tmp_path / "ck"
+    checkpoint_with_tokenizer(ck)
+    (ck / "train_config.json").write_text(json.dumps({"seq_len": 32}))
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    saved = tmp_path / "saved"
+    model = SubLLM.from_pretrained(ck)
+    model.config = model.config.replace(rope_scaling=yarn)
+    model.save_pretrained(saved)
+    for f in ck.glob("tokenizer*"):
+        (saved / f.name).write_bytes(f.read_bytes())
+    text = tmp_path / "filler.txt"
+    rng = random.Random(0)
+    text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
+    common = ["eval", "--heldout", str(text), "--examples", "2", "--dtype", "fp32", "--tasks", "passkey,mqar",
+              "--lengths", "64,128", "--pairs", "3"]  # fmt: skip
+    results = []
+    for args in (["--checkpoint", str(ck), "--rope-scaling", "yarn:2"], ["--checkpoint", str(saved)],
+                 ["--checkpoint", str(ck)]):  # fmt: skip
+        assert main([*common, *args, "--out", str(tmp_path / "r.json")]) == 0
+        capsys.readouterr()
+        results.append(json.loads((tmp_path / "r.json").read_text()))
+    assert (
+        results[0]["rope_scaling"] == yarn == results[1]["rope_scaling"]
+        and results[2]["rope_scaling"] is None
+    )
+    assert results[0]["retrieval"]["results"] == results[1]["retrieval"]["results"]
+    with torch.no_grad():  # and the logits themselves move (the override is not a no-op)
+        ids = torch.randint(3, 14, (1, 100), generator=torch.Generator().manual_seed(1))
+        a, b = SubLLM.from_pretrained(ck).eval(), SubLLM.from_pretrained(saved).eval()
+        assert not torch.equal(a(ids).logits, b(ids).logits)
+    assert main([*common, "--checkpoint", str(ck), "--rope-scaling", "ntk:2"]) == 2
+    assert "TYPE:FACTOR" in capsys.readouterr().err

@@ -205,7 +205,8 @@ def test_bad_folders_and_flags_are_clear_errors(llama_dir, packed, tmp_path):
     fails("model_type 'gpt2'", init_from=str(tmp_path / "gpt"))
     nested = tmp_path / "nested"
     SubLLM(get_preset("subllm-tiny").replace(vocab_size=300)).save_pretrained(nested)
-    fails("already has subsampling modules", init_from=str(nested))
+    _with_tokenizer(nested, packed)
+    fails("fine-tuning keeps its structure", init_from=str(nested), structure="TT(TTTT)T")
     fails("has 5 layers .* has 7", init_from=str(llama_dir), structure="TT(TT)T")
     fails(r"--set dim=128: .* fixes dim = 64", init_from=str(llama_dir), set={"dim": 128})
     fails("has no such parameters", init_from=str(llama_dir), train_only="subsample")
@@ -262,3 +263,38 @@ def test_router_tuning_into_mod_layers(router, llama_dir, packed, tmp_path):
     assert any(".predictor." in k for k in names) == (router == "predictor")
     run = read_metrics(out / "metrics.jsonl")[0]
     assert run["trainable_params"] == sum(p.numel() for k, p in tuned.named_parameters() if k in names)
+
+
+def test_finetune_a_subllm_with_yarn_keeps_every_weight(packed, tmp_path):
+    """A SUBLLM source is fine-tuned as it is (its config and every weight, S and B included); --set
+    may change its RoPE scaling and max_seq_len (issue 11: YaRN + a short fine-tune)."""
+    from subllm.model.rope import with_rope_scaling
+
+    torch.manual_seed(3)
+    src_dir = tmp_path / "sub"
+    source = SubLLM(get_preset("subllm-tiny").replace(vocab_size=300, keep_ratio=[0.5, 0.7])).eval()
+    source.save_pretrained(src_dir)
+    _with_tokenizer(src_dir, packed)
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    cfg = _cfg(packed, tmp_path / "ft", init_from=str(src_dir), seq_len=64,
+               set={"rope_scaling": yarn, "max_seq_len": 1024})  # fmt: skip
+    src = uptrain.load_source(src_dir)
+    uptrain.check_overrides(cfg.set, src.config, src_dir)
+    mc = model_config(cfg, 4, None, base=uptrain.base_config(cfg.preset, src.config))
+    assert mc.structure == source.config.structure and mc.keep_ratios == [0.5, 0.7]
+    assert mc.rope_scaling["factor"] == 2.0 and mc.max_seq_len == 1024
+    model = SubLLM(mc)
+    assert uptrain.copy_weights(model, src) == []  # nothing left fresh
+    want = source.state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    ids = torch.randint(3, 300, (2, 80), generator=torch.Generator().manual_seed(0))
+    source.config = with_rope_scaling(source.config, yarn)  # the slow path: the same model, config swapped
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, source(ids).logits)
+    train(cfg, **QUIET)
+    tuned = SubLLM.from_pretrained(tmp_path / "ft")
+    assert tuned.config.rope_scaling["rope_type"] == "yarn" and tuned.config.keep_ratios == [0.5, 0.7]
+    evals = [r for r in read_metrics(tmp_path / "ft" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert evals[0]["step"] == 0
+    with pytest.raises(SubLLMError, match="fixes dim"):
+        train(_cfg(packed, tmp_path / "x", init_from=str(src_dir), set={"dim": 128}), **QUIET)

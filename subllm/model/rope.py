@@ -210,6 +210,53 @@ def _llama3(head_dim: int, theta: float, s: dict, device) -> tuple[Tensor, float
     return torch.where(medium, smoothed, scaled), 1.0
 
 
+# parameters the short form TYPE:FACTOR fills in besides factor (HF's llama3 defaults of Llama 3.1)
+_SHORT_DEFAULTS = {"llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+
+
+def parse_rope_override(text: str, window: int) -> dict:
+    """`--rope-scaling` of `subllm eval` / `generate`: "yarn:4" (TYPE:FACTOR), "default" (plain RoPE)
+    or a JSON object of HF's rope_parameters. `original_max_position_embeddings` defaults to
+    `window`, the length the checkpoint was trained at (not max_seq_len, check_rope_scaling's
+    default). Returns the dict to put in ModelConfig.rope_scaling ({"rope_type": "default"} = plain)."""
+    import json
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SubLLMError(f"--rope-scaling: not valid JSON ({e}): {text!r}") from None
+        if not isinstance(d, dict):
+            raise SubLLMError(f"--rope-scaling must be a JSON object or TYPE:FACTOR, got {text!r}")
+    else:
+        kind, _, factor = text.partition(":")
+        if kind not in ROPE_TYPES or (kind == "default") != (factor == ""):
+            kinds = ", ".join(t for t in ROPE_TYPES if t != "default")
+            raise SubLLMError(
+                f"--rope-scaling takes TYPE:FACTOR (TYPE one of {kinds}), 'default' or a JSON object; "
+                f"got {text!r}"
+            )
+        d = {"rope_type": kind}
+        if factor:
+            try:
+                d["factor"] = float(factor)
+            except ValueError:
+                raise SubLLMError(f"--rope-scaling {text!r}: the factor must be a number") from None
+        d.update(_SHORT_DEFAULTS.get(kind, {}))
+    d.setdefault("rope_type", d.pop("type", "default"))
+    if d["rope_type"] not in ("default", "linear"):
+        d.setdefault("original_max_position_embeddings", int(window))
+    return d
+
+
+def with_rope_scaling(config, scaling: dict):
+    """`config` (a ModelConfig) with `scaling` (parse_rope_override's dict) as its RoPE scaling,
+    checked; {"rope_type": "default"} gives plain RoPE."""
+    plain = scaling.get("rope_type") == "default" and set(scaling) == {"rope_type"}
+    return config.replace(rope_scaling=None if plain else scaling)
+
+
 def to_hf_rope_parameters(scaling: dict | None, rope_theta: float, max_seq_len: int) -> tuple[dict, int]:
     """(HF `rope_parameters`, HF `max_position_embeddings`) for an exported Llama: HF's "dynamic"
     reads its original length from max_position_embeddings, the other types from the dict."""
@@ -237,4 +284,4 @@ def from_hf_rope_parameters(params: dict | None, max_position_embeddings: int) -
 
 
 __all__ = ["ROPE_TYPES", "check_rope_scaling", "inv_freq", "is_dynamic", "to_hf_rope_parameters",
-           "from_hf_rope_parameters"]  # fmt: skip
+           "from_hf_rope_parameters", "parse_rope_override", "with_rope_scaling"]  # fmt: skip

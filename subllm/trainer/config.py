@@ -60,6 +60,7 @@ class TrainConfig:
         False  # torch.compile the training forward+backward (one static graph, subllm/compiled.py)
     )
     pose_target: int | None = None  # PoSE: position ids spanning up to this length (trainer/pose.py)
+    retrieval_mix: float | None = None  # share of rows replaced by passkey/mqar (trainer/retrieval_mix.py)
     checkpointing: bool = False  # activation checkpointing, per layer (recompute in backward)
     device: str = "auto"
     threads: int | None = None
@@ -85,6 +86,7 @@ TRAJECTORY = (
     "dtype",  # as requested: "auto" resumes as "auto" (resolved again on the resuming machine)
     "schedule_steps",
     "pose_target",
+    "retrieval_mix",
     "init_from",
     "train_only",
 )
@@ -210,6 +212,16 @@ def parse_overrides(name, v):
     return out
 
 
+def _share(name, v):
+    """A share in [0, 1]; 0 (or None) = off, stored as None."""
+    if v is None:
+        return None
+    f = _float(name, v, positive=False)
+    if f > 1.0:
+        raise SubLLMError(f"{_flag(name)} is a share of each batch's rows, in [0, 1]; got {v!r}")
+    return f or None
+
+
 def _train_only(name, v):
     from subllm.trainer.uptrain import TRAIN_ONLY
 
@@ -252,6 +264,7 @@ FIELDS = {
     "fsdp": _bool,
     "compile": _bool,
     "pose_target": lambda n, v: parse_int(n, v, lo=2, none_ok=True),
+    "retrieval_mix": lambda n, v: _share(n, v),
     "checkpointing": _bool,
     "device": _choice(DEVICES),
     "threads": lambda n, v: parse_int(n, v, none_ok=True),

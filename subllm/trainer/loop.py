@@ -41,6 +41,7 @@ from subllm.trainer.config import (
 from subllm.trainer.data import prepare_data
 from subllm.trainer.evaluation import evaluate, load_val_batches
 from subllm.trainer.pose import pose_generator, pose_position_ids
+from subllm.trainer.retrieval_mix import RetrievalMix
 
 TRAIN_CONFIG = "train_config.json"
 
@@ -192,6 +193,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     if not val:
         say("note: no validation data (no val split, or it is shorter than one batch): no evaluation")
     tpb = (data.val_meta or {}).get("tokens_per_byte")
+    mix = None
+    if cfg.retrieval_mix is not None:
+        from subllm.data.tokenizer import load_tokenizer
+
+        mix = RetrievalMix(
+            data.train_dir, load_tokenizer(data.tokenizer_dir), cfg.retrieval_mix, cfg.seq_len, cfg.seed
+        )
     autocast = _autocast_factory(cfg.dtype, info.device)
 
     if info.is_main:
@@ -294,8 +302,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             schedule.step(step, tokens_seen)
             loss_sum = torch.zeros((), device=info.device)  # the LM loss, comparable with LLaMA's
             select_sum = torch.zeros((), device=info.device)  # the auxiliary selection loss, if any
+            mixed = 0  # rows replaced by retrieval examples (this rank)
             for micro in range(cfg.grad_accum):
-                x = next(sampler).to(info.device, non_blocking=True)
+                x = next(sampler)
+                if mix is not None:  # its own generator: the global RNG and the sampler are untouched
+                    x, rows = mix.apply(x, info.rank, step, micro)
+                    mixed += len(rows)
+                x = x.to(info.device, non_blocking=True)
                 kw = {}
                 if cfg.pose_target is not None:  # its own generator: the global RNG stream is untouched
                     g = pose_generator(cfg.seed, info.rank, step, micro)
@@ -348,6 +361,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 rec["agreement"] = out.agreement.tolist()  # the step's one sync for logging
             if out.select_loss is not None:
                 rec["select_loss"] = float(select_sum)  # this rank's
+            if mix is not None:
+                rec["retrieval_rows"] = mixed  # this rank's
             metrics.write(rec)
             if bar is not None:
                 bar.update(1)

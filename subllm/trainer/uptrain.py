@@ -18,6 +18,12 @@ of the structure); only the new S score layers (routers) and B scales keep the i
 requires_grad=False on everything else, so those parameters get no gradient and no optimizer state
 and stay bit-identical. On `--resume` the weights come from the checkpoint; DIR is read again only
 to rebuild (and check) the same model config.
+
+DIR may also be a SUBLLM (fine-tuning, e.g. to extend its context, issue 11): then the run keeps
+DIR's whole config (structure, keep ratios, selection recipe) and every weight, S and B included;
+`--structure` must be DIR's own. For either kind `--set` may change the RoPE scaling and
+`max_seq_len` (`EXTENDABLE`: they change no weight), e.g. `--set rope_scaling='{"rope_type": "yarn",
+"factor": 4, "original_max_position_embeddings": 256}'` to fine-tune with YaRN at a longer window.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ ARCH_FIELDS = (
     "bos_token_id",
     "eos_token_id",
 )
+EXTENDABLE = (
+    "rope_scaling",
+    "max_seq_len",
+)  # architecture fields --set may change: no weight depends on them
 TRAIN_ONLY = ("subsample", "bypass")  # --train-only groups -> the state-dict prefixes they free
 PREFIXES = {"subsample": "subsamples.", "bypass": "bypasses."}
 
@@ -88,13 +98,7 @@ def load_source(directory: str | Path) -> Source:
             f"--init-from {d}: model_type {model_type!r}; expected 'subllm' (a run or model folder) or "
             "'llama' (a Hugging Face Llama folder)"
         )
-    c = model.config
-    if c.n_subsamples:
-        raise SubLLMError(
-            f"--init-from {d}: its structure {c.structure!r} already has subsampling modules; "
-            "--init-from takes a LLaMA (an all-T model)"
-        )
-    return Source(d.resolve(), kind, c, model.state_dict())
+    return Source(d.resolve(), kind, model.config, model.state_dict())
 
 
 def source_tokenizer(directory: str | Path) -> str:
@@ -109,7 +113,10 @@ def source_tokenizer(directory: str | Path) -> str:
 
 
 def base_config(preset: str, source: ModelConfig) -> ModelConfig:
-    """The preset's selection and schedule fields with the source's architecture and structure."""
+    """The preset's selection and schedule fields with the source's architecture and structure; a
+    SUBLLM source keeps its whole config (fine-tuning)."""
+    if source.n_subsamples:
+        return source.replace(extra={})
     arch = {k: getattr(source, k) for k in ARCH_FIELDS}
     mc = get_preset(preset)
     keep = mc.keep_ratios[0] if mc.keep_ratios else 0.64
@@ -119,7 +126,7 @@ def base_config(preset: str, source: ModelConfig) -> ModelConfig:
 def check_overrides(overrides: dict, source: ModelConfig, directory) -> None:
     """--set may not change what the source model fixes."""
     for k, v in overrides.items():
-        if k in ARCH_FIELDS and v != getattr(source, k):
+        if k in ARCH_FIELDS and k not in EXTENDABLE and v != getattr(source, k):
             raise SubLLMError(
                 f"--set {k}={v!r}: --init-from {directory} fixes {k} = {getattr(source, k)!r} "
                 "(the architecture comes from the model you start from)"
@@ -127,6 +134,11 @@ def check_overrides(overrides: dict, source: ModelConfig, directory) -> None:
 
 
 def check_model(mc: ModelConfig, source: ModelConfig, tokenizer_meta: dict | None, directory) -> None:
+    if source.n_subsamples and mc.structure != source.structure:
+        raise SubLLMError(
+            f"--init-from {directory} is a SUBLLM ({source.structure!r}): fine-tuning keeps its structure, "
+            f"got --structure {mc.structure!r}"
+        )
     if mc.n_layers != source.n_layers:
         raise SubLLMError(
             f"--structure {mc.structure!r} has {mc.n_layers} layers (T or M), but --init-from {directory} "
