@@ -24,7 +24,8 @@ def main() -> None:
     lens = [L - int(x) for x in torch.randint(0, max(1, L // 10), (B,))]
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
     valid = torch.arange(L) < torch.tensor(lens)[:, None]
-    mask = (torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, None, :]) | torch.eye(L, dtype=torch.bool)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = (causal & valid[:, None, None, :]) | torch.eye(L, dtype=torch.bool)
 
     def per_row():
         out = torch.zeros(B, H, L, D)
@@ -46,8 +47,9 @@ def main() -> None:
     x, y = per_row(), masked()
     diff = max((x[i, :, :n] - y[i, :, :n]).abs().max().item() for i, n in enumerate(lens))
     best = {k: min(v) for k, v in times.items()}
-    print(f"B {B} L {L} heads {H}x{D}: per-row causal {best['per_row']:.3f} s, one masked call {best['masked']:.3f} s "
-          f"({best['masked'] / best['per_row']:.2f}x), max |diff| {diff:.1e}")  # fmt: skip
+    print(f"B {B} L {L} heads {H}x{D}: per-row causal {best['per_row']:.3f} s, "
+          f"one masked call {best['masked']:.3f} s ({best['masked'] / best['per_row']:.2f}x), "
+          f"max |diff| {diff:.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":
