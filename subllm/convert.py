@@ -55,15 +55,9 @@ def parse_rope_scaling(text: str | None) -> dict | None:
     """'{"rope_type": "linear", "factor": 2}' -> that dict; None -> None."""
     if text is None:
         return None
-    import json
+    from subllm.model.rope import rope_json
 
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r} ({e})") from None
-    if not isinstance(d, dict):
-        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r}")
-    return d
+    return rope_json(text)
 
 
 # ---- HF Llama -> SubLLM ---------------------------------------------------------------------------

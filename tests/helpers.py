@@ -1,8 +1,10 @@
 """Shared test helpers: tiny models whose scores give a real mix of kept and dropped tokens,
 left-padded prompt batches, and tiny packed corpora for training runs."""
 
+import contextlib
 import random
 
+import pytest
 import torch
 
 from subllm import ModelConfig, SubLLM
@@ -89,3 +91,28 @@ def checkpoint_with_tokenizer(path, model: SubLLM | None = None) -> SubLLM:
     model.save_pretrained(path)
     fast.save_pretrained(str(path))
     return model
+
+
+class Crash(Exception):
+    """What `crash_while_logging` raises: a process dying mid-run."""
+
+
+@contextlib.contextmanager
+def crash_while_logging(monkeypatch, step: int):
+    """The training run inside this block dies (raises Crash, expected here) while logging step
+    `step`, i.e. after that step's update but before anything later; the patch is undone on exit."""
+    from subllm import metrics
+
+    real = metrics.MetricsWriter.write
+
+    def write(self, record):
+        if record.get("kind") == "train" and record["step"] == step:
+            raise Crash()
+        real(self, record)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write)
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        monkeypatch.setattr(metrics.MetricsWriter, "write", real)

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import pack_synthetic
+from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLM, SubLLMError
 from subllm import checkpoint as ckpt
@@ -54,10 +54,6 @@ def _evals(run_dir):
     return [(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"]
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("optimizer", ["scaled_adam", "adamw"])
 def test_resume_after_crash_is_bit_exact(packed, tmp_path, monkeypatch, optimizer):
     quiet = dict(log=lambda *a, **k: None)
@@ -66,20 +62,9 @@ def test_resume_after_crash_is_bit_exact(packed, tmp_path, monkeypatch, optimize
     assert [s for s, _ in straight] == list(range(1, 13))
 
     # crash while logging step 7 (last checkpoint: step 4, eval at 5 already done)
-    from subllm import metrics
-
-    real_write = metrics.MetricsWriter.write
-
-    def crashing_write(self, record):
-        if record.get("kind") == "train" and record["step"] == 7:
-            raise Crash()
-        real_write(self, record)
-
     crashed = tmp_path / "crashed"
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crashing_write)
-    with pytest.raises(Crash):
+    with crash_while_logging(monkeypatch, 7):
         train(_cfg(packed, crashed, optimizer=optimizer, schedule_steps="scale"), **quiet)
-    monkeypatch.setattr(metrics.MetricsWriter, "write", real_write)
     assert ckpt.latest_checkpoint(crashed).name == "step-00000004"
 
     # a fresh start into the same folder is refused; --resume continues

@@ -4,7 +4,7 @@ path unchanged bit for bit, exact resume with PoSE."""
 
 import pytest
 import torch
-from helpers import pack_synthetic, tiny_model
+from helpers import crash_while_logging, pack_synthetic, tiny_model
 
 from subllm import SubLLM, SubLLMError
 from subllm.metrics import read_metrics
@@ -126,19 +126,8 @@ def test_pose_training_resumes_exactly(packed, tmp_path, monkeypatch):
     plain, pose = _losses(tmp_path / "plain"), _losses(tmp_path / "pose")
     assert len(pose) == len(plain) == 8 and pose != plain  # PoSE really changes the run
 
-    from subllm import metrics
-
-    real = metrics.MetricsWriter.write
-
-    def crash(self, record):
-        if record.get("kind") == "train" and record["step"] == 6:
-            raise RuntimeError("crash")
-        real(self, record)
-
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crash)
-    with pytest.raises(RuntimeError, match="crash"):
+    with crash_while_logging(monkeypatch, 6):
         train(_cfg(packed, tmp_path / "resumed", pose_target=400), **quiet)
-    monkeypatch.setattr(metrics.MetricsWriter, "write", real)
     train(_cfg(packed, tmp_path / "resumed", pose_target=400), resume=True, **quiet)
     assert _losses(tmp_path / "resumed") == pose  # bit for bit
     with pytest.raises(SubLLMError, match="pose_target"):  # a trajectory setting: resume must agree

@@ -117,7 +117,7 @@ def test_parse_rope_override():
     j = parse_rope_override('{"type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}', 256)
     assert j == {"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": 99}
     for bad, msg in (("yarn", "TYPE:FACTOR"), ("ntk:2", "TYPE:FACTOR"), ("yarn:x", "must be a number"),
-                     ("{oops", "not valid JSON"), ("default:2", "TYPE:FACTOR")):  # fmt: skip
+                     ("{oops", "must be a JSON object"), ("default:2", "TYPE:FACTOR")):  # fmt: skip
         with pytest.raises(SubLLMError, match=msg):
             parse_rope_override(bad, 256)
 

@@ -4,7 +4,7 @@ function of (seed, rank, step, micro), exact resume, and clear errors for bad va
 
 import pytest
 import torch
-from helpers import pack_synthetic
+from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLMError
 from subllm.data.tokenizer import load_tokenizer
@@ -83,19 +83,8 @@ def test_mixed_training_resumes_exactly(packed, tmp_path, monkeypatch):
     ]
     assert rows == [2] * 8
 
-    from subllm import metrics
-
-    real = metrics.MetricsWriter.write
-
-    def crash(self, record):
-        if record.get("kind") == "train" and record["step"] == 6:
-            raise RuntimeError("crash")
-        real(self, record)
-
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crash)
-    with pytest.raises(RuntimeError, match="crash"):
+    with crash_while_logging(monkeypatch, 6):
         train(_cfg(packed, tmp_path / "resumed", retrieval_mix=0.5), **QUIET)
-    monkeypatch.setattr(metrics.MetricsWriter, "write", real)
     train(_cfg(packed, tmp_path / "resumed", retrieval_mix=0.5), resume=True, **QUIET)
     assert _losses(tmp_path / "resumed") == mixed  # bit for bit
     with pytest.raises(SubLLMError, match="retrieval_mix"):  # a trajectory setting: resume must agree

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import pack_synthetic
+from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLM, SubLLMError
 from subllm import checkpoint as ckpt
@@ -157,30 +157,15 @@ def test_full_uptraining_from_hf_changes_the_shared_layers(hf_dir, llama_dir, pa
     assert run["init_from"]["kind"] == "hf-llama"
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_of_an_uptraining_run_is_bit_exact(llama_dir, packed, tmp_path, monkeypatch):
     def losses(d):
         return [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "train"]
 
     opts = dict(init_from=str(llama_dir), structure=NESTED, train_only="subsample,bypass", steps=6)
     train(_cfg(packed, tmp_path / "straight", **opts), **QUIET)
-    from subllm import metrics
-
-    real_write = metrics.MetricsWriter.write
-
-    def crashing_write(self, record):
-        if record.get("kind") == "train" and record["step"] == 5:
-            raise Crash()
-        real_write(self, record)
-
     crashed = tmp_path / "crashed"
-    monkeypatch.setattr(metrics.MetricsWriter, "write", crashing_write)
-    with pytest.raises(Crash):
+    with crash_while_logging(monkeypatch, 5):
         train(_cfg(packed, crashed, **opts), **QUIET)
-    monkeypatch.setattr(metrics.MetricsWriter, "write", real_write)
     train(_cfg(packed, crashed, **opts), resume=True, **QUIET)
     assert losses(crashed) == losses(tmp_path / "straight") and len(losses(crashed)) == 6
     a, b = (

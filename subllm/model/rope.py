@@ -214,21 +214,27 @@ def _llama3(head_dim: int, theta: float, s: dict, device) -> tuple[Tensor, float
 _SHORT_DEFAULTS = {"llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0}}
 
 
+def rope_json(text: str) -> dict:
+    """A `--rope-scaling` JSON object (HF's rope_parameters) -> that dict; one-line errors."""
+    import json
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r} ({e})") from None
+    if not isinstance(d, dict):
+        raise SubLLMError(f"--rope-scaling must be a JSON object, got {text!r}")
+    return d
+
+
 def parse_rope_override(text: str, window: int) -> dict:
     """`--rope-scaling` of `subllm eval` / `generate`: "yarn:4" (TYPE:FACTOR), "default" (plain RoPE)
     or a JSON object of HF's rope_parameters. `original_max_position_embeddings` defaults to
     `window`, the length the checkpoint was trained at (not max_seq_len, check_rope_scaling's
     default). Returns the dict to put in ModelConfig.rope_scaling ({"rope_type": "default"} = plain)."""
-    import json
-
     text = text.strip()
     if text.startswith("{"):
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SubLLMError(f"--rope-scaling: not valid JSON ({e}): {text!r}") from None
-        if not isinstance(d, dict):
-            raise SubLLMError(f"--rope-scaling must be a JSON object or TYPE:FACTOR, got {text!r}")
+        d = rope_json(text)
     else:
         kind, _, factor = text.partition(":")
         if kind not in ROPE_TYPES or (kind == "default") != (factor == ""):
@@ -284,4 +290,4 @@ def from_hf_rope_parameters(params: dict | None, max_position_embeddings: int) -
 
 
 __all__ = ["ROPE_TYPES", "check_rope_scaling", "inv_freq", "is_dynamic", "to_hf_rope_parameters",
-           "from_hf_rope_parameters", "parse_rope_override", "with_rope_scaling"]  # fmt: skip
+           "from_hf_rope_parameters", "parse_rope_override", "rope_json", "with_rope_scaling"]  # fmt: skip
