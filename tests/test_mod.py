@@ -72,6 +72,7 @@ def test_training_keeps_exactly_top_k_per_row(router):
         n = n_real if i in (0, 1) else sel.n_real  # inside S, the tokens S1 passed on
         expect = torch.tensor([math.ceil(r * int(v) - 1e-9) for v in n])
         assert torch.equal(sel.n_kept, expect), (i, sel.n_kept, expect)
+        assert bool(((sel.weight >= 0) & (sel.weight <= 1)).all())  # sigmoid weights, as S's lie in [0, 1]
         if m.config.mod_flags[i] and router == "aux_loss":  # the router's top-k among real tokens
             key = sel.scores if sel.real is None else sel.scores.masked_fill(~sel.real, float("-inf"))
             for b in range(3):
@@ -125,16 +126,20 @@ def test_inference_is_causal(router):
 )
 def test_cached_generation_equals_uncached(router, weight):
     m = mixing_eval_model(router=router, mod_weight=weight)
-    ids, mask = left_padded([14, 6, 10])
+    lens = [14, 6, 10]
+    ids, mask = left_padded(lens)
 
-    def run(use_cache):
+    def run(ids, mask, use_cache):
         out = list(stream_generate(m, ids, mask, max_new_tokens=10, use_cache=use_cache, return_logits=True))
         return torch.stack([t for t, _ in out], 1), torch.stack([lg for _, lg in out], 1)
 
-    tok_c, lg_c = run(True)
-    tok_u, lg_u = run(False)
+    tok_c, lg_c = run(ids, mask, True)
+    tok_u, lg_u = run(ids, mask, False)
     assert torch.equal(tok_c, tok_u)
     assert (lg_c - lg_u).abs().max() < 1e-5
+    for b, n in enumerate(lens):  # each row of the batch equals that row run alone
+        t1, l1 = run(ids[b : b + 1, -n:], None, True)
+        assert torch.equal(t1[0], tok_c[b]) and (l1[0] - lg_c[b]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("router", ROUTERS)

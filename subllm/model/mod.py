@@ -4,8 +4,9 @@ An `M` layer is a transformer layer with a router r_t = w^T x_t (the S score lay
 In training it runs on the top-k tokens of each row, k = ceil(mod_capacity * n), and adds its
 residual update scaled by the router weight: z_t = x_t + g(r_t) f(x_t) for the chosen tokens,
 z_t = x_t for the others - MoD's equation 1 with g(r) = r (`mod_weight = "raw"`), or g = sigmoid
-(the default: bounded, and the auxiliary BCE then pushes the weights of chosen tokens toward 1
-instead of inflating them - docs/RESULTS.md, issue 12, measures both). That is
+(the default: in [0, 1] like S's weights, and the auxiliary BCE then pushes the weights of chosen
+tokens toward 1 instead of inflating them - docs/RESULTS.md, issue 12, measures both; "raw" is
+unbounded by MoD's definition). That is
 SUBLLM's gather / upsample with the router value as the weight and no bypass, so an `M` layer is
 parsed as a one-layer subsampling module and shares everything else with S: its own KV-cache level
 (a token it skips never enters its cache), the per-row ragged handling, the eval-mode threshold
