@@ -71,6 +71,11 @@ def spread(xs: list[float]) -> float:
     return (max(xs) - min(xs)) / m if m > 0 else 0.0
 
 
+def mean_sd(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value) - across seeds or runs."""
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
 def format_table(headers: list[str], rows: list[list]) -> str:
     """Right-aligned plain-text table; floats are expected to be pre-formatted strings."""
     cells = [[str(h) for h in headers], *[[str(c) for c in r] for r in rows]]

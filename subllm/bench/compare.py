@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from subllm.bench.common import mean_sd
 from subllm.config import ModelConfig, get_preset
 from subllm.errors import SubLLMError
 from subllm.flops import flops
@@ -220,10 +220,6 @@ def collect(args, runs: list[dict]) -> list[dict]:
     return out
 
 
-def _mean_sd(vals: list[float]) -> tuple[float, float]:
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (arch, budget): n seeds, mean and sd of each measure (LLaMA's tokens runs stand in both)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -241,10 +237,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         for key in ("val_loss", "val_bpb", "tokens_per_s", "peak_rss_mb", "agreement_min", "train_flops"):
             vals = [r[key] for r in g if r[key] is not None]
             if vals:
-                item[key] = _mean_sd(vals)
+                item[key] = mean_sd(vals)
         keeps = [k for r in g for k in r["keep_eval"]]
         if keeps:
-            item["keep_eval"] = _mean_sd(keeps)
+            item["keep_eval"] = mean_sd(keeps)
         out.append(item)
     return out
 

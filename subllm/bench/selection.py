@@ -22,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from subllm.bench.common import mean_sd
 from subllm.errors import SubLLMError
 
 
@@ -111,7 +112,7 @@ def _loss_only(model, tok, docs, seq_len, batch_size, max_tokens) -> float:
 def _mean_sd(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.4f}"
-    return f"{statistics.mean(vals):.4f} +- {statistics.stdev(vals):.4f}"
+    return "{:.4f} +- {:.4f}".format(*mean_sd(vals))
 
 
 def summarize(results: list[dict]) -> list[dict]:
