@@ -105,7 +105,10 @@ def plan(args) -> list[dict]:
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     if not budgets or any(b not in BUDGETS for b in budgets):
         raise SubLLMError(f"--budgets: choose from {', '.join(BUDGETS)}, got {args.budgets!r}")
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise SubLLMError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if args.steps < 1 or args.lanes < 1 or not seeds:
         raise SubLLMError("--steps and --lanes must be >= 1 and --seeds non-empty")
     cost = {a: flops(model_of(args, structures[a], a), args.seq_len)["total"] for a in {*archs, "llama"}}
