@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from subllm.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.model.subllm import SubLLM
 
 

@@ -18,8 +18,8 @@ import time
 import torch
 
 from subllm.config import get_preset
-from subllm.engine import decode_step, new_cache, prefill
 from subllm.flops import flops_between
+from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.model.subllm import SubLLM
 
 

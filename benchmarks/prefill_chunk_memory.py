@@ -1,4 +1,4 @@
-"""Peak memory of one prefill with and without chunking (subllm/chunked_prefill.py): each setting
+"""Peak memory of one prefill with and without chunking (subllm/inference/chunked_prefill.py): each setting
 runs in a fresh process and reports its resident-set high-water mark (VmHWM), the KV cache bytes
 and the per-level lengths (which must be the same for every chunk size).
 
@@ -18,7 +18,7 @@ def one(preset: str, length: int, chunk: int | None) -> str:
     import torch
 
     from subllm.config import get_preset
-    from subllm.engine import new_cache, prefill
+    from subllm.inference.engine import new_cache, prefill
     from subllm.model.subllm import SubLLM
     from subllm.trainer.loop import peak_rss_mb
 

@@ -1,5 +1,5 @@
 """Ragged prefill attention on this CPU: one masked SDPA call for a batch of rows of different
-lengths vs one causal SDPA call per row on its exact length (what subllm/engine.py does).
+lengths vs one causal SDPA call per row on its exact length (what subllm/inference/engine.py does).
 
     OMP_NUM_THREADS=1 python benchmarks/ragged_attention.py [--batch 8 --length 2600 --heads 4 --head-dim 64]
 """

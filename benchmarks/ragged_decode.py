@@ -1,7 +1,7 @@
 """Ragged decode attention on this CPU: a subset of a batch's rows (those whose S kept the new token)
 attends, one query each, to its own cache of its own length. Three ways:
 
-- per_row: one SDPA call per row on a view of exactly its length (what subllm/engine.py does);
+- per_row: one SDPA call per row on a view of exactly its length (what subllm/inference/engine.py does);
 - masked_full: the queries scattered into the whole batch, one masked SDPA call over every row's
   cache (rows outside the subset computed and thrown away), then the subset's rows gathered;
 - gathered: the subset's cache rows copied out (index_select), one masked SDPA call.

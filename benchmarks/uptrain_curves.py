@@ -18,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from subllm.metrics import read_metrics
+from subllm.trainer.metrics import read_metrics
 
 
 def load(run: Path) -> dict:

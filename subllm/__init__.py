@@ -14,11 +14,11 @@ _EXPORTS = {
     "SubLLM": "subllm.model.subllm",
     "SubLLMOutput": "subllm.model.subllm",
     "SubLLMError": "subllm.errors",
-    "generate": "subllm.generation",
-    "stream_generate": "subllm.generation",
+    "generate": "subllm.inference.generation",
+    "stream_generate": "subllm.inference.generation",
     "SubLLMForCausalLM": "subllm.hf",  # importing subllm.hf registers the Auto classes
     "SubLLMConfig": "subllm.hf",
-    "KVCache": "subllm.cache",
+    "KVCache": "subllm.inference.cache",
 }
 
 __all__ = sorted(_EXPORTS)

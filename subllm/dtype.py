@@ -109,3 +109,28 @@ def dtype_line(name: str, device: str = "cpu", work: str = "train") -> str:
     if name == "auto" and work == "decode" and not str(device).startswith("cuda"):
         why.append("decoding on a CPU")
     return f"{resolve_dtype(name, device, work)} ({'; '.join(why)})"
+
+
+_BF16_NAMES = ("bf16", "bfloat16")
+_FP32_NAMES = ("fp32", "float32")
+
+
+def autocast(dtype: str, device="cpu"):
+    """THE autocast builder: 'bf16' (or 'bfloat16') -> torch.autocast to bfloat16 on `device`'s
+    type; 'fp32' (or 'float32') -> a no-op context. Resolve 'auto' first (`resolve_dtype`)."""
+    import contextlib
+
+    import torch
+
+    if dtype in _FP32_NAMES:
+        return contextlib.nullcontext()
+    if dtype in _BF16_NAMES:
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    raise SubLLMError(f"unknown dtype {dtype!r} (bf16 or fp32)")
+
+
+def fp32_region(device_type: str):
+    """A region that computes in fp32 under any enclosing autocast (selection scores)."""
+    import torch
+
+    return torch.autocast(device_type, enabled=False)

@@ -14,8 +14,8 @@ actually cost, and what each S actually kept (used by `subllm bench infer` and `
 
 from __future__ import annotations
 
-from subllm.cache import layer_levels
 from subllm.config import ModelConfig, Sub
+from subllm.inference.cache import layer_levels
 
 
 def linear_flops_per_token(cfg: ModelConfig) -> int:

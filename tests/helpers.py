@@ -101,7 +101,7 @@ class Crash(Exception):
 def crash_while_logging(monkeypatch, step: int):
     """The training run inside this block dies (raises Crash, expected here) while logging step
     `step`, i.e. after that step's update but before anything later; the patch is undone on exit."""
-    from subllm import metrics
+    from subllm.trainer import metrics
 
     real = metrics.MetricsWriter.write
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from subllm.analyze import analyze_window, attention_probs, sub_parents_and_layers, token_classes
 from subllm.cli import main
 from subllm.config import parse_structure
+from subllm.evals.analysis import analyze_window, attention_probs, sub_parents_and_layers, token_classes
 
 pytest.importorskip("matplotlib")
 

@@ -73,7 +73,7 @@ def test_infer_text_keep_equals_a_full_forward_recount(tmp_path, capsys, monkeyp
     import subllm.bench.infer as infer
     from subllm.bench.infer import run_infer, text_windows
     from subllm.cli import main
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
 
     ck = tmp_path / "ck"
     words = _tiny_checkpoint(ck)
@@ -132,7 +132,7 @@ def test_hf_baseline_times_the_same_computation():
     """`--hf`: transformers' Llama with our LLaMA's weights - its prefill + teacher-forced decode
     (rewound by crop before every run) ends on the logits of our engine's decode."""
     from subllm.bench.hf_llama import hf_decode, hf_prefill, hf_twin
-    from subllm.engine import decode_step, new_cache, prefill
+    from subllm.inference.engine import decode_step, new_cache, prefill
 
     torch.manual_seed(0)
     llama = SubLLM(get_preset("subllm-tiny").as_llama()).eval()
@@ -154,7 +154,7 @@ def test_train_report_with_hf_and_compile_keeps_both(monkeypatch):
     """--hf and --compile together: the report carries both comparisons (one once overwrote the other)."""
     from subllm.bench.train import print_report, run_train_bench
 
-    monkeypatch.setattr("subllm.compiled.BACKEND", "aot_eager")
+    monkeypatch.setattr("subllm.trainer.compiled.BACKEND", "aot_eager")
     torch._dynamo.reset()
     rep = run_train_bench(
         "subllm-tiny", [32], 1, "fp32", reps=1, warmup=0, log=lambda *a: None, compile=True, hf=True

@@ -7,9 +7,9 @@ import torch
 from helpers import left_padded, tiny_preset_model
 
 from subllm import KVCache
-from subllm.cache import layer_levels
 from subllm.config import iter_subs, parse_structure
-from subllm.engine import decode_step, new_cache, prefill
+from subllm.inference.cache import layer_levels
+from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.model.subllm import SubLLM
 
 V = 256

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_preset_model
 
 from subllm import SubLLMError
-from subllm.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill
 
 V = 256
 

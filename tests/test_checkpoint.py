@@ -11,10 +11,10 @@ import torch
 from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLM, SubLLMError
-from subllm import checkpoint as ckpt
-from subllm.metrics import read_metrics
+from subllm.trainer import checkpoint as ckpt
 from subllm.trainer.config import build_config
 from subllm.trainer.loop import train
+from subllm.trainer.metrics import read_metrics
 
 WORDS = (
     "the a king queen lord lady castle sword crown speak love death night day river sea wind fire "

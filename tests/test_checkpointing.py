@@ -53,9 +53,9 @@ def test_train_flag_gives_the_same_run(tmp_path):
     """`--checkpointing` in the trainer: the same losses, bit for bit, as the plain run."""
     from helpers import WORDS, pack_synthetic
 
-    from subllm.metrics import read_metrics
     from subllm.trainer.config import build_config
     from subllm.trainer.loop import train
+    from subllm.trainer.metrics import read_metrics
 
     data = pack_synthetic(tmp_path / "data", WORDS, seed=0, n_train=400)
     losses = []

@@ -1,4 +1,4 @@
-"""Chunked prefill (subllm/chunked_prefill.py): the same logits, the same selection at every level
+"""Chunked prefill (subllm/inference/chunked_prefill.py): the same logits, the same selection at every level
 (cache lengths and original positions), the same keys and values and the same greedy continuation
 as one-pass prefill - nested SUBLLM, padded batch of unequal prompts - and `--prefill-chunk`."""
 
@@ -7,8 +7,9 @@ import torch
 from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 
 from subllm import SubLLMError, generate
-from subllm.engine import new_cache, prefill
-from subllm.generation import stream_generate
+from subllm.inference.chunked_prefill import prefill_chunked
+from subllm.inference.engine import new_cache, prefill
+from subllm.inference.generation import stream_generate
 
 
 @pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T"])
@@ -19,7 +20,7 @@ def test_chunked_prefill_equals_one_pass(structure, chunk):
     with torch.no_grad():
         ref_cache, cache = new_cache(model, 3), new_cache(model, 3)
         ref = prefill(model, ids, mask, ref_cache)
-        got = prefill(model, ids, mask, cache, chunk=chunk)
+        got = prefill_chunked(model, ids, mask, cache, chunk)
     assert (got - ref).abs().max() < 1e-5
     assert cache.snapshot() == ref_cache.snapshot()  # every S kept the same tokens, per row
     for level in range(cache.n_levels):
@@ -80,7 +81,7 @@ def test_chunked_prefill_with_rope_scaling(scaling):
     with torch.no_grad():
         ref_cache, cache = new_cache(model, 2), new_cache(model, 2)
         ref = prefill(model, ids, mask, ref_cache)
-        got = prefill(model, ids, mask, cache, chunk=6)
+        got = prefill_chunked(model, ids, mask, cache, 6)
     assert (got - ref).abs().max() < 1e-5 and cache.snapshot() == ref_cache.snapshot()
     for layer, level in enumerate(cache.layer_level):
         n = cache.length(level, 0)

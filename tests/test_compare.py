@@ -75,14 +75,14 @@ def test_tiny_comparison_end_to_end_and_resume(packed, tmp_path, capsys):
 
 
 def test_summary_is_mean_and_sample_sd_over_seeds():
-    from subllm.bench.compare import markdown, summarise
+    from subllm.bench.compare import markdown, summarize
 
     rows = [
         dict(arch="mod", budget="tokens", steps=5, seed=s, val_loss=v, val_bpb=None, tokens_per_s=10.0,
              peak_rss_mb=1.0, agreement_min=0.9, train_flops=1e15, keep_eval=[0.1, 0.2])
         for s, v in ((0, 5.0), (1, 5.2), (2, 5.4))
     ]  # fmt: skip
-    (item,) = summarise(rows)
+    (item,) = summarize(rows)
     assert item["n"] == 3 and item["seeds"] == [0, 1, 2] and "val_bpb" not in item
     assert item["val_loss"] == pytest.approx((5.2, 0.2)) and item["keep_eval"][0] == pytest.approx(0.15)
     assert "| mod | tokens | 5 | 3 | 5.2000 ± 0.2000 | - | 1.000 ± 0.000 |" in markdown([item])

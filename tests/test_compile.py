@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_config
 
 from subllm import SubLLM, SubLLMError
-from subllm.compiled import check_compilable, compile_for_training
 from subllm.model.scaling import ScheduledFloat, _mean_limit, limit_violation_grad, violation_loss
+from subllm.trainer.compiled import check_compilable, compile_for_training
 
 
 def test_schedule_at_equals_the_python_schedule():
@@ -103,7 +103,7 @@ def test_training_compiles_once_and_equals_eager(recipe, monkeypatch):
 def test_compile_refusals(monkeypatch):
     with pytest.raises(SubLLMError, match="balancer_gate='weight'"):
         check_compilable(tiny_config(balancer_gate="weight"), "cpu")
-    monkeypatch.setattr("subllm.compiled.cpu_compiler", lambda: None)
+    monkeypatch.setattr("subllm.trainer.compiled.cpu_compiler", lambda: None)
     with pytest.raises(SubLLMError, match="C\\+\\+ compiler"):
         check_compilable(tiny_config(), "cpu")
     check_compilable(tiny_config(), "cpu", backend="aot_eager")  # no C++ needed there
@@ -114,11 +114,11 @@ def test_train_cli_compile(tmp_path, monkeypatch, capsys):
     import random
 
     from subllm.cli import main
-    from subllm.compiled import compiled_graphs
-    from subllm.metrics import read_metrics
+    from subllm.trainer.compiled import compiled_graphs
+    from subllm.trainer.metrics import read_metrics
 
     torch._dynamo.reset()
-    monkeypatch.setattr("subllm.compiled.BACKEND", "aot_eager")
+    monkeypatch.setattr("subllm.trainer.compiled.BACKEND", "aot_eager")
     rng = random.Random(0)
     words = "the a king queen river sea and or but not with night day".split()
     text = tmp_path / "t.txt"

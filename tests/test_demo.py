@@ -4,7 +4,7 @@ it is run by hand, `make demo`): the selection check on texts and the table."""
 import pytest
 from helpers import WORDS, checkpoint_with_tokenizer
 
-from subllm import demo
+from subllm.cli import demo
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import torch
 from helpers import pack_synthetic
 
 from subllm import SubLLM
-from subllm import distributed as D
-from subllm.metrics import read_metrics
+from subllm.trainer import distributed as D
 from subllm.trainer.config import build_config
 from subllm.trainer.loop import train
+from subllm.trainer.metrics import read_metrics
 
 WORDS = "the a king queen lord lady castle sword crown speak love death night day river sea and".split()
 NO_BALANCER = ["--set", "balancer_prob_start=0", "--set", "balancer_prob_end=0"]
@@ -51,7 +51,7 @@ def _torchrun(args, timeout=120):
 def _single(args):
     import argparse
 
-    from subllm.train import add_arguments, config_from_args
+    from subllm.cli.train import add_arguments, config_from_args
 
     p = argparse.ArgumentParser()
     add_arguments(p)

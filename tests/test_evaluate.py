@@ -74,7 +74,9 @@ def test_rolling_windows_score_every_token_once():
 
 
 def test_text_loss_and_bits_per_byte(ckpt):
-    from subllm.evaluate import load_model, load_tokenizer_for, text_loss
+    from subllm.data.tokenizer import load_tokenizer_for
+    from subllm.evals.suite import text_loss
+    from subllm.model.subllm import load_model
 
     model, tok = load_model(ckpt / "model"), load_tokenizer_for(ckpt / "model")
     text = _text(1, seed=5)
@@ -87,7 +89,7 @@ def test_text_loss_and_bits_per_byte(ckpt):
     assert abs(r["loss"] - ref) < 1e-4 and r["tokens"] == len(ids) and r["bytes"] == len(text.encode())
     assert abs(r["bpb"] - ref * len(ids) / math.log(2) / len(text.encode())) < 1e-4
     assert len(r["keep_fractions"]) == 2 and all(0 < f < 1 for f in r["keep_fractions"])
-    from subllm.evaluate import default_window
+    from subllm.evals.suite import default_window
 
     assert default_window(ckpt / "model", model) == model.config.max_seq_len
     (ckpt / "model" / "train_config.json").write_text('{"seq_len": 64}')  # what `subllm train` writes
@@ -102,8 +104,9 @@ def test_adapter_on_tiny_local_task(ckpt, tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
+    from subllm.data.tokenizer import load_tokenizer_for
     from subllm.evals.lm import SubLLMLM
-    from subllm.evaluate import load_model, load_tokenizer_for
+    from subllm.model.subllm import load_model
 
     model, tok = load_model(ckpt / "model"), load_tokenizer_for(ckpt / "model")
     lm = SubLLMLM(model, tok, batch_size=3, max_gen_toks=8)
@@ -121,7 +124,7 @@ def test_adapter_on_tiny_local_task(ckpt, tmp_path):
     t = tok.encode("old garden letter")
     assert abs(roll - _naive(model, [lm.prefix_token_id, *t], len(t))[0]) < 1e-4
     # generate_until == greedy subllm.generate, cut at the stop string
-    from subllm.generation import generate
+    from subllm.inference.generation import generate
 
     (gen,) = lm.generate_until([Instance("generate_until", {}, ("The house", {"until": ["zzz"]}), 0)])
     ids = torch.tensor([tok.encode("The house")])

@@ -9,7 +9,7 @@ import torch
 from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 
 from subllm import SubLLMError, generate
-from subllm.generation import (
+from subllm.inference.generation import (
     TextDeltas,
     apply_repetition_penalty,
     apply_top_k,
@@ -223,7 +223,7 @@ def test_text_deltas_hold_back_split_characters():
 
 
 def test_stream_text_matches_generate():
-    from subllm.generation import stream_text
+    from subllm.inference.generation import stream_text
 
     model = tiny_preset_model()
     ids = torch.randint(3, 100, (1, 6))
@@ -277,8 +277,8 @@ def test_cli_stats_equal_a_full_forward_recount(tmp_path, capsys):
     import re
 
     from subllm.cli import main
+    from subllm.data.tokenizer import load_tokenizer
     from subllm.flops import decode_ideal_speedup
-    from subllm.generate_cli import load_tokenizer
     from subllm.model.subllm import SubLLM
 
     checkpoint_with_tokenizer(tmp_path)

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_model
 
 from subllm import SubLLM, SubLLMError
-from subllm.generation import generate
+from subllm.inference.generation import generate
 
 hf_mod = pytest.importorskip("subllm.hf")
 

@@ -74,7 +74,7 @@ def test_corrupted_weights_raise_clearly(tmp_path):
 
 
 def test_training_checkpoint_is_checked_against_its_manifest(tmp_path):
-    from subllm import checkpoint as ckpt
+    from subllm.trainer import checkpoint as ckpt
 
     model = tiny_model()
     path = ckpt.save_checkpoint(tmp_path, 3, model.config, model.state_dict(), {}, {"step": 3}, None)

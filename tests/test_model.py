@@ -248,7 +248,7 @@ def test_score_norm_and_weight_gate_train_and_decode():
     for s in model.subsamples:
         assert s.score.weight.grad is not None and s.score.weight.grad.abs().sum() > 0
     # inference: O(1) scores from the start, a real mix of kept and dropped; cached == uncached
-    from subllm.generation import stream_generate
+    from subllm.inference.generation import stream_generate
 
     model.eval()
     fr = model(ids).keep_fractions

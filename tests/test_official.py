@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from subllm import ModelConfig, SubLLM
 from subllm.cli import main
-from subllm.official import bypass_order
+from subllm.hf.official import bypass_order
 
 STRUCTURE = "T(T(T)T)T(T)T"  # '(' order: outer, inner, last; ')' order: inner, outer, last
 DIM, HEADS, FFN, VOCAB = 32, 4, 48, 61

@@ -7,10 +7,10 @@ import torch
 from helpers import crash_while_logging, pack_synthetic, tiny_model
 
 from subllm import SubLLM, SubLLMError
-from subllm.metrics import read_metrics
 from subllm.model.layers import rope_cos_sin
 from subllm.trainer.config import build_config
 from subllm.trainer.loop import train
+from subllm.trainer.metrics import read_metrics
 from subllm.trainer.pose import pose_generator, pose_position_ids
 
 

@@ -13,7 +13,7 @@ import torch
 from helpers import checkpoint_with_tokenizer
 
 from subllm import SubLLM
-from subllm.generation import generate
+from subllm.inference.generation import generate
 
 pytest.importorskip("transformers")
 WARNING = "to instantiate a model of type"
@@ -71,7 +71,7 @@ with torch.no_grad():
     torch.save({{"ids": ids, "logits": m(ids).logits}}, "out.pt")
 """
     r = _fresh(code, tmp_path)
-    assert "subllm.hf SubLLMForCausalLM False" in r.stderr
+    assert "subllm.hf.auto SubLLMForCausalLM False" in r.stderr
     assert WARNING not in r.stderr
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     assert out["ids"].shape == (1, 8)
@@ -125,7 +125,7 @@ def test_tokenizer_loads_quietly_in_subllm_processes(ckpt, tmp_path):
     is left at its default level)."""
     code = f"""
 from pathlib import Path
-from subllm.generate_cli import load_tokenizer
+from subllm.data.tokenizer import load_tokenizer
 from subllm.data.tokenizer import load_tokenizer as load2
 from transformers.utils import logging
 assert logging.get_verbosity() == logging.WARNING

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import pack_synthetic
 
-from subllm import checkpoint as ckpt
 from subllm.cli import main
-from subllm.metrics import read_metrics
+from subllm.trainer import checkpoint as ckpt
+from subllm.trainer.metrics import read_metrics
 
 WORDS = "the a king queen lord lady castle sword crown speak love death night day river sea".split()
 

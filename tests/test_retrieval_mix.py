@@ -8,9 +8,9 @@ from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLMError
 from subllm.data.tokenizer import load_tokenizer
-from subllm.metrics import read_metrics
 from subllm.trainer.config import build_config
 from subllm.trainer.loop import train
+from subllm.trainer.metrics import read_metrics
 from subllm.trainer.retrieval_mix import RetrievalMix
 
 WORDS = "the a king queen lord castle sword crown speak love night day river sea and or but".split()

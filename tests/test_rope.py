@@ -10,7 +10,7 @@ from helpers import left_padded, tiny_model
 
 from subllm import SubLLM, SubLLMError
 from subllm.config import ModelConfig
-from subllm.generation import stream_generate
+from subllm.inference.generation import stream_generate
 from subllm.model.layers import rope_cos_sin
 
 ORIG = 32  # original_max_position_embeddings of the tiny configs: every test runs past it
@@ -174,8 +174,8 @@ def test_config_checks_and_legacy():
 
 @pytest.mark.parametrize("name", ["dynamic", "yarn"])
 def test_convert_round_trip_and_hf_config_carry_scaling(tmp_path, name):
-    from subllm.convert import from_hf_llama_dir, to_hf_llama_dir
     from subllm.hf import SubLLMConfig, SubLLMForCausalLM
+    from subllm.hf.llama import from_hf_llama_dir, to_hf_llama_dir
 
     hf = _hf_llama(SCALINGS[name])
     hf.save_pretrained(tmp_path / "hf")
@@ -198,7 +198,7 @@ def test_dynamic_cached_decode_equals_hf_cached_decode():
     length, each new token at the length it makes, cached keys unchanged - logits equal
     LlamaForCausalLM decoding with its own KV cache (and differ from recomputing the full forward,
     which moves every earlier token to the new length's frequencies)."""
-    from subllm.engine import decode_step, new_cache, prefill
+    from subllm.inference.engine import decode_step, new_cache, prefill
 
     hf = _hf_llama(SCALINGS["dynamic"])
     model = SubLLM.from_hf_llama(hf).eval()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from subllm.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.model.subsample import ScoreLinear
 
 

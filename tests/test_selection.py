@@ -141,7 +141,7 @@ def test_calibrated_threshold_only_follows_training():
 
 
 def test_calibrated_threshold_saved_loaded_and_used_by_the_cache(tmp_path):
-    from subllm.generation import generate
+    from subllm.inference.generation import generate
 
     model = tiny_model(threshold="calibrated", score_norm=False)  # scores O(1)
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_calibrated_threshold_saved_loaded_and_used_by_the_cache(tmp_path):
 
 
 def test_measure_selection_recounts_and_leaves_state_alone():
-    from subllm.selection import format_selection, measure_selection
+    from subllm.evals.selection import format_selection, measure_selection
 
     model = tiny_model(threshold="calibrated")
     with torch.no_grad():
@@ -240,8 +240,8 @@ def test_bench_selection_groups_seeds_and_scores_llama_on_the_same_windows(tmp_p
 
     from subllm.bench.selection import _loss_only, measure_run, summarize
     from subllm.cli import main
-    from subllm.evaluate import text_windows
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
+    from subllm.evals.suite import text_windows
 
     for name in ("cal_s0", "cal_s1"):
         checkpoint_with_tokenizer(tmp_path / name)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from serve_helpers import EOS, LiveServer, prompts, solo, tiny_checkpoint
 
+from subllm.cli.serve import load_server
 from subllm.serve.batcher import Batcher, QueueFull, Request, Settings
-from subllm.serve.cli import load_server
 from subllm.serve.metrics import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

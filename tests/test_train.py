@@ -9,8 +9,8 @@ import torch
 
 from subllm import SubLLM, SubLLMError
 from subllm.cli import main
-from subllm.metrics import read_metrics
 from subllm.trainer.config import build_config, model_config, total_steps
+from subllm.trainer.metrics import read_metrics
 
 WORDS = "the a king queen lord castle sword crown speak love night day river sea and or but not with".split()
 
@@ -151,8 +151,8 @@ def test_evaluation_leaves_rng_untouched():
     import contextlib
 
     from subllm.config import get_preset
-    from subllm.distributed import DistInfo
     from subllm.model.subllm import SubLLM
+    from subllm.trainer.distributed import DistInfo
     from subllm.trainer.evaluation import evaluate
 
     model = SubLLM(get_preset("subllm-tiny")).train()

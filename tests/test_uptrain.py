@@ -11,12 +11,12 @@ import torch
 from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLM, SubLLMError
-from subllm import checkpoint as ckpt
 from subllm.config import get_preset
-from subllm.metrics import read_metrics
+from subllm.trainer import checkpoint as ckpt
 from subllm.trainer import uptrain
 from subllm.trainer.config import build_config, model_config
 from subllm.trainer.loop import train
+from subllm.trainer.metrics import read_metrics
 
 WORDS = "the a king queen lord castle sword crown speak love night day river sea and or but not with".split()
 NESTED = "TT(T(TT)T)T"  # 7 T, like the source
@@ -47,7 +47,7 @@ def llama_dir(packed, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(llama_dir, packed, tmp_path_factory):
     """The same LLaMA as a Hugging Face LlamaForCausalLM folder."""
-    from subllm.convert import to_hf_llama
+    from subllm.hf.llama import to_hf_llama
 
     d = tmp_path_factory.mktemp("hf")
     to_hf_llama(SubLLM.from_pretrained(llama_dir)).save_pretrained(str(d))
@@ -100,7 +100,7 @@ def test_init_copies_shared_weights_and_all_t_keeps_the_logits(kind, llama_dir, 
 
 def test_all_t_start_evaluates_like_the_source(llama_dir, packed, tmp_path):
     """The eval at step 0 of an uptraining run is the source's own validation loss."""
-    from subllm.distributed import DistInfo
+    from subllm.trainer.distributed import DistInfo
     from subllm.trainer.evaluation import evaluate, load_val_batches
 
     out = tmp_path / "cont"

@@ -5,7 +5,6 @@ table, the run's environment, and the ONE JSON line a benchmark prints last (doc
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -139,15 +138,6 @@ def environment(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def autocast(dtype: str, device: torch.device | str = "cpu"):
-    """'bf16' -> torch.autocast to bfloat16; 'fp32' -> no-op."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    if dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    raise SubLLMError(f"unknown dtype {dtype!r} (bf16 or fp32)")
 
 
 def int_list(text: str) -> list[int]:

@@ -31,7 +31,7 @@ from subllm.config import ModelConfig, get_preset
 from subllm.errors import SubLLMError
 from subllm.flops import flops
 
-# the demo's model: 12 layers, d 256 (subllm/demo.py); MoD: every other layer routed at 12.5%
+# the demo's model: 12 layers, d 256 (subllm/cli/demo.py); MoD: every other layer routed at 12.5%
 STRUCTURES = {"llama": "TTTTTTTTTTTT", "subllm": "TTT(TT(TT)TTT)TT", "mod": "TMTMTMTMTMTM"}
 DEMO_SET = ["dim=256", "n_heads=4", "n_kv_heads=4", "ffn_dim=688"]
 BUDGETS = ("tokens", "flops")
@@ -223,7 +223,7 @@ def collect(args, runs: list[dict]) -> list[dict]:
     return out
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict]) -> list[dict]:
     """Per (arch, budget): n seeds, mean and sd of each measure (LLaMA's tokens runs stand in both)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -319,7 +319,7 @@ def run_compare(args, log=print) -> dict:
     rows = collect(args, runs)
     if not rows:
         raise SubLLMError(f"no finished run in {args.out}")
-    summary = summarise(rows)
+    summary = summarize(rows)
     out = Path(args.out)
     (out / "compare.md").write_text(markdown(summary) + "\n")
     plot(rows, out / "compare.png")

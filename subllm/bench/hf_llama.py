@@ -1,5 +1,5 @@
 """The Hugging Face baseline of `subllm bench train --hf` / `subllm bench infer --hf`: transformers'
-`LlamaForCausalLM` holding exactly the weights of our LLaMA (`subllm.convert.to_hf_llama`), timed
+`LlamaForCausalLM` holding exactly the weights of our LLaMA (`subllm.hf.llama.to_hf_llama`), timed
 in the same interleaved rounds as our models.
 
 Every SUBLLM speed-up here is quoted against our own `llama-*` path; this column keeps that baseline
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from subllm.bench.common import autocast
+from subllm.dtype import autocast
 from subllm.model.subllm import SubLLM
 
 
 def hf_twin(llama: SubLLM, device) -> torch.nn.Module:
     """transformers' LlamaForCausalLM with `llama`'s weights (same logits), SDPA attention, on `device`."""
-    from subllm.convert import to_hf_llama
+    from subllm.hf.llama import to_hf_llama
 
     with torch.device(device):  # built where it runs (initialising 1.3B parameters on a CPU is slow)
         hf = to_hf_llama(llama)

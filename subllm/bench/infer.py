@@ -2,7 +2,7 @@
 
 docs/method.md sections 1 (FLOP and KV arithmetic) and 3 (inference mode). Both models live in one
 process: the LLaMA is `config.as_llama()` loaded non-strictly from SUBLLM's state dict, so every
-shared layer has identical weights. Both run through the same engine (subllm/engine.py).
+shared layer has identical weights. Both run through the same engine (subllm/inference/engine.py).
 
 Per (dtype, batch, prompt length), after warm-up, with interleaved repetitions:
 - prefill seconds for LLaMA, SUBLLM and the zero-overhead bound: SUBLLM's own layers run as plain
@@ -37,13 +37,13 @@ from pathlib import Path
 
 import torch
 
-from subllm.bench.common import autocast, format_table, interleaved, median, min_med_max, spread
-from subllm.cache import layer_levels
+from subllm.bench.common import format_table, interleaved, median, min_med_max, spread
 from subllm.config import get_preset, iter_subs, keep_count
-from subllm.dtype import describe_hardware, dtype_line, resolve_dtype
-from subllm.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer
+from subllm.dtype import autocast, describe_hardware, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
+from subllm.inference.cache import layer_levels
+from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer
 from subllm.model.subllm import SubLLM
 
 # ---- score calibration (random weights only) ------------------------------------------------------
@@ -103,7 +103,7 @@ def calibrate_scores(model: SubLLM, ids: torch.Tensor, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     report = []
     for sub in iter_subs(model.tree):
-        if model.subsamples[sub.index].predictor is not None:
+        if getattr(model.subsamples[sub.index], "predictor", None) is not None:
             raise SubLLMError(
                 "calibrating the scores of an untrained model sets the router, not an `M` layer's "
                 "predictor: benchmark mod_router='aux_loss' (the layers' cost is the same)"
@@ -304,7 +304,7 @@ def bench_setting(
 
 def load_text_tokens(path: str, checkpoint: str, vocab_size: int) -> list[int]:
     """The token ids of the text file `path` under the tokenizer saved in `checkpoint`."""
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
 
     f = Path(path)
     if not f.is_file():

@@ -67,10 +67,10 @@ def group_name(run: Path) -> str:
 def measure_run(
     run: Path, texts: dict[str, list[Path]], seq_len: int, batch_size: int, max_tokens: int
 ) -> dict:
-    from subllm.evaluate import text_selection
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
+    from subllm.evals.selection import paper_threshold
+    from subllm.evals.suite import text_selection
     from subllm.model.subllm import SubLLM
-    from subllm.selection import paper_threshold
 
     cfg_file = run / "train_config.json"
     if cfg_file.is_file():
@@ -97,7 +97,7 @@ def _loss_only(model, tok, docs, seq_len, batch_size, max_tokens) -> float:
     """The next-token loss on the very windows `text_selection` measures SUBLLMs on."""
     import torch
 
-    from subllm.evaluate import text_windows
+    from subllm.evals.suite import text_windows
 
     windows = text_windows(model, tok, docs, seq_len, batch_size, max_tokens)
     nll = n = 0.0

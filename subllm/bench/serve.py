@@ -239,9 +239,9 @@ def verify_solo(
     """How many of `texts` differ from an in-process greedy generate() of their prompt."""
     import torch
 
-    from subllm.bench.common import autocast
-    from subllm.generate_cli import load_tokenizer
-    from subllm.generation import generate
+    from subllm.data.tokenizer import load_tokenizer
+    from subllm.dtype import autocast
+    from subllm.inference.generation import generate
     from subllm.model.subllm import SubLLM
 
     model = SubLLM.from_pretrained(checkpoint).eval()
@@ -318,7 +318,7 @@ def run_serve_bench(args, log=print) -> dict:
                 ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype
             )
         out["models"].append(m)
-    out["summary"] = summarise(out)
+    out["summary"] = summarize(out)
     return out
 
 
@@ -326,7 +326,7 @@ def _vocab(ck: str) -> int:
     return json.loads((Path(ck) / "config.json").read_text())["vocab_size"]
 
 
-def summarise(out: dict) -> dict:
+def summarize(out: dict) -> dict:
     """Targets of issue 14, for the first checkpoint (SUBLLM) against the second (LLaMA)."""
     s: dict = {}
     for i, m in enumerate(out["models"]):

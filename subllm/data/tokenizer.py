@@ -197,3 +197,16 @@ def load_tokenizer(path: str | Path):
     if tok.pad_token is None and PAD in tok.get_vocab():
         tok.pad_token = PAD
     return tok
+
+
+def load_tokenizer_for(checkpoint, tokenizer=None):
+    """The tokenizer at `tokenizer`, else the one saved in the checkpoint (a model folder or a run
+    folder, as `subllm.model.io.resolve_checkpoint` reads them)."""
+    from subllm.model.io import resolve_checkpoint
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    ck = resolve_checkpoint(checkpoint)
+    if not any((ck / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise SubLLMError(f"{ck} holds no tokenizer: pass --tokenizer DIR")
+    return load_tokenizer(ck)

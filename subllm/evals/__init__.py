@@ -1,3 +1,3 @@
-"""Evaluation internals behind `subllm eval` (subllm/evaluate.py): batched scoring, the lm-eval
+"""Evaluation internals behind `subllm eval` (subllm/evals/suite.py): batched scoring, the lm-eval
 adapter `SubLLMLM`, task builders and the offline lm-eval harness. Modules that need lm-eval
 import it themselves; importing this package imports nothing heavy."""

@@ -3,8 +3,9 @@ generate_until), batched, offline. lm-eval is imported when this module is.
 
 Log-likelihoods go through `subllm.evals.scoring.score_tokens` (right-padded batches, shared
 contexts run once); contexts longer than the model's window are cut from the left, as lm-eval's
-Hugging Face backend does. Generation uses the KV-cached `subllm.generation.generate` on left-padded batches
-of prompts that share generation settings, then cuts each text at the first stop string.
+Hugging Face backend does. Generation uses the KV-cached `subllm.inference.generation.generate` on
+left-padded batches of prompts that share generation settings, then cuts each text at the first
+stop string.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class SubLLMLM(TemplateLM):
 
     # ---- generation ---------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from subllm.generation import generate
+        from subllm.inference.generation import generate
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}

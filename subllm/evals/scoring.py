@@ -9,11 +9,11 @@ inputs (e.g. the four one-token answers of a multiple-choice question share one 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from subllm.dtype import autocast
 from subllm.errors import SubLLMError
 
 
@@ -43,11 +43,9 @@ class KeepStats:
 
 
 def autocast_context(dtype: str, device: torch.device):
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype != "bfloat16":
+    if dtype not in ("float32", "bfloat16"):
         raise SubLLMError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return autocast(dtype, device)
 
 
 @torch.no_grad()

@@ -12,23 +12,22 @@ transformers is imported lazily, only by `from_hf_llama`.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from subllm.config import ModelConfig
 from subllm.errors import SubLLMError
+from subllm.files import atomic_write, fsync_path, sha256_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_SHA256_NAME = WEIGHTS_NAME + ".sha256"
-MANIFEST_NAME = "checkpoint.json"  # a training checkpoint's manifest (subllm/checkpoint.py)
+MANIFEST_NAME = "checkpoint.json"  # a training checkpoint's manifest (subllm/trainer/checkpoint.py)
 # transformers' convention for an architecture it does not ship: config.json names the classes in a
 # modeling file beside the weights, which `from_pretrained(..., trust_remote_code=True)` imports.
-# Ours only re-exports the installed package's classes (subllm/hf.py), so the folder never holds
+# Ours only re-exports the installed package's classes (subllm/hf/auto.py), so the folder never holds
 # a second, divergent copy of the model code.
 REMOTE_CODE_NAME = "modeling_subllm.py"
 AUTO_MAP = {
@@ -76,36 +75,12 @@ def save_pretrained(model, directory, extra_state: dict | None = None) -> None:
         "auto_map": AUTO_MAP,
         **model.config.to_dict(),
     }
-    _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     line = f"{sha256_file(d / WEIGHTS_NAME)}  {WEIGHTS_NAME}\n"
-    _atomic_write(d / WEIGHTS_SHA256_NAME, lambda p: p.write_text(line))
-    _atomic_write(d / REMOTE_CODE_NAME, lambda p: p.write_text(REMOTE_CODE))
-    _atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(d / WEIGHTS_SHA256_NAME, lambda p: p.write_text(line))
+    atomic_write(d / REMOTE_CODE_NAME, lambda p: p.write_text(REMOTE_CODE))
+    atomic_write(d / CONFIG_NAME, lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     fsync_path(d)  # the renames themselves
-
-
-def fsync_path(path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the renames in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def recorded_sha256(directory) -> tuple[str, Path] | None:
@@ -161,13 +136,13 @@ def load_config(directory) -> ModelConfig:
     return ModelConfig.from_dict(read_json(path))
 
 
-def load_pretrained(directory, map_location: str = "cpu", verify: bool = True):
-    """The SubLLM saved in `directory`; `verify`: check the weights' recorded sha256 first."""
+def read_pretrained(directory, map_location: str = "cpu", verify: bool = True) -> tuple[ModelConfig, dict]:
+    """The config and weights saved in a model folder or a run folder (`resolve_checkpoint`);
+    `verify`: check the weights' recorded sha256 first. `SubLLM.from_pretrained` builds the model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from subllm.model.subllm import SubLLM
-
+    directory = resolve_checkpoint(directory)
     cfg = load_config(directory)
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
@@ -180,19 +155,25 @@ def load_pretrained(directory, map_location: str = "cpu", verify: bool = True):
         raise SubLLMError(f"{path} is corrupt or unreadable: {e}") from None
     for k in EXTRA_STATE_KEYS:
         state.pop(k, None)
-    model = SubLLM(cfg)
     if cfg.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
+    return cfg, state
+
+
+def load_state_checked(model, state: dict, source) -> None:
+    """`model.load_state_dict(state)`, a one-line error naming `source` if the keys differ."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise SubLLMError(
-            f"{path} does not match its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{source} does not match its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model.to(map_location)
 
 
-def from_hf_llama(hf_model, structure: str | None = None, keep_ratio=None):
-    """A SubLLM with every layer copied from a transformers LlamaForCausalLM.
+def hf_llama_config_state(
+    hf_model, structure: str | None = None, keep_ratio=None
+) -> tuple[ModelConfig, dict]:
+    """The config and weights of a SubLLM with every layer copied from a transformers
+    LlamaForCausalLM (`SubLLM.from_hf_llama` builds it).
 
     Only the new S (score) and B (bypass) parameters are initialised fresh. With
     `structure=None` the result is the all-T model, whose logits equal the HF model's. RoPE scaling
@@ -200,7 +181,6 @@ def from_hf_llama(hf_model, structure: str | None = None, keep_ratio=None):
     HF's max_position_embeddings, max_seq_len becomes max_position_embeddings * factor.
     """
     from subllm.model.rope import from_hf_rope_parameters
-    from subllm.model.subllm import SubLLM
 
     c = hf_model.config
     if getattr(c, "model_type", None) != "llama":
@@ -241,9 +221,7 @@ def from_hf_llama(hf_model, structure: str | None = None, keep_ratio=None):
         bos_token_id=c.bos_token_id if c.bos_token_id is not None else 1,
         eos_token_id=c.eos_token_id if isinstance(c.eos_token_id, int) else 2,
     )
-    model = SubLLM(cfg)
-    model.load_state_dict(hf_llama_to_subllm_state(hf_model.state_dict(), n), strict=False)
-    return model
+    return cfg, hf_llama_to_subllm_state(hf_model.state_dict(), n)
 
 
 def hf_llama_to_subllm_state(hf: dict, n_layers: int) -> dict:
@@ -262,3 +240,15 @@ def hf_llama_to_subllm_state(hf: dict, n_layers: int) -> dict:
         out[f"layers.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
         out[f"layers.{i}.ffn_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
     return out
+
+
+def resolve_checkpoint(path) -> Path:
+    """A model folder (config.json + model.safetensors), or a run folder whose
+    checkpoints/latest is one."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if (latest / "config.json").is_file():
+        return latest.resolve()
+    raise SubLLMError(f"{p} is not a subllm checkpoint (no config.json, no checkpoints/latest)")

@@ -58,7 +58,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     """Grouped-query attention through SDPA. `qkv` and `attend` are separate so that a KV cache
-    can sit between them (subllm/cache.py)."""
+    can sit between them (subllm/inference/cache.py)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

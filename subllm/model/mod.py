@@ -26,10 +26,27 @@ theta is 0, or with `threshold = "calibrated"` the running top-k cut of the deci
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from subllm.model.subsample import Selection, select_topk, selection_bce
+from subllm.dtype import fp32_region
+from subllm.model.subsample import Selection, Subsample, select_topk, selection_bce
+
+
+@dataclass
+class ModOptions:
+    """An `M` layer's router: ModelConfig's `mod_router`, `mod_predictor_dim`, `mod_aux_loss` and
+    `mod_weight`, each under its name without the prefix."""
+
+    router: str = "aux_loss"
+    predictor_dim: int = 64
+    aux_loss: float = 0.1
+    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), or by r itself ("raw", MoD's eq. 1)
+
+    def scale(self, r: Tensor) -> Tensor:
+        return torch.sigmoid(r) if self.weight == "sigmoid" else r
 
 
 class Predictor(nn.Module):
@@ -43,7 +60,7 @@ class Predictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T) float32 logits; no gradient reaches x."""
-        with torch.autocast(x.device.type, enabled=False):
+        with fp32_region(x.device.type):
             xf = x.detach().float()
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             return self.fc2(nn.functional.silu(self.fc1(xf))).squeeze(-1)
@@ -59,7 +76,7 @@ def route_topk(sub, x: Tensor, valid: Tensor | None) -> Selection:
     sel.weight = w if sel.valid is None else w * sel.valid
     d = r if sub.predictor is None else sub.predictor(x)
     sel.scores = d
-    sel.select_loss = sub.mod.aux_weight * selection_bce(d, sel.kept_mask, valid, 1.0)
+    sel.select_loss = sub.mod.aux_loss * selection_bce(d, sel.kept_mask, valid, 1.0)
     with torch.no_grad():
         real = torch.ones_like(sel.kept_mask) if valid is None else valid
         sel.agreement = ((sel.kept_mask == sub.keep(d)) & real).sum() / real.sum().clamp(min=1)
@@ -68,3 +85,25 @@ def route_topk(sub, x: Tensor, valid: Tensor | None) -> Selection:
         sorted_d = sel.sorted_scores.detach() if sub.predictor is None else key.sort(1, descending=True)[0]
         sub.track_cut(sorted_d, sel.n_kept, sel.n_real)
     return sel
+
+
+class ModRouter(Subsample):
+    """The router of an `M` layer: the S score layer (its weight is the router w) with MoD's
+    training rule (`route_topk`) and, with router "predictor", the predictor whose logit decides at
+    inference. Everything else (threshold, calibration, the eval-mode rule) is Subsample's."""
+
+    def __init__(self, dim: int, capacity: float, prob_schedule, mod: ModOptions, **kwargs):
+        super().__init__(dim, capacity, prob_schedule, **kwargs)
+        self.mod = mod
+        self.predictor = Predictor(dim, mod.predictor_dim) if mod.router == "predictor" else None
+
+    def decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Inference: w = the router value r (or sigmoid(r), `mod_weight`), d = r ("aux_loss") or the
+        predictor's logit ("predictor"); keep t iff d_t > theta."""
+        s = self.scores(x)
+        return (s if self.predictor is None else self.predictor(x)), self.mod.scale(s)
+
+    def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
+        if not self.training:
+            return super().forward(x, valid, step)
+        return route_topk(self, x, valid)

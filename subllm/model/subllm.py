@@ -18,12 +18,13 @@ from torch.utils.checkpoint import checkpoint
 
 from subllm.config import ModelConfig, Sub, iter_subs
 from subllm.errors import SubLLMError
+from subllm.model import io
 from subllm.model.layers import Block, RMSNorm, rope_cos_sin
+from subllm.model.mod import ModOptions, ModRouter
 from subllm.model.rope import is_dynamic
 from subllm.model.scaling import ScheduledFloat
 from subllm.model.subsample import (
     Bypass,
-    ModOptions,
     ScoreLinear,
     Selection,
     SelectOptions,
@@ -102,10 +103,9 @@ class SubLLM(nn.Module):
         opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
         mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss, config.mod_weight)
         self.mod_flags = flags = config.mod_flags  # `M` routers: MoD routing, no bypass (model/mod.py)
+        kw = dict(grad_scale=config.balancer_grad_scale, options=opts, score_norm=config.score_norm)
         self.subsamples = nn.ModuleList(
-            Subsample(
-                config.dim, r, prob, config.balancer_grad_scale, opts, config.score_norm, mod if m else None
-            )
+            ModRouter(config.dim, r, prob, mod, **kw) if m else Subsample(config.dim, r, prob, **kw)
             for r, m in zip(config.keep_ratios, flags)
         )
         self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass and not m) for m in flags)
@@ -258,22 +258,28 @@ class SubLLM(nn.Module):
 
     # ---- weights I/O (subllm/model/io.py) --------------------------------------------------
     def save_pretrained(self, directory) -> None:
-        from subllm.model.io import save_pretrained
-
-        save_pretrained(self, directory)
+        io.save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str = "cpu", verify: bool = True) -> SubLLM:
-        """Load a saved folder; `verify` checks the weights against their recorded sha256."""
-        from subllm.model.io import load_pretrained
-
-        return load_pretrained(directory, map_location=map_location, verify=verify)
+        """Load a model folder or a run folder (its checkpoints/latest); `verify` checks the weights
+        against their recorded sha256."""
+        cfg, state = io.read_pretrained(directory, map_location=map_location, verify=verify)
+        model = cls(cfg)
+        io.load_state_checked(model, state, io.resolve_checkpoint(directory))
+        return model.to(map_location)
 
     @classmethod
     def from_hf_llama(cls, hf_model, structure: str | None = None, keep_ratio=None) -> SubLLM:
-        from subllm.model.io import from_hf_llama
+        cfg, state = io.hf_llama_config_state(hf_model, structure=structure, keep_ratio=keep_ratio)
+        model = cls(cfg)
+        model.load_state_dict(state, strict=False)
+        return model
 
-        return from_hf_llama(hf_model, structure=structure, keep_ratio=keep_ratio)
+
+def load_model(path, device: str = "cpu") -> SubLLM:
+    """THE checkpoint loader of every entry point: a model folder or a run folder, in eval mode."""
+    return SubLLM.from_pretrained(path, map_location=device).eval()
 
 
 def _keep_fractions(sels: list[Selection | None]) -> Tensor:
@@ -295,4 +301,4 @@ def _agreement(sels: list[Selection | None]) -> Tensor | None:
     return torch.stack(vals) if vals else None
 
 
-__all__ = ["SubLLM", "SubLLMOutput", "Level", "attention_mask_for", "iter_subs"]
+__all__ = ["SubLLM", "SubLLMOutput", "load_model", "Level", "attention_mask_for", "iter_subs"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from subllm.config import keep_count
+from subllm.dtype import fp32_region
 from subllm.model.scaling import GradSize, ScheduledFloat, balance, limit_param_value
 
 
@@ -183,20 +184,6 @@ class SelectOptions:
     threshold_momentum: float = 0.95
 
 
-@dataclass
-class ModOptions:
-    """An `M` layer's router (ModelConfig.mod_router, mod_predictor_dim, mod_aux_loss;
-    subllm/model/mod.py)."""
-
-    router: str = "aux_loss"
-    predictor_dim: int = 64
-    aux_weight: float = 0.1
-    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), or by r itself ("raw", MoD's eq. 1)
-
-    def scale(self, r: Tensor) -> Tensor:
-        return torch.sigmoid(r) if self.weight == "sigmoid" else r
-
-
 class Subsample(nn.Module):
     """S: a learned score per token (Linear(dim, 1), no bias) and the selection rule of the mode."""
 
@@ -208,7 +195,6 @@ class Subsample(nn.Module):
         grad_scale: float = 0.04,
         options: SelectOptions | None = None,
         score_norm: bool = False,
-        mod: ModOptions | None = None,
     ):
         super().__init__()
         opts = options or SelectOptions()
@@ -221,12 +207,6 @@ class Subsample(nn.Module):
         self.grad_scale = grad_scale
         self.options = opts
         self.score = ScoreLinear(dim, score_norm)
-        self.mod = mod  # None: S of a bracket; else the router of an `M` layer (subllm/model/mod.py)
-        self.predictor = None
-        if mod is not None and mod.router == "predictor":
-            from subllm.model.mod import Predictor
-
-            self.predictor = Predictor(dim, mod.predictor_dim)
         self.push_box: dict = {}  # the Balancer's last relative push (selection.py reads it)
         if opts.threshold == "calibrated":
             self.register_buffer("threshold", torch.zeros(()))
@@ -244,7 +224,7 @@ class Subsample(nn.Module):
     def scores(self, x: Tensor) -> Tensor:
         """(B, T, C) -> (B, T) float32 scores, computed in fp32 under any autocast: top-k and s > theta
         never depend on bf16 rounding."""
-        with torch.autocast(x.device.type, enabled=False):
+        with fp32_region(x.device.type):
             return self.score(x.float()).squeeze(-1)
 
     def keep(self, s: Tensor) -> Tensor:
@@ -253,22 +233,15 @@ class Subsample(nn.Module):
 
     def decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Inference: (decision scores d, weights w), both (B, T) float32 - keep t iff d_t > theta,
-        with weight w_t. S: d = s, w = clamp(s, 0, 1); an `M` layer: w = its router value r (or
-        sigmoid(r), `mod_weight`), and d = r ("aux_loss") or the predictor's logit ("predictor")."""
+        with weight w_t. S: d = s, w = clamp(s, 0, 1) (an `M` layer's router: subllm/model/mod.py)."""
         s = self.scores(x)
-        if self.mod is None:
-            return s, s.clamp(0.0, 1.0)
-        return (s if self.predictor is None else self.predictor(x)), self.mod.scale(s)
+        return s, s.clamp(0.0, 1.0)
 
     def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
         """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles)."""
         if not self.training:
             d, w = self.decide(x)
             return select_threshold(d, valid, self.theta, w)
-        if self.mod is not None:
-            from subllm.model.mod import route_topk
-
-            return route_topk(self, x, valid)
         s = self.scores(x)  # (B, T)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None

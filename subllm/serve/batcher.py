@@ -1,8 +1,8 @@
 """Continuous batching on the SUBLLM KV cache (docs/method.md section 3, served).
 
-One worker thread owns the model and ONE running batch cache (subllm/cache.py). Between decode
+One worker thread owns the model and ONE running batch cache (subllm/inference/cache.py). Between decode
 steps it admits waiting requests: each is prefilled alone, exactly as `generate()` prefills it
-(subllm/engine.py `prefill` on a batch-1 cache), samples its first token, and its cache row is
+(subllm/inference/engine.py `prefill` on a batch-1 cache), samples its first token, and its cache row is
 appended to the running batch (`KVCache.add_rows`). Every decode step then feeds the last token of
 every running row (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone)
 leave at once and their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the
@@ -12,7 +12,7 @@ tokens an S dropped were never stored for that row.
 Why each request's output equals its solo `generate()`: prefill is the same call on the same
 batch-1 input; a decode step gives every row its own logits (the engine's per-row invariant,
 tests/test_generate.py); and sampling is per row with the request's own `torch.Generator`, through
-the same functions in the same order as `generate()` (subllm/generation.py: repetition penalty,
+the same functions in the same order as `generate()` (subllm/inference/generation.py: repetition penalty,
 temperature, top-k, top-p, multinomial), so a draw never depends on what else is batched.
 
 Requests talk to the HTTP side through `sink(kind, payload)`, called on the worker thread:
@@ -22,7 +22,6 @@ Requests talk to the HTTP side through `sink(kind, payload)`, called on the work
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
 import itertools
 import secrets
@@ -33,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from subllm.cache import KVCache
-from subllm.engine import decode_step, new_cache, prefill
+from subllm.dtype import autocast
 from subllm.errors import SubLLMError
-from subllm.generation import TextDeltas, apply_repetition_penalty, next_tokens
+from subllm.inference.cache import KVCache
+from subllm.inference.engine import decode_step, new_cache, prefill
+from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
 
 
 class QueueFull(SubLLMError):
@@ -152,9 +152,7 @@ class Batcher:
 
     # ---- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
-        amp = (
-            torch.autocast("cpu", dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
-        )
+        amp = autocast(self.dtype, next(self.model.parameters()).device)
         with amp, torch.no_grad():  # both are thread-local: entered here, on the worker thread
             while True:
                 if not self.running and self._was_busy:

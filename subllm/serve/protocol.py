@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from subllm.errors import SubLLMError
-from subllm.generation import validate_sampling
+from subllm.inference.generation import validate_sampling
 from subllm.serve.batcher import Settings
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -57,7 +57,7 @@ class TrainConfig:
     schedule_steps: str = "paper"
     fsdp: bool = False
     compile: bool = (
-        False  # torch.compile the training forward+backward (one static graph, subllm/compiled.py)
+        False  # torch.compile the training forward+backward (one static graph, subllm/trainer/compiled.py)
     )
     pose_target: int | None = None  # PoSE: position ids spanning up to this length (trainer/pose.py)
     retrieval_mix: float | None = None  # share of rows replaced by passkey/mqar (trainer/retrieval_mix.py)
@@ -90,7 +90,6 @@ TRAJECTORY = (
     "init_from",
     "train_only",
 )
-NOT_IN_FILE = ("resume", "overwrite", "config")
 
 
 def _flag(name: str) -> str:

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from subllm.distributed import DistInfo, all_reduce_sum
+from subllm.trainer.distributed import DistInfo, all_reduce_sum
 
 
 def load_val_batches(val_dir, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
@@ -64,10 +64,10 @@ def evaluate(
 ) -> dict:
     """Validation metrics of `model` (the module itself, not a DDP wrapper) at training step `step`.
 
-    With subsampling modules, also `selection` (subllm/selection.py: per S keep in both modes,
+    With subsampling modules, also `selection` (subllm/evals/selection.py: per S keep in both modes,
     agreement, score quantiles, saturation, theta, the Balancer's last push); its score quantiles
     are this rank's, the rest is pooled over ranks."""
-    from subllm.selection import SelectionMeter, train_mode_pass
+    from subllm.evals.selection import SelectionMeter, train_mode_pass
 
     was_training = model.training
     n_subs = model.config.n_subsamples

@@ -13,7 +13,6 @@ with a fixed seed, killing a run and resuming it gives the same loss sequence, b
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import resource
@@ -24,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from subllm import checkpoint as ckpt
-from subllm import distributed as D
-from subllm.dtype import dtype_line, dtype_record, resolve_dtype
+from subllm.dtype import autocast, dtype_line, dtype_record, resolve_dtype
 from subllm.errors import SubLLMError
-from subllm.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
+from subllm.trainer import checkpoint as ckpt
+from subllm.trainer import distributed as D
 from subllm.trainer import uptrain
 from subllm.trainer.config import (
     TRAJECTORY,
@@ -40,6 +38,7 @@ from subllm.trainer.config import (
 )
 from subllm.trainer.data import prepare_data
 from subllm.trainer.evaluation import evaluate, load_val_batches
+from subllm.trainer.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
 from subllm.trainer.pose import pose_generator, pose_position_ids
 from subllm.trainer.retrieval_mix import RetrievalMix
 
@@ -89,10 +88,8 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) 
 
 def _autocast_factory(dtype: str, device: str):
     """`--dtype` (auto | bf16 | fp32, resolved for `device` by subllm/dtype.py) -> a context factory."""
-    if resolve_dtype(dtype, device) == "bf16":
-        kind = "cuda" if device.startswith("cuda") else "cpu"
-        return lambda: torch.autocast(kind, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    resolved = resolve_dtype(dtype, device)
+    return lambda: autocast(resolved, device)
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
@@ -166,7 +163,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     if cfg.compile:
         if mode == "fsdp":
             raise SubLLMError("--compile with --fsdp is not supported; use DDP (plain torchrun) or drop one")
-        from subllm.compiled import compile_for_training
+        from subllm.trainer.compiled import compile_for_training
 
         forward = compile_for_training(wrapped, mconf, info.device)
     optimizer, schedule = build_optimizer(
@@ -388,7 +385,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     if info.is_main:
         ckpt.save_model_dir(run_dir, mconf, D.full_model_state(wrapped, info, mode), data.tokenizer_dir)
         _write_json(run_dir / "summary.json", summary)
-        from subllm.metrics import read_metrics
+        from subllm.trainer.metrics import read_metrics
 
         records = read_metrics(run_dir / METRICS)
         plot_run(records, run_dir / LOSS_PNG, title=f"{run_dir.name}: {mconf.structure}")

@@ -89,7 +89,7 @@ def load_source(directory: str | Path) -> Source:
             raise SubLLMError(f"--init-from {d}: no model.safetensors beside config.json")
         model, kind = SubLLM.from_pretrained(d), "subllm"
     elif model_type == "llama":
-        from subllm.convert import load_hf_llama
+        from subllm.hf.llama import load_hf_llama
         from subllm.model.subllm import SubLLM
 
         model, kind = SubLLM.from_hf_llama(load_hf_llama(d)), "hf-llama"

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from subllm.config import ModelConfig
-from subllm.data.corpus import sha256_file
 from subllm.data.tokenizer import TOKENIZER_FILES
 from subllm.errors import SubLLMError
+from subllm.files import fsync_path, sha256_file
 from subllm.model.io import read_json
 
 CHECKPOINTS = "checkpoints"
@@ -82,14 +82,6 @@ def restore_rng(state: dict) -> None:
 
 
 # ---- saving ----------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_tokenizer(src: Path | str | None, dst: Path) -> list[str]:
@@ -148,7 +140,7 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / TRAINER_STATE)
     files = {}
     for p in sorted(tmp.iterdir()):
-        _fsync(p)
+        fsync_path(p)
         files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = {
         "format": FORMAT,
@@ -157,8 +149,8 @@ def save_checkpoint(
         "files": files,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): move the old one out of the way
         trash = root / f".trash-{final.name}-{os.getpid()}"
         os.rename(final, trash)
@@ -166,13 +158,13 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     link = root / f".{LATEST}.tmp-{os.getpid()}"
     if link.is_symlink() or link.exists():
         link.unlink()
     os.symlink(final.name, link)
     os.replace(link, root / LATEST)
-    _fsync(root)
+    fsync_path(root)
     prune(run_dir, keep)
     return final
 

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher."""
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
     from subllm.serve.batcher import Batcher

@@ -14,16 +14,16 @@ from subllm.errors import SubLLMError
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("subllm.demo", "the main job: train SUBLLM and the same-size LLaMA side by side"),
-    "data": ("subllm.data.cli", "fetch corpora, train tokenizers, pack token shards"),
-    "train": ("subllm.train", "pretrain a SUBLLM (or the LLaMA baseline)"),
-    "generate": ("subllm.generate_cli", "generate text from a checkpoint"),
-    "serve": ("subllm.serve.cli", "an OpenAI-compatible HTTP server with continuous batching"),
-    "bench": ("subllm.bench.cli", "benchmarks: SUBLLM vs the same-size LLaMA"),
-    "eval": ("subllm.evaluate", "evaluate a checkpoint: loss, bits per byte, few-shot tasks"),
-    "convert": ("subllm.convert", "convert between Hugging Face Llama and SUBLLM checkpoints"),
-    "analyze": ("subllm.analyze", "per-token scores, kept tokens and attention analysis"),
-    "info": ("subllm.info", "print a preset's parameter count, structure and FLOP ratios"),
+    "demo": ("subllm.cli.demo", "the main job: train SUBLLM and the same-size LLaMA side by side"),
+    "data": ("subllm.cli.data", "fetch corpora, train tokenizers, pack token shards"),
+    "train": ("subllm.cli.train", "pretrain a SUBLLM (or the LLaMA baseline)"),
+    "generate": ("subllm.cli.generate", "generate text from a checkpoint"),
+    "serve": ("subllm.cli.serve", "an OpenAI-compatible HTTP server with continuous batching"),
+    "bench": ("subllm.cli.bench", "benchmarks: SUBLLM vs the same-size LLaMA"),
+    "eval": ("subllm.cli.eval", "evaluate a checkpoint: loss, bits per byte, few-shot tasks"),
+    "convert": ("subllm.cli.convert", "convert between Hugging Face Llama and SUBLLM checkpoints"),
+    "analyze": ("subllm.cli.analyze", "per-token scores, kept tokens and attention analysis"),
+    "info": ("subllm.cli.info", "print a preset's parameter count, structure and FLOP ratios"),
 }
 
 

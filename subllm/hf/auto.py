@@ -9,7 +9,7 @@ One checkpoint format: the directory `SubLLM.save_pretrained` writes (config.jso
 `subsamples`, `bypasses`, `norm`, `head`; base_model_prefix ""), so HF loads that directory with
 no key mapping, and its `save_pretrained` writes the very same format back.
 
-Generation: HF `generate()` drives the subllm KV cache (subllm/engine.py): the first step
+Generation: HF `generate()` drives the subllm KV cache (subllm/inference/engine.py): the first step
 prefills `SubLLMCache` with the (left-padded) prompt, every later step decodes one token per row,
 so tokens that an S drops skip the layers inside it (docs/method.md section 3). With
 `use_cache=False` every step recomputes the full eval-mode forward. Greedy and sampling are
@@ -17,7 +17,7 @@ supported; beam search (which reorders cache rows) is not.
 
 Training with `transformers.Trainer` (or any loop) needs no extra code: the schedules' step
 (docs/method.md section 7) is counted by the model itself, one per optimizer step over its
-parameters (subllm/step_counter.py), and kept in the `train_step` buffer, which save_pretrained
+parameters (subllm/hf/step_counter.py), and kept in the `train_step` buffer, which save_pretrained
 writes and a Trainer resume restores. A loop that calls `set_step` takes over,
 and a step it forgets to advance raises instead of passing silently.
 """
@@ -34,8 +34,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from subllm.config import ModelConfig
 from subllm.errors import SubLLMError
+from subllm.hf.step_counter import StepCounter
 from subllm.model.subllm import SubLLM
-from subllm.step_counter import StepCounter
 
 MODEL_TYPE = "subllm"
 _FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -224,7 +224,7 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 input_ids, attention_mask=attention_mask, labels=labels, position_ids=position_ids
             )
             return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
-        from subllm.engine import decode_step, new_cache, prefill
+        from subllm.inference.engine import decode_step, new_cache, prefill
 
         if labels is not None:
             raise SubLLMError("labels are not supported together with a generation cache")

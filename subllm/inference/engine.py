@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from subllm.cache import KVCache
 from subllm.config import Sub
 from subllm.errors import SubLLMError
+from subllm.inference.cache import KVCache
 from subllm.model.layers import Block, rope_cos_sin
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
@@ -106,15 +106,10 @@ def prefill(
     attention_mask: Tensor | None,
     cache: KVCache,
     extra: int = 0,
-    chunk: int | None = None,
 ) -> Tensor:
     """Run the prompt (B, T) through `model`, fill `cache`; -> logits (B, V) at each row's last real
     token. `extra` slots per level are reserved for decoding (0: grow in chunks as needed).
-    `chunk`: run the prompt `chunk` tokens at a time (bounded peak memory, subllm/chunked_prefill.py)."""
-    if chunk is not None:
-        from subllm.chunked_prefill import prefill_chunked
-
-        return prefill_chunked(model, input_ids, attention_mask, cache, chunk, extra)
+    The same prompt a bounded number of tokens at a time: subllm/inference/chunked_prefill.py."""
     check_prefill_inputs(model, input_ids, cache)
     ids, lengths = compact(input_ids, attention_mask)
     if min(lengths) == 0:

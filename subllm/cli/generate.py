@@ -15,14 +15,13 @@ the prompt and of prompt + generated tokens (inference is causal, so they equal 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES, dtype_line, resolve_dtype
+from subllm.dtype import DTYPES, autocast, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
 
 
@@ -59,34 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_tokenizer(directory: Path):
-    """The tokenizer saved beside a checkpoint (`AutoTokenizer.from_pretrained(directory)`)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise SubLLMError(f"loading the tokenizer needs transformers: {e}") from e
-    known = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((directory / name).is_file() for name in known):
-        raise SubLLMError(
-            f"no tokenizer beside the checkpoint in {directory} (none of {', '.join(known)}); "
-            "save one there with tokenizer.save_pretrained(dir)"
-        )
-    # AutoTokenizer reads config.json first; with model_type "subllm" registered it resolves our
-    # config class (no remote-code prompt, no "model of type `subllm` ... type ``" warning)
-    import subllm.hf  # noqa: F401
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SubLLMError(
-            f"cannot load a tokenizer from {directory} ({type(e).__name__}: {e}); "
-            "save one beside the checkpoint (tokenizer.save_pretrained(dir))"
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
-    from subllm.generation import TextDeltas, generate, stream_generate, validate_sampling
-    from subllm.model.subllm import SubLLM
+    from subllm.inference.generation import TextDeltas, generate, stream_generate, validate_sampling
 
     validate_sampling(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
@@ -95,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError("--max-new-tokens must be >= 1")
     if not args.prompt.strip():
         raise SubLLMError("--prompt is empty")
-    ckpt: Path = args.checkpoint
-    if not ckpt.is_dir() or not (ckpt / "config.json").is_file():
-        raise SubLLMError(
-            f"no checkpoint at {ckpt} (expected a folder with config.json and model.safetensors)"
-        )
-    model = SubLLM.from_pretrained(ckpt).eval()
-    tok = load_tokenizer(ckpt)
+    from subllm.data.tokenizer import load_tokenizer_for
+    from subllm.model.io import resolve_checkpoint
+    from subllm.model.subllm import load_model
+
+    ckpt = resolve_checkpoint(args.checkpoint)  # a model folder or a run folder
+    model = load_model(ckpt)
+    tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:
         raise SubLLMError("--prompt is empty after tokenization")
@@ -128,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         kw["on_prefill"] = lambda cache: held.update(cache=cache, before=cache.snapshot())
     prompt = torch.tensor([ids])
     dtype = resolve_dtype(args.dtype, "cpu", "decode")
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+    amp = autocast(dtype, "cpu")
     t0 = time.perf_counter()
     count = 0
     with amp:
@@ -161,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 def _stats_lengths(model, prompt, out, held: dict) -> tuple[list[list[int]], list[list[int]]]:
     """Per-level per-row lengths (KVCache.snapshot() layout) after the prompt and after prompt +
     generated tokens `out` (n,): from the cache that generation filled, or from full forwards."""
-    from subllm.engine import decode_step
+    from subllm.inference.engine import decode_step
 
     with torch.no_grad():
         if held:

@@ -1,7 +1,7 @@
 """Text generation: logits processing, sampling, `generate` / `stream_generate`, text deltas.
 
 docs/method.md section 3 (inference mode). The fast path prefills a KVCache and decodes one token
-per row (subllm/engine.py); `use_cache=False` is the obviously-correct reference that recomputes
+per row (subllm/inference/engine.py); `use_cache=False` is the obviously-correct reference that recomputes
 the full eval-mode forward (with attention_mask) at every step. Both share the sampling loop below,
 so a difference between them can only come from the model computation; tests compare them.
 
@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from subllm.engine import decode_step, new_cache, prefill
 from subllm.errors import SubLLMError
+from subllm.inference.chunked_prefill import prefill_any
+from subllm.inference.engine import decode_step, new_cache
 from subllm.model.subllm import SubLLM
 
 # ---- logits processing ------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class _Cached:
     def start(self) -> Tensor:
         # created here, at the first step, so that it takes the dtype of an enclosing autocast
         self.cache = new_cache(self.model, self.ids.shape[0], self.ids.device, chunk=self.chunk)
-        logits = prefill(
+        logits = prefill_any(
             self.model, self.ids, self.mask, self.cache, extra=self.extra, chunk=self.prefill_chunk
         )
         if self.on_prefill is not None:
@@ -221,7 +222,7 @@ def stream_generate(
     `on_prefill` (opt-in, cached path only): called with the KVCache right after prefill, e.g. to
     snapshot its per-level lengths; when the loop ends the cache holds the prompt and every
     generated token but the last (never fed back). `prefill_chunk` (cached path): prefill the prompt
-    that many tokens at a time, so its peak memory is bounded (subllm/chunked_prefill.py; the same
+    that many tokens at a time, so its peak memory is bounded (subllm/inference/chunked_prefill.py; the same
     result). Arguments are checked here, before the first step.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)

@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from subllm.dtype import autocast
 from subllm.errors import SubLLMError
 
 STRUCTURE = "TTT(TT(TT)TTT)TT"
@@ -113,7 +114,7 @@ def measure_throughput(opts: list[dict], data, threads: int, steps: int = 3) -> 
             t0 = time.perf_counter()
             model.set_step(i)
             sched.step(i, 0)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16[j]):
+            with autocast("bf16" if bf16[j] else "fp32"):
                 loss = model(x, labels=x).loss
             loss.backward()
             opt.step()
@@ -148,7 +149,7 @@ def _watch(procs: dict, runs: dict, steps: int) -> None:
     every 30 s. Raises if a run fails."""
     from tqdm import tqdm
 
-    from subllm.metrics import read_metrics
+    from subllm.trainer.metrics import read_metrics
 
     tty = sys.stderr.isatty()
     bars = {
@@ -187,7 +188,7 @@ def _watch(procs: dict, runs: dict, steps: int) -> None:
 
 
 def _stats(run: Path) -> dict:
-    from subllm.metrics import read_metrics
+    from subllm.trainer.metrics import read_metrics
 
     recs = read_metrics(run / "metrics.jsonl")
     train = [r for r in recs if r["kind"] == "train"]
@@ -209,8 +210,8 @@ def _stats(run: Path) -> dict:
 def _sample(run: Path, prompt: str, seed: int) -> str:
     import torch
 
-    from subllm.generate_cli import load_tokenizer
-    from subllm.generation import generate
+    from subllm.data.tokenizer import load_tokenizer
+    from subllm.inference.generation import generate
     from subllm.model.subllm import SubLLM
 
     tok = load_tokenizer(run)
@@ -243,8 +244,8 @@ def _unseen_prose(log=print) -> list[Path]:
 
 def _selection_check(run: Path, texts: dict[str, list[Path]], seq_len: int) -> dict:
     """Keep (eval rule) and agreement with training top-k of the trained SUBLLM on each text set."""
-    from subllm.evaluate import text_selection
-    from subllm.generate_cli import load_tokenizer
+    from subllm.data.tokenizer import load_tokenizer
+    from subllm.evals.suite import text_selection
     from subllm.model.subllm import SubLLM
 
     model = SubLLM.from_pretrained(run).eval()
@@ -310,9 +311,9 @@ def _table(
 def run(args: argparse.Namespace) -> int:
     from subllm.dtype import dtype_record
     from subllm.flops import ideal_speedup
-    from subllm.metrics import plot_comparison, read_metrics
     from subllm.trainer.config import build_config, model_config, parse_int
     from subllm.trainer.data import prepare_data
+    from subllm.trainer.metrics import plot_comparison, read_metrics
 
     t_start = time.perf_counter()
     if args.minutes <= 0:

@@ -2,7 +2,7 @@
 memory is bounded by the chunk (activations, attention scores of chunk x context), not by the
 prompt; only the KV cache grows with the prompt. The result equals `engine.prefill`.
 
-Each chunk extends every level of the cache (subllm/cache.py `extend`): the chunk's tokens attend
+Each chunk extends every level of the cache (subllm/inference/cache.py `extend`): the chunk's tokens attend
 to the row's cached keys plus the earlier tokens of the chunk. Selection needs no look-ahead: the
 inference rule keeps token t iff its score > theta (docs/method.md section 3), and its score depends
 only on tokens <= t, so each chunk decides its own tokens exactly as one pass over the prompt does;
@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from subllm.cache import KVCache
 from subllm.config import Sub
 from subllm.errors import SubLLMError
+from subllm.inference.cache import KVCache
+from subllm.inference.engine import check_prefill_inputs, compact, level_inputs, prefill
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import gather_tokens, upsample_bypass
@@ -34,8 +35,6 @@ def prefill_chunked(
 ) -> Tensor:
     """As `engine.prefill` (same arguments and result: logits (B, V) at each row's last real
     token), `chunk` prompt tokens per row at a time."""
-    from subllm.engine import check_prefill_inputs, compact
-
     check_prefill_inputs(model, input_ids, cache)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise SubLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
@@ -76,8 +75,6 @@ def _extend(
 ) -> Tensor:
     """x (n, c, C): the new tokens of batch rows `rows` at `level` (row i: its first counts[i]
     slots, original positions pos (n, c)) -> their outputs, the cache extended at every layer."""
-    from subllm.engine import level_inputs
-
     starts = cache.extend(level, rows, pos, counts)
     lvl = level_inputs(model, pos, counts, seq_len)
     for node in nodes:
@@ -119,4 +116,18 @@ def _extend_sub(model, cache, node: Sub, x, rows, lvl, seq_len) -> Tensor:
     return upsample_bypass(x, xg, h, sel.idx, sel.weight, model.bypasses[node.index].scale)
 
 
-__all__ = ["prefill_chunked"]
+def prefill_any(
+    model: SubLLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    extra: int = 0,
+    chunk: int | None = None,
+) -> Tensor:
+    """`prefill` (chunk None) or `prefill_chunked` (`chunk` prompt tokens per row at a time)."""
+    if chunk is None:
+        return prefill(model, input_ids, attention_mask, cache, extra)
+    return prefill_chunked(model, input_ids, attention_mask, cache, chunk, extra)
+
+
+__all__ = ["prefill_chunked", "prefill_any"]

@@ -19,7 +19,6 @@ The first token of each window (an attention sink) is left out of the correlatio
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.config import Sub, module_names
+from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.evals.tasks import STOP_WORDS
 
@@ -242,7 +241,7 @@ def plot_all(out: Path, per_s: list[dict], stats: list[dict], seq_len: int) -> l
             ax.set_yscale("log")
             ax.legend(loc="best", fontsize=8)
         sp, pe = st.get("spearman_attention_score"), st.get("pearson_attention_score")
-        ax.set_title(f"S{st['S']}: spearman {_fmt(sp)}, pearson {_fmt(pe)}", fontsize=9)
+        ax.set_title(f"S{st['S']}: spearman {fmt_corr(sp)}, pearson {fmt_corr(pe)}", fontsize=9)
         ax.set_xlabel("score (kept iff > 0)")
         ax.set_ylabel("mean attention received (layer before S)")
     files.append(_save(fig, plt, out / "attention_vs_score.png"))
@@ -282,7 +281,7 @@ def plot_all(out: Path, per_s: list[dict], stats: list[dict], seq_len: int) -> l
     return files
 
 
-def _fmt(v) -> str:
+def fmt_corr(v) -> str:
     return "n/a" if v is None else f"{v:+.3f}"
 
 
@@ -297,7 +296,9 @@ def _save(fig, plt, path: Path) -> Path:
 def analyze(
     checkpoint, text_path, out, tokenizer=None, seq_len: int | None = None, max_tokens: int = 2048
 ) -> dict:
-    from subllm.evaluate import default_window, load_model, load_tokenizer_for
+    from subllm.data.tokenizer import load_tokenizer_for
+    from subllm.evals.suite import default_window
+    from subllm.model.subllm import load_model
 
     model = load_model(checkpoint)
     if not model.config.n_subsamples:
@@ -341,7 +342,7 @@ def analyze(
     title = f"{Path(checkpoint).name}: {model.config.structure} on {p.name} ({len(ids)} tokens)"
     write_html(out / "tokens.html", text, spans, kept_by, title, stats)
     figures = plot_all(out, per_s, stats, L)
-    from subllm.selection import measure_selection, token_windows
+    from subllm.evals.selection import measure_selection, token_windows
 
     windows = token_windows(ids, L, 8) or [torch.tensor(ids)[None]]  # a text shorter than L: one window
     res = {
@@ -357,43 +358,6 @@ def analyze(
     }
     (out / "analysis.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model folder (or a run folder)")
-    parser.add_argument("--text", required=True, help="a UTF-8 text file")
-    parser.add_argument("--out", default="docs/analysis", help="output folder (default %(default)s)")
-    parser.add_argument("--tokenizer", help="tokenizer folder/file (default: the checkpoint's)")
-    parser.add_argument(
-        "--seq-len", type=int, help="window (default: the training seq_len, else max_seq_len)"
-    )
-    parser.add_argument("--max-tokens", type=int, default=2048, help="analyse at most this many tokens")
-
-
-def run(args: argparse.Namespace) -> int:
-    for name in ("seq_len", "max_tokens"):
-        v = getattr(args, name)
-        if v is not None and v < 2:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be >= 2, got {v}")
-    res = analyze(args.checkpoint, args.text, args.out, args.tokenizer, args.seq_len, args.max_tokens)
-    print(f"{res['structure']} on {res['tokens']} tokens of {res['text']}")
-    names = module_names(res["structure"])
-    for st in res["per_S"]:
-        rates = ", ".join(f"{c} {v['keep_rate']:.2f}" for c, v in st["keep_by_class"].items())
-        g = st.get
-        print(
-            f"{names[st['S']]}: kept {st['kept']}/{st['tokens']} ({_fmt(st['keep_fraction'])}); "
-            f"attention vs score: spearman {_fmt(g('spearman_attention_score'))}, "
-            f"pearson {_fmt(g('pearson_attention_score'))}; mean attention kept "
-            f"{_fmt(g('mean_attention_kept'))} vs dropped {_fmt(g('mean_attention_dropped'))}; "
-            f"keep rate by class: {rates}"
-        )
-    from subllm.selection import format_selection
-
-    print("selection (eval rule vs training top-k, windows of the analysis):")
-    print(format_selection(res["selection"], res["keep_ratios"], names))
-    print("wrote " + ", ".join(res["files"]))
-    return 0
 
 
 __all__ = [

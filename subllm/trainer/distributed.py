@@ -165,15 +165,6 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's `obj` on every rank."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def full_model_state(model: nn.Module, info: DistInfo, mode: str) -> dict | None:
     """The full (unsharded) model state dict on CPU, on rank 0 (None elsewhere under FSDP).
     A collective under FSDP: every rank must call it."""

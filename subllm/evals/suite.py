@@ -17,7 +17,6 @@ Prints a results table, then one JSON line with every number (also written to --
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -27,9 +26,12 @@ from pathlib import Path
 import torch
 
 from subllm.config import module_names
-from subllm.dtype import dtype_line, dtype_record
+from subllm.data.tokenizer import load_tokenizer_for
+from subllm.dtype import autocast, dtype_line, dtype_record
 from subllm.errors import SubLLMError
-from subllm.selection import format_selection
+from subllm.evals.selection import format_selection
+from subllm.model.io import resolve_checkpoint
+from subllm.model.subllm import load_model
 
 DEFAULT_TEXT = Path("data/corpus/val")
 ALL_TASKS = ("loss", "mmlu", "bbh", "bbh_mc", "cloze", "next_sentence")
@@ -38,22 +40,6 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype's names befo
 
 
 # ---- loading --------------------------------------------------------------------------------------
-def resolve_checkpoint(path) -> Path:
-    """A model folder (config.json + model.safetensors), or a run folder whose
-    checkpoints/latest is one."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    latest = p / "checkpoints" / "latest"
-    if (latest / "config.json").is_file():
-        return latest.resolve()
-    raise SubLLMError(f"{p} is not a subllm checkpoint (no config.json, no checkpoints/latest)")
-
-
-def load_model(path, device: str = "cpu"):
-    from subllm.model.subllm import SubLLM
-
-    return SubLLM.from_pretrained(resolve_checkpoint(path), map_location=device).eval()
 
 
 def default_window(checkpoint, model) -> int:
@@ -71,19 +57,6 @@ def default_window(checkpoint, model) -> int:
             if n > 0:
                 return min(n, model.config.max_seq_len)
     return model.config.max_seq_len
-
-
-def load_tokenizer_for(checkpoint, tokenizer=None):
-    """The tokenizer at `tokenizer`, else the one saved in the checkpoint folder."""
-    import subllm.hf  # noqa: F401  registers model_type "subllm": AutoTokenizer reads config.json quietly
-    from subllm.data.tokenizer import load_tokenizer
-
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    ck = resolve_checkpoint(checkpoint)
-    if not any((ck / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise SubLLMError(f"{ck} holds no tokenizer: pass --tokenizer DIR")
-    return load_tokenizer(ck)
 
 
 # ---- text loss / bits per byte --------------------------------------------------------------------
@@ -157,7 +130,7 @@ def text_loss(
 def text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens=None) -> list:
     """Non-overlapping windows (B, seq_len) of `texts` (eos after each), as in training; with
     `max_tokens`, at most max_tokens / len(texts) tokens from each text (diverse, not the first)."""
-    from subllm.selection import token_windows
+    from subllm.evals.selection import token_windows
 
     ids: list[int] = []
     per_text = None if max_tokens is None else max(seq_len, max_tokens // max(1, len(texts)))
@@ -171,10 +144,10 @@ def text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens=None) 
 
 def text_selection(model, tokenizer, texts, seq_len, batch_size, dtype, max_tokens=None) -> dict:
     """Keep per S under the inference rule and under training top-k, their agreement, the score
-    distribution and the loss in both modes (subllm/selection.py) over non-overlapping windows of
+    distribution and the loss in both modes (subllm/evals/selection.py) over non-overlapping windows of
     `texts`, as in training; with `max_tokens`, at most max_tokens / len(texts) from each text."""
     from subllm.evals.scoring import autocast_context
-    from subllm.selection import measure_selection
+    from subllm.evals.selection import measure_selection
 
     windows = text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens)
     device = next(model.parameters()).device
@@ -269,11 +242,7 @@ def evaluate(
         if not Path(src).exists():
             raise SubLLMError(f"passkey/mqar need filler prose: --heldout FILE_OR_DIR ({src} does not exist)")
         filler = "\n".join(f.read_text("utf-8", errors="replace") for f in text_files(src))
-        amp = (
-            (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16))
-            if dtype == "bfloat16"
-            else None
-        )
+        amp = (lambda: autocast(dtype, device)) if dtype == "bfloat16" else None
         out["retrieval"] = {
             "filler": str(src),
             **run_retrieval(
@@ -352,109 +321,6 @@ def format_table(res: dict) -> str:
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model folder (or a run folder)")
-    parser.add_argument(
-        "--tasks",
-        default="loss,mmlu,bbh,cloze,next_sentence",
-        help=f"comma-separated: {', '.join(ALL_TASKS)}, or 'all' (default: %(default)s)",
-    )
-    parser.add_argument("--tokenizer", help="tokenizer folder/file (default: the checkpoint's)")
-    parser.add_argument("--text", help=f"text file or folder for 'loss' (default {DEFAULT_TEXT})")
-    parser.add_argument("--heldout", help="held-out text for cloze/next_sentence (default: --text)")
-    parser.add_argument(
-        "--seq-len", type=int, help="window in tokens (default: the training seq_len, else max_seq_len)"
-    )
-    parser.add_argument("--stride", type=int, help="loss window stride (default seq_len / 2)")
-    parser.add_argument("--max-tokens", type=int, help="score at most this many tokens of --text")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "bf16", "fp32", *_DTYPE_ALIASES),
-        default="auto",
-        help="bf16 (autocast) or fp32 (float32 / bfloat16 also accepted); auto (default): bf16 where "
-        "the CPU does bf16 natively, else fp32",
-    )
-    parser.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
-    parser.add_argument("--n-text", type=int, default=200, help="cloze/next_sentence documents (default 200)")
-    parser.add_argument("--mmlu-shots", type=int, default=5)
-    parser.add_argument("--bbh-shots", type=int, default=2, help="at most 2 (3 examples per task bundled)")
-    parser.add_argument("--cache-dir", help="where task documents are built (default ~/.cache/subllm/tasks)")
-    parser.add_argument("--lengths", help="passkey/mqar example lengths, e.g. 1k,2k,4k (default: the window)")
-    parser.add_argument("--depths", default="0.1,0.5,0.9", help="passkey needle depths in [0, 1]")
-    parser.add_argument("--examples", type=int, default=5, help="passkey/mqar examples per setting (5)")
-    parser.add_argument("--pairs", type=int, default=8, help="mqar key-value pairs per example (8)")
-    parser.add_argument(
-        "--rope-scaling",
-        metavar="SPEC",
-        help="evaluate with this RoPE scaling instead of the checkpoint's: TYPE:FACTOR (yarn:4, linear:2, "
-        "dynamic:2, llama3:8), 'default' (plain RoPE) or a JSON object of HF's rope_parameters; "
-        "original_max_position_embeddings defaults to the training window",
-    )
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", help="also write the results as JSON here")
-    parser.add_argument("--verbose", action="store_true", help="show lm-eval's logging")
 
 
-def run(args: argparse.Namespace) -> int:
-    for name in ("seq_len", "stride", "max_tokens", "batch_size", "limit", "n_text", "examples", "pairs"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise SubLLMError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SubLLMError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.mmlu_shots < 0 or args.bbh_shots < 0:
-        raise SubLLMError("--mmlu-shots and --bbh-shots must be >= 0")
-    res = evaluate(
-        args.checkpoint,
-        parse_tasks(args.tasks),
-        tokenizer=args.tokenizer,
-        text=args.text,
-        heldout=args.heldout,
-        seq_len=args.seq_len,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        limit=args.limit,
-        max_tokens=args.max_tokens,
-        n_text=args.n_text,
-        mmlu_shots=args.mmlu_shots,
-        bbh_shots=args.bbh_shots,
-        cache_dir=args.cache_dir,
-        seed=args.seed,
-        verbose=args.verbose,
-        lengths=_lengths(args.lengths),
-        depths=_depths(args.depths),
-        examples=args.examples,
-        pairs=args.pairs,
-        rope_scaling=args.rope_scaling,
-    )
-    m = res["model"]
-    print(
-        f"\n{res['checkpoint']}: {m['structure']}, {m['params']:,} parameters, window {res['window']} tokens"
-    )
-    print(format_table(res))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res))
-    return 0
-
-
-def _lengths(text: str | None) -> list[int] | None:
-    from subllm.bench.common import int_list
-
-    return int_list(text) if text else None
-
-
-def _depths(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SubLLMError(f"--depths must be comma-separated numbers in [0, 1], got {text!r}") from None
-
-
-__all__ = ["evaluate", "text_loss", "load_model", "load_tokenizer_for", "resolve_checkpoint", "format_table"]
+__all__ = ["evaluate", "text_loss", "format_table"]

@@ -1,0 +1,1 @@
+"""Inference: the KV cache, the prefill / decode engine, chunked prefill, generation."""
