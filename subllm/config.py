@@ -141,6 +141,14 @@ class ModelConfig:
     threshold: str = "calibrated"  # "zero" (paper: keep iff s > 0) | "calibrated" (keep iff s > theta)
     threshold_momentum: float = 0.95
     bypass: bool = True  # False: no bypass B, z = U(x, h) (the ablation "bypass off")
+    # Starting from a pretrained LLaMA without a jump (issue 20, beyond the paper): a learned score
+    # bias initialised to `score_bias` (None = no bias, the paper), the bypass scales initialised to
+    # `bypass_init` (0.5 in the paper), and in training the keep ratio annealed linearly from 1.0
+    # to keep_ratio over `keep_anneal_steps` steps (0 = no annealing). `identity_start` sets the
+    # first two so that at keep ratio 1.0 the model equals its source exactly.
+    score_bias: float | None = None
+    bypass_init: float = 0.5
+    keep_anneal_steps: int = 0
     extra: dict = field(default_factory=dict)  # free-form metadata carried through to_dict/from_dict
 
     def __post_init__(self):
@@ -188,6 +196,13 @@ class ModelConfig:
             raise SubLLMError(f"balancer_gate must be 'grad' or 'weight', got {self.balancer_gate!r}")
         if not self.balancer_grad_scale >= 0:
             raise SubLLMError(f"balancer_grad_scale must be >= 0, got {self.balancer_grad_scale!r}")
+        k = self.keep_anneal_steps
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise SubLLMError(f"keep_anneal_steps must be an integer >= 0, got {k!r}")
+        if self.score_bias is not None and (
+            isinstance(self.score_bias, bool) or not isinstance(self.score_bias, int | float)
+        ):
+            raise SubLLMError(f"score_bias must be a number or None, got {self.score_bias!r}")
         if self.score_init_std is not None and not self.score_init_std > 0:
             raise SubLLMError(f"score_init_std must be positive (or None), got {self.score_init_std!r}")
         if self.balancer_fraction not in ("gaussian", "direct"):
@@ -202,6 +217,7 @@ class ModelConfig:
             ("threshold_momentum", 0.0, 1.0),
             ("score_lr_scale", 0.0, float("inf")),
             ("mod_aux_loss", 0.0, float("inf")),
+            ("bypass_init", 0.0, 1.0),
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
@@ -224,6 +240,15 @@ class ModelConfig:
     def n_subsamples(self) -> int:
         """Subsampling modules: one per `(` and one per `M` layer (its router)."""
         return self.structure.count("(") + self.structure.count("M")
+
+    def keep_ratios_at(self, step: int | None) -> list[float]:
+        """The training keep ratio per subsampling module at `step`: keep_ratios, or with
+        keep_anneal_steps > 0, 1 - (1 - r) * min(step / keep_anneal_steps, 1)."""
+        n = self.keep_anneal_steps
+        if n <= 0 or step is None:
+            return self.keep_ratios
+        a = min(step / n, 1.0)
+        return [1.0 - (1.0 - r) * a for r in self.keep_ratios]
 
     @property
     def mod_flags(self) -> list[bool]:
@@ -346,3 +371,20 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise SubLLMError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], extra=dict(PRESETS[name].extra))
+
+
+# The score bias and score-weight scale of an identity start: every score is 1.05 + a tiny random
+# part (std 0.01 / sqrt(dim) per weight on RMS-normalised input: about 0.01), so each token scores
+# >= 1 (weight clamp(s, 0, 1) = 1) and is kept by the inference rule s > 0; with bypass scales of
+# 1.0 a kept token passes exactly: at keep ratio 1.0 the model equals its source.
+IDENTITY_SCORE_BIAS = 1.05
+
+
+def identity_start(config: ModelConfig) -> ModelConfig:
+    """`config` set up to start where its source LLaMA is (see IDENTITY_SCORE_BIAS)."""
+    return config.replace(
+        score_bias=IDENTITY_SCORE_BIAS,
+        score_norm=True,
+        score_init_std=0.01 * config.dim**-0.5,
+        bypass_init=1.0,
+    )

@@ -140,7 +140,8 @@ def test_router_tuning_trains_only_subsample_and_bypass(llama_dir, packed, tmp_p
     assert json.loads((out / "train_config.json").read_text())["train_only"] == ["subsample", "bypass"]
     assert SubLLM.from_pretrained(out).config.extra["init_from"]["path"] == str(llama_dir.resolve())
     opt = ckpt.load_checkpoint(ckpt.latest_checkpoint(out)).optimizer_state
-    assert len(opt["state"]) == 4  # optimizer state for the 2 score layers and 2 bypass scales only
+    # optimizer state for the 2 score layers (weight and the identity start's bias) and 2 bypass scales only
+    assert len(opt["state"]) == 6
 
 
 def test_full_uptraining_from_hf_changes_the_shared_layers(hf_dir, llama_dir, packed, tmp_path):

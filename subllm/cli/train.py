@@ -67,6 +67,10 @@ HELP = {
     "fine-tuned as it is (its whole config); --set rope_scaling=... / max_seq_len=... may change its context",
     "train_only": "with --init-from: train only these parameter groups, comma-separated subset of "
     "subsample,bypass (router tuning: the S score layers and B scales); default all parameters",
+    "distill_from": "distillation: a frozen teacher model (model or run folder, same vocabulary), e.g. the "
+    "LLaMA given to --init-from; the loss is (1 - w) LM + w t^2 KL(teacher || student), logits in chunks",
+    "distill_weight": "w of --distill-from, in [0, 1] (default 0.5)",
+    "distill_temperature": "t of --distill-from: both distributions at temperature t (default 1.0)",
 }
 
 METAVAR = {
@@ -85,6 +89,9 @@ METAVAR = {
     "device": "DEVICE",
     "init_from": "DIR",
     "train_only": "GROUPS",
+    "distill_from": "DIR",
+    "distill_weight": "W",
+    "distill_temperature": "T",
 }
 
 

@@ -146,7 +146,9 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
 
         if Path(str(pretrained_model_name_or_path)).is_dir():
             verify_weights(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _materialize_core_buffers(model)
+        return model
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -267,6 +269,18 @@ class SubLLMForCausalLM(PreTrainedModel, GenerationMixin):
         from subllm.model.io import save_pretrained
 
         save_pretrained(self.to_subllm(), save_directory, extra_state={"train_step": self.train_step})
+
+
+def _materialize_core_buffers(model: SubLLMForCausalLM) -> None:
+    """transformers builds the model on the meta device and then loads what it knows of: the core
+    SubLLM's own non-persistent buffer `step_tensor` (not a buffer of the HF module) stays on meta,
+    and the first training forward would fail on it. Recreate it on the weights' device."""
+    core = model.subllm
+    if core.step_tensor.is_meta:
+        dev = model.train_step.device
+        core.register_buffer("step_tensor", torch.zeros((), dtype=torch.long, device=dev), persistent=False)
+        if core.step is not None:
+            core.step_tensor.fill_(core.step)
 
 
 def _store_step(model: SubLLMForCausalLM, step: int) -> None:

@@ -61,7 +61,13 @@ def load_hf_llama(directory):
 
 
 def from_hf_llama_dir(
-    src, out, structure: str | None = None, keep_ratio=None, rope_scaling=None, max_seq_len=None
+    src,
+    out,
+    structure: str | None = None,
+    keep_ratio=None,
+    rope_scaling=None,
+    max_seq_len=None,
+    start="identity",
 ):
     """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out`; returns the SubLLM.
     `rope_scaling` (an HF rope_parameters dict; {"rope_type": "default"} = plain) and `max_seq_len`
@@ -71,7 +77,7 @@ def from_hf_llama_dir(
     if structure is None and keep_ratio is not None:
         raise SubLLMError("--keep-ratio needs --structure (the all-T model has no subsampling module)")
     hf = load_hf_llama(src)
-    model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio).eval()
+    model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio, start=start).eval()
     if rope_scaling is not None or max_seq_len is not None:
         changes = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
         if rope_scaling is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.config import ModelConfig
+from subllm.config import ModelConfig, identity_start
 from subllm.errors import SubLLMError
 from subllm.files import atomic_write, fsync_path, sha256_file
 
@@ -170,12 +170,14 @@ def load_state_checked(model, state: dict, source) -> None:
 
 
 def hf_llama_config_state(
-    hf_model, structure: str | None = None, keep_ratio=None
+    hf_model, structure: str | None = None, keep_ratio=None, start: str = "identity"
 ) -> tuple[ModelConfig, dict]:
     """The config and weights of a SubLLM with every layer copied from a transformers
     LlamaForCausalLM (`SubLLM.from_hf_llama` builds it).
 
-    Only the new S (score) and B (bypass) parameters are initialised fresh. With
+    Only the new S (score) and B (bypass) parameters are initialised fresh: with `start` "identity"
+    so that at keep ratio 1.0 the model equals the Llama (config.identity_start), with "fresh" as a
+    model trained from scratch would start (bypass 0.5, no score bias). With
     `structure=None` the result is the all-T model, whose logits equal the HF model's. RoPE scaling
     (`rope_parameters`) is carried over as `rope_scaling`; for "dynamic", whose original length is
     HF's max_position_embeddings, max_seq_len becomes max_position_embeddings * factor.
@@ -221,6 +223,10 @@ def hf_llama_config_state(
         bos_token_id=c.bos_token_id if c.bos_token_id is not None else 1,
         eos_token_id=c.eos_token_id if isinstance(c.eos_token_id, int) else 2,
     )
+    if start == "identity":
+        cfg = identity_start(cfg)
+    elif start != "fresh":
+        raise SubLLMError(f"start must be 'identity' or 'fresh', got {start!r}")
     return cfg, hf_llama_to_subllm_state(hf_model.state_dict(), n)
 
 

@@ -70,23 +70,26 @@ def init_module(m: nn.Module, config) -> None:
     0.5; score layers: `score_init_std`). `config`: a ModelConfig or the HF SubLLMConfig."""
     if isinstance(m, ScoreLinear):
         nn.init.normal_(m.weight, mean=0.0, std=score_init_std(config))
+        if m.bias is not None:
+            nn.init.constant_(m.bias, config.score_bias)
     elif isinstance(m, nn.Linear | nn.Embedding):
         nn.init.normal_(m.weight, mean=0.0, std=config.init_std)
     elif isinstance(m, RMSNorm):
         nn.init.ones_(m.weight)
     elif isinstance(m, Bypass) and m.enabled:
-        nn.init.constant_(m.scale, 0.5)
+        nn.init.constant_(m.scale, getattr(config, "bypass_init", 0.5))
 
 
 @dataclass
 class SubLLMOutput:
-    logits: Tensor  # (B, T, V)
+    logits: Tensor | None  # (B, T, V); None with return_hidden=True
     loss: Tensor | None = None  # what training minimises: lm_loss (+ select_loss when enabled)
     lm_loss: Tensor | None = None  # next-token cross-entropy alone
     select_loss: Tensor | None = None  # training: the weighted auxiliary selection loss, summed over S
     keep_fractions: Tensor = field(default_factory=lambda: torch.zeros(0))  # (n_S,) per S, structure order
     agreement: Tensor | None = None  # (n_S,) training mode: top-k vs (score > theta), per S
     selections: list[Selection | None] | None = None  # with return_selections=True
+    hidden: Tensor | None = None  # (B, T, C) the final norm's output, with return_hidden=True
 
 
 class SubLLM(nn.Module):
@@ -103,12 +106,19 @@ class SubLLM(nn.Module):
         opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
         mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss, config.mod_weight)
         self.mod_flags = flags = config.mod_flags  # `M` routers: MoD routing, no bypass (model/mod.py)
-        kw = dict(grad_scale=config.balancer_grad_scale, options=opts, score_norm=config.score_norm)
+        kw = dict(
+            grad_scale=config.balancer_grad_scale,
+            options=opts,
+            score_norm=config.score_norm,
+            score_bias=config.score_bias is not None,
+        )
         self.subsamples = nn.ModuleList(
             ModRouter(config.dim, r, prob, mod, **kw) if m else Subsample(config.dim, r, prob, **kw)
             for r, m in zip(config.keep_ratios, flags)
         )
-        self.bypasses = nn.ModuleList(Bypass(config.dim, bmin, config.bypass and not m) for m in flags)
+        self.bypasses = nn.ModuleList(
+            Bypass(config.dim, bmin, config.bypass and not m, config.bypass_init) for m in flags
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self._step: int | None = None
@@ -162,12 +172,15 @@ class SubLLM(nn.Module):
         labels: Tensor | None = None,
         return_selections: bool = False,
         position_ids: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> SubLLMOutput:
         """input_ids (B, T); attention_mask (B, T) 1 = real, 0 = pad (left or right padding);
         labels (B, T) = the targets aligned with input_ids (shifted here), -100 ignored;
         position_ids (B, T) long (HF's convention): each token's RoPE position, kept by the token at
         every nesting level (default: 0, 1, ... counting real tokens only). With "dynamic" RoPE
-        scaling a row's sequence length is its largest position (of a real token) + 1."""
+        scaling a row's sequence length is its largest position (of a real token) + 1.
+        return_hidden: the final norm's output instead of logits and LM loss (a caller that computes
+        its own loss from the head in chunks: distillation, subllm/trainer/distill.py)."""
         if input_ids.dim() != 2:
             raise SubLLMError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -202,9 +215,10 @@ class SubLLM(nn.Module):
         sels: list[Selection | None] = [None] * self.config.n_subsamples
         x = self.embed(input_ids)  # (B, T, C)
         x = self._run(self.tree, x, self.make_level(pos, valid, seq_len), sels)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        hidden = self.norm(x)  # (B, T, C)
+        logits = None if return_hidden else self.head(hidden)  # (B, T, V)
         loss = lm_loss = None
-        if labels is not None:
+        if labels is not None and logits is not None:
             if valid is not None:
                 labels = labels.masked_fill(~valid, -100)
             loss = lm_loss = F.cross_entropy(
@@ -229,6 +243,7 @@ class SubLLM(nn.Module):
             keep_fractions=_keep_fractions(sels),
             agreement=_agreement(sels) if self.training else None,
             selections=sels if return_selections else None,
+            hidden=hidden if return_hidden else None,
         )
 
     def _run(self, nodes: tuple, x: Tensor, level: Level, sels: list) -> Tensor:
@@ -246,7 +261,10 @@ class SubLLM(nn.Module):
         return block(x, level.cos, level.sin, level.mask)
 
     def _subsample(self, node: Sub, x: Tensor, level: Level, sels: list) -> Tensor:
-        sel = self.subsamples[node.index](x, level.valid, self.step_tensor)
+        ratio = None
+        if self.training and self.config.keep_anneal_steps > 0:  # a host float: K is a shape
+            ratio = self.config.keep_ratios_at(self._step)[node.index]
+        sel = self.subsamples[node.index](x, level.valid, self.step_tensor, ratio)
         sels[node.index] = sel
         if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
             return x
@@ -270,8 +288,10 @@ class SubLLM(nn.Module):
         return model.to(map_location)
 
     @classmethod
-    def from_hf_llama(cls, hf_model, structure: str | None = None, keep_ratio=None) -> SubLLM:
-        cfg, state = io.hf_llama_config_state(hf_model, structure=structure, keep_ratio=keep_ratio)
+    def from_hf_llama(
+        cls, hf_model, structure: str | None = None, keep_ratio=None, start: str = "identity"
+    ) -> SubLLM:
+        cfg, state = io.hf_llama_config_state(hf_model, structure, keep_ratio, start)
         model = cls(cfg)
         model.load_state_dict(state, strict=False)
         return model

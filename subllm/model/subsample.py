@@ -139,8 +139,8 @@ class ScoreLinear(nn.Linear):
     Subclasses Linear so that `.weight` and the checkpoint key `score.weight` stay as they are.
     """
 
-    def __init__(self, dim: int, norm: bool = False, eps: float = 1e-6):
-        super().__init__(dim, 1, bias=False)
+    def __init__(self, dim: int, norm: bool = False, eps: float = 1e-6, bias: bool = False):
+        super().__init__(dim, 1, bias=bias)
         self.norm, self.eps = norm, eps
 
     def forward(self, x: Tensor) -> Tensor:
@@ -195,6 +195,7 @@ class Subsample(nn.Module):
         grad_scale: float = 0.04,
         options: SelectOptions | None = None,
         score_norm: bool = False,
+        score_bias: bool = False,
     ):
         super().__init__()
         opts = options or SelectOptions()
@@ -206,7 +207,7 @@ class Subsample(nn.Module):
         self.balancer_prob = prob_schedule
         self.grad_scale = grad_scale
         self.options = opts
-        self.score = ScoreLinear(dim, score_norm)
+        self.score = ScoreLinear(dim, score_norm, bias=score_bias)
         self.push_box: dict = {}  # the Balancer's last relative push (selection.py reads it)
         if opts.threshold == "calibrated":
             self.register_buffer("threshold", torch.zeros(()))
@@ -237,8 +238,12 @@ class Subsample(nn.Module):
         s = self.scores(x)
         return s, s.clamp(0.0, 1.0)
 
-    def forward(self, x: Tensor, valid: Tensor | None, step: Tensor | int | None) -> Selection:
-        """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles)."""
+    def forward(
+        self, x: Tensor, valid: Tensor | None, step: Tensor | int | None, ratio: float | None = None
+    ) -> Selection:
+        """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles);
+        `ratio`: the training keep ratio at this step (None = keep_ratio; annealing passes it)."""
+        ratio = self.keep_ratio if ratio is None else ratio
         if not self.training:
             d, w = self.decide(x)
             return select_threshold(d, valid, self.theta, w)
@@ -248,11 +253,11 @@ class Subsample(nn.Module):
         prob = self.balancer_prob.at(torch.as_tensor(step, device=x.device))
         box = None if torch.compiler.is_compiling() else self.push_box  # a dict cannot enter a graph
         s = balance(
-            s, self.keep_ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
+            s, ratio, valid, prob, grad_scale=self.grad_scale, gate=gate,
             direct=opts.balancer_fraction == "direct", box=box,
         )  # fmt: skip
         flip = torch.rand((), device=x.device) < 0.5  # a tensor: no host sync
-        sel = select_topk(s, valid, self.keep_ratio, flip, self.theta)
+        sel = select_topk(s, valid, ratio, flip, self.theta)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
@@ -294,12 +299,12 @@ class Bypass(nn.Module):
     `enabled=False` is the ablation without a bypass: b is a constant buffer of ones, z = y.
     """
 
-    def __init__(self, dim: int, min_schedule: ScheduledFloat, enabled: bool = True):
+    def __init__(self, dim: int, min_schedule: ScheduledFloat, enabled: bool = True, init: float = 0.5):
         super().__init__()
         self.scale_min = min_schedule
         self.enabled = enabled
         if enabled:
-            self.scale = nn.Parameter(torch.full((dim,), 0.5))
+            self.scale = nn.Parameter(torch.full((dim,), float(init)))
         else:
             self.register_buffer("scale", torch.ones(dim))
 

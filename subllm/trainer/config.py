@@ -67,6 +67,9 @@ class TrainConfig:
     progress: bool = True
     init_from: str | None = None  # uptraining: start from this LLaMA folder (trainer/uptrain.py)
     train_only: list[str] | None = None  # subsets of uptrain.TRAIN_ONLY to train; None = all parameters
+    distill_from: str | None = None  # a frozen teacher: LM loss mixed with KL to it (trainer/distill.py)
+    distill_weight: float = 0.5  # w in (1 - w) * LM + w * t^2 * KL
+    distill_temperature: float = 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +92,9 @@ TRAJECTORY = (
     "retrieval_mix",
     "init_from",
     "train_only",
+    "distill_from",
+    "distill_weight",
+    "distill_temperature",
 )
 
 
@@ -211,6 +217,14 @@ def parse_overrides(name, v):
     return out
 
 
+def _unit(name, v):
+    """A number in [0, 1]."""
+    f = _float(name, v, positive=False)
+    if f > 1.0:
+        raise SubLLMError(f"{_flag(name)} must lie in [0, 1], got {v!r}")
+    return f
+
+
 def _share(name, v):
     """A share in [0, 1]; 0 (or None) = off, stored as None."""
     if v is None:
@@ -270,6 +284,9 @@ FIELDS = {
     "progress": _bool,
     "init_from": lambda n, v: None if v is None else str(Path(_str(n, v)).resolve()),
     "train_only": _train_only,
+    "distill_from": lambda n, v: None if v is None else str(Path(_str(n, v)).resolve()),
+    "distill_weight": lambda n, v: _unit(n, v),
+    "distill_temperature": _float,
 }
 
 
@@ -318,6 +335,8 @@ def validate(cfg: TrainConfig) -> None:
         raise SubLLMError(
             "--tokenizer and --init-from exclude each other: the tokenizer comes from that folder"
         )
+    if cfg.distill_from is not None and (cfg.fsdp or cfg.compile):
+        raise SubLLMError("--distill-from works with plain or DDP training; drop --fsdp / --compile")
     if cfg.warmup_steps is not None and cfg.steps is not None and cfg.warmup_steps > cfg.steps:
         raise SubLLMError(f"--warmup-steps ({cfg.warmup_steps}) exceeds --steps ({cfg.steps})")
 

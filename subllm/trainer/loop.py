@@ -37,6 +37,7 @@ from subllm.trainer.config import (
     total_steps,
 )
 from subllm.trainer.data import prepare_data
+from subllm.trainer.distill import distill_step, load_teacher
 from subllm.trainer.evaluation import evaluate, load_val_batches
 from subllm.trainer.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
 from subllm.trainer.pose import pose_generator, pose_position_ids
@@ -166,6 +167,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         from subllm.trainer.compiled import compile_for_training
 
         forward = compile_for_training(wrapped, mconf, info.device)
+    teacher = None
+    if cfg.distill_from is not None:  # frozen, eval mode, no optimizer state (trainer/distill.py)
+        teacher = load_teacher(cfg.distill_from, mconf, info.device)
+        say(f"distilling from {cfg.distill_from} (weight {cfg.distill_weight}, T {cfg.distill_temperature})")
     optimizer, schedule = build_optimizer(
         model, cfg.optimizer, cfg.lr, steps, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay
     )
@@ -297,27 +302,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             t0 = time.perf_counter()
             model.set_step(step)
             schedule.step(step, tokens_seen)
-            loss_sum = torch.zeros((), device=info.device)  # the LM loss, comparable with LLaMA's
-            select_sum = torch.zeros((), device=info.device)  # the auxiliary selection loss, if any
-            mixed = 0  # rows replaced by retrieval examples (this rank)
-            for micro in range(cfg.grad_accum):
-                x = next(sampler)
-                if mix is not None:  # its own generator: the global RNG and the sampler are untouched
-                    x, rows = mix.apply(x, info.rank, step, micro)
-                    mixed += len(rows)
-                x = x.to(info.device, non_blocking=True)
-                kw = {}
-                if cfg.pose_target is not None:  # its own generator: the global RNG stream is untouched
-                    g = pose_generator(cfg.seed, info.rank, step, micro)
-                    kw["position_ids"] = pose_position_ids(*x.shape, cfg.pose_target, g).to(x.device)
-                with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
-                    with autocast():
-                        out = forward(x, labels=x, **kw)
-                    loss = out.loss / cfg.grad_accum
-                    loss.backward()
-                loss_sum += out.lm_loss.detach().float() / cfg.grad_accum
-                if out.select_loss is not None:
-                    select_sum += out.select_loss.detach().float() / cfg.grad_accum
+            sums, mixed, out = _micro_batches(
+                cfg, info, step, sampler, mix, wrapped, forward, teacher, autocast
+            )
             grad_norm = None
             if cfg.optimizer == "adamw":
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -325,7 +312,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tps
-            (step_loss,) = D.all_reduce_mean([float(loss_sum)], info)
+            (step_loss,) = D.all_reduce_mean([float(sums["loss"])], info)
             if info.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -357,7 +344,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             if out.agreement is not None:
                 rec["agreement"] = out.agreement.tolist()  # the step's one sync for logging
             if out.select_loss is not None:
-                rec["select_loss"] = float(select_sum)  # this rank's
+                rec["select_loss"] = float(sums["select"])  # this rank's
+            if teacher is not None:
+                rec["kl"] = float(sums["kl"])  # this rank's
             if mix is not None:
                 rec["retrieval_rows"] = mixed  # this rank's
             metrics.write(rec)
@@ -394,6 +383,37 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     elif mode == "fsdp":
         D.full_model_state(wrapped, info, mode)  # the gather is a collective: take part
     return summary
+
+
+def _micro_batches(cfg: TrainConfig, info, step: int, sampler, mix, wrapped, forward, teacher, autocast):
+    """The `grad_accum` micro-batches of one optimizer step, forward and backward; -> this rank's
+    sums over them ("loss": the LM loss, comparable with LLaMA's; "select": the auxiliary selection
+    loss; "kl": the distillation KL), the rows replaced by retrieval examples, the last output."""
+    sums = {k: torch.zeros((), device=info.device) for k in ("loss", "select", "kl")}
+    mixed = 0
+    for micro in range(cfg.grad_accum):
+        x = next(sampler)
+        if mix is not None:  # its own generator: the global RNG and the sampler are untouched
+            x, rows = mix.apply(x, info.rank, step, micro)
+            mixed += len(rows)
+        x = x.to(info.device, non_blocking=True)
+        kw = {}
+        if cfg.pose_target is not None:  # its own generator: the global RNG stream is untouched
+            g = pose_generator(cfg.seed, info.rank, step, micro)
+            kw["position_ids"] = pose_position_ids(*x.shape, cfg.pose_target, g).to(x.device)
+        with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
+            with autocast():
+                if teacher is None:
+                    out = forward(x, labels=x, **kw)
+                    loss, lm = out.loss, out.lm_loss
+                else:  # trainer/distill.py: LM + KL to the frozen teacher, logits in chunks
+                    loss, lm, kl, out = distill_step(forward, D.unwrap(wrapped), teacher, x, cfg, kw)
+                    sums["kl"] += kl.detach().float() / cfg.grad_accum
+            (loss / cfg.grad_accum).backward()
+        sums["loss"] += lm.detach().float() / cfg.grad_accum
+        if out.select_loss is not None:
+            sums["select"] += out.select_loss.detach().float() / cfg.grad_accum
+    return sums, mixed, out
 
 
 def _for_rank(states: list, rank: int):

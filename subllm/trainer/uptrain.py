@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from subllm.config import ModelConfig, get_preset
+from subllm.config import ModelConfig, get_preset, identity_start
 from subllm.errors import SubLLMError
 
 ARCH_FIELDS = (
@@ -120,7 +120,9 @@ def base_config(preset: str, source: ModelConfig) -> ModelConfig:
     arch = {k: getattr(source, k) for k in ARCH_FIELDS}
     mc = get_preset(preset)
     keep = mc.keep_ratios[0] if mc.keep_ratios else 0.64
-    return mc.replace(structure=source.structure, keep_ratio=keep, **arch)
+    # the new S and B start as the identity (config.identity_start): at keep ratio 1.0 the model is
+    # its source, and --set keep_anneal_steps=N lowers the keep ratio from there without a jump
+    return identity_start(mc.replace(structure=source.structure, keep_ratio=keep, **arch))
 
 
 def check_overrides(overrides: dict, source: ModelConfig, directory) -> None:
