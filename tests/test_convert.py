@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from subllm import SubLLM
+from subllm.config import IDENTITY_SCORE_BIAS
 from subllm.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -85,6 +86,8 @@ def test_structure_conversion_only_s_and_b_are_new(tmp_path):
     assert new == {
         "subsamples.0.score.weight",
         "subsamples.1.score.weight",
+        "subsamples.0.score.bias",  # the identity start (config.identity_start)
+        "subsamples.1.score.bias",
         "bypasses.0.scale",
         "bypasses.1.scale",
         # the default ("aligned") rule's calibrated thresholds start at 0, the paper's rule
@@ -94,7 +97,8 @@ def test_structure_conversion_only_s_and_b_are_new(tmp_path):
         "subsamples.1.threshold_updates",
     }
     assert all(float(s.threshold) == 0.0 and int(s.threshold_updates) == 0 for s in model.subsamples)
-    assert torch.all(model.bypasses[0].scale == 0.5)
+    assert torch.all(model.bypasses[0].scale == 1.0)  # the identity start: a kept token passes exactly
+    assert all(float(s.score.bias) == pytest.approx(IDENTITY_SCORE_BIAS) for s in model.subsamples)
     # ready for continued training: a training step runs and reaches the new score layers
     model.train().set_step(0)
     ids = torch.randint(0, 101, (2, 16))
