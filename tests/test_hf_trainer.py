@@ -121,3 +121,25 @@ def test_counter_and_stale_explicit_step():
     model.set_step(8)
     model(ids, labels=ids)
     assert model.subllm.step == 8 and int(model.train_step) == 8
+
+
+def test_a_saved_folder_loaded_by_automodel_trains(tmp_path):
+    """A folder written by SubLLM.save_pretrained, loaded with AutoModelForCausalLM: its logits are
+    the SubLLM's, and forward + backward + Trainer steps run (the core's step buffer used to stay on
+    the meta device: "Cannot copy out of meta tensor")."""
+    from transformers import AutoModelForCausalLM
+
+    core = tiny_model(seed=3).eval()
+    core.save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert not any(b.is_meta for b in [*model.buffers(), model.subllm.step_tensor])
+    ids = torch.randint(3, 97, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, core(ids).logits)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.subsamples[0].score.weight.grad is not None
+    model.zero_grad()
+    trainer = _trainer(model, tmp_path / "out", max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2 and int(model.train_step) == 2
