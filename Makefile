@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/python -m subllm demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check subllm tests
-	$(BIN)/ruff format --check subllm tests
+	$(BIN)/ruff check subllm tests benchmarks
+	$(BIN)/ruff format --check subllm tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
