@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from subllm.config import SELECTION_RECIPES
 from subllm.model.scaling import ScheduledFloat, balance
 from subllm.model.subsample import SelectOptions, Subsample
 
@@ -60,7 +61,9 @@ def test_subsample_applies_the_limits(mean_abs, side):
     """The same values through S itself (paper rule, step 0: Balancer always on): the call site
     uses the [1, 4] limits and grad_scale 0.04."""
     s = scores(mean_abs, n=1000)
-    sub = Subsample(8, 0.64, ScheduledFloat((0, 1.0), (8000, 0.25)), 0.04, SelectOptions()).train()
+    sub = Subsample(
+        8, 0.64, ScheduledFloat((0, 1.0), (8000, 0.25)), 0.04, SelectOptions.of(SELECTION_RECIPES["paper"])
+    ).train()
     with torch.no_grad():
         sub.score.weight.zero_()
         sub.score.weight[0, 0] = 1.0  # score = x[..., 0]

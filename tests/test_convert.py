@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from subllm import SubLLM
-from subllm.config import IDENTITY_SCORE_BIAS
 from subllm.cli import main
+from subllm.config import IDENTITY_SCORE_BIAS
 
 transformers = pytest.importorskip("transformers")
 

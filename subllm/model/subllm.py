@@ -8,7 +8,6 @@ attention mask built once and shared by all of its layers.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +102,7 @@ class SubLLM(nn.Module):
             (0, config.balancer_prob_start), (config.balancer_steps, config.balancer_prob_end)
         )
         bmin = ScheduledFloat((0, config.bypass_min_start), (config.bypass_steps, config.bypass_min_end))
-        opts = SelectOptions(**{f.name: getattr(config, f.name) for f in dataclasses.fields(SelectOptions)})
+        opts = SelectOptions.of(config)
         mod = ModOptions(config.mod_router, config.mod_predictor_dim, config.mod_aux_loss, config.mod_weight)
         self.mod_flags = flags = config.mod_flags  # `M` routers: MoD routing, no bypass (model/mod.py)
         kw = dict(

@@ -10,12 +10,12 @@ scattering them back adds exactly zero. Nothing here loops over rows or tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
-from subllm.config import keep_count
+from subllm.config import SELECTION_RECIPES, keep_count
 from subllm.dtype import fp32_region
 from subllm.model.scaling import GradSize, ScheduledFloat, balance, limit_param_value
 
@@ -153,7 +153,8 @@ class ScoreLinear(nn.Linear):
 @dataclass
 class SelectOptions:
     """How S learns to select at inference what it selects in training (ModelConfig fields of the
-    same names; the defaults are the paper's rule, docs/method.md sections 2-4).
+    same names; no defaults of its own: ModelConfig holds them, SELECTION_RECIPES["paper"] is the
+    paper's rule, docs/method.md sections 2-4).
 
     - `balancer_gate`: "grad" scales the Balancer's push by |grad| of each score (the paper);
       "weight" by mean |dL/dw| over the kept slots (scaling.GradSize).
@@ -175,13 +176,19 @@ class SelectOptions:
       a cut that runs away from it, and S1 ended keeping 3% in eval mode.)
     """
 
-    balancer_gate: str = "grad"
-    balancer_fraction: str = "gaussian"
-    select_loss: float = 0.0
-    select_loss_tau: float = 1.0
-    select_loss_detach: bool = False
-    threshold: str = "zero"
-    threshold_momentum: float = 0.95
+    balancer_gate: str
+    balancer_fraction: str
+    select_loss: float
+    select_loss_tau: float
+    select_loss_detach: bool
+    threshold: str
+    threshold_momentum: float
+
+    @classmethod
+    def of(cls, source) -> SelectOptions:
+        """The fields of `source` (a ModelConfig, or a dict such as SELECTION_RECIPES["paper"])."""
+        get = source.get if isinstance(source, dict) else lambda k: getattr(source, k)
+        return cls(**{f.name: get(f.name) for f in fields(cls)})
 
 
 class Subsample(nn.Module):
@@ -198,7 +205,7 @@ class Subsample(nn.Module):
         score_bias: bool = False,
     ):
         super().__init__()
-        opts = options or SelectOptions()
+        opts = options or SelectOptions.of(SELECTION_RECIPES["paper"])
         if opts.balancer_gate not in BALANCER_GATES:
             raise ValueError(f"balancer_gate must be one of {BALANCER_GATES}, got {opts.balancer_gate!r}")
         if opts.threshold not in THRESHOLDS:
