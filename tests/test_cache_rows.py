@@ -61,6 +61,32 @@ def test_rows_join_and_leave_a_running_batch():
 
 
 @torch.no_grad()
+def test_keep_rows_follows_the_requested_order():
+    """keep_rows([2, 0]): row 0 of the result is old row 2 and row 1 old row 0 (not ascending), so
+    each decodes exactly as it does alone, and holds that row's lengths and positions per level."""
+    model = tiny_preset_model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (9, 14, 5)]
+    feeds = [torch.randint(3, V, (4,), generator=g).tolist() for _ in prompts]
+    ref = [alone(model, p, f) for p, f in zip(prompts, feeds)]
+    batch = new_cache(model, 1, chunk=8)
+    prefill(model, torch.tensor([prompts[0]]), None, batch)
+    for p in prompts[1:]:
+        c = new_cache(model, 1, chunk=8)
+        prefill(model, torch.tensor([p]), None, c)
+        batch.add_rows(c)
+    order = [2, 0]
+    batch.keep_rows(order)
+    for t in range(4):
+        logits = decode_step(model, batch, torch.tensor([feeds[r][t] for r in order]))
+        for i, r in enumerate(order):
+            assert (logits[i] - ref[r][0][t + 1]).abs().max() < 1e-5, (t, r)
+    for i, r in enumerate(order):
+        for level in range(batch.n_levels):
+            assert batch.positions(level, i).tolist() == ref[r][1].positions(level, 0).tolist()
+
+
+@torch.no_grad()
 def test_keep_rows_frees_memory_and_checks_arguments():
     model = tiny_preset_model()
     caches = []

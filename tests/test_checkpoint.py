@@ -3,6 +3,7 @@ for bit; a crash in the middle of a save leaves the previous checkpoint loadable
 mismatched checkpoints give one-line SubLLMErrors."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -118,6 +119,64 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     _save(run, 4, cfg)
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert ckpt.latest_checkpoint(run).name == "step-00000004"
+
+
+def test_save_fsyncs_each_file_and_the_folder_before_the_renames(tmp_path, monkeypatch):
+    """Data on disk before the names that point at it: every file of the checkpoint (synced under its
+    own name, or as the temporary it was renamed from), then the folder itself, are fsynced before
+    the folder is renamed into place; the checkpoints folder after that rename and after `latest`
+    moves. Recorded at os.fsync / os.rename / os.replace."""
+    from subllm.config import get_preset
+
+    events, opened = [], {}
+    real_open, real_fsync = os.open, os.fsync
+
+    def spy_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def spy_fsync(fd):
+        events.append(("fsync", opened.get(fd)))
+        return real_fsync(fd)
+
+    def spy_move(real):
+        def move(src, dst, *a, **k):
+            events.append(("move", os.fspath(src), os.fspath(dst)))
+            return real(src, dst, *a, **k)
+
+        return move
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_move(os.rename))
+    monkeypatch.setattr(os, "replace", spy_move(os.replace))
+    final = _save(tmp_path / "run", 2, get_preset("subllm-tiny"))
+    monkeypatch.undo()
+
+    def synced(path) -> list[int]:
+        return [i for i, e in enumerate(events) if e == ("fsync", str(path))]
+
+    def moved_to(path) -> list[int]:
+        return [i for i, e in enumerate(events) if e[0] == "move" and e[2] == str(path)]
+
+    (into,) = moved_to(final)
+    tmp = events[into][1]
+    names = sorted(p.name for p in final.iterdir())
+    written = {ckpt.MANIFEST, ckpt.OPTIMIZER, ckpt.TRAINER_STATE, "model.safetensors", "config.json"}
+    assert written <= set(names), names
+    last_file = 0
+    for name in names:
+        path = os.path.join(tmp, name)
+        sources = [path] + [events[i][1] for i in moved_to(path)]
+        first = min((i for src in sources for i in synced(src)), default=None)
+        assert first is not None and first < into, (name, events)
+        last_file = max([last_file, first, *moved_to(path)])
+    assert any(last_file < i < into for i in synced(tmp)), events  # the folder, after its files
+    root = final.parent
+    (latest,) = moved_to(root / ckpt.LATEST)
+    assert any(into < i < latest for i in synced(root)), events  # the rename is durable before `latest`
+    assert any(i > latest for i in synced(root)), events  # and `latest` itself
 
 
 def test_prune_keeps_the_newest(tmp_path):

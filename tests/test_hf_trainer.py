@@ -143,3 +143,24 @@ def test_a_saved_folder_loaded_by_automodel_trains(tmp_path):
     trainer = _trainer(model, tmp_path / "out", max_steps=2)
     trainer.train()
     assert trainer.state.global_step == 2 and int(model.train_step) == 2
+
+
+def test_a_loaded_step_counts_from_the_load_not_from_earlier_steps():
+    """Loading train_step = 5 into a model that already took 2 optimizer steps resumes at step 5
+    (not 5 + 2), then counts on from there."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    ids = torch.randint(3, 97, (2, 16))
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert int(model.train_step) == 2
+    state = model.state_dict()
+    state["train_step"] = torch.tensor(5)
+    model.load_state_dict(state)
+    model(ids, labels=ids).loss.backward()
+    assert model.subllm.step == 5
+    opt.step()
+    model(ids, labels=ids)
+    assert model.subllm.step == 6 and int(model.train_step) == 6

@@ -109,6 +109,93 @@ def test_training_forward_equals_a_slow_reference_of_mods_equation(weight):
     assert (got - want).abs().max() < 1e-5
 
 
+def _router_input(m, ids):
+    """Slow reference pieces of a "TMT" model: the router's input x (the first layer's output),
+    the router values r and the decision logits d (r, or the predictor's logit)."""
+    c = m.config
+    cos, sin = rope_cos_sin(torch.arange(ids.shape[1])[None], c.head_dim, c.rope_theta)
+    x = m.layers[0](m.embed(ids), cos, sin, None)
+    sub = m.subsamples[0]
+    r = sub.scores(x)
+    return x, r, (r if sub.predictor is None else sub.predictor(x)), (cos, sin)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_aux_loss_equals_a_slow_reference(router):
+    """select_loss = mod_aux_loss * the mean over tokens of BCE(sigmoid(d_t), t in the top-k of r),
+    written out per token."""
+    m = mod_model("TMT", router=router, capacity=0.4, mod_aux_loss=0.3)
+    m.train()
+    m.set_step(0)
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = float(m(ids).select_loss)
+        _, r, d, _ = _router_input(m, ids)
+    terms = []
+    for b in range(2):
+        top = set(r[b].topk(math.ceil(0.4 * 20)).indices.tolist())
+        for t in range(20):
+            p = 1 / (1 + math.exp(-float(d[b, t])))
+            terms.append(-math.log(p) if t in top else -math.log(1 - p))
+    assert got == pytest.approx(0.3 * sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_calibrated_threshold_follows_the_decision_logits(router):
+    """The calibrated theta tracks the top-k cut of what decides at inference: the router values
+    ("aux_loss") or the predictor's logits ("predictor"), never the other."""
+    m = mod_model("TMT", router=router, capacity=0.4, threshold="calibrated")
+    m.train()
+    m.set_step(0)
+    ids = torch.randint(3, 256, (3, 20), generator=torch.Generator().manual_seed(5))
+    m(ids)  # a training forward with gradients: one update, which is the batch's cut itself
+    with torch.no_grad():
+        _, _, d, _ = _router_input(m, ids)
+    top = d.sort(1, descending=True).values
+    k = math.ceil(0.4 * 20)
+    torch.testing.assert_close(m.subsamples[0].threshold, ((top[:, k - 1] + top[:, k]) / 2).mean())
+
+
+def test_padded_training_rows_equal_each_row_alone():
+    """Training mode, left-padded rows of unequal lengths (ragged top-k counts): every real token's
+    logits equal its row run alone - the slots past a row's count carry weight 0 (invariant 3)."""
+    m = mod_model("TMTMT", capacity=0.4)
+    m.train()
+    m.set_step(0)
+    lens = [30, 17, 24]
+    ids, mask = left_padded(lens)
+    with torch.no_grad():
+        got = m(ids, mask).logits
+        for b, n in enumerate(lens):
+            alone = m(ids[b : b + 1, -n:]).logits[0]
+            assert (got[b, -n:] - alone).abs().max() < 1e-5, b
+
+
+@pytest.mark.parametrize(
+    "router,weight", [("aux_loss", "sigmoid"), ("aux_loss", "raw"), ("predictor", "sigmoid")]
+)
+def test_inference_forward_equals_a_slow_reference_of_mods_equation(router, weight):
+    """Eval mode: keep t iff d_t > 0, and z_t = x_t + w(r_t) (block(x_kept)_t - x_t) for the kept
+    tokens (w(r) = sigmoid(r), or r), x_t elsewhere; the block sees the kept tokens only, at their
+    original positions."""
+    m = mixing_eval_model("TMT", router=router, mod_weight=weight)
+    ids = torch.randint(3, 256, (2, 30), generator=torch.Generator().manual_seed(6))
+    c = m.config
+    with torch.no_grad():
+        got = m(ids).logits
+        x, r, d, (cos, sin) = _router_input(m, ids)
+        z = x.clone()
+        for b in range(2):
+            keep = (d[b] > 0).nonzero()[:, 0]
+            assert 0 < len(keep) < 30
+            cb, sb = rope_cos_sin(keep[None], c.head_dim, c.rope_theta)
+            h = m.layers[1](x[b : b + 1, keep], cb, sb, None)[0]
+            w = torch.sigmoid(r[b, keep, None]) if weight == "sigmoid" else r[b, keep, None]
+            z[b, keep] = x[b, keep] + w * (h - x[b, keep])
+        want = m.head(m.norm(m.layers[2](z, cos, sin, None)))
+    assert (got - want).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("router", ROUTERS)
 def test_inference_is_causal(router):
     m = mixing_eval_model(router=router)

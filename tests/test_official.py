@@ -246,6 +246,38 @@ def test_official_errors(tmp_path, capsys):
     assert "grouped-query attention" in msg and "norm_eps 1e-06" in msg
 
 
+def test_inv_freq_of_another_rope_base_is_refused():
+    """A RoPE base of 10010 instead of 10000 moves every inv_freq by under 0.1%, and is still another
+    model's positions: refused. The exact buffer converts."""
+    from subllm import SubLLMError
+    from subllm.hf.official import config_from_official, state_from_official
+
+    sd, cfg = random_official_state(), config_from_official(official_config())
+    state_from_official(sd, cfg)
+    hd = DIM // HEADS
+    near = 1.0 / (10010 ** (torch.arange(0, hd, 2).float() / hd))
+    key = "decoder.layers.2.self_attn.position.inv_freq"
+    assert 0 < float((near / sd[key] - 1).abs().max()) < 0.001
+    with pytest.raises(SubLLMError, match="layers.2.self_attn.position.inv_freq does not match RoPE base"):
+        state_from_official({**sd, key: near}, cfg)
+
+
+def test_tied_checkpoint_with_another_output_projection_is_refused():
+    """tie_weights=true: output_projection must equal embed_tokens (or be absent); one element off is
+    an error, not a silently dropped head."""
+    from subllm import SubLLMError
+    from subllm.hf.official import config_from_official, state_from_official
+
+    sd, cfg = random_official_state(tie=True), config_from_official(official_config(tie_weights=True))
+    state_from_official(sd, cfg)
+    no_head = {k: v for k, v in sd.items() if k != "decoder.output_projection.weight"}
+    assert torch.equal(state_from_official(no_head, cfg)["head.weight"], sd["decoder.embed_tokens.weight"])
+    head = sd["decoder.output_projection.weight"].clone()
+    head[3, 5] += 1e-3
+    with pytest.raises(SubLLMError, match="tie_weights=true but output_projection differs"):
+        state_from_official({**sd, "decoder.output_projection.weight": head}, cfg)
+
+
 def test_released_preset_eps():
     from subllm.config import get_preset
 

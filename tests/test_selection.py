@@ -54,12 +54,19 @@ def test_bad_selection_fields_are_one_line_errors(bad):
 
 
 def test_selection_bce_matches_formula_and_ignores_pads():
-    s = torch.tensor([[2.0, -1.0, 0.5, 9.0]])
-    kept = torch.tensor([[True, False, False, True]])
-    valid = torch.tensor([[True, True, True, False]])
-    want = -(math.log(torch.sigmoid(torch.tensor(4.0))) + math.log(1 - torch.sigmoid(torch.tensor(-2.0)))
-             + math.log(1 - torch.sigmoid(torch.tensor(1.0)))) / 3  # fmt: skip
-    assert math.isclose(float(selection_bce(s, kept, valid, 0.5)), want, rel_tol=1e-6)
+    """Mean over the real tokens of the batch of BCE(sigmoid(s / tau), kept), written out per token;
+    each pad's own BCE is large (~18 and ~14), so a pad leaking into the mean shows."""
+    s = torch.tensor([[2.0, -1.0, 0.5, 9.0], [-7.0, 0.3, -2.0, 1.5]])
+    kept = torch.tensor([[True, False, False, False], [True, True, False, True]])
+    valid = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    tau = 0.5
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            if valid[b, t]:
+                p = 1 / (1 + math.exp(-float(s[b, t]) / tau))
+                terms.append(-math.log(p) if kept[b, t] else -math.log(1 - p))
+    assert math.isclose(float(selection_bce(s, kept, valid, tau)), sum(terms) / len(terms), rel_tol=1e-6)
 
 
 def test_select_loss_is_added_and_pulls_scores_toward_topk():

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from subllm.config import SELECTION_RECIPES
 from subllm.model.scaling import ScheduledFloat, balance, limit_param_value
 from subllm.model.subsample import (
     Bypass,
@@ -121,6 +122,53 @@ def test_balancer_inside_limits_changes_nothing():
     assert torch.allclose(s.grad, g)
 
 
+def _balancer_reference(s, mask, grad, r, direct, grad_scale=0.04):
+    """docs/method.md section 4, slowly, in float64, on the real scores only: l = the fraction term
+    (|mu/sigma - clamp(mu/sigma, mean_lim(r - 0.05), mean_lim(r + 0.05))|, or with `direct` the
+    counted fraction's sign times mean(s)) + |log(clamp(rms, 1.2533, 4 * 1.2533) / rms)|;
+    g = dl/ds rescaled to RMS grad_scale over the real scores; new gradient grad + |grad| * g at
+    real scores, grad unchanged at pads."""
+    real = s.double()[mask].clone().requires_grad_(True)
+    mu, u = real.mean(), real.pow(2).mean()
+    sigma, rms = (u - mu * mu).sqrt(), u.sqrt()
+    lo, hi = r - 0.05, r + 0.05
+    if direct:
+        frac = float((real > 0).double().mean())
+        frac_term = ((frac > hi) - (frac < lo)) * mu
+    else:
+        lim_lo, lim_hi = (0.8139535143 * math.atanh(2 * p - 1) for p in (lo, hi))
+        frac_term = (mu / sigma - (mu / sigma).clamp(lim_lo, lim_hi)).abs()
+    rms_term = (rms.clamp(1.25331413732, 4 * 1.25331413732) / rms).log().abs()
+    (g,) = torch.autograd.grad(frac_term + rms_term, real)
+    want = grad.double().clone()
+    if g.abs().max() > 0:
+        g = g * grad_scale / g.pow(2).mean().sqrt()
+        want[mask] = want[mask] + want[mask].abs() * g
+    return want
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize(
+    "mean, std, pushed",
+    [(0.6, 0.3, True), (-6.0, 2.0, True), (2.0, 2.0, True), (0.18, 0.5, True), (0.64, 2.0, False)],
+)  # too positive and too small; too negative and too large; only too positive; only too small; inside
+def test_balancer_backward_equals_a_slow_reference_with_pads(mean, std, pushed, direct):
+    """The whole backward of `balance` (statistics, rescaling, |grad| gate) on a padded batch whose
+    pads would move every statistic (+10, and half a row) against the reference written out above."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 40, generator=gen) * std + mean
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1, :20] = False
+    mask[2, :5] = False
+    s[~mask] = 10.0
+    grad = torch.randn(3, 40, generator=gen) * 1e-2
+    x = s.clone().requires_grad_(True)
+    balance(x, 0.64, mask, prob=1.0, direct=direct).backward(grad)
+    want = _balancer_reference(s, mask, grad, 0.64, direct)
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-9)
+    assert ((x.grad - grad).abs().max() > 1e-4) == pushed
+
+
 def test_limit_param_value_flips_outward_gradients():
     x = torch.tensor([0.1, 0.5, 1.2], requires_grad=True)
     torch.manual_seed(0)
@@ -193,3 +241,38 @@ def test_bypass_off_is_plain_upsampling():
     byp = Bypass(3, ScheduledFloat((0, 0.9)), enabled=False).train()
     x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     assert torch.allclose(byp(x, y, step=0), y, atol=1e-6) and not list(byp.parameters())
+
+
+def test_calibrated_threshold_is_the_running_mean_of_the_topk_cut():
+    """theta after n training forwards: the plain mean of the first 1/(1 - momentum) = 4 batch cuts,
+    then an exponential average at rate 1 - momentum. A batch's cut, written out per row: the
+    midpoint of the k-th and (k+1)-th highest real score (the k-th when every real token is kept),
+    averaged over the rows."""
+    from subllm.model.subsample import SelectOptions, Subsample
+
+    torch.manual_seed(0)
+    opts = SelectOptions.of(
+        {**SELECTION_RECIPES["paper"], "threshold": "calibrated", "threshold_momentum": 0.75}
+    )
+    sub = Subsample(8, 0.5, ScheduledFloat((0, 1.0)), options=opts).train()
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    valid[1, :4] = False  # 6 real tokens, k = 3
+    valid[2, :9] = False  # 1 real token, kept: the cut is its own score
+    got, cuts = [], []
+    for _ in range(9):
+        x = torch.randn(3, 10, 8)
+        sub(x, valid, step=0)
+        got.append(float(sub.threshold))
+        s = sub.scores(x)
+        row_cuts = []
+        for b in range(3):
+            real = sorted(s[b, valid[b]].tolist(), reverse=True)
+            k = math.ceil(0.5 * len(real))
+            row_cuts.append((real[k - 1] + real[k]) / 2 if k < len(real) else real[k - 1])
+        cuts.append(sum(row_cuts) / 3)
+    want, theta = [], 0.0
+    for n, cut in enumerate(cuts, 1):
+        theta = sum(cuts[:n]) / n if n <= 4 else 0.75 * theta + 0.25 * cut
+        want.append(theta)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert int(sub.threshold_updates) == 9
