@@ -290,33 +290,15 @@ def _loop(
         model.train(was_training)
 
 
-def generate(
-    model: SubLLM,
-    input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    use_cache: bool = True,
-    seed: int | None = None,
-    pad_token_id: int | None = None,
-    chunk: int | None = 256,
-    on_prefill: Callable | None = None,
-    prefill_chunk: int | None = None,
-) -> Tensor:
+def generate(model: SubLLM, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
     """Prompt + continuation, (B, T + n) like Hugging Face `generate` (n <= max_new_tokens: fewer
     when every row stopped early); rows that stopped early are padded with pad_token_id.
-    See `stream_generate` for the arguments."""
-    steps = list(
-        stream_generate(
-            model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, False, chunk, on_prefill,
-            prefill_chunk,
-        )
-    )  # fmt: skip
+    `options`: `stream_generate`'s keyword arguments (max_new_tokens, temperature, top_k, top_p,
+    repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, chunk, on_prefill,
+    prefill_chunk), except return_logits."""
+    if options.get("return_logits"):
+        raise SubLLMError("generate returns tokens; use stream_generate(..., return_logits=True) for logits")
+    steps = list(stream_generate(model, input_ids, attention_mask, **options))
     if not steps:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(steps, 1)], 1)
