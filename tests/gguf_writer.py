@@ -132,7 +132,8 @@ def write_llama_gguf(
 ):
     """Write `model` + `tokenizer` as a llama.cpp-style GGUF; `q8_0`: GGUF tensor names stored as Q8_0
     (rows a multiple of 32). For the error tests: another `architecture`, a `rope_scaling` type
-    ("linear", "yarn") in the metadata, `extra_tensors` ({name: float32 array}) beside the llama's."""
+    ("linear", "yarn") in the metadata, `extra_tensors` ({name: array}) added to, or replacing, the
+    llama's (an array's dtype sets the tensor's type)."""
     c = model.config
     tensors = gguf_tensors(model) | (extra_tensors or {})
     backend = json.loads(tokenizer.backend_tokenizer.to_str())

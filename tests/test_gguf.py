@@ -190,6 +190,10 @@ def test_unsupported_files_fail_before_dequantizing(tmp_path, tokenizer, capsys,
             {"extra_tensors": {"blk.0.attn_q.bias": np.zeros(64, np.float32)}},
             "tensors a plain llama does not have, e.g. ['blk.0.attn_q.bias']",
         ),
+        "f64.gguf": (
+            {"extra_tensors": {"output_norm.weight": np.ones(64, np.float64)}},
+            "tensors of type F64, which gguf cannot dequantize",
+        ),
     }
     for name, (kw, message) in cases.items():
         write_tiny(tmp_path / name, tokenizer, **kw)

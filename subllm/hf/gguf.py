@@ -179,7 +179,7 @@ def inspect_gguf(path) -> GGUFInfo:
         )
     types = Counter(t.tensor_type for t in reader.tensors)
     if bad := sorted(t.name for t in types if not _dequantizable(t)):
-        raise SubLLMError(f"{path}: tensor type(s) {bad} cannot be dequantized by gguf {gguf.__version__}")
+        raise SubLLMError(f"{path}: tensors of type {', '.join(bad)}, which gguf cannot dequantize")
 
     context = value(f"{arch}.context_length")
     return GGUFInfo(
