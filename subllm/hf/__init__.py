@@ -3,6 +3,7 @@
     auto.py          SubLLMConfig / SubLLMForCausalLM and their AutoConfig / AutoModel registration
     step_counter.py  the optimizer-step count that feeds the schedules under transformers.Trainer
     llama.py         HF Llama <-> SubLLM conversion
+    gguf.py          GGUF in: a llama GGUF (llama.cpp) -> SubLLM checkpoint or HF Llama folder
     official.py      the authors' released checkpoint format (docs/method.md section 11)
 
 `import subllm.hf` registers model_type "subllm" (saved modeling_subllm.py files import from here).

@@ -60,29 +60,36 @@ def load_hf_llama(directory):
     return model.eval()
 
 
-def from_hf_llama_dir(
-    src,
-    out,
-    structure: str | None = None,
-    keep_ratio=None,
-    rope_scaling=None,
-    max_seq_len=None,
-    start="identity",
-):
-    """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out`; returns the SubLLM.
-    `rope_scaling` (an HF rope_parameters dict; {"rope_type": "default"} = plain) and `max_seq_len`
-    replace what the Llama's config says (extending its context, subllm/model/rope.py)."""
-    from subllm.model.subllm import SubLLM
-
+def check_keep_ratio(structure: str | None, keep_ratio) -> None:
+    """Fail before any loading: a keep ratio without a structure has nothing to apply to."""
     if structure is None and keep_ratio is not None:
         raise SubLLMError("--keep-ratio needs --structure (the all-T model has no subsampling module)")
-    hf = load_hf_llama(src)
-    model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio, start=start).eval()
+
+
+def subllm_from_llama(hf, structure: str | None = None, keep_ratio=None, rope_scaling=None, max_seq_len=None):
+    """A SubLLM (eval mode) holding every layer of the LlamaForCausalLM `hf`; S and B modules of
+    `structure` start as the identity (config.identity_start). `rope_scaling` (an HF
+    rope_parameters dict; {"rope_type": "default"} = plain) and `max_seq_len` replace what the
+    Llama's config says (extending its context, subllm/model/rope.py)."""
+    from subllm.model.subllm import SubLLM
+
+    check_keep_ratio(structure, keep_ratio)
+    model = SubLLM.from_hf_llama(hf, structure=structure, keep_ratio=keep_ratio).eval()
     if rope_scaling is not None or max_seq_len is not None:
         changes = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
         if rope_scaling is not None:
             changes["rope_scaling"] = None if rope_scaling.get("rope_type") == "default" else rope_scaling
         model.config = model.config.replace(**changes)  # RoPE has no parameters: the weights stay
+    return model
+
+
+def from_hf_llama_dir(
+    src, out, structure: str | None = None, keep_ratio=None, rope_scaling=None, max_seq_len=None
+):
+    """Convert the HF Llama directory `src` into a SubLLM checkpoint in `out` (tokenizer files
+    copied alongside); returns the SubLLM. The options are `subllm_from_llama`'s."""
+    check_keep_ratio(structure, keep_ratio)
+    model = subllm_from_llama(load_hf_llama(src), structure, keep_ratio, rope_scaling, max_seq_len)
     model.save_pretrained(out)
     copy_tokenizer_files(src, out)
     return model
@@ -186,6 +193,8 @@ def to_hf_llama_dir(src, out):
 
 __all__ = [
     "from_hf_llama_dir",
+    "subllm_from_llama",
+    "check_keep_ratio",
     "to_hf_llama_dir",
     "to_hf_llama",
     "subllm_to_hf_llama_state",
