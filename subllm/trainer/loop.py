@@ -115,26 +115,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         say("note: --fsdp without torchrun (one process): training unsharded")
         mode = "none"
     resume_from = _check_run_dir(run_dir, resume, overwrite, info.is_main)
-    source, tokenizer = None, cfg.tokenizer
-    if cfg.init_from is not None:  # uptraining (trainer/uptrain.py): checked before any data work
-        source = uptrain.load_source(cfg.init_from)
-        uptrain.check_overrides(cfg.set, source.config, cfg.init_from)
-        tokenizer = uptrain.source_tokenizer(cfg.init_from)
-    D.barrier(info)
-    # data: rank 0 tokenizes/packs raw text once, the others wait and then read the result
-    if info.is_main:
-        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, True, say)
-    D.barrier(info)
-    if not info.is_main:
-        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, False, say)
+    data, mconf, source = _data_and_config(cfg, info, run_dir, say)
     steps = total_steps(cfg, info.world_size)
     tps = tokens_per_step(cfg, info.world_size)
-    if source is None:
-        mconf = model_config(cfg, steps, data.tokenizer_meta)
-    else:
-        mconf = model_config(cfg, steps, None, base=uptrain.base_config(cfg.preset, source.config))
-        uptrain.check_model(mconf, source.config, data.tokenizer_meta, cfg.init_from)
-        mconf = mconf.replace(extra={**mconf.extra, "init_from": source.record()})
 
     state, changes = None, []  # changes: trajectory changes made on resume (a new --lr), all resumes
     if resume_from is not None:
@@ -144,29 +127,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         say(f"resuming from {resume_from} (step {loaded.step}, {loaded.trainer_state['tokens_seen']:,} tok)")
 
     from subllm.data.packing import BatchSampler
-    from subllm.model.subllm import SubLLM
     from subllm.optim import build_optimizer
 
-    seed_everything(cfg.seed)
-    model = SubLLM(mconf)
-    if state is not None:
-        model.load_state_dict(state.model_state)
-    elif source is not None:
-        fresh = uptrain.copy_weights(model, source)
-        say(f"initialised from {source.path} ({source.kind}); {len(fresh)} fresh S/B tensors")
-    if cfg.train_only is not None:  # router tuning: the rest gets no gradient and no optimizer state
-        uptrain.freeze(model, cfg.train_only)
+    model, wrapped, forward = _build_model(cfg, mconf, state, source, info, mode, say)
     source = None  # the copied state dict is no longer needed
-    model.to(info.device).train()
-    model.activation_checkpointing = cfg.checkpointing  # applied from outside: the trainer decides
-    wrapped = D.wrap_model(model, info, mode)
-    forward = wrapped  # what the training step calls; state dicts and no_sync stay on `wrapped`
-    if cfg.compile:
-        if mode == "fsdp":
-            raise SubLLMError("--compile with --fsdp is not supported; use DDP (plain torchrun) or drop one")
-        from subllm.trainer.compiled import compile_for_training
-
-        forward = compile_for_training(wrapped, mconf, info.device)
     teacher = None
     if cfg.distill_from is not None:  # frozen, eval mode, no optimizer state (trainer/distill.py)
         teacher = load_teacher(cfg.distill_from, mconf, info.device)
@@ -210,37 +174,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             run_dir / TRAIN_CONFIG, {**cfg.to_dict(), "total_steps": steps, "world_size": info.world_size}
         )
     metrics = MetricsWriter(run_dir / METRICS, enabled=info.is_main, resume_step=step if state else None)
-    n_params = model.num_params() if mode != "fsdp" else sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    metrics.write(
-        {
-            "kind": "run",
-            "step": step,
-            "resumed_from": str(resume_from) if resume_from else None,
-            "trajectory_changes": changes,
-            "config": cfg.to_dict(),
-            "model": mconf.to_dict(),
-            "total_steps": steps,
-            "tokens_per_step": tps,
-            "world_size": info.world_size,
-            "parallel": mode,
-            "device": info.device,
-            "threads": torch.get_num_threads(),
-            "params": n_params,
-            "trainable_params": n_trainable,
-            "init_from": mconf.extra.get("init_from"),
-            "train_only": cfg.train_only,
-            "schedule_steps": {
-                "mode": cfg.schedule_steps,
-                "balancer_steps": mconf.balancer_steps,
-                "bypass_steps": mconf.bypass_steps,
-            },
-            "torch": torch.__version__,
-            **dtype_record(cfg.dtype, info.device),  # dtype (resolved), cpu_capability, ...
-        }
-    )
+    record = _run_record(cfg, mconf, info, mode, model, step, resume_from, changes, steps, tps)
+    metrics.write(record)
     say(
-        f"training {mconf.structure} ({n_params / 1e6:.2f} M params, keep {mconf.keep_ratios}) for {steps} "
+        f"training {mconf.structure} ({record['params'] / 1e6:.2f} M params, keep {mconf.keep_ratios}) "
+        f"for {steps} "
         f"steps x {tps:,} tokens, {cfg.optimizer}, {dtype_line(cfg.dtype, info.device)}, "
         f"{mode} x {info.world_size}, "
         f"schedules {cfg.schedule_steps} (balancer {mconf.balancer_steps}, bypass {mconf.bypass_steps} steps)"
@@ -383,6 +321,88 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     elif mode == "fsdp":
         D.full_model_state(wrapped, info, mode)  # the gather is a collective: take part
     return summary
+
+
+def _data_and_config(cfg: TrainConfig, info, run_dir: Path, say):
+    """The packed data, the ModelConfig to train and, with --init-from, the source model."""
+    source, tokenizer = None, cfg.tokenizer
+    if cfg.init_from is not None:  # uptraining (trainer/uptrain.py): checked before any data work
+        source = uptrain.load_source(cfg.init_from)
+        uptrain.check_overrides(cfg.set, source.config, cfg.init_from)
+        tokenizer = uptrain.source_tokenizer(cfg.init_from)
+    D.barrier(info)
+    # data: rank 0 tokenizes/packs raw text once, the others wait and then read the result
+    if info.is_main:
+        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, True, say)
+    D.barrier(info)
+    if not info.is_main:
+        data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, False, say)
+    steps = total_steps(cfg, info.world_size)
+    if source is None:
+        mconf = model_config(cfg, steps, data.tokenizer_meta)
+    else:
+        mconf = model_config(cfg, steps, None, base=uptrain.base_config(cfg.preset, source.config))
+        uptrain.check_model(mconf, source.config, data.tokenizer_meta, cfg.init_from)
+        mconf = mconf.replace(extra={**mconf.extra, "init_from": source.record()})
+    return data, mconf, source
+
+
+def _build_model(cfg: TrainConfig, mconf, state, source, info, mode: str, say):
+    """The model (from the checkpoint, the --init-from source or the seed), wrapped for DDP/FSDP
+    from outside; -> (model, wrapped, the forward the training step calls)."""
+    from subllm.model.subllm import SubLLM
+
+    seed_everything(cfg.seed)
+    model = SubLLM(mconf)
+    if state is not None:
+        model.load_state_dict(state.model_state)
+    elif source is not None:
+        fresh = uptrain.copy_weights(model, source)
+        say(f"initialised from {source.path} ({source.kind}); {len(fresh)} fresh S/B tensors")
+    if cfg.train_only is not None:  # router tuning: the rest gets no gradient and no optimizer state
+        uptrain.freeze(model, cfg.train_only)
+    model.to(info.device).train()
+    model.activation_checkpointing = cfg.checkpointing  # applied from outside: the trainer decides
+    wrapped = D.wrap_model(model, info, mode)
+    forward = wrapped  # what the training step calls; state dicts and no_sync stay on `wrapped`
+    if cfg.compile:
+        if mode == "fsdp":
+            raise SubLLMError("--compile with --fsdp is not supported; use DDP (plain torchrun) or drop one")
+        from subllm.trainer.compiled import compile_for_training
+
+        forward = compile_for_training(wrapped, mconf, info.device)
+    return model, wrapped, forward
+
+
+def _run_record(cfg: TrainConfig, mconf, info, mode: str, model, step: int, resume_from, changes, steps, tps):
+    """The metrics log's first record of a run (or of a resume): what is trained, how and where."""
+    n_params = model.num_params() if mode != "fsdp" else sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "kind": "run",
+        "step": step,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "trajectory_changes": changes,
+        "config": cfg.to_dict(),
+        "model": mconf.to_dict(),
+        "total_steps": steps,
+        "tokens_per_step": tps,
+        "world_size": info.world_size,
+        "parallel": mode,
+        "device": info.device,
+        "threads": torch.get_num_threads(),
+        "params": n_params,
+        "trainable_params": n_trainable,
+        "init_from": mconf.extra.get("init_from"),
+        "train_only": cfg.train_only,
+        "schedule_steps": {
+            "mode": cfg.schedule_steps,
+            "balancer_steps": mconf.balancer_steps,
+            "bypass_steps": mconf.bypass_steps,
+        },
+        "torch": torch.__version__,
+        **dtype_record(cfg.dtype, info.device),  # dtype (resolved), cpu_capability, ...
+    }
 
 
 def _micro_batches(cfg: TrainConfig, info, step: int, sampler, mix, wrapped, forward, teacher, autocast):
