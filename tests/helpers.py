@@ -116,3 +116,34 @@ def crash_while_logging(monkeypatch, step: int):
             yield
     finally:
         monkeypatch.setattr(metrics.MetricsWriter, "write", real)
+
+
+def spy_file_events(monkeypatch) -> list:
+    """Record ("fsync", path) at every os.fsync (the path os.open gave the descriptor) and
+    ("move", src, dst) at every os.rename / os.replace, in order, until monkeypatch.undo()."""
+    import os
+
+    events, opened = [], {}
+    real_open, real_fsync = os.open, os.fsync
+
+    def spy_open(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        opened[fd] = os.fspath(path)
+        return fd
+
+    def spy_fsync(fd):
+        events.append(("fsync", opened.get(fd)))
+        return real_fsync(fd)
+
+    def spy_move(real):
+        def move(src, dst, *a, **k):
+            events.append(("move", os.fspath(src), os.fspath(dst)))
+            return real(src, dst, *a, **k)
+
+        return move
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_move(os.rename))
+    monkeypatch.setattr(os, "replace", spy_move(os.replace))
+    return events

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import crash_while_logging, pack_synthetic
+from helpers import crash_while_logging, pack_synthetic, spy_file_events
 
 from subllm import SubLLM, SubLLMError
 from subllm.trainer import checkpoint as ckpt
@@ -128,29 +128,7 @@ def test_save_fsyncs_each_file_and_the_folder_before_the_renames(tmp_path, monke
     moves. Recorded at os.fsync / os.rename / os.replace."""
     from subllm.config import get_preset
 
-    events, opened = [], {}
-    real_open, real_fsync = os.open, os.fsync
-
-    def spy_open(path, flags, *a, **k):
-        fd = real_open(path, flags, *a, **k)
-        opened[fd] = os.fspath(path)
-        return fd
-
-    def spy_fsync(fd):
-        events.append(("fsync", opened.get(fd)))
-        return real_fsync(fd)
-
-    def spy_move(real):
-        def move(src, dst, *a, **k):
-            events.append(("move", os.fspath(src), os.fspath(dst)))
-            return real(src, dst, *a, **k)
-
-        return move
-
-    monkeypatch.setattr(os, "open", spy_open)
-    monkeypatch.setattr(os, "fsync", spy_fsync)
-    monkeypatch.setattr(os, "rename", spy_move(os.rename))
-    monkeypatch.setattr(os, "replace", spy_move(os.replace))
+    events = spy_file_events(monkeypatch)
     final = _save(tmp_path / "run", 2, get_preset("subllm-tiny"))
     monkeypatch.undo()
 

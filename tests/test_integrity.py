@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import spy_file_events, tiny_model
 
 from subllm import SubLLM, SubLLMError
 from subllm.model.io import WEIGHTS_SHA256_NAME
@@ -20,22 +20,11 @@ def _flip_last_byte(path):
 
 
 def test_save_fsyncs_every_file_then_the_folder(tmp_path, monkeypatch):
-    opened, synced = {}, []
-    real_open, real_fsync = os.open, os.fsync
-
-    def spy_open(path, flags, *a, **k):
-        fd = real_open(path, flags, *a, **k)
-        opened[fd] = os.fspath(path)
-        return fd
-
-    def spy_fsync(fd):
-        synced.append(opened.get(fd))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "open", spy_open)
-    monkeypatch.setattr(os, "fsync", spy_fsync)
+    events = spy_file_events(monkeypatch)
     out = tmp_path / "m"
     tiny_model().save_pretrained(out)
+    monkeypatch.undo()
+    synced = [e[1] for e in events if e[0] == "fsync"]
     names = [os.path.basename(p) for p in synced]
     for f in ("model.safetensors", WEIGHTS_SHA256_NAME, "modeling_subllm.py", "config.json"):
         assert f + ".tmp" in names, (f, names)  # each file's content before its rename
