@@ -165,3 +165,33 @@ def test_distillation_flags_are_checked(llama_dir, packed, tmp_path):
     SubLLM(get_preset("llama-tiny").replace(vocab_size=400)).save_pretrained(other)
     with pytest.raises(SubLLMError, match="vocabulary 400"):
         train(_cfg(packed, tmp_path / "y", init_from=str(llama_dir), distill_from=str(other)), **QUIET)
+
+
+def test_keep_first_pins_each_rows_first_token_in_training_inference_and_decode():
+    from helpers import left_padded, tiny_model
+
+    from subllm import generate
+
+    model = tiny_model(keep_first=1, seed=4)  # scores scaled up: a real mix of kept and dropped
+    ids, mask = left_padded([9, 14, 5], seed=2, vocab=97)
+    first = mask.argmax(1)  # each row's first real token (left padding)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        model.set_step(0)
+        with torch.no_grad():
+            sels = model(ids, mask, return_selections=True).selections
+        s0 = sels[0]  # level 0: positions are the rows' own
+        for b in range(3):
+            slots = (s0.idx[b] == first[b]).nonzero()
+            assert len(slots) == 1, (mode, b)
+            assert float(s0.weight[b, slots[0, 0]]) == 1.0, (mode, b)
+    model.eval()
+    free = tiny_model(keep_first=0, seed=4).eval()
+    with torch.no_grad():
+        dropped = free(ids, mask, return_selections=True).selections[0]
+    assert any(first[b] not in dropped.idx[b] for b in range(3))  # without the pin some row drops it
+    cached = generate(model, ids, mask, max_new_tokens=6)
+    assert torch.equal(cached, generate(model, ids, mask, max_new_tokens=6, use_cache=False))
+    for b in range(3):  # each row as it runs alone
+        row = ids[b : b + 1, -int(mask[b].sum()) :]
+        assert torch.equal(generate(model, row, max_new_tokens=6)[0, -6:], cached[b, -6:])

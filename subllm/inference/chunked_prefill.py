@@ -106,7 +106,7 @@ def _extend_layer(model, cache, layer: int, x, rows, starts, counts, lvl) -> Ten
 
 
 def _extend_sub(model, cache, node: Sub, x, rows, lvl, seq_len) -> Tensor:
-    sel = model.subsamples[node.index](x, lvl.valid, None)  # eval mode: keep iff score > theta, per token
+    sel = model.subsamples[node.index](x, lvl.valid, None, pos=lvl.pos)  # eval mode, per token
     kept = sel.n_kept.tolist()
     if sel.k == 0:  # no row keeps a token of this chunk: U returns x, B gives x + b (x - x) = x
         return x

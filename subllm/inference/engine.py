@@ -151,7 +151,7 @@ def prefill_layer(block: Block, cache: KVCache, layer: int, x: Tensor, lvl: _Lev
 
 
 def _prefill_sub(model: SubLLM, cache: KVCache, node: Sub, x: Tensor, lvl: _Level, extra: int) -> Tensor:
-    sel = model.subsamples[node.index](x, lvl.valid, None)  # eval mode: keep iff score > theta
+    sel = model.subsamples[node.index](x, lvl.valid, None, pos=lvl.pos)  # eval mode: score > theta
     kept = sel.n_kept.tolist()
     inner_pos = lvl.pos.gather(1, sel.idx)  # (B, K) original positions of the kept tokens
     cache.start_level(node.index + 1, inner_pos, kept, extra)
@@ -242,8 +242,13 @@ def _decode_sub(
     cos: Tensor,
     sin: Tensor,
 ) -> Tensor:
-    d, w = model.subsamples[node.index].decide(x)  # (n, 1) each: decision and eval-mode weight
-    keep = model.subsamples[node.index].keep(d[:, 0]).tolist()
+    sub = model.subsamples[node.index]
+    d, w = sub.decide(x)  # (n, 1) each: decision and eval-mode weight
+    keep_t = sub.keep(d[:, 0])
+    if sub.keep_first:  # tokens at the first positions are kept with weight 1 (keep_first)
+        pin = torch.tensor(positions, device=x.device) < sub.keep_first
+        keep_t, w = keep_t | pin, w.masked_fill(pin[:, None], 1.0)
+    keep = keep_t.tolist()
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x

@@ -66,13 +66,17 @@ class Predictor(nn.Module):
             return self.fc2(nn.functional.silu(self.fc1(xf))).squeeze(-1)
 
 
-def route_topk(sub, x: Tensor, valid: Tensor | None, ratio: float | None = None) -> Selection:
+def route_topk(
+    sub, x: Tensor, valid: Tensor | None, ratio: float | None = None, pin: Tensor | None = None
+) -> Selection:
     """Training-mode routing of an `M` layer (`sub`: its Subsample): exact top-k per row by the
     router, weight = the router value at each chosen token (0 at invalid slots), the auxiliary loss
     (already weighted by mod_aux_loss) and the agreement of the inference rule with top-k."""
     r = sub.scores(x)  # (B, T) float32
-    sel = select_topk(r, valid, sub.keep_ratio if ratio is None else ratio, False)
+    sel = select_topk(r, valid, sub.keep_ratio if ratio is None else ratio, False, pin=pin)
     w = sub.mod.scale(r).gather(1, sel.idx)
+    if pin is not None:
+        w = w.masked_fill(pin.gather(1, sel.idx), 1.0)
     sel.weight = w if sel.valid is None else w * sel.valid
     d = r if sub.predictor is None else sub.predictor(x)
     sel.scores = d
@@ -104,8 +108,13 @@ class ModRouter(Subsample):
         return (s if self.predictor is None else self.predictor(x)), self.mod.scale(s)
 
     def forward(
-        self, x: Tensor, valid: Tensor | None, step: Tensor | int | None, ratio: float | None = None
+        self,
+        x: Tensor,
+        valid: Tensor | None,
+        step: Tensor | int | None,
+        ratio: float | None = None,
+        pos: Tensor | None = None,
     ) -> Selection:
         if not self.training:
-            return super().forward(x, valid, step)
-        return route_topk(self, x, valid, ratio)
+            return super().forward(x, valid, step, ratio, pos)
+        return route_topk(self, x, valid, ratio, self.pin_mask(pos))

@@ -110,6 +110,7 @@ class SubLLM(nn.Module):
             options=opts,
             score_norm=config.score_norm,
             score_bias=config.score_bias is not None,
+            keep_first=config.keep_first,
         )
         self.subsamples = nn.ModuleList(
             ModRouter(config.dim, r, prob, mod, **kw) if m else Subsample(config.dim, r, prob, **kw)
@@ -263,7 +264,7 @@ class SubLLM(nn.Module):
         ratio = None
         if self.training and self.config.keep_anneal_steps > 0:  # a host float: K is a shape
             ratio = self.config.keep_ratios_at(self._step)[node.index]
-        sel = self.subsamples[node.index](x, level.valid, self.step_tensor, ratio)
+        sel = self.subsamples[node.index](x, level.valid, self.step_tensor, ratio, level.pos)
         sels[node.index] = sel
         if sel.k == 0:  # nothing kept anywhere: U returns x, B gives x + b (x - x) = x
             return x

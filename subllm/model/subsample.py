@@ -45,7 +45,12 @@ def _keep_counts(n: Tensor, ratio: float) -> Tensor:
 
 
 def select_topk(
-    s: Tensor, valid: Tensor | None, ratio: float, flip: bool, theta: Tensor | None = None
+    s: Tensor,
+    valid: Tensor | None,
+    ratio: float,
+    flip: bool,
+    theta: Tensor | None = None,
+    pin: Tensor | None = None,
 ) -> Selection:
     """Training-mode selection: global top-k of the real tokens, k = ceil(ratio * n_real).
 
@@ -56,9 +61,11 @@ def select_topk(
     scores to >= 1 and discarded ones to <= 0, so that the causal inference rule `score > 0`
     learns to agree with top-k. Top-k itself has no gradient; it flows only through the weights.
     `theta`: the inference threshold the agreement is measured against (None = 0, the paper).
+    `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
     """
     B, T = s.shape
-    key = s if valid is None else s.masked_fill(~valid, float("-inf"))
+    key = s if pin is None else s.masked_fill(pin, float("inf"))
+    key = key if valid is None else key.masked_fill(~valid, float("-inf"))
     sorted_s, order = key.sort(dim=1, descending=True)
     u = sorted_s.clamp(0.0, 1.0)  # pads (-inf) become 0
     flip = torch.as_tensor(flip, device=s.device)  # a 0-d bool tensor: the decision stays on device
@@ -93,11 +100,14 @@ def select_topk(
         idx = top.gather(1, asc)
         slot_valid = slot_ok  # valid slots sort first, so slot i stays valid iff i < k_row
     weight = w_sorted.gather(1, asc)
+    if pin is not None:
+        weight = weight.masked_fill(pin.gather(1, idx), 1.0)
     with torch.no_grad():
         kept = torch.zeros(B, T, dtype=torch.bool, device=s.device)
         kept.scatter_(1, idx, True if slot_valid is None else slot_valid)
         real = torch.ones_like(kept) if valid is None else valid
         above = s > 0 if theta is None else s > theta
+        above = above if pin is None else above | pin
         agree = ((kept == above) & real).sum() / real.sum().clamp(min=1)
     return Selection(
         idx, weight, slot_valid, k_row, n_real, s, agree, kept, real=valid, sorted_scores=sorted_s
@@ -105,15 +115,23 @@ def select_topk(
 
 
 def select_threshold(
-    s: Tensor, valid: Tensor | None, theta: Tensor | None = None, weight: Tensor | None = None
+    s: Tensor,
+    valid: Tensor | None,
+    theta: Tensor | None = None,
+    weight: Tensor | None = None,
+    pin: Tensor | None = None,
 ) -> Selection:
     """Inference-mode selection: keep token t iff s_t > theta (and t is real; theta = 0 when None,
     the paper); weight clamp(s_t, 0, 1), as in training, or `weight` (B, T) where given (an `M`
     layer's router weight, subllm/model/mod.py).
 
-    Causal by construction: whether t is kept depends on t's own score only.
+    Causal by construction: whether t is kept depends on t's own score (and position, `pin`) only.
+    `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
     """
     above = s > 0 if theta is None else s > theta
+    if pin is not None:
+        above = above | pin
+        weight = (s.clamp(0.0, 1.0) if weight is None else weight).masked_fill(pin, 1.0)
     keep = above if valid is None else above & valid
     n_kept = keep.sum(1)
     n_real = torch.full_like(n_kept, s.shape[1]) if valid is None else valid.sum(1)
@@ -203,8 +221,10 @@ class Subsample(nn.Module):
         options: SelectOptions | None = None,
         score_norm: bool = False,
         score_bias: bool = False,
+        keep_first: int = 0,
     ):
         super().__init__()
+        self.keep_first = keep_first
         opts = options or SelectOptions.of(SELECTION_RECIPES["paper"])
         if opts.balancer_gate not in BALANCER_GATES:
             raise ValueError(f"balancer_gate must be one of {BALANCER_GATES}, got {opts.balancer_gate!r}")
@@ -245,15 +265,27 @@ class Subsample(nn.Module):
         s = self.scores(x)
         return s, s.clamp(0.0, 1.0)
 
+    def pin_mask(self, pos: Tensor | None) -> Tensor | None:
+        """Which tokens this S keeps whatever their score: original positions < keep_first (the
+        first tokens of a sequence, which a pretrained LLaMA uses as attention sinks), else None."""
+        return None if pos is None or not self.keep_first else pos < self.keep_first
+
     def forward(
-        self, x: Tensor, valid: Tensor | None, step: Tensor | int | None, ratio: float | None = None
+        self,
+        x: Tensor,
+        valid: Tensor | None,
+        step: Tensor | int | None,
+        ratio: float | None = None,
+        pos: Tensor | None = None,
     ) -> Selection:
         """`step`: the training step (an int, or a 0-d tensor as SubLLM passes it: no recompiles);
-        `ratio`: the training keep ratio at this step (None = keep_ratio; annealing passes it)."""
+        `ratio`: the training keep ratio at this step (None = keep_ratio; annealing passes it);
+        `pos` (B, T): each token's original position (for `keep_first`)."""
         ratio = self.keep_ratio if ratio is None else ratio
+        pin = self.pin_mask(pos)
         if not self.training:
             d, w = self.decide(x)
-            return select_threshold(d, valid, self.theta, w)
+            return select_threshold(d, valid, self.theta, w, pin)
         s = self.scores(x)  # (B, T)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None
@@ -264,7 +296,7 @@ class Subsample(nn.Module):
             direct=opts.balancer_fraction == "direct", box=box,
         )  # fmt: skip
         flip = torch.rand((), device=x.device) < 0.5  # a tensor: no host sync
-        sel = select_topk(s, valid, ratio, flip, self.theta)
+        sel = select_topk(s, valid, ratio, flip, self.theta, pin)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
@@ -282,8 +314,8 @@ class Subsample(nn.Module):
         kth = top.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0]
         nxt = top.gather(1, k.clamp(max=top.shape[1] - 1)[:, None])[:, 0]
         cut = torch.where(k < n_real, (kth + nxt) / 2, kth)
-        ok = k > 0
-        cut = (cut * ok).sum() / ok.sum().clamp(min=1)
+        ok = (k > 0) & torch.isfinite(cut)  # a row whose only kept tokens are pinned has no cut
+        cut = torch.where(ok, cut, 0.0).sum() / ok.sum().clamp(min=1)
         self.threshold_updates += 1
         rate = max(1.0 - self.options.threshold_momentum, 0.0)
         a = torch.clamp(1.0 / self.threshold_updates.float(), min=rate)
