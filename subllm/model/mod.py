@@ -107,14 +107,7 @@ class ModRouter(Subsample):
         s = self.scores(x)
         return (s if self.predictor is None else self.predictor(x)), self.mod.scale(s)
 
-    def forward(
-        self,
-        x: Tensor,
-        valid: Tensor | None,
-        step: Tensor | int | None,
-        ratio: float | None = None,
-        pos: Tensor | None = None,
+    def train_select(
+        self, x: Tensor, valid: Tensor | None, step, ratio: float, pin: Tensor | None
     ) -> Selection:
-        if not self.training:
-            return super().forward(x, valid, step, ratio, pos)
-        return route_topk(self, x, valid, ratio, self.pin_mask(pos))
+        return route_topk(self, x, valid, ratio, pin)

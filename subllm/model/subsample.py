@@ -286,6 +286,13 @@ class Subsample(nn.Module):
         if not self.training:
             d, w = self.decide(x)
             return select_threshold(d, valid, self.theta, w, pin)
+        return self.train_select(x, valid, step, ratio, pin)
+
+    def train_select(
+        self, x: Tensor, valid: Tensor | None, step, ratio: float, pin: Tensor | None
+    ) -> Selection:
+        """Training mode: the Balancer, exact top-k with the subtraction trick, the auxiliary loss
+        and the threshold's calibration (an `M` router overrides this, subllm/model/mod.py)."""
         s = self.scores(x)  # (B, T)
         opts = self.options
         gate = GradSize() if opts.balancer_gate == "weight" else None
