@@ -98,7 +98,7 @@ def test_structure_conversion_only_s_and_b_are_new(tmp_path):
     }
     assert all(float(s.threshold) == 0.0 and int(s.threshold_updates) == 0 for s in model.subsamples)
     assert torch.all(model.bypasses[0].scale == 1.0)  # the identity start: a kept token passes exactly
-    assert all(float(s.score.bias) == pytest.approx(IDENTITY_SCORE_BIAS) for s in model.subsamples)
+    assert all(float(s.score.bias.detach()) == pytest.approx(IDENTITY_SCORE_BIAS) for s in model.subsamples)
     # ready for continued training: a training step runs and reaches the new score layers
     model.train().set_step(0)
     ids = torch.randint(0, 101, (2, 16))
