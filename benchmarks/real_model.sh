@@ -20,7 +20,9 @@ $PY -m subllm train --init-from "$OUT/llama" --distill-from "$OUT/llama" --data 
   --batch-size 4 --seq-len 512 --steps "$STEPS" --eval-every 20 --eval-batches 4 --save-every 20 \
   --schedule-steps scale --dtype auto --out "$OUT/subllm" --overwrite
 mkdir -p "$OUT/legal"
-cp /usr/share/common-licenses/{GPL-3,Apache-2.0,MPL-2.0,LGPL-2.1} "$OUT/legal/" 2>/dev/null || true
+for f in GPL-3 Apache-2.0 MPL-2.0 LGPL-2.1; do  # `subllm eval` reads the .txt files of a folder
+  if [ -f "/usr/share/common-licenses/$f" ]; then cp "/usr/share/common-licenses/$f" "$OUT/legal/$f.txt"; fi
+done
 for model in llama subllm; do
   for text in data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/legal"; do
     [ -e "$text" ] || continue
