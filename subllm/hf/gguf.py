@@ -302,11 +302,7 @@ def check_target(info: GGUFInfo, structure: str | None, keep_ratio) -> None:
     check_keep_ratio(structure, keep_ratio)
     if structure is None:
         return
-    if structure.count("T") != info.n_layers:
-        raise SubLLMError(
-            f"structure {structure!r} has {structure.count('T')} layers, {info.path.name} has {info.n_layers}"
-        )
-    ModelConfig(  # parses the structure and checks one keep ratio per S
+    cfg = ModelConfig(  # parses the structure and checks one keep ratio per S
         vocab_size=info.vocab_size,
         dim=info.dim,
         n_heads=info.n_heads,
@@ -315,6 +311,9 @@ def check_target(info: GGUFInfo, structure: str | None, keep_ratio) -> None:
         structure=structure,
         keep_ratio=0.64 if keep_ratio is None else keep_ratio,
     )
+    if cfg.n_layers != info.n_layers:  # T and M layers both count
+        name = info.path.name
+        raise SubLLMError(f"structure {structure!r} has {cfg.n_layers} layers, {name} has {info.n_layers}")
 
 
 def from_gguf(

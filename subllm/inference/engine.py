@@ -245,7 +245,7 @@ def _decode_sub(
     sub = model.subsamples[node.index]
     d, w = sub.decide(x)  # (n, 1) each: decision and eval-mode weight
     keep_t = sub.keep(d[:, 0])
-    if sub.keep_first:  # tokens at the first positions are kept with weight 1 (keep_first)
+    if sub.keep_first and min(positions) < sub.keep_first:  # host ints: no tensor work per token
         pin = torch.tensor(positions, device=x.device) < sub.keep_first
         keep_t, w = keep_t | pin, w.masked_fill(pin[:, None], 1.0)
     keep = keep_t.tolist()
