@@ -104,7 +104,7 @@ class ModelConfig:
     mod_aux_loss: float = 0.1  # weight of the BCE that teaches the router / predictor the top-k
     mod_predictor_dim: int = 64  # hidden width of the "predictor" MLP
     # what scales the update: "sigmoid" of the router value (default: measured better, RESULTS.md
-    # issue 12) | "raw" router value (MoD's equation 1)
+    # issue 12) | "raw" router value (MoD's equation 1) | "clamp" clamp(r, 0, 1) (an identity start)
     mod_weight: str = "sigmoid"
     rope_theta: float = 10000.0
     # RoPE scaling, Hugging Face's rope_parameters dict without rope_theta (subllm/model/rope.py):
@@ -190,8 +190,8 @@ class ModelConfig:
                 raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
         if self.mod_router not in MOD_ROUTERS:
             raise SubLLMError(f"mod_router must be one of {MOD_ROUTERS}, got {self.mod_router!r}")
-        if self.mod_weight not in ("raw", "sigmoid"):
-            raise SubLLMError(f"mod_weight must be 'raw' or 'sigmoid', got {self.mod_weight!r}")
+        if self.mod_weight not in ("raw", "sigmoid", "clamp"):
+            raise SubLLMError(f"mod_weight must be 'raw', 'sigmoid' or 'clamp', got {self.mod_weight!r}")
         if not isinstance(self.mod_predictor_dim, int) or self.mod_predictor_dim <= 0:
             raise SubLLMError(f"mod_predictor_dim must be a positive integer, got {self.mod_predictor_dim!r}")
         if self.balancer_steps <= 0 or self.bypass_steps <= 0:
@@ -381,7 +381,8 @@ def get_preset(name: str) -> ModelConfig:
 # The score bias and score-weight scale of an identity start: every score is 1.05 + a tiny random
 # part (std 0.01 / sqrt(dim) per weight on RMS-normalised input: about 0.01), so each token scores
 # >= 1 (weight clamp(s, 0, 1) = 1) and is kept by the inference rule s > 0; with bypass scales of
-# 1.0 a kept token passes exactly: at keep ratio 1.0 the model equals its source.
+# 1.0 a kept token passes exactly: at keep ratio 1.0 the model equals its source. An `M` layer's
+# update is scaled by clamp(r, 0, 1) (mod_weight "clamp"), so at capacity 1.0 it is its source layer.
 IDENTITY_SCORE_BIAS = 1.05
 
 
@@ -393,4 +394,5 @@ def identity_start(config: ModelConfig) -> ModelConfig:
         score_init_std=0.01 * config.dim**-0.5,
         bypass_init=1.0,
         keep_first=1,
+        mod_weight="clamp",
     )

@@ -65,10 +65,11 @@ def test_chunked_lm_and_kl_equal_the_full_logits_reference(temperature):
     assert kl > 0.1  # two unrelated models: the test is not comparing zeros
 
 
-def _converted(start, keep):
+def _converted(start, keep, structure=None):
     torch.manual_seed(1)
     source = SubLLM(get_preset("llama-tiny")).eval()
-    cfg = get_preset("subllm-tiny").replace(keep_ratio=keep)
+    cfg = get_preset("subllm-tiny").replace(keep_ratio=keep, mod_capacity=keep)
+    cfg = cfg if structure is None else cfg.replace(structure=structure)
     cfg = identity_start(cfg) if start == "identity" else cfg
     torch.manual_seed(2)
     model = SubLLM(cfg)
@@ -76,17 +77,19 @@ def _converted(start, keep):
     return source, model
 
 
-def test_identity_start_equals_the_source_at_keep_ratio_one():
+@pytest.mark.parametrize("structure", [None, "TMT(TM)TT"])  # subllm-tiny's nested S; M layers (MoD)
+def test_identity_start_equals_the_source_at_keep_ratio_one(structure):
     ids = torch.randint(3, 256, (3, 40))
-    source, model = _converted("identity", 1.0)
+    source, model = _converted("identity", 1.0, structure)
+    n = model.config.n_subsamples
     with torch.no_grad():
         ref = source(ids).logits
         assert (model.eval()(ids).logits - ref).abs().max() < 1e-5
         model.train().set_step(0)
         out = model(ids)
-        assert (out.logits - ref).abs().max() < 1e-5 and out.keep_fractions.tolist() == [1.0, 1.0]
-        _, fresh = _converted("fresh", 1.0)  # the paper's start (bypass 0.5, no score bias) is not
-        assert (fresh.eval()(ids).logits - ref).abs().max() > 1e-2
+        assert (out.logits - ref).abs().max() < 1e-5 and out.keep_fractions.tolist() == [1.0] * n
+        _, fresh = _converted("fresh", 1.0, structure)  # the paper's start (bypass 0.5, no score bias;
+        assert (fresh.eval()(ids).logits - ref).abs().max() > 1e-2  # MoD's sigmoid weight) is not
 
 
 def test_hf_llama_conversion_starts_at_the_source():

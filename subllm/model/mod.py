@@ -6,7 +6,8 @@ residual update scaled by the router weight: z_t = x_t + g(r_t) f(x_t) for the c
 z_t = x_t for the others - MoD's equation 1 with g(r) = r (`mod_weight = "raw"`), or g = sigmoid
 (the default: in [0, 1] like S's weights, and the auxiliary BCE then pushes the weights of chosen
 tokens toward 1 instead of inflating them - docs/RESULTS.md, issue 12, measures both; "raw" is
-unbounded by MoD's definition). That is
+unbounded by MoD's definition), or g = clamp(r, 0, 1) (S's weight: with the identity start of an
+uptraining, a score bias above 1, an `M` layer at capacity 1.0 is exactly its source layer). That is
 SUBLLM's gather / upsample with the router value as the weight and no bypass, so an `M` layer is
 parsed as a one-layer subsampling module and shares everything else with S: its own KV-cache level
 (a token it skips never enters its cache), the per-row ragged handling, the eval-mode threshold
@@ -43,10 +44,12 @@ class ModOptions:
     router: str = "aux_loss"
     predictor_dim: int = 64
     aux_loss: float = 0.1
-    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), or by r itself ("raw", MoD's eq. 1)
+    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), by r itself ("raw", MoD's eq. 1) or clamp(r, 0, 1)
 
     def scale(self, r: Tensor) -> Tensor:
-        return torch.sigmoid(r) if self.weight == "sigmoid" else r
+        if self.weight == "sigmoid":
+            return torch.sigmoid(r)
+        return r.clamp(0.0, 1.0) if self.weight == "clamp" else r
 
 
 class Predictor(nn.Module):

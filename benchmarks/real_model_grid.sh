@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 20 item 4: the comparison grid on SmolLM2-135M, every point from the same source (an all-T
+# SubLLM folder, e.g. made by `subllm data fetch-model smollm2 --convert-to runs/real/llama`), the same
+# tokens (same data, seed and order) and the same recipe: identity start, keep ratio annealed from 1.0,
+# pure distillation (w = 1: KL to the source only, so the corpus' register is not learned on top).
+# Per point: training with in-run evaluations (loss-vs-tokens curves in its metrics.jsonl), held-out loss on
+# three registers, and speed against its own LLaMA (bench infer, 2k context, batch 1, bf16).
+# Finished points are skipped, so the script can be re-run after a crash or with more points.
+#   SOURCE=runs/real/llama STEPS=64 ANNEAL=40 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
+# benchmarks/real_model_table.py then writes the table, the curves and the speed-vs-loss frontier.
+set -euo pipefail
+OUT=${1:-runs/grid}
+shift || true
+SOURCE=${SOURCE:-runs/real/llama}
+STEPS=${STEPS:-64}
+ANNEAL=${ANNEAL:-$((STEPS * 5 / 8))}
+THREADS=${THREADS:-2}
+TOKENS=${TOKENS:-16384}  # held-out tokens per register
+PY=${PY:-.venv/bin/python}
+NESTED='TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT'  # the paper's 5:5:2 shape on 30 layers
+WIDE='TTTT(TTTTTTTTTTTTTTTTTTTTTT)TTTT'       # one S over the middle 22 layers
+MOD='TMTMTMTMTMTMTMTMTMTMTMTMTMTMTM'          # MoD: every other layer routed
+RECIPE=(--optimizer adamw --lr 3e-5 --set score_lr_scale=10 --set balancer_prob_start=0 --set balancer_prob_end=0
+  --distill-weight 1.0)
+ROUTER=(--train-only subsample,bypass --optimizer adamw --lr 1e-3 --set score_lr_scale=1 --set balancer_prob_start=0
+  --set balancer_prob_end=0 --distill-weight 1.0)
+
+point_args() {  # name -> the train arguments of that point
+  case "$1" in
+    sub090) echo "--structure $NESTED --keep-ratio 0.9 ${RECIPE[*]}" ;;
+    sub080) echo "--structure $NESTED --keep-ratio 0.8 ${RECIPE[*]}" ;;
+    sub064) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]}" ;;
+    sub050) echo "--structure $NESTED --keep-ratio 0.5 ${RECIPE[*]}" ;;
+    wide064) echo "--structure $WIDE --keep-ratio 0.64 ${RECIPE[*]}" ;;
+    router080) echo "--structure $NESTED --keep-ratio 0.8 ${ROUTER[*]}" ;;
+    router064) echo "--structure $NESTED --keep-ratio 0.64 ${ROUTER[*]}" ;;
+    mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
+    *) echo "unknown point $1" >&2; return 1 ;;
+  esac
+}
+
+POINTS=("$@")
+[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064 router080 wide064 sub090 sub050 mod050)
+mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
+cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
+cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
+for f in GPL-3 Apache-2.0 MPL-2.0 LGPL-2.1; do  # nothing like it in the training text
+  [ -f "/usr/share/common-licenses/$f" ] && cp "/usr/share/common-licenses/$f" "$OUT/registers/legal/$f.txt"
+done
+
+evaluate() {  # checkpoint name -> $OUT/evals/name_{val,prose,legal}.json
+  mkdir -p "$OUT/evals"
+  for reg in val prose legal; do
+    [ -f "$OUT/evals/$2_$reg.json" ] && continue
+    $PY -m subllm eval --checkpoint "$1" --tasks loss --text "$OUT/registers/$reg" --seq-len 512 \
+      --max-tokens "$TOKENS" --batch-size 4 --dtype bf16 --threads "$THREADS" --out "$OUT/evals/$2_$reg.json" \
+      > "$OUT/evals/$2_$reg.log" 2>&1
+  done
+}
+
+evaluate "$SOURCE" source
+for p in "${POINTS[@]}"; do
+  args=$(point_args "$p")
+  if [ ! -f "$OUT/$p/summary.json" ]; then
+    resume=--overwrite
+    [ -d "$OUT/$p/checkpoints" ] && resume=--resume
+    # shellcheck disable=SC2086  # args is a word list on purpose
+    $PY -m subllm train --init-from "$SOURCE" --distill-from "$SOURCE" --data data/corpus $args \
+      --set keep_anneal_steps="$ANNEAL" --batch-size 4 --seq-len 512 --steps "$STEPS" --eval-every $((STEPS / 4)) \
+      --eval-batches 4 --save-every $((STEPS / 4)) --schedule-steps scale --dtype bf16 --threads "$THREADS" \
+      --seed 0 --no-progress --out "$OUT/$p" $resume > "$OUT/$p.log" 2>&1
+  fi
+  evaluate "$OUT/$p" "$p"
+  if [ ! -f "$OUT/evals/${p}_speed.log" ]; then
+    $PY -m subllm bench infer --checkpoint "$OUT/$p" --text "$OUT/registers/prose/austen_persuasion.txt" \
+      --lengths 2k --batch-sizes 1 --dtypes bf16 --decode-tokens 32 --reps 3 --threads "$THREADS" \
+      > "$OUT/evals/${p}_speed.tmp" 2>&1 && mv "$OUT/evals/${p}_speed.tmp" "$OUT/evals/${p}_speed.log"
+  fi
+  echo "$p done $(date -u +%H:%M)"
+done
