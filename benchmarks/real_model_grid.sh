@@ -30,6 +30,8 @@ point_args() {  # name -> the train arguments of that point
     sub090) echo "--structure $NESTED --keep-ratio 0.9 ${RECIPE[*]}" ;;
     sub080) echo "--structure $NESTED --keep-ratio 0.8 ${RECIPE[*]}" ;;
     sub064) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]}" ;;
+    sub064g) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]} --set subtraction=grad" ;;
+    sub080g) echo "--structure $NESTED --keep-ratio 0.8 ${RECIPE[*]} --set subtraction=grad" ;;
     sub050) echo "--structure $NESTED --keep-ratio 0.5 ${RECIPE[*]}" ;;
     wide064) echo "--structure $WIDE --keep-ratio 0.64 ${RECIPE[*]}" ;;
     router080) echo "--structure $NESTED --keep-ratio 0.8 ${ROUTER[*]}" ;;
@@ -40,7 +42,7 @@ point_args() {  # name -> the train arguments of that point
 }
 
 POINTS=("$@")
-[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064 router080 wide064 sub090 sub050 mod050)
+[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064 sub064g router080 wide064 mod050 sub090 sub050)
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
 cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
 cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"

@@ -82,6 +82,29 @@ def test_topk_subtraction_weights_by_hand():
     assert torch.allclose(flipped.weight, torch.tensor([[0.9 - 0.2, 0.5 - 0.4, 1.0 - 0.0]]))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_subtraction_in_the_gradient_only(padded):
+    """SelectOptions.subtraction "grad": same kept set and same gradient as the paper's weights, but
+    the weight's value is clamp(s, 0, 1) - what inference uses. Both branches (even and ragged)."""
+    torch.manual_seed(0)
+    s0 = torch.rand(3, 11) * 1.6 - 0.3
+    valid = torch.arange(11)[None, :] < torch.tensor([[11], [8], [5]]) if padded else None
+    out = {}
+    for value in (True, False):
+        s = s0.clone().requires_grad_(True)
+        sel = select_topk(s, valid, 0.6, flip=True, subtract_value=value)
+        c = torch.randn(sel.weight.shape, generator=torch.Generator().manual_seed(1))
+        (sel.weight * c).sum().backward()
+        out[value] = sel, s.grad
+    (paper, g_paper), (grad_only, g_only) = out[True], out[False]
+    assert torch.equal(paper.idx, grad_only.idx)
+    ok = torch.ones_like(paper.weight, dtype=torch.bool) if paper.valid is None else paper.valid
+    expected = (s0.gather(1, paper.idx).clamp(0, 1) * ok).detach()
+    assert torch.allclose(grad_only.weight, expected)
+    assert not torch.allclose(paper.weight, expected)  # the paper's values differ: the test can fail
+    assert torch.equal(g_paper, g_only)
+
+
 def test_topk_short_sequence_pads_block_with_zeros():
     s = torch.tensor([[0.8, 0.3, 0.6]])
     sel = select_topk(s, None, 0.9, flip=False)  # k = 3, no discarded block at all

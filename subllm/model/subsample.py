@@ -51,6 +51,7 @@ def select_topk(
     flip: bool,
     theta: Tensor | None = None,
     pin: Tensor | None = None,
+    subtract_value: bool = True,
 ) -> Selection:
     """Training-mode selection: global top-k of the real tokens, k = ceil(ratio * n_real).
 
@@ -62,6 +63,8 @@ def select_topk(
     learns to agree with top-k. Top-k itself has no gradient; it flows only through the weights.
     `theta`: the inference threshold the agreement is measured against (None = 0, the paper).
     `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
+    `subtract_value` False: the partner is subtracted in the gradient only - the weight's value is
+    clamp(s_(i), 0, 1), the inference weight (SelectOptions.subtraction "grad").
     """
     B, T = s.shape
     key = s if pin is None else s.masked_fill(pin, float("inf"))
@@ -85,6 +88,7 @@ def select_topk(
         if disc.shape[1] < K:
             disc = torch.nn.functional.pad(disc, (0, K - disc.shape[1]))
         disc = torch.where(flip, disc.flip(1), disc)
+        disc = disc if subtract_value else disc - disc.detach()
         w_sorted = u[:, :K] - disc
         idx, asc = top.sort(dim=1)
         slot_valid = None
@@ -95,6 +99,7 @@ def select_topk(
         src = kr + torch.where(flip, kr - 1 - j, j)
         src_ok = slot_ok & (src < T)
         disc = u.gather(1, src.clamp(0, T - 1)) * src_ok
+        disc = disc if subtract_value else disc - disc.detach()
         w_sorted = (u[:, :K] - disc) * slot_ok
         asc = torch.where(slot_ok, top, T + j).argsort(dim=1)
         idx = top.gather(1, asc)
@@ -127,6 +132,8 @@ def select_threshold(
 
     Causal by construction: whether t is kept depends on t's own score (and position, `pin`) only.
     `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
+    `subtract_value` False: the partner is subtracted in the gradient only - the weight's value is
+    clamp(s_(i), 0, 1), the inference weight (SelectOptions.subtraction "grad").
     """
     above = s > 0 if theta is None else s > theta
     if pin is not None:
@@ -192,6 +199,10 @@ class SelectOptions:
       follows), and the inference weight stays clamp(s, 0, 1) as in training. (Feeding theta back
       into training - Balancer, weights and loss on s - theta - was tried first: theta then chases
       a cut that runs away from it, and S1 ended keeping 3% in eval mode.)
+    - `subtraction`: "value" subtracts the discarded partner's clamp(s) from a kept token's weight
+      (the paper); "grad" only in the gradient, so the weight's value is clamp(s, 0, 1) as at
+      inference - for uptraining from an identity start, where every score is >= 1 and "value"
+      gives the paired kept tokens weight 0 (and, saturated, no gradient to leave 0 by).
     """
 
     balancer_gate: str
@@ -201,6 +212,7 @@ class SelectOptions:
     select_loss_detach: bool
     threshold: str
     threshold_momentum: float
+    subtraction: str
 
     @classmethod
     def of(cls, source) -> SelectOptions:
@@ -303,7 +315,7 @@ class Subsample(nn.Module):
             direct=opts.balancer_fraction == "direct", box=box,
         )  # fmt: skip
         flip = torch.rand((), device=x.device) < 0.5  # a tensor: no host sync
-        sel = select_topk(s, valid, ratio, flip, self.theta, pin)
+        sel = select_topk(s, valid, ratio, flip, self.theta, pin, opts.subtraction == "value")
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:

@@ -1,0 +1,141 @@
+"""The table and plots of benchmarks/real_model_grid.sh (issue 20, item 4).
+
+Reads a grid folder (one run folder per point, evals/ with each point's held-out losses and speed) and
+writes table.md (FLOP ideal, held-out loss per register against the source, eval keep, agreement,
+measured speed-ups), curves.png (in-run validation loss vs training tokens, every point) and
+frontier.png (mean loss increase over the registers vs measured decode speed-up).
+
+    python benchmarks/real_model_table.py runs/grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REGISTERS = ("val", "prose", "legal")
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _last_json_line(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def point_row(grid: Path, name: str, source: dict) -> dict:
+    """Everything the table says about one point."""
+    run = grid / name
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    start = next(r for r in records if r.get("kind") == "run")
+    evals = [r for r in records if r.get("kind") == "eval"]
+    model, cfg = start["model"], start["config"]
+    row = dict(
+        name=name, structure=model["structure"], keep=model["keep_ratio"], train_only=cfg.get("train_only")
+    )
+    row["mod_capacity"] = model["mod_capacity"] if "M" in model["structure"] else None
+    row["tokens"] = evals[-1]["tokens"] if evals else 0
+    row["curve"] = [(r["tokens"], r["val_loss"]) for r in evals]
+    for reg in REGISTERS:
+        ev = _json(grid / "evals" / f"{name}_{reg}.json")
+        row[reg] = ev["loss"]["loss"] if ev else None
+        row[reg + "_rel"] = ev["loss"]["loss"] / source[reg] - 1 if ev else None
+        if reg == "val" and ev:
+            sel = ev.get("selection") or {}
+            row["eval_keep"] = ev["loss"].get("keep_fractions")
+            row["agreement"] = sel.get("agreement")
+    bench = _last_json_line(grid / "evals" / f"{name}_speed.log")
+    res = bench["results"][0] if bench else {}
+    for k in ("prefill_speedup", "prefill_ideal", "decode_speedup", "decode_ideal"):
+        row[k] = res.get(k)
+    return row
+
+
+def _fmt(x, spec=".3f", missing="-"):
+    return missing if x is None else format(x, spec)
+
+
+def table(rows: list[dict], source: dict) -> str:
+    head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | eval keep (val) | "
+            "agreement | prefill x (ideal) | decode x (ideal) |")  # fmt: skip
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    losses = " | ".join(_fmt(source[r]) for r in REGISTERS)
+    out.append(f"| source | all T | 1.0 | - | - | {losses} | - | - | - | - |")
+    for r in rows:
+        cells = [f"{_fmt(r[g])} ({_fmt(100 * r[g + '_rel'] if r[g + '_rel'] is not None else None, '+.1f')}%)"
+                 for g in REGISTERS]  # fmt: skip
+        keep = f"capacity {r['mod_capacity']}" if r["mod_capacity"] else f"{r['keep']}"
+        trained = "S, B only" if r["train_only"] else "all"
+        ek = "/".join(f"{x:.2f}" for x in r.get("eval_keep") or []) or "-"
+        ag = "/".join(f"{x:.2f}" for x in r.get("agreement") or []) or "-"
+        sp = [f"{_fmt(r[a], '.2f')} ({_fmt(r[b], '.2f')})" for a, b in
+              (("prefill_speedup", "prefill_ideal"), ("decode_speedup", "decode_ideal"))]  # fmt: skip
+        first = f"| {r['name']} | `{r['structure']}` | {keep} | {trained} | {r['tokens']:,} | "
+        out.append(first + " | ".join(cells) + f" | {ek} | {ag} | {sp[0]} | {sp[1]} |")
+    return "\n".join(out)
+
+
+def plots(rows: list[dict], grid: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["curve"]:
+            ax.plot([t / 1e3 for t, _ in r["curve"]], [v for _, v in r["curve"]], marker="o", label=r["name"])
+    if rows and rows[0]["curve"]:
+        ax.axhline(rows[0]["curve"][0][1], color="k", ls="--", lw=1, label="source (step 0)")
+    ax.set_xlabel("training tokens (thousands)")
+    ax.set_ylabel("in-run validation loss, eval mode (nats)")
+    ax.set_title("SmolLM2-135M -> SUBLLM: loss vs tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(grid / "curves.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        rel = [r[g + "_rel"] for g in REGISTERS]
+        if r["decode_speedup"] is None or None in rel:
+            continue
+        y = 100 * sum(rel) / len(rel)
+        ax.scatter(r["decode_speedup"], y)
+        ax.annotate(
+            r["name"], (r["decode_speedup"], y), fontsize=8, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.axhline(2, color="tab:red", ls="--", lw=1, label="2% target")
+    ax.set_xlabel("measured decode speed-up over the source (2k context, batch 1, bf16)")
+    ax.set_ylabel("held-out loss over the source, mean of 3 registers (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(grid / "frontier.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid", type=Path)
+    a = ap.parse_args()
+    source = {}
+    for reg in REGISTERS:
+        ev = _json(a.grid / "evals" / f"source_{reg}.json")
+        if ev is None:
+            raise SystemExit(
+                f"{a.grid}/evals/source_{reg}.json is missing: run benchmarks/real_model_grid.sh first"
+            )
+        source[reg] = ev["loss"]["loss"]
+    names = sorted(p.name for p in a.grid.iterdir() if (p / "metrics.jsonl").is_file())
+    rows = [point_row(a.grid, n, source) for n in names]
+    text = table(rows, source)
+    (a.grid / "table.md").write_text(text + "\n")
+    print(text)
+    plots(rows, a.grid)
+    print(f"wrote {a.grid}/table.md, curves.png, frontier.png")
+
+
+if __name__ == "__main__":
+    main()
