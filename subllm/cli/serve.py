@@ -47,10 +47,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies get 413 without being read (default 4 MiB)")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; one more gets 503 and is closed (default 512)")  # fmt: skip
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request head (default 10)")  # fmt: skip
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")  # fmt: skip
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body has to arrive, else 408 (default 30)")  # fmt: skip
 
 
-def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None):
-    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher."""
+def load_server(
+    checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None, limits=None
+):
+    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
+    `limits`: a subllm.serve.app.Limits (default: its defaults)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -67,7 +81,7 @@ def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, mo
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
     batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
-    return batcher, build_app(batcher, name, metrics)
+    return batcher, build_app(batcher, name, metrics, limits)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +95,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.port < 65536:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
-    batcher, app = load_server(args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name)
+    from subllm.serve.app import Limits
+    from subllm.serve.connections import limited_protocol
+
+    if args.max_body_bytes < 1 or args.max_connections < 1:
+        raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
+    if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
+        raise SubLLMError("--header-timeout, --keep-alive-timeout and --body-timeout must be > 0")
+    limits = Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+    batcher, app = load_server(
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits
+    )
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
@@ -97,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(
         app,
-        http="h11",
+        http=limited_protocol(args.max_connections, args.header_timeout),
+        timeout_keep_alive=args.keep_alive_timeout,
         lifespan="on",
         log_level=args.log_level,
         timeout_graceful_shutdown=args.shutdown_timeout,
