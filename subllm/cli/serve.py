@@ -12,6 +12,7 @@ finish (up to --shutdown-timeout seconds, then they are cancelled), then the pro
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -21,6 +22,8 @@ import torch
 
 from subllm.dtype import DTYPES, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
+
+API_KEY_ENV = "SUBLLM_API_KEY"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the API routes (/health, /metrics, /version stay "
+        "open); default: the environment variable SUBLLM_API_KEY, else no key",
+    )
     g = p.add_argument_group("limits")
     g.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
                    help="larger request bodies get 413 without being read (default 4 MiB)")  # fmt: skip
@@ -60,11 +69,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a request body has to arrive, else 408 (default 30)")  # fmt: skip
 
 
+def api_key(arg: str | None, environ) -> str | None:
+    """--api-key, else $SUBLLM_API_KEY, else None (no key); an empty key is an error."""
+    key = arg if arg is not None else environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise SubLLMError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
+    return key
+
+
 def load_server(
-    checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None, limits=None
+    checkpoint: Path,
+    max_batch: int,
+    max_queue: int,
+    dtype: str,
+    model_name: str | None,
+    limits=None,
+    api_key: str | None = None,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
-    `limits`: a subllm.serve.app.Limits (default: its defaults)."""
+    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -81,7 +104,7 @@ def load_server(
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
     batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
-    return batcher, build_app(batcher, name, metrics, limits)
+    return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
         raise SubLLMError("--header-timeout, --keep-alive-timeout and --body-timeout must be > 0")
     limits = Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+    key = api_key(args.api_key, os.environ)
     batcher, app = load_server(
-        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -129,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}"
+        f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from subllm.serve.access import APIKeyMiddleware
 from subllm.serve.batcher import Batcher, QueueFull, Request, Unavailable
 from subllm.serve.body import decode_json, read_body
 from subllm.serve.metrics import ServeMetrics
@@ -59,10 +61,14 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def build_app(
-    batcher: Batcher, model_name: str, metrics: ServeMetrics | None = None, limits: Limits | None = None
+    batcher: Batcher,
+    model_name: str,
+    metrics: ServeMetrics | None = None,
+    limits: Limits | None = None,
+    api_key: str | None = None,
 ) -> Starlette:
     """The app; its lifespan starts the batcher thread and stops it (after uvicorn has let the
-    in-flight responses finish)."""
+    in-flight responses finish). `api_key`: required as a Bearer token (access.py)."""
     cfg = batcher.model.config
     metrics = metrics or batcher.metrics or ServeMetrics(0, model_name)
     limits = limits or Limits()
@@ -146,6 +152,7 @@ def build_app(
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
+        middleware=[Middleware(APIKeyMiddleware, key=api_key, metrics=metrics)] if api_key else [],
     )
 
 
