@@ -70,10 +70,21 @@ class LiveServer:
     """uvicorn serving `app` on a free 127.0.0.1 port in a background thread, with `subllm serve`'s
     connection limits (subllm/serve/connections.py)."""
 
-    def __init__(self, app, shutdown_timeout: float = 5.0, max_connections: int = 512, header_timeout=10.0):
+    def __init__(
+        self,
+        app,
+        shutdown_timeout=5.0,
+        max_connections=512,
+        header_timeout=10.0,
+        batcher=None,
+        drain_timeout=5.0,
+    ):
+        """`batcher`: serve with `subllm serve`'s DrainingServer (handle_exit = SIGTERM) and this
+        --shutdown-timeout; `shutdown_timeout` is uvicorn's own (the flush after the drain)."""
         import uvicorn
 
         from subllm.serve.connections import limited_protocol
+        from subllm.serve.shutdown import DrainingServer
 
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -85,7 +96,7 @@ class LiveServer:
             log_level="error",
             timeout_graceful_shutdown=shutdown_timeout,
         )
-        self.server = uvicorn.Server(cfg)
+        self.server = uvicorn.Server(cfg) if batcher is None else DrainingServer(cfg, batcher, drain_timeout)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

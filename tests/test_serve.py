@@ -1,15 +1,11 @@
 """`subllm serve` against a live server on 127.0.0.1 (tiny model, real TCP): the openai client
 (plain and streaming), 16 concurrent streams equal to their solo `generate()`, continuous batching
 driven step by step, bad inputs (4xx in OpenAI's format, and the server keeps serving), a full
-queue (429 + Retry-After), client disconnects (the row leaves, no cache bytes left), metrics, and
-SIGTERM (the in-flight stream finishes, exit 0)."""
+queue (429 + Retry-After), client disconnects (the row leaves, no cache bytes left) and metrics.
+Shutdown: tests/test_serve_shutdown.py; limits: tests/test_serve_limits.py."""
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -304,54 +300,6 @@ def test_non_streaming_disconnect_cancels(server):
         )
     )
     wait_until(lambda: idle(server.url))
-
-
-# ---- SIGTERM ----------------------------------------------------------------------------------
-def test_sigterm_lets_the_stream_finish_then_exits_0(ckpt):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "subllm", "serve", "--checkpoint", str(ckpt[0]), "--port", "0",
-           "--dtype", "fp32", "--threads", "1", "--model-name", "tiny"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        assert "listening on http://" in line, line
-        url = line.rsplit(" ", 1)[1].strip()
-        body = {"prompt": [5, 6], "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)
-            rest = [x for x in lines if x.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(timeout=30) == 0
-        assert "stopped" in proc.stderr.read()
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_shutdown_timeout_cancels_the_stream_cleanly(ckpt):
-    """Past the graceful-shutdown timeout the in-flight stream is cancelled: its row is dropped,
-    the batcher thread stops, no cache is left."""
-    batcher, app = load_server(ckpt[0], 4, 8, "fp32", "tiny")
-    body = {"prompt": [5, 6], "max_tokens": 500, "ignore_eos": True, "temperature": 0, "stream": True}
-    s = LiveServer(app, shutdown_timeout=0.05).__enter__()
-    t0 = time.monotonic()
-    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        s.server.should_exit = True  # what SIGTERM sets
-        with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut, not completed
-            for _ in lines:
-                pass
-    s.__exit__(None, None, None)
-    assert not s.thread.is_alive() and not batcher.alive and time.monotonic() - t0 < 10
-    assert batcher.cache is None and not batcher.running
-    assert batcher.metrics.requests["cancelled"] + batcher.metrics.requests["error"] == 1
 
 
 # ---- the load benchmark -----------------------------------------------------------------------

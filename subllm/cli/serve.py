@@ -5,15 +5,15 @@
          -d '{"prompt": "To be, or not", "max_tokens": 16, "temperature": 0}'
 
 Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, /health,
-/metrics (Prometheus text). SIGTERM / Ctrl-C: new requests get 503, the requests already accepted
-finish (up to --shutdown-timeout seconds, then they are cancelled), then the process exits 0.
+/metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
+503 + Retry-After; the requests already accepted finish (up to --shutdown-timeout seconds, then they
+end with an error event / a JSON error), then the process exits 0 (subllm/serve/shutdown.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -24,6 +24,7 @@ from subllm.dtype import DTYPES, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
 
 API_KEY_ENV = "SUBLLM_API_KEY"
+FLUSH_TIMEOUT_S = 5.0  # after the drain: for the handlers to write their last events
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: seconds the accepted requests get to finish (new ones get 503 meanwhile); "
+        "then they end with an error (default 30)",
     )
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
     from subllm.serve.app import Limits
     from subllm.serve.connections import limited_protocol
+    from subllm.serve.shutdown import DrainingServer
 
     if args.max_body_bytes < 1 or args.max_connections < 1:
         raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
@@ -136,20 +142,13 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     host, port = sock.getsockname()[:2]
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:  # no re-raise of the signal after shutdown: exit 0
-            batcher.drain()
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
-
     config = uvicorn.Config(
         app,
         http=limited_protocol(args.max_connections, args.header_timeout),
         timeout_keep_alive=args.keep_alive_timeout,
         lifespan="on",
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
@@ -158,6 +157,6 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    Server(config).run(sockets=[sock])
+    DrainingServer(config, batcher, args.shutdown_timeout).run(sockets=[sock])
     print("subllm serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -133,6 +133,7 @@ class Batcher:
         self.peak = 0  # most rows ever decoded together
         self._stop = False
         self._abort: tuple[str, int] | None = None
+        self._admitting: list[Request] = []  # popped from the queue, not yet running
         self._was_busy = False
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -185,6 +186,11 @@ class Batcher:
             self._thread.join(timeout)
 
     @property
+    def busy(self) -> bool:
+        """Whether any accepted request has not ended (waiting, being admitted or running)."""
+        return bool(self.waiting or self._admitting or self.running)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -206,7 +212,7 @@ class Batcher:
                     if abort:
                         left, self.waiting = [*self.waiting, *self.running], collections.deque()
                     else:
-                        admit = self._pop_admissible()
+                        admit = self._admitting = self._pop_admissible()
                 if abort:
                     for r in left:
                         if not r.done:
@@ -222,6 +228,8 @@ class Batcher:
                             self._fail(r, f"internal error: {type(e).__name__}: {e}")
                     self.running, self.cache = [], None
                     self._gauges()
+                finally:
+                    self._admitting = []
         with self._cv:
             left, self.waiting = [*self.waiting, *self.running], collections.deque()
         for r in left:
