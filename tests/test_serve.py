@@ -327,3 +327,24 @@ def test_bench_serve_smoke(ckpt, tmp_path):
         assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95_s"] >= lv["ttft_p50_s"] > 0 for lv in m["levels"])
     assert 1 < s["flop_ideal_speedup"] < 3
     print_serve_report(out)
+
+
+def test_tokenize_detokenize_version(server):
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "prompt": "w5 w6 w200"})
+    assert r.json() == {"tokens": [5, 6, 200], "count": 3, "max_model_len": 512}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [5, 6, 200]}).json() == {
+        "prompt": "w5 w6 w200"
+    }
+    for path, body, param in [
+        ("/detokenize", {"tokens": [5, 999]}, "tokens"),
+        ("/detokenize", {"tokens": "w5"}, "tokens"),
+        ("/tokenize", {"prompt": [5]}, "prompt"),
+        ("/tokenize", {"prompt": "w5", "bogus": 1}, "bogus"),
+    ]:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "w5", "model": "gpt-9"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    from subllm import __version__
+
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}

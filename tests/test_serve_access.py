@@ -33,6 +33,7 @@ def test_without_the_key_401(server, headers):
         httpx.post(server.url + "/v1/completions", json=body, headers=headers),
         httpx.get(server.url + "/v1/models", headers=headers),
         httpx.get(server.url + "/v1/nope", headers=headers),  # no route discovery without the key
+        httpx.post(server.url + "/tokenize", json={"prompt": "w5"}, headers=headers),
     ):
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         err = r.json()["error"]
@@ -51,6 +52,7 @@ def test_with_the_key_and_open_routes(server):
     with pytest.raises(AuthenticationError):
         bad.models.list()
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # probes need no key
+    assert httpx.get(server.url + "/version").status_code == 200
     assert 'status="401"' in httpx.get(server.url + "/metrics").text
 
 

@@ -1,5 +1,5 @@
 """The ASGI app of `subllm serve` (Starlette): /v1/completions (JSON or server-sent events),
-/v1/models, /health, /metrics. Every error is answered in OpenAI's format.
+/v1/models, /tokenize, /detokenize, /version, /health, /metrics. Every error is answered in OpenAI's format.
 
 The handlers never touch the model: they read the body under its limits (body.py), parse and
 tokenize it on a small thread pool (never on the event loop), hand one `Request` per prompt to the
@@ -40,6 +40,7 @@ from subllm.serve.protocol import (
     parse_completion,
     usage_chunk,
 )
+from subllm.serve.tokens import detokenize, tokenize
 
 RETRY_AFTER_S = {429: "1", 503: "5"}
 
@@ -110,6 +111,26 @@ def build_app(
             )
         return await _collect(request, batcher, reqs, events, cid, model_name)
 
+    def token_route(fn, *args):
+        async def handler(request: HTTPRequest) -> Response:
+            try:
+                raw = await read_body(request, limits.max_body_bytes, limits.body_timeout)
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(
+                    pool, lambda: fn(decode_json(raw), batcher.tokenizer, *args, model_name)
+                )
+            except APIError as e:
+                metrics.add_rejected(e.status)
+                return error_response(e)
+            return JSONResponse(out)
+
+        return handler
+
+    async def version(request: HTTPRequest) -> Response:
+        from subllm import __version__
+
+        return JSONResponse({"version": __version__})
+
     async def models(request: HTTPRequest) -> Response:
         return JSONResponse(models_body(model_name, cfg.max_seq_len, created))
 
@@ -147,6 +168,9 @@ def build_app(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/tokenize", token_route(tokenize, cfg.max_seq_len), methods=["POST"]),
+            Route("/detokenize", token_route(detokenize, cfg.vocab_size), methods=["POST"]),
+            Route("/version", version, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],

@@ -83,6 +83,12 @@ def _is_num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def check_model(model, model_name: str) -> None:
+    if model is not None and model != model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
+                       "model_not_found")  # fmt: skip
+
+
 def parse_completion(body, tokenizer, vocab_size: int, max_seq_len: int, model_name: str) -> Completion:
     """Check a decoded JSON body; -> the prompt ids and generation settings, or raise APIError."""
     if not isinstance(body, dict):
@@ -97,10 +103,7 @@ def parse_completion(body, tokenizer, vocab_size: int, max_seq_len: int, model_n
             {},
         ):
             raise APIError(400, f"{key}={v!r} is not supported by this server (only {allowed[-1]!r})", key)
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
-                       "model_not_found")  # fmt: skip
+    check_model(body.get("model"), model_name)
     if "user" in body and not isinstance(body["user"], str | None):
         raise APIError(400, "user must be a string", "user")
 
