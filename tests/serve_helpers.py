@@ -67,18 +67,36 @@ def prompts(n: int, seed: int = 5, lo: int = 3, hi: int = 40) -> list[list[int]]
 
 
 class LiveServer:
-    """uvicorn serving `app` on a free 127.0.0.1 port in a background thread."""
+    """uvicorn serving `app` on a free 127.0.0.1 port in a background thread, with `subllm serve`'s
+    connection limits (subllm/serve/connections.py)."""
 
-    def __init__(self, app, shutdown_timeout: float = 5.0):
+    def __init__(
+        self,
+        app,
+        shutdown_timeout=5.0,
+        max_connections=512,
+        header_timeout=10.0,
+        batcher=None,
+        drain_timeout=5.0,
+    ):
+        """`batcher`: serve with `subllm serve`'s DrainingServer (handle_exit = SIGTERM) and this
+        --shutdown-timeout; `shutdown_timeout` is uvicorn's own (the flush after the drain)."""
         import uvicorn
+
+        from subllm.serve.connections import limited_protocol
+        from subllm.serve.shutdown import DrainingServer
 
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(
-            app, http="h11", lifespan="on", log_level="error", timeout_graceful_shutdown=shutdown_timeout
+            app,
+            http=limited_protocol(max_connections, header_timeout),
+            lifespan="on",
+            log_level="error",
+            timeout_graceful_shutdown=shutdown_timeout,
         )
-        self.server = uvicorn.Server(cfg)
+        self.server = uvicorn.Server(cfg) if batcher is None else DrainingServer(cfg, batcher, drain_timeout)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

@@ -1,15 +1,11 @@
 """`subllm serve` against a live server on 127.0.0.1 (tiny model, real TCP): the openai client
 (plain and streaming), 16 concurrent streams equal to their solo `generate()`, continuous batching
 driven step by step, bad inputs (4xx in OpenAI's format, and the server keeps serving), a full
-queue (429 + Retry-After), client disconnects (the row leaves, no cache bytes left), metrics, and
-SIGTERM (the in-flight stream finishes, exit 0)."""
+queue (429 + Retry-After), client disconnects (the row leaves, no cache bytes left) and metrics.
+Shutdown: tests/test_serve_shutdown.py; limits: tests/test_serve_limits.py."""
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -191,7 +187,18 @@ BAD = [
     ({"prompt": "w5", "temperature": 2.5}, 400, "temperature", "[0, 2]"),
     ({"prompt": "w5", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "w5", "top_k": 0}, 400, "top_k", ">= 1"),
-    ({"prompt": "w5", "repetition_penalty": -1}, 400, "repetition_penalty", "> 0"),
+    ({"prompt": "w5", "repetition_penalty": -1}, 400, "repetition_penalty", "[0.01, 100]"),
+    ({"prompt": "w5", "repetition_penalty": 1e-308}, 400, "repetition_penalty", "[0.01, 100]"),
+    (b'{"prompt": "w5", "temperature": NaN}', 400, None, "NaN is not valid JSON"),
+    (b'{"prompt": "w5", "top_p": Infinity}', 400, None, "Infinity is not valid JSON"),
+    (b'{"prompt": "w5 \\ud800"}', 400, None, "lone surrogate (\\ud800)"),
+    (b'{"prompt": "w5", "stop": ["\\udfff"]}', 400, None, "lone surrogate"),
+    (b'{"prompt": "w5", "user": ' + b"[" * 40 + b"]" * 40 + b"}", 400, None, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+    ({"prompt": "w5", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
+    ({"prompt": "w5", "logprobs": 1, "stream": True}, 400, "logprobs", "stream"),
+    ({"prompt": "w5", "echo": "yes"}, 400, "echo", "true or false"),
+    ({"prompt": "w5", "stop": ["x" * 257]}, 400, "stop", "256 characters"),
     ({"prompt": "w5", "seed": 1.5}, 400, "seed", "integer"),
     ({"prompt": "w5", "stream": "yes"}, 400, "stream", "true or false"),
     ({"prompt": "w5", "stop": ["a", ""]}, 400, "stop", "non-empty"),
@@ -201,7 +208,8 @@ BAD = [
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": []}, 400, "prompt", "empty"),
     ({"max_tokens": 3}, 400, "prompt", "required"),
-    ({"prompt": ["w5", "w6"]}, 400, "prompt", "one prompt"),
+    ({"prompt": ["w5"] * 257}, 400, "prompt", "at most 256 prompts"),
+    ({"prompt": ["w5", [5, 999]]}, 400, "prompt", "vocabulary"),
     ({"prompt": [5, 999]}, 400, "prompt", "vocabulary"),
     ({"prompt": [5] * 600}, 400, "prompt", "maximum context length is 512"),
     ({"prompt": [5] * 500, "max_tokens": 20}, 400, "max_tokens", "maximum context length is 512"),
@@ -294,54 +302,6 @@ def test_non_streaming_disconnect_cancels(server):
     wait_until(lambda: idle(server.url))
 
 
-# ---- SIGTERM ----------------------------------------------------------------------------------
-def test_sigterm_lets_the_stream_finish_then_exits_0(ckpt):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "subllm", "serve", "--checkpoint", str(ckpt[0]), "--port", "0",
-           "--dtype", "fp32", "--threads", "1", "--model-name", "tiny"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()
-        assert "listening on http://" in line, line
-        url = line.rsplit(" ", 1)[1].strip()
-        body = {"prompt": [5, 6], "max_tokens": 200, "ignore_eos": True, "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)
-            rest = [x for x in lines if x.startswith("data: ")]
-        assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
-        assert proc.wait(timeout=30) == 0
-        assert "stopped" in proc.stderr.read()
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_shutdown_timeout_cancels_the_stream_cleanly(ckpt):
-    """Past the graceful-shutdown timeout the in-flight stream is cancelled: its row is dropped,
-    the batcher thread stops, no cache is left."""
-    batcher, app = load_server(ckpt[0], 4, 8, "fp32", "tiny")
-    body = {"prompt": [5, 6], "max_tokens": 500, "ignore_eos": True, "temperature": 0, "stream": True}
-    s = LiveServer(app, shutdown_timeout=0.05).__enter__()
-    t0 = time.monotonic()
-    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
-        s.server.should_exit = True  # what SIGTERM sets
-        with pytest.raises(httpx.RemoteProtocolError):  # the stream is cut, not completed
-            for _ in lines:
-                pass
-    s.__exit__(None, None, None)
-    assert not s.thread.is_alive() and not batcher.alive and time.monotonic() - t0 < 10
-    assert batcher.cache is None and not batcher.running
-    assert batcher.metrics.requests["cancelled"] + batcher.metrics.requests["error"] == 1
-
-
 # ---- the load benchmark -----------------------------------------------------------------------
 def test_bench_serve_smoke(ckpt, tmp_path):
     """`subllm bench serve` end to end on the tiny checkpoint (served twice): every request
@@ -367,3 +327,24 @@ def test_bench_serve_smoke(ckpt, tmp_path):
         assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95_s"] >= lv["ttft_p50_s"] > 0 for lv in m["levels"])
     assert 1 < s["flop_ideal_speedup"] < 3
     print_serve_report(out)
+
+
+def test_tokenize_detokenize_version(server):
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "prompt": "w5 w6 w200"})
+    assert r.json() == {"tokens": [5, 6, 200], "count": 3, "max_model_len": 512}
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [5, 6, 200]}).json() == {
+        "prompt": "w5 w6 w200"
+    }
+    for path, body, param in [
+        ("/detokenize", {"tokens": [5, 999]}, "tokens"),
+        ("/detokenize", {"tokens": "w5"}, "tokens"),
+        ("/tokenize", {"prompt": [5]}, "prompt"),
+        ("/tokenize", {"prompt": "w5", "bogus": 1}, "bogus"),
+    ]:
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "w5", "model": "gpt-9"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    from subllm import __version__
+
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}

@@ -5,14 +5,15 @@
          -d '{"prompt": "To be, or not", "max_tokens": 16, "temperature": 0}'
 
 Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, /health,
-/metrics (Prometheus text). SIGTERM / Ctrl-C: new requests get 503, the requests already accepted
-finish (up to --shutdown-timeout seconds, then they are cancelled), then the process exits 0.
+/metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
+503 + Retry-After; the requests already accepted finish (up to --shutdown-timeout seconds, then they
+end with an error event / a JSON error), then the process exits 0 (subllm/serve/shutdown.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import socket
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ import torch
 
 from subllm.dtype import DTYPES, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
+
+API_KEY_ENV = "SUBLLM_API_KEY"
+FLUSH_TIMEOUT_S = 5.0  # after the drain: for the handlers to write their last events
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,15 +46,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
-        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: seconds the accepted requests get to finish (new ones get 503 meanwhile); "
+        "then they end with an error (default 30)",
     )
     p.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the API routes (/health, /metrics, /version stay "
+        "open); default: the environment variable SUBLLM_API_KEY, else no key",
+    )
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                   help="larger request bodies get 413 without being read (default 4 MiB)")  # fmt: skip
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections; one more gets 503 and is closed (default 512)")  # fmt: skip
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request head (default 10)")  # fmt: skip
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")  # fmt: skip
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body has to arrive, else 408 (default 30)")  # fmt: skip
 
 
-def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None):
-    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher."""
+def api_key(arg: str | None, environ) -> str | None:
+    """--api-key, else $SUBLLM_API_KEY, else None (no key); an empty key is an error."""
+    key = arg if arg is not None else environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise SubLLMError(f"the API key (--api-key or ${API_KEY_ENV}) is empty")
+    return key
+
+
+def load_server(
+    checkpoint: Path,
+    max_batch: int,
+    max_queue: int,
+    dtype: str,
+    model_name: str | None,
+    limits=None,
+    api_key: str | None = None,
+):
+    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
+    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -67,7 +109,7 @@ def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, mo
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
     batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
-    return batcher, build_app(batcher, name, metrics)
+    return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,33 +123,40 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.port < 65536:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
-    batcher, app = load_server(args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name)
+    from subllm.serve.app import Limits
+    from subllm.serve.connections import limited_protocol
+    from subllm.serve.shutdown import DrainingServer
+
+    if args.max_body_bytes < 1 or args.max_connections < 1:
+        raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
+    if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
+        raise SubLLMError("--header-timeout, --keep-alive-timeout and --body-timeout must be > 0")
+    limits = Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
+    key = api_key(args.api_key, os.environ)
+    batcher, app = load_server(
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key
+    )
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise SubLLMError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     host, port = sock.getsockname()[:2]
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:  # no re-raise of the signal after shutdown: exit 0
-            batcher.drain()
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
-
     config = uvicorn.Config(
         app,
-        http="h11",
+        http=limited_protocol(args.max_connections, args.header_timeout),
+        timeout_keep_alive=args.keep_alive_timeout,
         lifespan="on",
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}"
+        f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
-    Server(config).run(sockets=[sock])
+    DrainingServer(config, batcher, args.shutdown_timeout).run(sockets=[sock])
     print("subllm serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -1,10 +1,12 @@
 """The ASGI app of `subllm serve` (Starlette): /v1/completions (JSON or server-sent events),
-/v1/models, /health, /metrics. Every error is answered in OpenAI's format.
+/v1/models, /tokenize, /detokenize, /version, /health, /metrics. Every error is answered in OpenAI's format.
 
-The handlers never touch the model: they check the request (protocol.py), hand a `Request` to the
+The handlers never touch the model: they read the body under its limits (body.py), parse and
+tokenize it on a small thread pool (never on the event loop), hand one `Request` per prompt to the
 batcher thread and relay its events, which arrive through `loop.call_soon_threadsafe`. A client
-that disconnects - mid-stream or while waiting for a JSON answer - cancels its request, and the
-batcher drops its row before the next decode step.
+that disconnects - mid-stream, while waiting in the queue, or while waiting for a JSON answer -
+cancels its requests: a waiting one leaves the queue at once, a running one leaves the batch
+before the next decode step.
 """
 
 from __future__ import annotations
@@ -14,53 +16,85 @@ import contextlib
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from subllm.serve.access import APIKeyMiddleware
 from subllm.serve.batcher import Batcher, QueueFull, Request, Unavailable
+from subllm.serve.body import decode_json, read_body
 from subllm.serve.metrics import ServeMetrics
 from subllm.serve.protocol import (
     APIError,
+    add_usage,
+    choice,
     completion_body,
     error_body,
     models_body,
     parse_completion,
     usage_chunk,
 )
+from subllm.serve.tokens import detokenize, tokenize
 
 RETRY_AFTER_S = {429: "1", 503: "5"}
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost the server before the batcher sees it."""
+
+    max_body_bytes: int = 4 * 2**20  # --max-body-bytes: larger bodies get 413, unread
+    body_timeout: float = 30.0  # seconds for the whole body to arrive (408)
+    tokenizer_threads: int = 2  # JSON parsing and tokenization, off the event loop
+
+
 def error_response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S[e.status]} if e.status in RETRY_AFTER_S else None
+    headers = {"Retry-After": RETRY_AFTER_S[e.status]} if e.status in RETRY_AFTER_S else {}
+    if e.status in (408, 413):  # the body was not read to its end: this connection cannot go on
+        headers["Connection"] = "close"
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def build_app(batcher: Batcher, model_name: str, metrics: ServeMetrics | None = None) -> Starlette:
+def build_app(
+    batcher: Batcher,
+    model_name: str,
+    metrics: ServeMetrics | None = None,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+) -> Starlette:
     """The app; its lifespan starts the batcher thread and stops it (after uvicorn has let the
-    in-flight responses finish)."""
+    in-flight responses finish). `api_key`: required as a Bearer token (access.py)."""
     cfg = batcher.model.config
     metrics = metrics or batcher.metrics or ServeMetrics(0, model_name)
+    limits = limits or Limits()
     created = int(time.time())
+    # parsing + tokenization; its threads start on first use
+    pool = ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="subllm-tokenize")
+
+    def parse(raw: bytes):
+        body = decode_json(raw)
+        return parse_completion(body, batcher.tokenizer, cfg.vocab_size, cfg.max_seq_len, model_name)
 
     async def completions(request: HTTPRequest) -> Response:
         try:
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON ({e})") from None
-            c = parse_completion(body, batcher.tokenizer, cfg.vocab_size, cfg.max_seq_len, model_name)
+            raw = await read_body(request, limits.max_body_bytes, limits.body_timeout)
             loop = asyncio.get_running_loop()
+            c = await loop.run_in_executor(pool, parse, raw)
             events: asyncio.Queue = asyncio.Queue()
-            req = Request(
-                c.prompt, c.settings, lambda kind, p: loop.call_soon_threadsafe(events.put_nowait, (kind, p))
-            )
+
+            def sink(i: int):
+                return lambda kind, p: loop.call_soon_threadsafe(events.put_nowait, (i, kind, p))
+
+            pairs = enumerate(zip(c.prompts, c.texts))
+            reqs = [Request(ids, c.settings, sink(i), text) for i, (ids, text) in pairs]
             try:
-                batcher.submit(req)
+                batcher.submit(reqs)
             except QueueFull as e:
                 raise APIError(429, str(e)) from None
             except Unavailable as e:
@@ -71,11 +105,31 @@ def build_app(batcher: Batcher, model_name: str, metrics: ServeMetrics | None = 
         cid = f"cmpl-{uuid.uuid4().hex}"
         if c.stream:
             return StreamingResponse(
-                _sse(req, events, cid, model_name, c.include_usage),
+                _sse(batcher, reqs, events, cid, model_name, c.include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _collect(request, req, events, cid, model_name)
+        return await _collect(request, batcher, reqs, events, cid, model_name)
+
+    def token_route(fn, *args):
+        async def handler(request: HTTPRequest) -> Response:
+            try:
+                raw = await read_body(request, limits.max_body_bytes, limits.body_timeout)
+                loop = asyncio.get_running_loop()
+                out = await loop.run_in_executor(
+                    pool, lambda: fn(decode_json(raw), batcher.tokenizer, *args, model_name)
+                )
+            except APIError as e:
+                metrics.add_rejected(e.status)
+                return error_response(e)
+            return JSONResponse(out)
+
+        return handler
+
+    async def version(request: HTTPRequest) -> Response:
+        from subllm import __version__
+
+        return JSONResponse({"version": __version__})
 
     async def models(request: HTTPRequest) -> Response:
         return JSONResponse(models_body(model_name, cfg.max_seq_len, created))
@@ -108,16 +162,21 @@ def build_app(batcher: Batcher, model_name: str, metrics: ServeMetrics | None = 
         yield
         batcher.drain()
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+        pool.shutdown(wait=False, cancel_futures=True)
 
     return Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/tokenize", token_route(tokenize, cfg.max_seq_len), methods=["POST"]),
+            Route("/detokenize", token_route(detokenize, cfg.vocab_size), methods=["POST"]),
+            Route("/version", version, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
+        middleware=[Middleware(APIKeyMiddleware, key=api_key, metrics=metrics)] if api_key else [],
     )
 
 
@@ -125,41 +184,59 @@ def _event(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def _sse(req: Request, events: asyncio.Queue, cid: str, model: str, include_usage: bool):
-    """Server-sent events: one chunk per text delta, a last chunk with the finish reason, the usage
-    chunk when asked for, then [DONE]. A disconnect cancels this generator: the row is dropped."""
+def _cancel(batcher: Batcher, reqs: list[Request]) -> None:
+    for r in reqs:
+        if not r.done:
+            batcher.cancel(r)
+
+
+async def _sse(batcher: Batcher, reqs: list[Request], events: asyncio.Queue, cid: str, model: str,
+               include_usage: bool):  # fmt: skip
+    """Server-sent events: one chunk per text delta (`index` says which prompt), a chunk with each
+    prompt's finish reason, the usage chunk when asked for (every other chunk then says
+    "usage": null), then [DONE]; an error ends the stream with an error event and [DONE]. A
+    disconnect cancels this generator: the requests leave the queue or the batch."""
+    usage, left = None, len(reqs)
     try:
-        while True:
-            kind, payload = await events.get()
+        while left:
+            i, kind, payload = await events.get()
             if kind == "delta":
-                yield _event(completion_body(cid, model, payload, None, None))
+                yield _event(completion_body(cid, model, [choice(i, payload)], None, include_usage))
             elif kind == "done":
-                yield _event(completion_body(cid, model, "", payload["finish_reason"], None))
-                if include_usage:
-                    yield _event(usage_chunk(cid, model, payload["usage"]))
-                break
+                last = choice(i, "", payload["finish_reason"])
+                yield _event(completion_body(cid, model, [last], None, include_usage))
+                usage, left = add_usage(usage, payload["usage"]), left - 1
             else:
-                yield _event(error_body(payload, "server_error"))
+                yield _event(APIError(payload["status"], payload["message"]).body())
                 break
+        else:
+            if include_usage:
+                yield _event(usage_chunk(cid, model, usage))
         yield _event("[DONE]")
     finally:
-        if not req.done:
-            req.cancel()
+        _cancel(batcher, reqs)
 
 
-async def _collect(http: HTTPRequest, req: Request, events: asyncio.Queue, cid: str, model: str) -> Response:
-    """The whole completion as one JSON body; a client that disconnects first cancels it."""
+async def _collect(http: HTTPRequest, batcher: Batcher, reqs: list[Request], events: asyncio.Queue,
+                   cid: str, model: str) -> Response:  # fmt: skip
+    """The whole completion as one JSON body (one choice per prompt); a client that disconnects
+    first cancels it; an error in any prompt answers the request with that error."""
 
     async def gather():
-        parts = []
-        while True:
-            kind, payload = await events.get()
+        texts: list[list[str]] = [[] for _ in reqs]
+        final: list[dict] = [{} for _ in reqs]
+        usage, left = None, len(reqs)
+        while left:
+            i, kind, payload = await events.get()
             if kind == "delta":
-                parts.append(payload)
+                texts[i].append(payload)
             elif kind == "done":
-                return completion_body(cid, model, "".join(parts), payload["finish_reason"], payload["usage"])
+                final[i], usage, left = payload, add_usage(usage, payload["usage"]), left - 1
             else:
-                raise RuntimeError(payload)
+                raise APIError(payload["status"], payload["message"])
+        pairs = enumerate(zip(texts, final))
+        choices = [choice(i, "".join(t), f["finish_reason"], f["logprobs"]) for i, (t, f) in pairs]
+        return completion_body(cid, model, choices, usage)
 
     async def disconnected():
         while (await http.receive())["type"] != "http.disconnect":
@@ -172,10 +249,9 @@ async def _collect(http: HTTPRequest, req: Request, events: asyncio.Queue, cid: 
             return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         try:
             return JSONResponse(result.result())
-        except RuntimeError as e:
-            return JSONResponse(error_body(str(e), "server_error"), 500)
+        except APIError as e:
+            return error_response(e)
     finally:
         for t in (result, gone):
             t.cancel()
-        if not req.done:
-            req.cancel()
+        _cancel(batcher, reqs)

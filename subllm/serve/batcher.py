@@ -15,8 +15,13 @@ tests/test_generate.py); and sampling is per row with the request's own `torch.G
 the same functions in the same order as `generate()` (subllm/inference/generation.py: repetition penalty,
 temperature, top-k, top-p, multinomial), so a draw never depends on what else is batched.
 
+Isolation: a failure while sampling, detokenizing or decoding one row fails that row only. A
+decode step that raises is undone (`KVCache.rewind`) and retried one row at a time, so the rows
+that can go on get their logits and the row that cannot leaves with an error event.
+
 Requests talk to the HTTP side through `sink(kind, payload)`, called on the worker thread:
-("delta", text), then ("done", {"finish_reason", "usage"}) or ("error", message).
+("delta", text), then ("done", {"finish_reason", "usage", "logprobs"}) or ("error", {"message",
+"status"}).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
+from subllm.serve.logprobs import LogprobRecord, prompt_logprobs, step_logprobs
 
 
 class QueueFull(SubLLMError):
@@ -60,6 +66,8 @@ class Settings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # with each token, the log-probabilities of this many alternatives
+    echo: bool = False  # the prompt comes back before the completion (and its logprobs with them)
 
 
 _ids = itertools.count()
@@ -68,9 +76,16 @@ _ids = itertools.count()
 class Request:
     """One completion in flight. `cancel()` may be called from any thread (client gone)."""
 
-    def __init__(self, prompt: list[int], settings: Settings, sink: Callable[[str, object], None]):
+    def __init__(
+        self,
+        prompt: list[int],
+        settings: Settings,
+        sink: Callable[[str, object], None],
+        prompt_text: str | None = None,
+    ):
         self.id = next(_ids)
         self.prompt, self.settings, self.sink = list(prompt), settings, sink
+        self.prompt_text = prompt_text  # as the client sent it (echo); None: decoded from the ids
         self.cancelled = False
         self.tokens: list[int] = []
         self.arrived = time.perf_counter()
@@ -81,6 +96,7 @@ class Request:
         self.gen: torch.Generator | None = None
         self.seen: torch.Tensor | None = None  # (1, V) bool, for the repetition penalty
         self._deltas: TextDeltas | None = None
+        self.record: LogprobRecord | None = None  # with settings.logprobs
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -116,18 +132,41 @@ class Batcher:
         self.draining = False
         self.peak = 0  # most rows ever decoded together
         self._stop = False
+        self._abort: tuple[str, int] | None = None
+        self._admitting: list[Request] = []  # popped from the queue, not yet running
         self._was_busy = False
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
 
     # ---- called from the HTTP side ----------------------------------------------------------
-    def submit(self, req: Request) -> None:
+    def submit(self, req: Request | list[Request]) -> None:
+        """Queue one request, or several together (all or none: a prompt list)."""
+        reqs = req if isinstance(req, list) else [req]
         with self._cv:
             if self._stop or self.draining:
                 raise Unavailable("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
-            self.waiting.append(req)
+            self.waiting.extend(reqs)
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        """The client went away (any thread). A request still waiting leaves the queue at once, so
+        abandoned requests never hold queue slots; a running one leaves before the next step."""
+        req.cancel()
+        with self._cv:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                return  # running (its row leaves at the next step), finished, or being admitted
+        req.finish_reason = "cancelled"
+        self._count("cancelled")
+        self._gauges()
+
+    def abort(self, message: str, status: int = 503) -> None:
+        """End every waiting and running request now with an error event (shutdown timeout)."""
+        with self._cv:
+            self._abort = (message, status)
             self._cv.notify()
 
     def drain(self) -> None:
@@ -147,6 +186,11 @@ class Batcher:
             self._thread.join(timeout)
 
     @property
+    def busy(self) -> bool:
+        """Whether any accepted request has not ended (waiting, being admitted or running)."""
+        return bool(self.waiting or self._admitting or self.running)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -159,25 +203,38 @@ class Batcher:
                     release_memory()  # idle again: the freed cache rows go back to the OS
                     self._was_busy = False
                 with self._cv:
-                    while not self._stop and not self.waiting and not self.running:
+                    while not self._stop and not self._abort and not self.waiting and not self.running:
                         self._cv.wait()
                     self._was_busy = True
                     if self._stop:
                         break
-                    admit = self._pop_admissible()
+                    abort, self._abort = self._abort, None
+                    if abort:
+                        left, self.waiting = [*self.waiting, *self.running], collections.deque()
+                    else:
+                        admit = self._admitting = self._pop_admissible()
+                if abort:
+                    for r in left:
+                        if not r.done:
+                            self._fail(r, *abort)
+                    self.running, self.cache = [], None
+                    self._gauges()
+                    continue
                 try:
                     self.step(admit)
-                except Exception as e:  # a bug or OOM: fail what is in flight, keep serving
+                except Exception as e:  # a bug outside any one row: fail what is in flight, keep serving
                     for r in [*self.running, *admit]:
                         if not r.done:
                             self._fail(r, f"internal error: {type(e).__name__}: {e}")
                     self.running, self.cache = [], None
                     self._gauges()
+                finally:
+                    self._admitting = []
         with self._cv:
             left, self.waiting = [*self.waiting, *self.running], collections.deque()
         for r in left:
             if not r.done:
-                self._fail(r, "the server shut down before this request finished")
+                self._fail(r, "the server shut down before this request finished", 503)
         self.running, self.cache = [], None
         self._gauges()
 
@@ -218,16 +275,30 @@ class Batcher:
                 r.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)
                 r.seen[0, r.prompt] = True
             r._deltas = TextDeltas(self.tokenizer)
+            if s.logprobs is not None:
+                r.record = LogprobRecord()
+                if s.echo:  # the obviously-correct path: one full forward of the prompt
+                    r.record.extend(r.prompt, *prompt_logprobs(self.model, r.prompt, s.logprobs))
+            if s.echo:
+                text = r.prompt_text if r.prompt_text is not None else self._decode_text(r.prompt)
+                if text:
+                    r.sink("delta", text)
+            if self.metrics is not None:
+                self.metrics.add_prompt(len(r.prompt))
+            if s.max_tokens == 0:  # echo only: the prompt (and its logprobs), nothing generated
+                r.before = None
+                self._done(r, "length")
+                return
             cache = new_cache(self.model, 1, chunk=self.chunk)
             logits = prefill(self.model, torch.tensor([r.prompt]), None, cache).float()  # (1, V)
             r.before = cache.snapshot()
-            if self.metrics is not None:
-                self.metrics.add_prompt(len(r.prompt))
-            if self._push(r, self._sample([r], logits)[0]):
-                self._finish(r, r.finish_reason, 0, cache)
-                return
         except Exception as e:
             self._fail(r, f"internal error: {type(e).__name__}: {e}")
+            return
+        if not self._advance([r], logits):
+            if r.finish_reason == "error":
+                return
+            self._finish(r, r.finish_reason, 0, cache)
             return
         if self.cache is None:
             self.cache = cache
@@ -238,14 +309,33 @@ class Batcher:
     def _decode(self) -> None:
         rows = self.running
         tokens = torch.tensor([r.tokens[-1] for r in rows])
-        logits = decode_step(self.model, self.cache, tokens).float()  # (n, V)
+        snap = self.cache.snapshot()
+        try:
+            logits = decode_step(self.model, self.cache, tokens).float()  # (n, V)
+        except Exception:
+            self.cache.rewind(snap)  # undo what the failed step appended; find the row(s) at fault
+            logits = self._decode_alone(tokens)
         keep = []
-        for i, (r, t) in enumerate(zip(rows, self._sample(rows, logits))):
-            if self._push(r, t):
-                self._finish(r, r.finish_reason, i)
-            else:
+        going = self._advance(rows, logits)
+        for i, r in enumerate(rows):
+            if i in going:
                 keep.append(i)
+            elif r.finish_reason != "error":
+                self._finish(r, r.finish_reason, i)
         self._keep(keep)
+
+    def _decode_alone(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each running row decoded alone (after a batched step raised): rows that raise again
+        are failed (their logits stay NaN and `_advance` skips them)."""
+        out = torch.full((len(self.running), self.model.config.vocab_size), float("nan"))
+        for i, r in enumerate(self.running):
+            snap = self.cache.snapshot()
+            try:
+                out[i] = decode_step(self.model, self.cache, tokens[i : i + 1], [i]).float()[0]
+            except Exception as e:
+                self.cache.rewind(snap)
+                self._fail(r, f"internal error while decoding this request: {type(e).__name__}: {e}")
+        return out
 
     def _keep(self, keep: list[int]) -> None:
         """Running rows `keep` stay; the others leave the batch and free their cache rows."""
@@ -257,23 +347,35 @@ class Batcher:
         else:
             self.cache.keep_rows(keep)
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        """One token per request from its row of logits (n, V) float, as `generate()` samples."""
-        out: list[int] = [0] * len(reqs)
+    def _advance(self, reqs: list[Request], logits: torch.Tensor) -> set[int]:
+        """Sample one token per request from its row of logits (n, V) float, as `generate()`
+        samples, and send its text; -> the indexes of the requests that go on. A request that
+        raises (settings that give no distribution, a tokenizer error) is failed alone."""
         plain = [i for i, r in enumerate(reqs) if r.settings.temperature == 0 and r.seen is None]
-        if plain:  # greedy without penalty: a row-wise argmax, batched
-            for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
-                out[i] = t
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}  # batched argmax
+        going = set()
         for i, r in enumerate(reqs):
-            if i in plain:
+            if r.done:  # failed while decoding alone
                 continue
-            s, row = r.settings, logits[i : i + 1]
-            scores = row if r.seen is None else apply_repetition_penalty(row, r.seen, s.repetition_penalty)
-            t = int(next_tokens(scores, s.temperature, s.top_k, s.top_p, r.gen)[0])
-            if r.seen is not None:
-                r.seen[0, t] = True
-            out[i] = t
-        return out
+            try:
+                row = logits[i : i + 1]
+                t = greedy[i] if i in greedy else self._sample(r, row)
+                if r.record is not None:
+                    r.record.extend([t], *step_logprobs(row, t, r.settings.logprobs))
+                if not self._push(r, t):
+                    going.add(i)
+            except Exception as e:
+                self._fail(r, f"sampling failed for this request: {type(e).__name__}: {e}")
+        return going
+
+    @staticmethod
+    def _sample(r: Request, row: torch.Tensor) -> int:
+        s = r.settings
+        scores = row if r.seen is None else apply_repetition_penalty(row, r.seen, s.repetition_penalty)
+        t = int(next_tokens(scores, s.temperature, s.top_k, s.top_p, r.gen)[0])
+        if r.seen is not None:
+            r.seen[0, t] = True
+        return t
 
     def _push(self, r: Request, token: int) -> bool:
         """Record a new token, send the text that is final, -> whether the request finished."""
@@ -311,24 +413,34 @@ class Batcher:
 
     def _finish(self, r: Request, reason: str, row: int, cache: KVCache | None = None) -> None:
         cache = self.cache if cache is None else cache
-        r.finish_reason = reason
         after = [[cache.length(level, row)] for level in range(cache.n_levels)]
         if self.metrics is not None:
             self.metrics.add_finished(self.model.config, r.before, after)
-        self._count(reason)
-        if reason != "cancelled":
-            n = len(r.tokens)
-            usage = {
-                "prompt_tokens": len(r.prompt),
-                "completion_tokens": n,
-                "total_tokens": len(r.prompt) + n,
-            }
-            r.sink("done", {"finish_reason": reason, "usage": usage})
+        self._done(r, reason)
 
-    def _fail(self, r: Request, message: str) -> None:
+    def _done(self, r: Request, reason: str) -> None:
+        if reason == "cancelled":
+            r.finish_reason = reason
+            self._count(reason)
+            return
+        try:
+            lp = None if r.record is None else r.record.body(self.tokenizer)
+        except Exception as e:
+            self._fail(r, f"detokenizing the logprobs failed: {type(e).__name__}: {e}")
+            return
+        r.finish_reason = reason
+        self._count(reason)
+        n = len(r.tokens)
+        usage = {"prompt_tokens": len(r.prompt), "completion_tokens": n, "total_tokens": len(r.prompt) + n}
+        r.sink("done", {"finish_reason": reason, "usage": usage, "logprobs": lp})
+
+    def _fail(self, r: Request, message: str, status: int = 500) -> None:
         r.finish_reason = "error"
         self._count("error")
-        r.sink("error", message)
+        r.sink("error", {"message": message, "status": status})
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _count(self, reason: str) -> None:
         if self.metrics is not None:
