@@ -42,7 +42,7 @@ point_args() {  # name -> the train arguments of that point
 }
 
 POINTS=("$@")
-[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064 sub064g router080 wide064 mod050 sub090 sub050)
+[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064 router080 mod050 wide064 sub090 sub050)
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
 cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
 cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
