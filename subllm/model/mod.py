@@ -44,7 +44,7 @@ class ModOptions:
     router: str = "aux_loss"
     predictor_dim: int = 64
     aux_loss: float = 0.1
-    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), by r itself ("raw", MoD's eq. 1) or clamp(r, 0, 1)
+    weight: str = "sigmoid"  # the update is scaled by sigmoid(r), r ("raw", MoD eq. 1) or clamp(r, 0, 1)
 
     def scale(self, r: Tensor) -> Tensor:
         if self.weight == "sigmoid":
