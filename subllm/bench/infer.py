@@ -39,7 +39,8 @@ import torch
 
 from subllm.bench.common import format_table, interleaved, median, min_med_max, spread
 from subllm.config import get_preset, iter_subs, keep_count
-from subllm.dtype import autocast, describe_hardware, dtype_line, resolve_dtype
+from subllm.dtype import autocast, describe_hardware
+from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
 from subllm.inference.cache import layer_levels
@@ -402,11 +403,12 @@ def run_infer(
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
-    requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 for this CPU (subllm/dtype.py)
+    requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 (auto: measured on SUBLLM's decode)
     kind = torch.device(device).type
-    dtypes = list(dict.fromkeys(resolve_dtype(d, kind, "decode") for d in requested))
-    log(f"[bench infer] dtype {', '.join(dtype_line(d, kind, 'decode') for d in requested)}")
     sub, llama = build_models(preset, checkpoint, seed, device, max(lengths) + decode_tokens)
+    choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
+    dtypes = list(dict.fromkeys(c.dtype for c in choices))
+    log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
     if too_long:
@@ -462,6 +464,7 @@ def run_infer(
         "embedding lookup 0",
         dtypes=dtypes,
         dtypes_requested=requested,
+        dtype_choices=[{"requested": d, **c.record()} for d, c in zip(requested, choices)],
         device=str(device),
         **describe_hardware(),
         results=results,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES, autocast, dtype_line, resolve_dtype
+from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
 
 
@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
+        help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
+        "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
     )
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
     p.add_argument(
@@ -100,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stats and not args.no_cache:
         kw["on_prefill"] = lambda cache: held.update(cache=cache, before=cache.snapshot())
     prompt = torch.tensor([ids])
-    dtype = resolve_dtype(args.dtype, "cpu", "decode")
-    amp = autocast(dtype, "cpu")
+    from subllm.dtype_calibration import choose_dtype
+
+    choice = choose_dtype(args.dtype, model, "decode", "cpu")
+    amp = autocast(choice.dtype, "cpu")
     t0 = time.perf_counter()
     count = 0
     with amp:
@@ -120,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
             print(tok.decode(out.tolist(), skip_special_tokens=True))
     dt = time.perf_counter() - t0
     print(
-        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}]",
+        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}]",
         file=sys.stderr,
     )
     if args.stats:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES, dtype_line, resolve_dtype
+from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
 
 
@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
+        help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
+        "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
     )
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -49,8 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None):
-    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher."""
+def load_server(
+    checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None, notes=None
+):
+    """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher. `notes` (a
+    list): receives the lines to print about the dtype choice (default: a calibration's messages go to
+    stderr at once)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -66,7 +71,14 @@ def load_server(checkpoint: Path, max_batch: int, max_queue: int, dtype: str, mo
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
-    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
+    from subllm.dtype_calibration import choose_dtype
+
+    # the first stderr line is the "listening on" banner (bench serve and scripts read it): the
+    # calibration's messages wait in `notes` until after it
+    choice = choose_dtype(dtype, model, "decode", "cpu", log=notes.append if notes is not None else None)
+    if notes is not None:
+        notes.insert(0, f"subllm serve: dtype {choice.line}")
+    batcher = Batcher(model, tok, eos, max_batch, max_queue, choice.dtype, metrics)
     return batcher, build_app(batcher, name, metrics)
 
 
@@ -81,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.port < 65536:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
-    batcher, app = load_server(args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name)
+    notes: list[str] = []
+    batcher, app = load_server(
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, notes
+    )
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
@@ -104,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        f"{batcher.dtype}, max batch {args.max_batch}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
+    for line in notes:
+        print(line, file=sys.stderr, flush=True)
     Server(config).run(sockets=[sock])
     print("subllm serve: stopped", file=sys.stderr, flush=True)
     return 0
