@@ -92,3 +92,17 @@ def test_bench_report_roofline_is_bytes_times_speed_over_bandwidth(monkeypatch):
         assert r["decode_bytes_per_token"][m] == round((read["weights"] + read["kv"]) / 3)
         expect = (read["weights"] + read["kv"]) / 3 * r["decode_tok_s"][m] / 1e9
         assert r["decode_roofline"][m] == pytest.approx(expect, rel=1e-3)
+
+
+def test_int8_weights_count_one_byte_plus_their_scales():
+    """quantize_int8_: a layer's linears read 1 byte per weight + a 4-byte scale per output channel
+    (wqkv 16, wo 8, w13 32, w2 8 outputs); norms stay fp32; the head 10 x 8 int8 + 10 scales."""
+    from subllm.inference.quantize import quantize_int8_
+
+    model = quantize_int8_(tiny())
+    layer8 = (128 + 64 + 256 + 128) + 4 * (16 + 8 + 32 + 8) + 4 * (8 + 8)  # 896
+    step8 = 32 + (80 + 40)  # final norm + int8 head
+    snaps = [[[5], [3]], [[6], [4]], [[7], [4]]]
+    got = decode_bytes(model, snaps, KV)
+    assert got["weights"] == layer8 + 2 * (2 * layer8 + S0 + step8 + ROW)
+    assert got["kv"] == KV * (2 * 6 + 4 + 2 * 7)

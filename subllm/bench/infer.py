@@ -422,12 +422,18 @@ def run_infer(
     hf: bool = False,
     prefill_reps: int | None = None,
     bandwidth: bool = True,
+    quantize: str = "none",
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
     requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 (auto: measured on SUBLLM's decode)
     kind = torch.device(device).type
     sub, llama = build_models(preset, checkpoint, seed, device, max(lengths) + decode_tokens)
+    params = sub.num_params()
+    if quantize != "none":  # both alike, after LLaMA took SUBLLM's weights
+        from subllm.inference.quantize import apply_quantization
+
+        sub, llama = apply_quantization(sub, quantize), apply_quantization(llama, quantize)
     choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
     dtypes = list(dict.fromkeys(c.dtype for c in choices))
     log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
@@ -477,7 +483,8 @@ def run_infer(
             keep_ratios=cfg.keep_ratios,
             dim=cfg.dim,
             n_layers=cfg.n_layers,
-            params=sub.num_params(),
+            params=params,
+            quantize=quantize,
         ),
         scores="trained (checkpoint)"
         if checkpoint

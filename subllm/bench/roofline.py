@@ -128,7 +128,7 @@ def decode_bytes(model, snapshots: list[list[list[int]]], kv_entry_bytes: int) -
     for s, lv in _sub_levels(cfg.tree).items():
         level_weights[lv] += module_bytes(model.subsamples[s]) + module_bytes(model.bypasses[s])
     layers_at = [layer_level.count(lv) for lv in range(n_levels)]
-    every_step = module_bytes(model.norm) + model.head.weight.numel() * model.head.weight.element_size()
+    every_step = module_bytes(model.norm) + module_bytes(model.head)  # a tied head: the whole matrix
     row_bytes = model.embed.weight.shape[1] * model.embed.weight.element_size()
     weights = kv = tokens = 0
     for before, after in zip(snapshots, snapshots[1:]):

@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
         "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
     )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py)",
+    )
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
@@ -51,7 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_server(
-    checkpoint: Path, max_batch: int, max_queue: int, dtype: str, model_name: str | None, notes=None
+    checkpoint: Path,
+    max_batch: int,
+    max_queue: int,
+    dtype: str,
+    model_name: str | None,
+    notes=None,
+    quantize: str = "none",
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher. `notes` (a
     list): receives the lines to print about the dtype choice (default: a calibration's messages go to
@@ -66,7 +78,9 @@ def load_server(
         raise SubLLMError(
             f"no checkpoint at {checkpoint} (expected a folder with config.json and model.safetensors)"
         )
-    model = SubLLM.from_pretrained(checkpoint).eval()
+    from subllm.inference.quantize import apply_quantization
+
+    model = apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize)
     tok = load_tokenizer(checkpoint)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
     notes: list[str] = []
     batcher, app = load_server(
-        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, notes
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, notes, args.quantize
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -119,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{batcher.dtype}, max batch {args.max_batch}; listening on http://{host}:{port}",
+        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}, "
+        f"max batch {args.max_batch}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
