@@ -38,6 +38,10 @@ def test_int8_linear_equals_its_dequantized_weight_and_the_rounding_bound():
     assert (q.dequantized() - lin.weight).abs().max() <= q.scale.max() / 2 + 1e-7
     with torch.autocast("cpu", dtype=torch.bfloat16):  # runs under autocast; bf16 rounding only
         torch.testing.assert_close(q(x).float(), slow, rtol=0.05, atol=0.05)
+    # the blocked path (output channels cast a block at a time, the last block ragged) is the same
+    for block in (48, 48 * 3, 100):
+        q.BLOCK = block
+        torch.testing.assert_close(q(x), slow, rtol=1e-5, atol=1e-6)
     with pytest.raises(SubLLMError, match="bias"):
         Int8Linear.from_linear(nn.Linear(4, 4))
 
