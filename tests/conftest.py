@@ -5,6 +5,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `--dtype auto` follows the rule in tests (a measured choice would depend on the machine's load);
+# tests/test_dtype_calibration.py turns the measurement on with a temporary cache file
+os.environ["SUBLLM_DTYPE_CALIBRATION"] = "off"
 # tiny models: one intra-op thread is faster, and immune to a busy second core
 torch.set_num_threads(1)
 

@@ -38,8 +38,10 @@ from pathlib import Path
 import torch
 
 from subllm.bench.common import format_table, interleaved, median, min_med_max, spread
+from subllm.bench.roofline import decode_bytes, measure_bandwidth
 from subllm.config import get_preset, iter_subs, keep_count
-from subllm.dtype import autocast, describe_hardware, dtype_line, resolve_dtype
+from subllm.dtype import autocast, describe_hardware
+from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
 from subllm.inference.cache import layer_levels
@@ -153,6 +155,7 @@ class Setting:
     device: str = "cpu"
     hf: bool = False  # also time transformers' LlamaForCausalLM (subllm/bench/hf_llama.py)
     prefill_reps: int | None = None  # None: reps (long prefills are costly when decode is the point)
+    bandwidth: float | None = None  # measured bytes/s (subllm/bench/roofline.py): the roofline columns
 
 
 def _groups(layer_level: list[int]) -> list[tuple[int, list[int]]]:
@@ -244,6 +247,16 @@ def bench_setting(
     if st.hf:
         dfns["hf_llama"] = hf_decode(hf, caches["hf_llama"], L, dec, st.dtype, dev)
     t_dec, ends = interleaved(dfns, st.reps, st.warmup, device=dev)
+    read = {}  # bytes each decoded token reads: one untimed pass that snapshots every step
+    for m, mod in (("llama", llama), ("subllm", sub)):
+        caches[m].rewind(snap[m])
+        steps = [caches[m].snapshot()]
+        with torch.no_grad(), autocast(st.dtype, dev):
+            for tok in dec:
+                decode_step(mod, caches[m], tok)
+                steps.append(caches[m].snapshot())
+        assert steps[-1] == ends[m]
+        read[m] = decode_bytes(mod, steps, caches[m].bytes_per_token())
     bytes_held, bytes_alloc = {}, {}
     for m in ("llama", "subllm"):
         bytes_alloc[m] = caches[m].allocated_nbytes()  # measured (torch storages), prompt + decode
@@ -286,7 +299,13 @@ def bench_setting(
         kv_ratio=round(bytes_held["subllm"] / bytes_held["llama"], 6),
         kv_ideal_ratio=round(entries / entries_llama, 6),
         kv_alloc_ratio=round(bytes_alloc["subllm"] / bytes_alloc["llama"], 6),
+        decode_bytes_per_token={m: round(r["per_token"]) for m, r in read.items()},
+        decode_bytes_read={m: {k: r[k] for k in ("weights", "kv", "tokens")} for m, r in read.items()},
     )
+    if st.bandwidth:  # achieved bytes/s over the measured bandwidth
+        out["decode_roofline"] = {
+            m: round(read[m]["per_token"] * dps[m] / st.bandwidth, 4) for m in ("llama", "subllm")
+        }
     if st.hf:  # our LLaMA's time over transformers' (< 1: ours is faster)
         out["llama_over_hf"] = {
             "prefill": round(pre["llama"] / pre["hf_llama"], 4),
@@ -364,6 +383,7 @@ def build_models(
 ROW_HEADERS = [
     "dtype", "B", "ctx", "keep pre", "keep dec", "pre LLaMA s", "pre SUB s", "bound s", "SUB/bound",
     "pre x", "ideal", "dec LLaMA t/s", "dec SUB t/s", "dec x", "ideal", "eff", "KV alloc", "KV ideal",
+    "MB/tok LLaMA", "MB/tok SUB", "roof LLaMA", "roof SUB",
 ]  # fmt: skip
 
 
@@ -380,6 +400,8 @@ def table_row(r: dict) -> list:
         f"{r['decode_tok_s']['llama']:.1f}", f"{r['decode_tok_s']['subllm']:.1f}",
         f"{r['decode_speedup']:.3f}", f"{r['decode_ideal']:.3f}", f"{r['decode_efficiency']:.3f}",
         f"{r['kv_alloc_ratio']:.4f}", f"{r['kv_ideal_ratio']:.4f}",
+        *(f"{r['decode_bytes_per_token'][m] / 1e6:.2f}" for m in ("llama", "subllm")),
+        *(f"{r['decode_roofline'][m]:.3f}" if "decode_roofline" in r else "-" for m in ("llama", "subllm")),
     ]  # fmt: skip
 
 
@@ -399,14 +421,22 @@ def run_infer(
     device: str = "cpu",
     hf: bool = False,
     prefill_reps: int | None = None,
+    bandwidth: bool = True,
+    quantize: str = "none",
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
-    requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 for this CPU (subllm/dtype.py)
+    requested = list(dtypes)  # auto | bf16 | fp32 -> bf16 / fp32 (auto: measured on SUBLLM's decode)
     kind = torch.device(device).type
-    dtypes = list(dict.fromkeys(resolve_dtype(d, kind, "decode") for d in requested))
-    log(f"[bench infer] dtype {', '.join(dtype_line(d, kind, 'decode') for d in requested)}")
     sub, llama = build_models(preset, checkpoint, seed, device, max(lengths) + decode_tokens)
+    params = sub.num_params()
+    if quantize != "none":  # both alike, after LLaMA took SUBLLM's weights
+        from subllm.inference.quantize import apply_quantization
+
+        sub, llama = apply_quantization(sub, quantize), apply_quantization(llama, quantize)
+    choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
+    dtypes = list(dict.fromkeys(c.dtype for c in choices))
+    log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
     if too_long:
@@ -418,6 +448,13 @@ def run_infer(
         tokens = load_text_tokens(text, checkpoint, cfg.vocab_size)
         L, B = max(((n, b) for n in lengths for b in batches), key=lambda lb: lb[0] * lb[1])
         text_windows(tokens, L, B, decode_tokens)  # too short for the largest setting: fail up front
+    bw = None  # this machine's streaming bandwidth, in this process (CPU only: the roofline columns)
+    if bandwidth and kind == "cpu":
+        bw = measure_bandwidth()
+        log(
+            f"memory bandwidth {bw['bytes_per_s'] / 1e9:.2f} GB/s (best of {bw['reps']} sums over "
+            f"{bw['buffer_bytes'] / 2**20:.0f} MiB; L3 {bw['l3_bytes']} bytes; {bw['threads']} threads)"
+        )
     results, calibration = [], {}
     for L in lengths:
         for B in batches:
@@ -433,7 +470,8 @@ def run_infer(
                 calibration[f"{L}x{B}"] = calibrate_scores(sub, seq, seed + L + B)
                 log(f"calibrated scores on the {B}x{L} prompt + decode tokens: {calibration[f'{L}x{B}']}")
             for dtype in dtypes:
-                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound, device, hf, prefill_reps)
+                st = Setting(dtype, B, L, decode_tokens, reps, warmup, bound, device, hf, prefill_reps,
+                             bw["bytes_per_s"] if bw else None)  # fmt: skip
                 r = bench_setting(sub, llama, st, ids, dec, seed)
                 results.append(r)
                 log(format_table(ROW_HEADERS, [table_row(r)]).splitlines()[-1])
@@ -445,7 +483,8 @@ def run_infer(
             keep_ratios=cfg.keep_ratios,
             dim=cfg.dim,
             n_layers=cfg.n_layers,
-            params=sub.num_params(),
+            params=params,
+            quantize=quantize,
         ),
         scores="trained (checkpoint)"
         if checkpoint
@@ -462,6 +501,12 @@ def run_infer(
         "embedding lookup 0",
         dtypes=dtypes,
         dtypes_requested=requested,
+        dtype_choices=[{"requested": d, **c.record()} for d, c in zip(requested, choices)],
+        memory_bandwidth=bw,
+        decode_bytes="per decoded token: weights (stored dtype) of the layers, S modules and bypasses of "
+        "each level some row reached in a step, the final norm and LM head every step, one embedding row "
+        "per token, plus each row's K/V (cache dtype) at its exact length; roofline = bytes/token x tok/s "
+        "/ measured DRAM bandwidth (> 1: the step streams from L3)",
         device=str(device),
         **describe_hardware(),
         results=results,
@@ -483,6 +528,12 @@ def summary_lines(results: list[dict]) -> list[str]:
             f"({100 * r['decode_efficiency']:.1f}% of ideal); prefill {bound}"
             f"KV allocated ratio {r['kv_alloc_ratio']:.4f} vs ideal {r['kv_ideal_ratio']:.4f}"
         )
+        if "decode_roofline" in r:
+            b, f = r["decode_bytes_per_token"], r["decode_roofline"]
+            lines.append(
+                f"{tag}: decode reads {b['subllm'] / 1e6:.2f} MB/token (LLaMA {b['llama'] / 1e6:.2f}): "
+                f"{100 * f['subllm']:.1f}% of the memory-bandwidth roofline (LLaMA {100 * f['llama']:.1f}%)"
+            )
         if "llama_over_hf" in r:
             h = r["llama_over_hf"]
             lines.append(

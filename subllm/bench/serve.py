@@ -277,7 +277,7 @@ def run_serve_bench(args, log=print) -> dict:
     try:
         for ck in ckpts:  # all up at once; an idle server costs nothing, so levels can alternate
             log(f"starting `subllm serve` for {ck} ...")
-            servers.append(ServerProcess(ck, args.max_batch, args.dtype, args.server_threads))
+            servers.append(ServerProcess(ck, args.max_batch, dtype, args.server_threads))  # = the check's
         for i, srv in enumerate(servers):
             run_level(srv.url, prompts[i][:1], 1, 1, 2)  # warm-up (untimed)
             models.append(

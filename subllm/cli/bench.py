@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated bf16 (autocast), fp32, auto; auto (default) = fp32 on a CPU (decoding is "
         "slower in bf16 there), bf16 on a GPU that has it",
     )
+    inf.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: both models with weight-only int8 linear layers and LM head",
+    )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
     inf.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
@@ -64,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     inf.add_argument("--seed", type=int, default=0)
     inf.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     inf.add_argument("--no-bound", action="store_true", help="skip the zero-overhead prefill bound")
+    inf.add_argument(
+        "--no-bandwidth",
+        action="store_true",
+        help="skip measuring the memory bandwidth (the roofline columns; bytes per token stay)",
+    )
     inf.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     inf.add_argument(
         "--hf", action="store_true", help="also time transformers' LlamaForCausalLM with the LLaMA's weights"
@@ -129,7 +140,7 @@ def _run_infer(args: argparse.Namespace) -> int:
     report = run_infer(
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
         seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
-        prefill_reps=args.prefill_reps,
+        prefill_reps=args.prefill_reps, bandwidth=not args.no_bandwidth, quantize=args.quantize,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES, autocast, dtype_line, resolve_dtype
+from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
 
 
@@ -41,7 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
+        help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
+        "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py); a "
+        "quarter of the weight bytes per decode step",
     )
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
     p.add_argument(
@@ -73,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from subllm.model.subllm import load_model
 
     ckpt = resolve_checkpoint(args.checkpoint)  # a model folder or a run folder
-    model = load_model(ckpt)
+    from subllm.inference.quantize import apply_quantization
+
+    model = apply_quantization(load_model(ckpt), args.quantize)
     tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:
@@ -100,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stats and not args.no_cache:
         kw["on_prefill"] = lambda cache: held.update(cache=cache, before=cache.snapshot())
     prompt = torch.tensor([ids])
-    dtype = resolve_dtype(args.dtype, "cpu", "decode")
-    amp = autocast(dtype, "cpu")
+    from subllm.dtype_calibration import choose_dtype
+
+    choice = choose_dtype(args.dtype, model, "decode", "cpu")
+    amp = autocast(choice.dtype, "cpu")
     t0 = time.perf_counter()
     count = 0
     with amp:
@@ -120,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
             print(tok.decode(out.tolist(), skip_special_tokens=True))
     dt = time.perf_counter() - t0
     print(
-        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}]",
+        f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}"
+        f"{'' if args.quantize == 'none' else f'; {args.quantize} weights'}]",
         file=sys.stderr,
     )
     if args.stats:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES, dtype_line, resolve_dtype
+from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
 
 API_KEY_ENV = "SUBLLM_API_KEY"
@@ -41,7 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="bf16 (autocast) or fp32; auto (default): fp32 on a CPU (bf16 decodes slower there)",
+        help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
+        "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py)",
     )
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -90,9 +97,13 @@ def load_server(
     model_name: str | None,
     limits=None,
     api_key: str | None = None,
+    notes=None,
+    quantize: str = "none",
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
-    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py."""
+    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
+    `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
+    messages go to stderr at once)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -103,12 +114,21 @@ def load_server(
         raise SubLLMError(
             f"no checkpoint at {checkpoint} (expected a folder with config.json and model.safetensors)"
         )
-    model = SubLLM.from_pretrained(checkpoint).eval()
+    from subllm.inference.quantize import apply_quantization
+
+    model = apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize)
     tok = load_tokenizer(checkpoint)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
-    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
+    from subllm.dtype_calibration import choose_dtype
+
+    # the first stderr line is the "listening on" banner (bench serve and scripts read it): the
+    # calibration's messages wait in `notes` until after it
+    choice = choose_dtype(dtype, model, "decode", "cpu", log=notes.append if notes is not None else None)
+    if notes is not None:
+        notes.insert(0, f"subllm serve: dtype {choice.line}")
+    batcher = Batcher(model, tok, eos, max_batch, max_queue, choice.dtype, metrics)
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
@@ -133,8 +153,17 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError("--header-timeout, --keep-alive-timeout and --body-timeout must be > 0")
     limits = Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     key = api_key(args.api_key, os.environ)
+    notes: list[str] = []
     batcher, app = load_server(
-        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key
+        args.checkpoint,
+        args.max_batch,
+        args.max_queue,
+        args.dtype,
+        args.model_name,
+        limits,
+        key,
+        notes,
+        args.quantize,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -152,11 +181,13 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}"
-        f"{', API key required' if key else ''}; listening on http://{host}:{port}",
+        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}, "
+        f"max batch {args.max_batch}{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )
+    for line in notes:
+        print(line, file=sys.stderr, flush=True)
     DrainingServer(config, batcher, args.shutdown_timeout).run(sockets=[sock])
     print("subllm serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -177,7 +177,7 @@ def decode_step(model: SubLLM, cache: KVCache, tokens: Tensor, rows: list[int] |
     if tokens.shape != (len(rows),):
         raise SubLLMError(f"tokens must have shape ({len(rows)},), got {tuple(tokens.shape)}")
     if not rows:
-        return model.head.weight.new_zeros(0, model.config.vocab_size)
+        return model.embed.weight.new_zeros(0, model.config.vocab_size)
     positions = [cache.length(0, r) for r in rows]  # level 0 holds every real token: next position
     pos = torch.tensor(positions, device=tokens.device)[:, None]  # (n, 1)
     c, seq_len = model.config, None
