@@ -31,18 +31,18 @@ point_args() {  # name -> the train arguments of that point
     sub080) echo "--structure $NESTED --keep-ratio 0.8 ${RECIPE[*]}" ;;
     sub064) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]}" ;;
     sub064g) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]} --set subtraction=grad" ;;
-    sub080g) echo "--structure $NESTED --keep-ratio 0.8 ${RECIPE[*]} --set subtraction=grad" ;;
+    sub064s) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]} --set subtraction=straight" ;;
+    router064) echo "--structure $NESTED --keep-ratio 0.64 ${ROUTER[*]} --set subtraction=straight" ;;
     sub050) echo "--structure $NESTED --keep-ratio 0.5 ${RECIPE[*]}" ;;
     wide064) echo "--structure $WIDE --keep-ratio 0.64 ${RECIPE[*]}" ;;
     router080) echo "--structure $NESTED --keep-ratio 0.8 ${ROUTER[*]}" ;;
-    router064) echo "--structure $NESTED --keep-ratio 0.64 ${ROUTER[*]}" ;;
     mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
     *) echo "unknown point $1" >&2; return 1 ;;
   esac
 }
 
 POINTS=("$@")
-[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064 router080 mod050 wide064 sub090 sub050)
+[ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064s router064 mod050 wide064 sub090 sub050 sub064)
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
 cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
 cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"

@@ -142,7 +142,8 @@ class ModelConfig:
     threshold_momentum: float = 0.95
     # "value" (paper): a kept token's training weight is clamp(s, 0, 1) minus its discarded partner's;
     # "grad": the partner is subtracted in the gradient only, the weight's value is clamp(s, 0, 1)
-    # as at inference (an identity start has every score >= 1, so "value" weights are 0 there)
+    # as at inference (an identity start has every score >= 1, so "value" weights are 0 there);
+    # "straight": as "grad", the gradient passed straight through the clamps (saturated scores learn)
     subtraction: str = "value"
     bypass: bool = True  # False: no bypass B, z = U(x, h) (the ablation "bypass off")
     # Starting from a pretrained LLaMA without a jump (issue 20, beyond the paper): a learned score
@@ -194,8 +195,8 @@ class ModelConfig:
                 raise SubLLMError(f"keep ratio of subsampling module {i} must lie in (0, 1], got {r!r}")
         if self.mod_router not in MOD_ROUTERS:
             raise SubLLMError(f"mod_router must be one of {MOD_ROUTERS}, got {self.mod_router!r}")
-        if self.subtraction not in ("value", "grad"):
-            raise SubLLMError(f"subtraction must be 'value' or 'grad', got {self.subtraction!r}")
+        if self.subtraction not in ("value", "grad", "straight"):
+            raise SubLLMError(f"subtraction must be 'value', 'grad' or 'straight', got {self.subtraction!r}")
         if self.mod_weight not in ("raw", "sigmoid", "clamp"):
             raise SubLLMError(f"mod_weight must be 'raw', 'sigmoid' or 'clamp', got {self.mod_weight!r}")
         if not isinstance(self.mod_predictor_dim, int) or self.mod_predictor_dim <= 0:

@@ -82,27 +82,50 @@ def test_topk_subtraction_weights_by_hand():
     assert torch.allclose(flipped.weight, torch.tensor([[0.9 - 0.2, 0.5 - 0.4, 1.0 - 0.0]]))
 
 
+def _pairs_reference(s0, valid, ratio, flip):
+    """Per row: [(kept position, partner position or None)] in score order, by hand."""
+    out = []
+    for b in range(s0.shape[0]):
+        n = int(valid[b].sum()) if valid is not None else s0.shape[1]
+        order = sorted(range(n), key=lambda t: -float(s0[b, t]))
+        k = math.ceil(ratio * n - 1e-9)
+        src = [k + (k - 1 - i if flip else i) for i in range(k)]
+        out.append([(order[i], order[j] if j < n else None) for i, j in zip(range(k), src)])
+    return out
+
+
 @pytest.mark.parametrize("padded", [False, True])
-def test_subtraction_in_the_gradient_only(padded):
-    """SelectOptions.subtraction "grad": same kept set and same gradient as the paper's weights, but
-    the weight's value is clamp(s, 0, 1) - what inference uses. Both branches (even and ragged)."""
+def test_subtraction_variants_weights_and_gradients(padded):
+    """SelectOptions.subtraction: "value" (the paper), "grad" and "straight" keep the same set;
+    "grad" and "straight" weigh a kept token clamp(s, 0, 1) (the inference weight); "grad" has the
+    paper's gradient, "straight" the pairwise gradient +c / -c even where the clamps saturate.
+    Both select_topk branches (even and ragged) against a by-hand pairing."""
     torch.manual_seed(0)
-    s0 = torch.rand(3, 11) * 1.6 - 0.3
+    s0 = torch.rand(3, 11) * 1.8 - 0.4  # some scores saturate (> 1 or < 0)
     valid = torch.arange(11)[None, :] < torch.tensor([[11], [8], [5]]) if padded else None
     out = {}
-    for value in (True, False):
+    for mode in ("value", "grad", "straight"):
         s = s0.clone().requires_grad_(True)
-        sel = select_topk(s, valid, 0.6, flip=True, subtract_value=value)
+        sel = select_topk(s, valid, 0.6, flip=True, subtraction=mode)
         c = torch.randn(sel.weight.shape, generator=torch.Generator().manual_seed(1))
         (sel.weight * c).sum().backward()
-        out[value] = sel, s.grad
-    (paper, g_paper), (grad_only, g_only) = out[True], out[False]
-    assert torch.equal(paper.idx, grad_only.idx)
+        out[mode] = sel, s.grad, c
+    (paper, g_paper, c), (grad_only, g_grad, _), (straight, g_straight, _) = out.values()
+    assert torch.equal(paper.idx, grad_only.idx) and torch.equal(paper.idx, straight.idx)
     ok = torch.ones_like(paper.weight, dtype=torch.bool) if paper.valid is None else paper.valid
     expected = (s0.gather(1, paper.idx).clamp(0, 1) * ok).detach()
-    assert torch.allclose(grad_only.weight, expected)
+    assert torch.allclose(grad_only.weight, expected) and torch.allclose(straight.weight, expected)
     assert not torch.allclose(paper.weight, expected)  # the paper's values differ: the test can fail
-    assert torch.equal(g_paper, g_only)
+    assert torch.equal(g_paper, g_grad)
+    ref = torch.zeros_like(s0)
+    for b, pairs in enumerate(_pairs_reference(s0, valid, 0.6, flip=True)):
+        slot = {int(p): i for i, p in enumerate(paper.idx[b]) if ok[b, i]}
+        for kept, partner in pairs:
+            ref[b, kept] += c[b, slot[kept]]
+            if partner is not None:
+                ref[b, partner] -= c[b, slot[kept]]
+    assert torch.allclose(g_straight, ref)
+    assert not torch.allclose(g_grad, ref)  # saturated scores: only "straight" passes their gradient
 
 
 def test_topk_short_sequence_pads_block_with_zeros():

@@ -44,6 +44,24 @@ def _keep_counts(n: Tensor, ratio: float) -> Tensor:
     return torch.minimum(n, torch.ceil(n.double() * ratio - 1e-9).long())
 
 
+SUBTRACTIONS = ("value", "grad", "straight")
+
+
+def _pair_weights(u, s, sorted_s, order, K, partner, subtraction: str) -> Tensor:
+    """The kept slots' weights in score order (select_topk): u = clamp(sorted scores, 0, 1),
+    `partner(t)` the discarded partner of each kept slot in a (B, T) score-ordered tensor."""
+    if subtraction == "value":
+        return u[:, :K] - partner(u)
+    if subtraction == "grad":
+        d = partner(u)
+        return u[:, :K] - (d - d.detach())
+    if subtraction != "straight":
+        raise ValueError(f"subtraction must be one of {SUBTRACTIONS}, got {subtraction!r}")
+    raw = torch.where(sorted_s.isfinite(), s.gather(1, order), 0.0)  # pins (+inf) and pads (-inf): 0
+    top, d = raw[:, :K], partner(raw)
+    return u[:, :K].detach() + (top - top.detach()) - (d - d.detach())
+
+
 def select_topk(
     s: Tensor,
     valid: Tensor | None,
@@ -51,7 +69,7 @@ def select_topk(
     flip: bool,
     theta: Tensor | None = None,
     pin: Tensor | None = None,
-    subtract_value: bool = True,
+    subtraction: str = "value",
 ) -> Selection:
     """Training-mode selection: global top-k of the real tokens, k = ceil(ratio * n_real).
 
@@ -63,8 +81,10 @@ def select_topk(
     learns to agree with top-k. Top-k itself has no gradient; it flows only through the weights.
     `theta`: the inference threshold the agreement is measured against (None = 0, the paper).
     `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
-    `subtract_value` False: the partner is subtracted in the gradient only - the weight's value is
-    clamp(s_(i), 0, 1), the inference weight (SelectOptions.subtraction "grad").
+    `subtraction` (SelectOptions.subtraction): "value" is the above; "grad" subtracts the partner
+    in the gradient only, so the weight's value is clamp(s_(i), 0, 1), the inference weight;
+    "straight" also passes the gradient through both clamps (straight-through), so saturated
+    scores (>= 1 or <= 0) still learn which tokens the loss wants kept.
     """
     B, T = s.shape
     key = s if pin is None else s.masked_fill(pin, float("inf"))
@@ -84,12 +104,13 @@ def select_topk(
         ragged = k_min != K
     top = order[:, :K]
     if not ragged:
-        disc = u[:, K : 2 * K]
-        if disc.shape[1] < K:
-            disc = torch.nn.functional.pad(disc, (0, K - disc.shape[1]))
-        disc = torch.where(flip, disc.flip(1), disc)
-        disc = disc if subtract_value else disc - disc.detach()
-        w_sorted = u[:, :K] - disc
+
+        def partner(t: Tensor) -> Tensor:  # the block just below the cut, zero-padded, maybe reversed
+            d = t[:, K : 2 * K]
+            d = torch.nn.functional.pad(d, (0, K - d.shape[1])) if d.shape[1] < K else d
+            return torch.where(flip, d.flip(1), d)
+
+        w_sorted = _pair_weights(u, s, sorted_s, order, K, partner, subtraction)
         idx, asc = top.sort(dim=1)
         slot_valid = None
     else:
@@ -98,9 +119,11 @@ def select_topk(
         slot_ok = j < kr  # (B, K)
         src = kr + torch.where(flip, kr - 1 - j, j)
         src_ok = slot_ok & (src < T)
-        disc = u.gather(1, src.clamp(0, T - 1)) * src_ok
-        disc = disc if subtract_value else disc - disc.detach()
-        w_sorted = (u[:, :K] - disc) * slot_ok
+
+        def partner(t: Tensor) -> Tensor:
+            return t.gather(1, src.clamp(0, T - 1)) * src_ok
+
+        w_sorted = _pair_weights(u, s, sorted_s, order, K, partner, subtraction) * slot_ok
         asc = torch.where(slot_ok, top, T + j).argsort(dim=1)
         idx = top.gather(1, asc)
         slot_valid = slot_ok  # valid slots sort first, so slot i stays valid iff i < k_row
@@ -132,8 +155,10 @@ def select_threshold(
 
     Causal by construction: whether t is kept depends on t's own score (and position, `pin`) only.
     `pin` (B, T) bool: tokens kept whatever their score, with weight 1 (`pin_mask`).
-    `subtract_value` False: the partner is subtracted in the gradient only - the weight's value is
-    clamp(s_(i), 0, 1), the inference weight (SelectOptions.subtraction "grad").
+    `subtraction` (SelectOptions.subtraction): "value" is the above; "grad" subtracts the partner
+    in the gradient only, so the weight's value is clamp(s_(i), 0, 1), the inference weight;
+    "straight" also passes the gradient through both clamps (straight-through), so saturated
+    scores (>= 1 or <= 0) still learn which tokens the loss wants kept.
     """
     above = s > 0 if theta is None else s > theta
     if pin is not None:
@@ -202,7 +227,10 @@ class SelectOptions:
     - `subtraction`: "value" subtracts the discarded partner's clamp(s) from a kept token's weight
       (the paper); "grad" only in the gradient, so the weight's value is clamp(s, 0, 1) as at
       inference - for uptraining from an identity start, where every score is >= 1 and "value"
-      gives the paired kept tokens weight 0 (and, saturated, no gradient to leave 0 by).
+      gives the paired kept tokens weight 0; "straight" as "grad" with the gradient passed
+      straight through the clamps: saturated scores, which an identity start has everywhere, get
+      no gradient from the loss otherwise (only the auxiliary loss, which reinforces whatever
+      ranking there is).
     """
 
     balancer_gate: str
@@ -315,7 +343,7 @@ class Subsample(nn.Module):
             direct=opts.balancer_fraction == "direct", box=box,
         )  # fmt: skip
         flip = torch.rand((), device=x.device) < 0.5  # a tensor: no host sync
-        sel = select_topk(s, valid, ratio, flip, self.theta, pin, opts.subtraction == "value")
+        sel = select_topk(s, valid, ratio, flip, self.theta, pin, opts.subtraction)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
         if opts.select_loss > 0:
