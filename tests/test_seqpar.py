@@ -11,9 +11,14 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import tiny_config
 from seqpar_cases import CASES, SEED, build, record, worker
+from test_distributed import NO_BALANCER, _args, _losses, _single, _torchrun, packed  # noqa: F401
 
-from subllm.seqpar import SeqGroup, layout, sp_forward
+from subllm import SubLLM
+from subllm.errors import SubLLMError
+from subllm.seqpar import SeqGroup, check_supported, layout, sequence_groups, sp_forward
+from subllm.trainer.config import build_config
 
 SP_SIZES = (4, 2)  # one world of 4 gloo ranks: 1 group x 4, then 2 groups x 2
 
@@ -126,3 +131,34 @@ def test_layout_places_each_kept_token_on_its_own_rank():
             assert place.local_pos[b][held].tolist() == mine
         ok = sel_valid
         assert torch.equal(place.inv.gather(1, place.order)[ok], torch.arange(6).expand(B, 6)[ok])
+
+
+def test_errors_are_one_line(packed, tmp_path):  # noqa: F811
+    base = {"data": str(packed), "out": str(tmp_path), "sequence_parallel": "2"}
+    with pytest.raises(SubLLMError, match="not divisible by --sequence-parallel 2"):
+        build_config({**base, "seq_len": "33"})
+    for flag in ("fsdp", "compile"):
+        with pytest.raises(SubLLMError, match=f"does not support --{flag}"):
+            build_config({**base, flag: "true"})
+    with pytest.raises(SubLLMError, match="needs torchrun"):
+        sequence_groups(2)
+    with pytest.raises(SubLLMError, match="must divide n_heads"):
+        check_supported(SubLLM(tiny_config(n_heads=4, n_kv_heads=4)), 3)
+    with pytest.raises(SubLLMError, match="MoD"):
+        check_supported(SubLLM(tiny_config(structure="TMT")), 2)
+    model = SubLLM(tiny_config()).eval()
+    with pytest.raises(SubLLMError, match="training mode"):
+        sp_forward(model, torch.zeros(1, 8, dtype=torch.long), SeqGroup())
+
+
+def test_train_sequence_parallel_matches_one_process(packed, tmp_path):  # noqa: F811
+    # the whole trainer: 2 ranks share each row; with the Balancer ON the losses still equal one
+    # process's (its statistics are the whole sequence's), unlike DDP's per-rank statistics
+    _torchrun(_args(packed, tmp_path / "sp", 2, ["--dtype", "fp32", "--sequence-parallel", "2"]))
+    _single(_args(packed, tmp_path / "one", 2, ["--dtype", "fp32"]))
+    sp, one = _losses(tmp_path / "sp"), _losses(tmp_path / "one")
+    assert len(sp) == len(one) == 3
+    assert max(abs(a - b) for a, b in zip(sp, one)) < 1e-5, (sp, one)
+    a = SubLLM.from_pretrained(tmp_path / "sp").state_dict()
+    b = SubLLM.from_pretrained(tmp_path / "one").state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-4
