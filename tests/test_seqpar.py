@@ -6,6 +6,7 @@ ranks, the paper's and the aligned selection rules, PoSE positions and activatio
 (tests/seqpar_cases.py). Plus the layout alone, the one-rank slow path, the trainer under torchrun
 and the one-line errors."""
 
+import shutil
 import socket
 
 import pytest
@@ -151,10 +152,11 @@ def test_errors_are_one_line(packed, tmp_path):  # noqa: F811
         sp_forward(model, torch.zeros(1, 8, dtype=torch.long), SeqGroup())
 
 
-def test_train_sequence_parallel_matches_one_process(packed, tmp_path):  # noqa: F811
+def test_train_sequence_parallel_matches_one_process_and_resumes(packed, tmp_path):  # noqa: F811
     # the whole trainer: 2 ranks share each row; with the Balancer ON the losses still equal one
     # process's (its statistics are the whole sequence's), unlike DDP's per-rank statistics
-    _torchrun(_args(packed, tmp_path / "sp", 2, ["--dtype", "fp32", "--sequence-parallel", "2"]))
+    args = ["--dtype", "fp32", "--sequence-parallel", "2", "--save-every", "2"]
+    _torchrun(_args(packed, tmp_path / "sp", 2, args))
     _single(_args(packed, tmp_path / "one", 2, ["--dtype", "fp32"]))
     sp, one = _losses(tmp_path / "sp"), _losses(tmp_path / "one")
     assert len(sp) == len(one) == 3
@@ -162,3 +164,9 @@ def test_train_sequence_parallel_matches_one_process(packed, tmp_path):  # noqa:
     a = SubLLM.from_pretrained(tmp_path / "sp").state_dict()
     b = SubLLM.from_pretrained(tmp_path / "one").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point()) < 1e-4
+    # a crash after the step-2 checkpoint: resuming gives the same step 3 and weights, bit for bit
+    shutil.rmtree(tmp_path / "sp" / "checkpoints" / "step-00000003")
+    _torchrun([*_args(packed, tmp_path / "sp", 2, args), "--resume"])
+    assert _losses(tmp_path / "sp") == sp
+    c = SubLLM.from_pretrained(tmp_path / "sp").state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
