@@ -204,13 +204,15 @@ class _Runner:
         qkv = torch.cat([t.unflatten(1, (n, -1)) for t in (q, k, v)], 2)  # (B, N, hq + 2 hk, M, hd)
         qkv = seq_to_heads(qkv, self.g)  # (B, hq + 2 hk, N M, hd): my heads, every rank's slots
         hd = qkv.shape[-1]
-        qkv = qkv.gather(2, p.order[:, None, :, None].expand(-1, qkv.shape[1], -1, hd))  # one process's order
+        if not p.identity:  # level 0 is in one process's order already
+            qkv = layout.take(qkv, p.order)  # (B, hq + 2 hk, L, hd) one process's order
         q, k, v = qkv.split([hq, hk, hk], 1)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=hq != hk
         )  # (B, hq, L, hd)
-        o = torch.cat([o, o.new_zeros(B, hq, 1, hd)], 2)  # slot L: what padding slots receive
-        o = o.gather(2, p.inv[:, None, :, None].expand(-1, hq, -1, hd))  # (B, hq, N M, hd)
+        if not p.identity:
+            o = torch.cat([o, o.new_zeros(B, hq, 1, hd)], 2)  # slot L: what padding slots receive
+            o = layout.take(o, p.inv)  # (B, hq, N M, hd)
         o = heads_to_seq(o, self.g)  # (B, H, M, hd)
         return attn.wo(o.transpose(1, 2).reshape(B, M, -1))
 

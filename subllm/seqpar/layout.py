@@ -35,6 +35,7 @@ class Placement:
     pos: Tensor  # (B, L) original positions of the one-process slots
     local_pos: Tensor  # (B, M) positions of this rank's slots (0 at padding slots)
     per_rank: Tensor  # (B, N) real tokens each rank holds, per row
+    identity: bool = False  # order and inv are the identity (level 0: padding is masked, not moved)
 
     @property
     def length(self) -> int:
@@ -48,9 +49,8 @@ def root(pos: Tensor, valid: Tensor | None, n: int, rank: int) -> Placement:
     ar = torch.arange(T, device=pos.device).expand(B, T)
     real = torch.ones(B, T, dtype=torch.long, device=pos.device) if valid is None else valid.long()
     per_rank = real.view(B, n, m).sum(2)
-    return Placement(
-        m, ar, ar, valid, attention_mask_for(valid), pos, pos[:, rank * m : (rank + 1) * m], per_rank
-    )
+    local = pos[:, rank * m : (rank + 1) * m]
+    return Placement(m, ar, ar, valid, attention_mask_for(valid), pos, local, per_rank, identity=True)
 
 
 def child(parent: Placement, idx: Tensor, sel_valid: Tensor | None, n: int, rank: int):
@@ -83,6 +83,28 @@ def child(parent: Placement, idx: Tensor, sel_valid: Tensor | None, n: int, rank
     local_pos = torch.where(held, pos.gather(1, slot.clamp(max=K - 1)), 0)
     place = Placement(m, order, inv, sel_valid, attention_mask_for(sel_valid), pos, local_pos, per_rank)
     return place, src, slot
+
+
+class _Take(torch.autograd.Function):
+    """x.gather(2, idx) that saves only the index for backward (autograd's gather keeps all of x
+    alive: here, a copy of every head's q, k, v or output per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.shape = x.shape
+        return x.gather(2, idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add_(2, idx, grad), None
+
+
+def take(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, H, S, D), index (B, L) -> (B, H, L, D): x[b, :, index[b, l]]."""
+    B, H, _, D = x.shape
+    return _Take.apply(x, index[:, None, :, None].expand(B, H, -1, D))
 
 
 def imbalance(per_rank: Tensor) -> float:
