@@ -22,6 +22,13 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
       --dtypes bf16 --decode-tokens 64 --reps 5 --warmup 2 --hf | tee "$OUT/infer.txt"
   "$PY" -m subllm bench train --device cuda --preset subllm-1.3b --lengths 2k,4k,8k --batch-size 2 \
       --reps 5 --warmup 2 --hf $COMPILE_FLAG --plot "$OUT/train_speedup.png" | tee "$OUT/train.txt"
+  # sequence parallelism (subllm/seqpar/): activation memory per GPU vs one, 2 GPUs over nccl
+  if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    "$PY" benchmarks/seqpar_memory.py --device cuda --dtype bf16 --n 2 --lengths 8k,16k,32k --backward \
+        --structure 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT' | tee "$OUT/seqpar.txt"
+  else
+    echo "one CUDA device: sequence-parallel run skipped (needs 2)"
+  fi
 else
   echo "no CUDA device: CPU smoke run at tiny sizes"
   "$PY" -m subllm bench train --quick --hf --plot "$OUT/train_speedup.png" | tee "$OUT/train.txt"

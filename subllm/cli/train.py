@@ -4,6 +4,7 @@
     subllm train --out runs/x --resume                       # continue after a crash / kill
     subllm train --init-from runs/llama --structure 'TT(TT)TT' --data ... [--train-only subsample,bypass]
     torchrun --nproc_per_node 2 -m subllm train ... [--fsdp] # DDP (gloo on CPU, nccl on CUDA) / FSDP2
+    torchrun --nproc_per_node 2 -m subllm train ... --sequence-parallel 2   # long rows over 2 ranks
 
 Options come from flags and/or a JSON file (`--config FILE`, keys = the long flag names; flags
 win; on --resume the run's saved options are the base). Every value is checked before anything
@@ -71,6 +72,8 @@ HELP = {
     "LLaMA given to --init-from; the loss is (1 - w) LM + w t^2 KL(teacher || student), logits in chunks",
     "distill_weight": "w of --distill-from, in [0, 1] (default 0.5)",
     "distill_temperature": "t of --distill-from: both distributions at temperature t (default 1.0)",
+    "sequence_parallel": "under torchrun: N ranks share each sequence (contiguous shards, Ulysses attention, "
+    "SUBLLM's selection exact); the other ranks split the batch as DDP does (default 1 = off)",
 }
 
 METAVAR = {

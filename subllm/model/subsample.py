@@ -329,12 +329,24 @@ class Subsample(nn.Module):
         return self.train_select(x, valid, step, ratio, pin)
 
     def train_select(
-        self, x: Tensor, valid: Tensor | None, step, ratio: float, pin: Tensor | None
+        self, x: Tensor, valid: Tensor | None, step, ratio: float, pin: Tensor | None, shard=None
     ) -> Selection:
         """Training mode: the Balancer, exact top-k with the subtraction trick, the auxiliary loss
-        and the threshold's calibration (an `M` router overrides this, subllm/model/mod.py)."""
-        s = self.scores(x)  # (B, T)
+        and the threshold's calibration (an `M` router overrides this, subllm/model/mod.py).
+
+        `shard` (sequence parallelism, subllm/seqpar/): x holds this rank's tokens only;
+        `shard.scores(s)` returns the whole level's scores (B, T) in level order, the same on every
+        rank, so that everything below is exactly one process's selection; `shard.weights(w)`
+        marks the weights, whose gradient each rank only has for its own kept tokens (summed over
+        ranks in backward). None = one process."""
         opts = self.options
+        s = self.scores(x)  # (B, T)
+        s_aux = None
+        if opts.select_loss > 0 and opts.select_loss_detach:
+            s_aux = self.scores(x.detach())
+        if shard is not None:
+            s = shard.scores(s)
+            s_aux = None if s_aux is None else shard.scores(s_aux)
         gate = GradSize() if opts.balancer_gate == "weight" else None
         prob = self.balancer_prob.at(torch.as_tensor(step, device=x.device))
         box = None if torch.compiler.is_compiling() else self.push_box  # a dict cannot enter a graph
@@ -346,8 +358,10 @@ class Subsample(nn.Module):
         sel = select_topk(s, valid, ratio, flip, self.theta, pin, opts.subtraction)
         if gate is not None:
             sel.weight = gate.tap(sel.weight, sel.valid)
+        if shard is not None:  # in backward: summed over ranks before the tap and the Balancer read it
+            sel.weight = shard.weights(sel.weight)
         if opts.select_loss > 0:
-            s_aux = self.scores(x.detach()) if opts.select_loss_detach else s
+            s_aux = s if s_aux is None else s_aux
             sel.select_loss = selection_bce(s_aux, sel.kept_mask, valid, opts.select_loss_tau)
         if self.theta is not None and torch.is_grad_enabled():  # training steps, not evaluations
             self.track_cut(sel.sorted_scores.detach(), sel.n_kept, sel.n_real)

@@ -70,6 +70,7 @@ class TrainConfig:
     distill_from: str | None = None  # a frozen teacher: LM loss mixed with KL to it (trainer/distill.py)
     distill_weight: float = 0.5  # w in (1 - w) * LM + w * t^2 * KL
     distill_temperature: float = 1.0
+    sequence_parallel: int = 1  # ranks sharing each sequence under torchrun (subllm/seqpar/); 1 = off
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,6 +288,7 @@ FIELDS = {
     "distill_from": lambda n, v: None if v is None else str(Path(_str(n, v)).resolve()),
     "distill_weight": lambda n, v: _unit(n, v),
     "distill_temperature": _float,
+    "sequence_parallel": parse_int,
 }
 
 
@@ -337,6 +339,17 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.distill_from is not None and (cfg.fsdp or cfg.compile):
         raise SubLLMError("--distill-from works with plain or DDP training; drop --fsdp / --compile")
+    sp = cfg.sequence_parallel
+    if sp > 1:
+        if cfg.seq_len % sp:
+            raise SubLLMError(f"--seq-len {cfg.seq_len} is not divisible by --sequence-parallel {sp}")
+        for flag, on in (
+            ("--fsdp", cfg.fsdp),
+            ("--compile", cfg.compile),
+            ("--distill-from", cfg.distill_from),
+        ):
+            if on:
+                raise SubLLMError(f"--sequence-parallel does not support {flag} (it composes with DDP only)")
     if cfg.warmup_steps is not None and cfg.steps is not None and cfg.warmup_steps > cfg.steps:
         raise SubLLMError(f"--warmup-steps ({cfg.warmup_steps}) exceeds --steps ({cfg.steps})")
 

@@ -114,10 +114,17 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     if mode == "fsdp" and not info.distributed:
         say("note: --fsdp without torchrun (one process): training unsharded")
         mode = "none"
+    sp = None  # sequence parallelism (subllm/seqpar/): N ranks share each row, the rest split the batch
+    if cfg.sequence_parallel > 1:
+        from subllm.seqpar import sequence_groups
+
+        sp, mode = sequence_groups(cfg.sequence_parallel), "sequence"
+    # who reads which data: every rank of a sequence group reads the same rows
+    drank, dsize = (sp.dp_rank, sp.dp_size) if sp else (info.rank, info.world_size)
     resume_from = _check_run_dir(run_dir, resume, overwrite, info.is_main)
-    data, mconf, source = _data_and_config(cfg, info, run_dir, say)
-    steps = total_steps(cfg, info.world_size)
-    tps = tokens_per_step(cfg, info.world_size)
+    data, mconf, source = _data_and_config(cfg, info, run_dir, say, dsize)
+    steps = total_steps(cfg, dsize)
+    tps = tokens_per_step(cfg, dsize)
 
     state, changes = None, []  # changes: trajectory changes made on resume (a new --lr), all resumes
     if resume_from is not None:
@@ -129,7 +136,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     from subllm.data.packing import BatchSampler
     from subllm.optim import build_optimizer
 
-    model, wrapped, forward = _build_model(cfg, mconf, state, source, info, mode, say)
+    model, wrapped, forward = _build_model(cfg, mconf, state, source, info, mode, say, sp)
     source = None  # the copied state dict is no longer needed
     teacher = None
     if cfg.distill_from is not None:  # frozen, eval mode, no optimizer state (trainer/distill.py)
@@ -138,7 +145,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     optimizer, schedule = build_optimizer(
         model, cfg.optimizer, cfg.lr, steps, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay
     )
-    sampler = BatchSampler(data.train_dir, cfg.batch_size, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+    sampler = BatchSampler(data.train_dir, cfg.batch_size, cfg.seq_len, cfg.seed, drank, dsize)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if state is not None:
         ts = state.trainer_state
@@ -180,7 +187,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         f"training {mconf.structure} ({record['params'] / 1e6:.2f} M params, keep {mconf.keep_ratios}) "
         f"for {steps} "
         f"steps x {tps:,} tokens, {cfg.optimizer}, {dtype_line(cfg.dtype, info.device)}, "
-        f"{mode} x {info.world_size}, "
+        f"{mode} x {info.world_size}{f' (sequence parallel {sp.size})' if sp else ''}, "
         f"schedules {cfg.schedule_steps} (balancer {mconf.balancer_steps}, bypass {mconf.bypass_steps} steps)"
     )
 
@@ -241,8 +248,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
             model.set_step(step)
             schedule.step(step, tokens_seen)
             sums, mixed, out = _micro_batches(
-                cfg, info, step, sampler, mix, wrapped, forward, teacher, autocast
+                cfg, info, step, sampler, mix, wrapped, forward, teacher, autocast, drank
             )
+            if sp is not None:  # each rank holds its tokens' share: sum over the sequence group
+                from subllm.seqpar import sync_grads
+
+                sync_grads(model.parameters(), sp)
             grad_norm = None
             if cfg.optimizer == "adamw":
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -323,7 +334,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     return summary
 
 
-def _data_and_config(cfg: TrainConfig, info, run_dir: Path, say):
+def _data_and_config(cfg: TrainConfig, info, run_dir: Path, say, data_world: int):
     """The packed data, the ModelConfig to train and, with --init-from, the source model."""
     source, tokenizer = None, cfg.tokenizer
     if cfg.init_from is not None:  # uptraining (trainer/uptrain.py): checked before any data work
@@ -337,7 +348,7 @@ def _data_and_config(cfg: TrainConfig, info, run_dir: Path, say):
     D.barrier(info)
     if not info.is_main:
         data = prepare_data(cfg.data, run_dir, tokenizer, cfg.vocab_size, False, say)
-    steps = total_steps(cfg, info.world_size)
+    steps = total_steps(cfg, data_world)
     if source is None:
         mconf = model_config(cfg, steps, data.tokenizer_meta)
     else:
@@ -347,9 +358,10 @@ def _data_and_config(cfg: TrainConfig, info, run_dir: Path, say):
     return data, mconf, source
 
 
-def _build_model(cfg: TrainConfig, mconf, state, source, info, mode: str, say):
+def _build_model(cfg: TrainConfig, mconf, state, source, info, mode: str, say, sp=None):
     """The model (from the checkpoint, the --init-from source or the seed), wrapped for DDP/FSDP
-    from outside; -> (model, wrapped, the forward the training step calls)."""
+    from outside (or, with sequence parallelism `sp`, called through subllm/seqpar's sharded
+    forward); -> (model, wrapped, the forward the training step calls)."""
     from subllm.model.subllm import SubLLM
 
     seed_everything(cfg.seed)
@@ -363,6 +375,15 @@ def _build_model(cfg: TrainConfig, mconf, state, source, info, mode: str, say):
         uptrain.freeze(model, cfg.train_only)
     model.to(info.device).train()
     model.activation_checkpointing = cfg.checkpointing  # applied from outside: the trainer decides
+    if sp is not None:
+        from subllm.seqpar import check_supported, sp_forward
+
+        check_supported(model, sp.size, cfg.seq_len)
+
+        def forward(x, labels=None, position_ids=None):
+            return sp_forward(model, x, sp, labels=labels, position_ids=position_ids)
+
+        return model, model, forward
     wrapped = D.wrap_model(model, info, mode)
     forward = wrapped  # what the training step calls; state dicts and no_sync stay on `wrapped`
     if cfg.compile:
@@ -389,6 +410,7 @@ def _run_record(cfg: TrainConfig, mconf, info, mode: str, model, step: int, resu
         "tokens_per_step": tps,
         "world_size": info.world_size,
         "parallel": mode,
+        "sequence_parallel": cfg.sequence_parallel,
         "device": info.device,
         "threads": torch.get_num_threads(),
         "params": n_params,
@@ -405,8 +427,11 @@ def _run_record(cfg: TrainConfig, mconf, info, mode: str, model, step: int, resu
     }
 
 
-def _micro_batches(cfg: TrainConfig, info, step: int, sampler, mix, wrapped, forward, teacher, autocast):
-    """The `grad_accum` micro-batches of one optimizer step, forward and backward; -> this rank's
+def _micro_batches(
+    cfg: TrainConfig, info, step: int, sampler, mix, wrapped, forward, teacher, autocast, data_rank: int
+):
+    """The `grad_accum` micro-batches of one optimizer step, forward and backward (`data_rank`:
+    which share of the batch this rank reads; the same on a sequence group); -> this rank's
     sums over them ("loss": the LM loss, comparable with LLaMA's; "select": the auxiliary selection
     loss; "kl": the distillation KL), the rows replaced by retrieval examples, the last output."""
     sums = {k: torch.zeros((), device=info.device) for k in ("loss", "select", "kl")}
@@ -414,12 +439,12 @@ def _micro_batches(cfg: TrainConfig, info, step: int, sampler, mix, wrapped, for
     for micro in range(cfg.grad_accum):
         x = next(sampler)
         if mix is not None:  # its own generator: the global RNG and the sampler are untouched
-            x, rows = mix.apply(x, info.rank, step, micro)
+            x, rows = mix.apply(x, data_rank, step, micro)
             mixed += len(rows)
         x = x.to(info.device, non_blocking=True)
         kw = {}
         if cfg.pose_target is not None:  # its own generator: the global RNG stream is untouched
-            g = pose_generator(cfg.seed, info.rank, step, micro)
+            g = pose_generator(cfg.seed, data_rank, step, micro)
             kw["position_ids"] = pose_position_ids(*x.shape, cfg.pose_target, g).to(x.device)
         with D.no_sync(wrapped, micro == cfg.grad_accum - 1):
             with autocast():
@@ -447,6 +472,9 @@ def _check_resumable(loaded, cfg: TrainConfig, mconf, steps: int, info) -> None:
     if loaded.trainer_state.get("total_steps") != steps:
         diffs.append(f"total steps: {loaded.trainer_state.get('total_steps')} -> {steps}")
     diffs += [f"model {d}" for d in config_diff(loaded.config.to_dict(), mconf.to_dict())]
+    saved_sp, sp = saved.get("sequence_parallel", 1), cfg.sequence_parallel
+    if saved_sp != sp:
+        diffs.append(f"sequence parallel: {saved_sp} -> {sp}")
     if loaded.trainer_state.get("world_size") != info.world_size:
         diffs.append(f"world size: {loaded.trainer_state.get('world_size')} -> {info.world_size}")
     if diffs:

@@ -1,0 +1,158 @@
+"""Activation memory per rank under sequence parallelism (subllm/seqpar/) vs one process.
+
+For each length, a fresh set of processes (gloo on CPU, 1 thread each) runs one training-mode
+forward of the same model on the same row; N = 1 is the plain `SubLLM.forward`. Measured per rank:
+
+- saved: bytes of the tensors autograd saves for backward (torch.autograd.graph.saved_tensors_hooks,
+  each storage counted once) - the activation memory a training step holds between forward and
+  backward. Parameters are excluded (they are not activations).
+- peak RSS: the process's resident high-water mark (VmHWM) minus its RSS just before the forward
+  (allocator and gloo buffers included; a looser, OS-level number).
+- fwd_s (and step_s with --backward): wall time, 2 busy cores - not a speed benchmark.
+- with --device cuda (nccl, one GPU per rank): also peak_cuda_mib, torch.cuda.max_memory_allocated
+  minus what was allocated before the forward.
+
+    python benchmarks/seqpar_memory.py --lengths 8k,16k,32k --n 2
+    python benchmarks/seqpar_memory.py --lengths 8k --n 2 --backward --checkpointing
+
+Prints a table, then one JSON line. The model: subllm-small's width (dim 256, 4 heads, vocab 8192)
+with a shorter structure by default (--structure), so that 32k fits the time of a CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+
+
+def _rss_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
+    import torch
+
+    from subllm import SubLLM
+    from subllm.config import get_preset
+
+    torch.set_num_threads(1)
+    cuda = args["device"] == "cuda"
+    dev = f"cuda:{rank}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(rank)
+    g = None
+    if world > 1:
+        import torch.distributed as dist
+
+        from subllm.seqpar import sequence_groups
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+        g = sequence_groups(world)
+    T = args["length"]
+    cfg = get_preset("subllm-small").replace(structure=args["structure"], max_seq_len=max(T, 16384))
+    torch.manual_seed(0)
+    model = SubLLM(cfg).to(dev).train()
+    model.set_step(0)
+    model.activation_checkpointing = args["checkpointing"]
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(1)).to(dev)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    base = _rss_kib("VmRSS")
+    cuda_base = torch.cuda.memory_allocated() if cuda else 0
+    t0 = time.perf_counter()
+    amp = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=args["dtype"] == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        if g is None:
+            out_ = model(ids, labels=ids)
+        else:
+            from subllm.seqpar import sp_forward
+
+            out_ = sp_forward(model, ids, g, labels=ids)
+    fwd = time.perf_counter() - t0
+    rec = {"rank": rank, "saved_mib": sum(seen.values()) / 2**20, "fwd_s": fwd}
+    if args["backward"]:
+        out_.loss.backward()
+        if g is not None:
+            from subllm.seqpar import sync_grads
+
+            sync_grads(model.parameters(), g)
+        rec["step_s"] = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+        rec["fwd_s" if not args["backward"] else "step_s"] = time.perf_counter() - t0
+        rec["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
+    rec["peak_rss_mib"] = (_rss_kib("VmHWM") - base) / 1024
+    rec["imbalance"] = getattr(out_, "imbalance", None)
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(rec, f)
+    if g is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(length: int, n: int, args: dict) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(n, _port(), {**args, "length": length}, d), nprocs=n)
+        return [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(n)]
+
+
+def _length(s: str) -> int:
+    s = s.strip().lower()
+    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="8k,16k,32k")
+    p.add_argument("--n", type=int, default=2, help="ranks sharing each row")
+    p.add_argument("--structure", default="TT(TT)TT")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--backward", action="store_true", help="also run backward (+ gradient sync)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: nccl, one GPU per rank")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    a = p.parse_args()
+    args = {"structure": a.structure, "checkpointing": a.checkpointing, "backward": a.backward}
+    args.update(device=a.device, dtype=a.dtype)
+    rows = []
+    print(f"{'T':>7} {'ranks':>5} {'saved MiB/rank':>15} {'peak RSS MiB/rank':>18} {'fwd s':>7} {'ratio':>6}")
+    for T in [_length(x) for x in a.lengths.split(",")]:
+        one = run(T, 1, args)[0]
+        sp = run(T, a.n, args)
+        worst = max(r["saved_mib"] for r in sp)
+        rows.append({"length": T, "one": one, "sp": sp, "saved_ratio": worst / one["saved_mib"]})
+        for name, recs in (("1", [one]), (str(a.n), sp)):
+            for r in recs:
+                print(
+                    f"{T:>7} {name:>5} {r['saved_mib']:>15.1f} {r['peak_rss_mib']:>18.1f} {r['fwd_s']:>7.1f} "
+                    f"{r['saved_mib'] / one['saved_mib']:>6.3f}"
+                )
+    print(json.dumps({"bench": "seqpar_memory", "n": a.n, **args, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
