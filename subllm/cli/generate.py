@@ -25,18 +25,8 @@ from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", type=Path, required=True, help="folder with config.json, weights, tokenizer"
-    )
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize, as `generate` and `serve` take them."""
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -51,6 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py); a "
         "quarter of the weight bytes per decode step",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="folder with config.json, weights, tokenizer"
+    )
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    add_dtype_arguments(p)
     p.add_argument("--no-cache", action="store_true", help="reference path: full forward every step")
     p.add_argument(
         "--prefill-chunk",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from subllm.dtype import DTYPES
+from subllm.cli.generate import add_dtype_arguments
 from subllm.errors import SubLLMError
 
 API_KEY_ENV = "SUBLLM_API_KEY"
@@ -37,19 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="bf16 (autocast) or fp32; auto (default): the faster of the two for this machine and model, "
-        "measured once and cached (subllm/dtype_calibration.py); fp32 on a CPU without native bf16",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=("none", "int8"),
-        default="none",
-        help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py)",
-    )
+    add_dtype_arguments(p)
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument(
