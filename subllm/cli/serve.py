@@ -4,8 +4,9 @@
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "To be, or not", "max_tokens": 16, "temperature": 0}'
 
-Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, /health,
-/metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
+Endpoints: POST /v1/completions and /v1/chat/completions (stream=true for server-sent events; chat
+needs a checkpoint with a chat template), POST /tokenize, /detokenize, GET /v1/models, /version,
+/health, /metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
 503 + Retry-After; the requests already accepted finish (up to --shutdown-timeout seconds, then they
 end with an error event / a JSON error), then the process exits 0 (subllm/serve/shutdown.py).
 """
