@@ -23,6 +23,7 @@ import torch
 
 from subllm.dtype import DTYPES, dtype_line, resolve_dtype
 from subllm.errors import SubLLMError
+from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK
 
 API_KEY_ENV = "SUBLLM_API_KEY"
 FLUSH_TIMEOUT_S = 5.0  # after the drain: for the handlers to write their last events
@@ -38,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens prefilled per decode step, so a long prompt does not stall running streams "
+        f"(default {DEFAULT_PREFILL_CHUNK}; 0: each prompt in one pass)",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -91,9 +99,11 @@ def load_server(
     model_name: str | None,
     limits=None,
     api_key: str | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
-    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py."""
+    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
+    `prefill_chunk`: prompt tokens per step (None: one pass; subllm/serve/prefill.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -109,7 +119,8 @@ def load_server(
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
     metrics = ServeMetrics(len(model.subsamples), name)
-    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics)
+    batcher = Batcher(model, tok, eos, max_batch, max_queue, resolve_dtype(dtype, "cpu", "decode"), metrics,
+                      prefill_chunk=prefill_chunk)  # fmt: skip
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
@@ -128,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     from subllm.serve.connections import limited_protocol
     from subllm.serve.shutdown import DrainingServer
 
+    if args.prefill_chunk < 0:
+        raise SubLLMError(
+            f"--prefill-chunk must be >= 0 (0: each prompt in one pass), got {args.prefill_chunk}"
+        )
     if args.max_body_bytes < 1 or args.max_connections < 1:
         raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
     if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
@@ -135,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     key = api_key(args.api_key, os.environ)
     batcher, app = load_server(
-        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key
-    )
+        args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key,
+        args.prefill_chunk or None,
+    )  # fmt: skip
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
@@ -153,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}"
+        f"{dtype_line(args.dtype, 'cpu', 'decode')}, max batch {args.max_batch}, "
+        f"prefill chunk {args.prefill_chunk or 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,

@@ -147,7 +147,12 @@ def build_app(
         if not batcher.alive or batcher.draining:
             return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(
-            {"status": "ok", "running": len(batcher.running), "waiting": len(batcher.waiting)}
+            {
+                "status": "ok",
+                "running": len(batcher.running),
+                "prefilling": len(batcher.prefilling),
+                "waiting": len(batcher.waiting),
+            }  # fmt: skip
         )
 
     async def prometheus(request: HTTPRequest) -> Response:
