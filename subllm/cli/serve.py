@@ -99,6 +99,7 @@ def load_server(
     model_name: str | None,
     limits=None,
     api_key: str | None = None,
+    *,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     key = api_key(args.api_key, os.environ)
     batcher, app = load_server(
         args.checkpoint, args.max_batch, args.max_queue, args.dtype, args.model_name, limits, key,
-        args.prefill_chunk or None,
+        prefill_chunk=args.prefill_chunk or None,
     )  # fmt: skip
     try:
         sock = socket.create_server((args.host, args.port))
