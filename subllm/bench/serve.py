@@ -236,20 +236,24 @@ def prompt_windows(
 def verify_solo(
     checkpoint: str, prompts: list[list[int]], texts: list[str], max_tokens: int, dtype: str
 ) -> int:
-    """How many of `texts` differ from an in-process greedy generate() of their prompt."""
+    """How many of `texts` differ from an in-process greedy generate() of their prompt (chunked as
+    the server prefills it: subllm/serve/prefill.py)."""
     import torch
 
     from subllm.data.tokenizer import load_tokenizer
     from subllm.dtype import autocast
     from subllm.inference.generation import generate
     from subllm.model.subllm import SubLLM
+    from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK, solo_prefill_chunk
 
     model = SubLLM.from_pretrained(checkpoint).eval()
     tok = load_tokenizer(Path(checkpoint))
     bad = 0
     for p, t in zip(prompts, texts):
         with autocast(dtype):
-            out = generate(model, torch.tensor([p]), max_new_tokens=max_tokens, eos_token_id=None)
+            chunk = solo_prefill_chunk(len(p), DEFAULT_PREFILL_CHUNK)
+            out = generate(model, torch.tensor([p]), max_new_tokens=max_tokens, eos_token_id=None,
+                           prefill_chunk=chunk)  # fmt: skip
         bad += tok.decode(out[0, len(p) :].tolist(), skip_special_tokens=True) != t
     return bad
 

@@ -4,8 +4,9 @@
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "To be, or not", "max_tokens": 16, "temperature": 0}'
 
-Endpoints: POST /v1/completions (stream=true for server-sent events), GET /v1/models, /health,
-/metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
+Endpoints: POST /v1/completions and /v1/chat/completions (stream=true for server-sent events; chat
+needs a checkpoint with a chat template), POST /tokenize, /detokenize, GET /v1/models, /version,
+/health, /metrics (Prometheus text). SIGTERM / Ctrl-C: the server keeps listening but answers new requests
 503 + Retry-After; the requests already accepted finish (up to --shutdown-timeout seconds, then they
 end with an error event / a JSON error), then the process exits 0 (subllm/serve/shutdown.py).
 """
@@ -22,6 +23,7 @@ import torch
 
 from subllm.cli.generate import add_dtype_arguments
 from subllm.errors import SubLLMError
+from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK
 
 API_KEY_ENV = "SUBLLM_API_KEY"
 FLUSH_TIMEOUT_S = 5.0  # after the drain: for the handlers to write their last events
@@ -37,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens prefilled per decode step, so a long prompt does not stall running streams "
+        f"(default {DEFAULT_PREFILL_CHUNK}; 0: each prompt in one pass)",
+    )
     add_dtype_arguments(p)
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -87,11 +96,14 @@ def load_server(
     api_key: str | None = None,
     notes=None,
     quantize: str = "none",
+    *,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
     `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
     `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
-    messages go to stderr at once)."""
+    messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
+    subllm/serve/prefill.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -116,7 +128,9 @@ def load_server(
     choice = choose_dtype(dtype, model, "decode", "cpu", log=notes.append if notes is not None else None)
     if notes is not None:
         notes.insert(0, f"subllm serve: dtype {choice.line}")
-    batcher = Batcher(model, tok, eos, max_batch, max_queue, choice.dtype, metrics)
+    batcher = Batcher(
+        model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk
+    )
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
@@ -135,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
     from subllm.serve.connections import limited_protocol
     from subllm.serve.shutdown import DrainingServer
 
+    if args.prefill_chunk < 0:
+        raise SubLLMError(
+            f"--prefill-chunk must be >= 0 (0: each prompt in one pass), got {args.prefill_chunk}"
+        )
     if args.max_body_bytes < 1 or args.max_connections < 1:
         raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
     if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
@@ -152,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         key,
         notes,
         args.quantize,
+        prefill_chunk=args.prefill_chunk or None,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -170,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
         f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}, "
-        f"max batch {args.max_batch}{', API key required' if key else ''}; listening on http://{host}:{port}",
+        f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}"
+        f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,
     )

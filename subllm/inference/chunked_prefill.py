@@ -13,6 +13,8 @@ The pieces are the engine's: `compact`, `level_inputs`, the Subsample's eval-mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,21 @@ def prefill_chunked(
 ) -> Tensor:
     """As `engine.prefill` (same arguments and result: logits (B, V) at each row's last real
     token), `chunk` prompt tokens per row at a time."""
+    *_, logits = prefill_chunks(model, input_ids, attention_mask, cache, chunk, extra)
+    return logits
+
+
+def prefill_chunks(
+    model: SubLLM,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    cache: KVCache,
+    chunk: int,
+    extra: int = 0,
+) -> Iterator[Tensor | None]:
+    """`prefill_chunked` one chunk per step: yields None after every chunk but the last, then the
+    logits (B, V). Between steps the caller may run other work on other caches (the serving
+    batcher decodes its running rows), under the same no_grad / autocast."""
     check_prefill_inputs(model, input_ids, cache)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise SubLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
@@ -59,7 +76,9 @@ def prefill_chunked(
         for i, (b, n) in enumerate(zip(rows, counts)):
             if s + n == lengths[b]:
                 last[b] = x[i, n - 1]
-    return model.head(model.norm(torch.stack(last)))
+        if s + chunk < L:
+            yield None
+    yield model.head(model.norm(torch.stack(last)))
 
 
 def _extend(
@@ -130,4 +149,4 @@ def prefill_any(
     return prefill_chunked(model, input_ids, attention_mask, cache, chunk, extra)
 
 
-__all__ = ["prefill_chunked", "prefill_any"]
+__all__ = ["prefill_chunked", "prefill_chunks", "prefill_any"]

@@ -1,5 +1,7 @@
-"""The ASGI app of `subllm serve` (Starlette): /v1/completions (JSON or server-sent events),
-/v1/models, /tokenize, /detokenize, /version, /health, /metrics. Every error is answered in OpenAI's format.
+"""The ASGI app of `subllm serve` (Starlette): /v1/completions and /v1/chat/completions (JSON or
+server-sent events), /v1/models, /tokenize, /detokenize, /version, /health, /metrics. Every error
+is answered in OpenAI's format. The two generation routes differ only in how a body is parsed
+(protocol.py, chat.py) and in the shape of what they answer (`TextShape`, `ChatShape`).
 
 The handlers never touch the model: they read the body under its limits (body.py), parse and
 tokenize it on a small thread pool (never on the event loop), hand one `Request` per prompt to the
@@ -29,16 +31,15 @@ from starlette.routing import Route
 from subllm.serve.access import APIKeyMiddleware
 from subllm.serve.batcher import Batcher, QueueFull, Request, Unavailable
 from subllm.serve.body import decode_json, read_body
+from subllm.serve.chat import ChatShape, parse_chat
 from subllm.serve.metrics import ServeMetrics
 from subllm.serve.protocol import (
     APIError,
+    TextShape,
     add_usage,
-    choice,
-    completion_body,
     error_body,
     models_body,
     parse_completion,
-    usage_chunk,
 )
 from subllm.serve.tokens import detokenize, tokenize
 
@@ -77,11 +78,19 @@ def build_app(
     # parsing + tokenization; its threads start on first use
     pool = ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="subllm-tokenize")
 
-    def parse(raw: bytes):
-        body = decode_json(raw)
-        return parse_completion(body, batcher.tokenizer, cfg.vocab_size, cfg.max_seq_len, model_name)
+    def generation_route(parse_body, shape):
+        """POST handler: parse (off the event loop), queue one Request per prompt, answer."""
 
-    async def completions(request: HTTPRequest) -> Response:
+        def parse(raw: bytes):
+            body = decode_json(raw)
+            return parse_body(body, batcher.tokenizer, cfg.vocab_size, cfg.max_seq_len, model_name)
+
+        async def handler(request: HTTPRequest) -> Response:
+            return await generate(request, parse, shape)
+
+        return handler
+
+    async def generate(request: HTTPRequest, parse, shape) -> Response:
         try:
             raw = await read_body(request, limits.max_body_bytes, limits.body_timeout)
             loop = asyncio.get_running_loop()
@@ -102,14 +111,14 @@ def build_app(
         except APIError as e:
             metrics.add_rejected(e.status)
             return error_response(e)
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        head = (f"{shape.prefix}-{uuid.uuid4().hex}", model_name, int(time.time()))  # id, model, created
         if c.stream:
             return StreamingResponse(
-                _sse(batcher, reqs, events, cid, model_name, c.include_usage),
+                _sse(batcher, reqs, events, shape, head, c.include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await _collect(request, batcher, reqs, events, cid, model_name)
+        return await _collect(request, batcher, reqs, events, shape, head)
 
     def token_route(fn, *args):
         async def handler(request: HTTPRequest) -> Response:
@@ -138,7 +147,12 @@ def build_app(
         if not batcher.alive or batcher.draining:
             return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse(
-            {"status": "ok", "running": len(batcher.running), "waiting": len(batcher.waiting)}
+            {
+                "status": "ok",
+                "running": len(batcher.running),
+                "prefilling": len(batcher.prefilling),
+                "waiting": len(batcher.waiting),
+            }  # fmt: skip
         )
 
     async def prometheus(request: HTTPRequest) -> Response:
@@ -166,7 +180,8 @@ def build_app(
 
     return Starlette(
         routes=[
-            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/completions", generation_route(parse_completion, TextShape()), methods=["POST"]),
+            Route("/v1/chat/completions", generation_route(parse_chat, ChatShape()), methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/tokenize", token_route(tokenize, cfg.max_seq_len), methods=["POST"]),
             Route("/detokenize", token_route(detokenize, cfg.vocab_size), methods=["POST"]),
@@ -190,35 +205,39 @@ def _cancel(batcher: Batcher, reqs: list[Request]) -> None:
             batcher.cancel(r)
 
 
-async def _sse(batcher: Batcher, reqs: list[Request], events: asyncio.Queue, cid: str, model: str,
+async def _sse(batcher: Batcher, reqs: list[Request], events: asyncio.Queue, shape, head: tuple,
                include_usage: bool):  # fmt: skip
-    """Server-sent events: one chunk per text delta (`index` says which prompt), a chunk with each
-    prompt's finish reason, the usage chunk when asked for (every other chunk then says
-    "usage": null), then [DONE]; an error ends the stream with an error event and [DONE]. A
-    disconnect cancels this generator: the requests leave the queue or the batch."""
+    """Server-sent events: the shape's opening chunk per prompt (chat: the role), one chunk per
+    text delta (`index` says which prompt), a chunk with each prompt's finish reason, the usage
+    chunk when asked for (every other chunk then says "usage": null), then [DONE]; an error ends
+    the stream with an error event and [DONE]. A disconnect cancels this generator: the requests
+    leave the queue or the batch."""
     usage, left = None, len(reqs)
     try:
+        for i in range(len(reqs)):
+            first = shape.start(*head, i, include_usage)
+            if first is not None:
+                yield _event(first)
         while left:
             i, kind, payload = await events.get()
             if kind == "delta":
-                yield _event(completion_body(cid, model, [choice(i, payload)], None, include_usage))
+                yield _event(shape.delta(*head, i, payload, include_usage))
             elif kind == "done":
-                last = choice(i, "", payload["finish_reason"])
-                yield _event(completion_body(cid, model, [last], None, include_usage))
+                yield _event(shape.end(*head, i, payload["finish_reason"], include_usage))
                 usage, left = add_usage(usage, payload["usage"]), left - 1
             else:
                 yield _event(APIError(payload["status"], payload["message"]).body())
                 break
         else:
             if include_usage:
-                yield _event(usage_chunk(cid, model, usage))
+                yield _event(shape.usage(*head, usage))
         yield _event("[DONE]")
     finally:
         _cancel(batcher, reqs)
 
 
 async def _collect(http: HTTPRequest, batcher: Batcher, reqs: list[Request], events: asyncio.Queue,
-                   cid: str, model: str) -> Response:  # fmt: skip
+                   shape, head: tuple) -> Response:  # fmt: skip
     """The whole completion as one JSON body (one choice per prompt); a client that disconnects
     first cancels it; an error in any prompt answers the request with that error."""
 
@@ -234,9 +253,7 @@ async def _collect(http: HTTPRequest, batcher: Batcher, reqs: list[Request], eve
                 final[i], usage, left = payload, add_usage(usage, payload["usage"]), left - 1
             else:
                 raise APIError(payload["status"], payload["message"])
-        pairs = enumerate(zip(texts, final))
-        choices = [choice(i, "".join(t), f["finish_reason"], f["logprobs"]) for i, (t, f) in pairs]
-        return completion_body(cid, model, choices, usage)
+        return shape.body(*head, ["".join(t) for t in texts], final, usage)
 
     async def disconnected():
         while (await http.receive())["type"] != "http.disconnect":

@@ -1,19 +1,23 @@
 """Continuous batching on the SUBLLM KV cache (docs/method.md section 3, served).
 
-One worker thread owns the model and ONE running batch cache (subllm/inference/cache.py). Between decode
-steps it admits waiting requests: each is prefilled alone, exactly as `generate()` prefills it
-(subllm/inference/engine.py `prefill` on a batch-1 cache), samples its first token, and its cache row is
-appended to the running batch (`KVCache.add_rows`). Every decode step then feeds the last token of
-every running row (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone)
-leave at once and their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the
-last row leaves). Rows of different lengths at every level are what the cache stores natively -
-tokens an S dropped were never stored for that row.
+One worker thread owns the model and ONE running batch cache (subllm/inference/cache.py). Between
+decode steps it admits waiting requests: each is prefilled alone on a batch-1 cache, exactly as
+`generate()` prefills it - a prompt longer than `prefill_chunk` tokens one chunk per step, between
+the decode steps of the running rows, as `generate(..., prefill_chunk=...)` does
+(subllm/serve/prefill.py) - samples its first token, and its cache row is appended to the running
+batch (`KVCache.add_rows`). Every decode step then feeds the last token of every running row
+(`decode_step`); rows that finish (eos, stop string, max_tokens, client gone) leave at once and
+their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the last row leaves).
+Rows of different lengths at every level are what the cache stores natively - tokens an S dropped
+were never stored for that row.
 
-Why each request's output equals its solo `generate()`: prefill is the same call on the same
-batch-1 input; a decode step gives every row its own logits (the engine's per-row invariant,
-tests/test_generate.py); and sampling is per row with the request's own `torch.Generator`, through
-the same functions in the same order as `generate()` (subllm/inference/generation.py: repetition penalty,
-temperature, top-k, top-p, multinomial), so a draw never depends on what else is batched.
+Why each request's output equals its solo `generate()` (with `prefill_chunk` for a prompt longer
+than the chunk: prefill.py `solo_prefill_chunk`): prefill is the same call on the same batch-1
+input, cut at the same chunk boundaries; a decode step gives every row its own logits (the
+engine's per-row invariant, tests/test_generate.py); and sampling is per row with the request's
+own `torch.Generator`, through the same functions in the same order as `generate()`
+(subllm/inference/generation.py: repetition penalty, temperature, top-k, top-p, multinomial), so
+a draw never depends on what else is batched.
 
 Isolation: a failure while sampling, detokenizing or decoding one row fails that row only. A
 decode step that raises is undone (`KVCache.rewind`) and retried one row at a time, so the rows
@@ -40,9 +44,10 @@ import torch
 from subllm.dtype import autocast
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
-from subllm.inference.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step
 from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
 from subllm.serve.logprobs import LogprobRecord, prompt_logprobs, step_logprobs
+from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK, PrefillQueue
 
 
 class QueueFull(SubLLMError):
@@ -108,7 +113,9 @@ class Request:
 
 class Batcher:
     """The continuous-batching loop (see the module docstring). `start()` runs it on a thread;
-    `step()` runs one admit + decode round synchronously (tests)."""
+    `step()` runs one admit + prefill + decode round synchronously (tests). `chunk`: the KV cache
+    grows by this many slots; `prefill_chunk`: prompt tokens prefilled per step (None: each prompt
+    in one pass)."""
 
     def __init__(
         self,
@@ -120,14 +127,18 @@ class Batcher:
         dtype: str = "fp32",
         metrics=None,
         chunk: int = 256,
+        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     ):
         if max_batch < 1 or max_queue < 1:
             raise SubLLMError("--max-batch and --max-queue must be >= 1")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise SubLLMError(f"--prefill-chunk must be a positive integer (0: off), got {prefill_chunk!r}")
         self.model, self.tokenizer, self.eos = model.eval(), tokenizer, eos_token_id
         self.max_batch, self.max_queue, self.dtype, self.chunk = max_batch, max_queue, dtype, chunk
         self.metrics = metrics
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.prefilling = PrefillQueue(self.model, prefill_chunk, chunk)  # admitted, prompt not all in
         self.cache: KVCache | None = None
         self.draining = False
         self.peak = 0  # most rows ever decoded together
@@ -188,7 +199,7 @@ class Batcher:
     @property
     def busy(self) -> bool:
         """Whether any accepted request has not ended (waiting, being admitted or running)."""
-        return bool(self.waiting or self._admitting or self.running)
+        return bool(self.waiting or self._admitting or self.prefilling or self.running)
 
     @property
     def alive(self) -> bool:
@@ -203,53 +214,59 @@ class Batcher:
                     release_memory()  # idle again: the freed cache rows go back to the OS
                     self._was_busy = False
                 with self._cv:
-                    while not self._stop and not self._abort and not self.waiting and not self.running:
+                    while not (self._stop or self._abort or self.waiting or self.prefilling or self.running):
                         self._cv.wait()
                     self._was_busy = True
                     if self._stop:
                         break
                     abort, self._abort = self._abort, None
                     if abort:
-                        left, self.waiting = [*self.waiting, *self.running], collections.deque()
+                        left = [*self.waiting, *self.prefilling.requests(), *self.running]
+                        self.waiting = collections.deque()
                     else:
                         admit = self._admitting = self._pop_admissible()
                 if abort:
                     for r in left:
                         if not r.done:
                             self._fail(r, *abort)
-                    self.running, self.cache = [], None
-                    self._gauges()
+                    self._clear()
                     continue
                 try:
                     self.step(admit)
                 except Exception as e:  # a bug outside any one row: fail what is in flight, keep serving
-                    for r in [*self.running, *admit]:
+                    for r in [*self.running, *self.prefilling.requests(), *admit]:
                         if not r.done:
                             self._fail(r, f"internal error: {type(e).__name__}: {e}")
-                    self.running, self.cache = [], None
-                    self._gauges()
+                    self._clear()
                 finally:
                     self._admitting = []
         with self._cv:
-            left, self.waiting = [*self.waiting, *self.running], collections.deque()
+            left = [*self.waiting, *self.prefilling.requests(), *self.running]
+            self.waiting = collections.deque()
         for r in left:
             if not r.done:
                 self._fail(r, "the server shut down before this request finished", 503)
+        self._clear()
+
+    def _clear(self) -> None:
         self.running, self.cache = [], None
+        self.prefilling.clear()
         self._gauges()
 
     def _pop_admissible(self) -> list[Request]:
-        n = self.max_batch - len(self.running)
+        n = self.max_batch - len(self.running) - len(self.prefilling)
         out = []
         while self.waiting and len(out) < n:
             out.append(self.waiting.popleft())
         return out
 
     def step(self, admit: list[Request] | None = None) -> None:
-        """Admit `admit` (prefill each, first token), drop cancelled rows, decode one token for
-        every running row. Must run under torch.no_grad (and the serving autocast)."""
+        """Admit `admit`, run one round of prompt work (prefill.py: up to `prefill_chunk` tokens;
+        a finished prompt gives its first token and joins), drop cancelled rows, decode one token
+        for every running row. Must run under torch.no_grad (and the serving autocast)."""
         for r in admit or []:
             self._admit(r)
+        self.prefilling.round(self._join, self._drop)
         stay = []
         for i, r in enumerate(self.running):
             if r.cancelled:  # the client went away: its row leaves before this step
@@ -263,6 +280,7 @@ class Batcher:
         self._gauges()
 
     def _admit(self, r: Request) -> None:
+        """Set a request up (sampling state, echo) and queue its prompt for prefill."""
         if r.cancelled:
             r.finish_reason = "cancelled"
             self._count("cancelled")
@@ -289,12 +307,22 @@ class Batcher:
                 r.before = None
                 self._done(r, "length")
                 return
-            cache = new_cache(self.model, 1, chunk=self.chunk)
-            logits = prefill(self.model, torch.tensor([r.prompt]), None, cache).float()  # (1, V)
-            r.before = cache.snapshot()
+            self.prefilling.add(r)
         except Exception as e:
             self._fail(r, f"internal error: {type(e).__name__}: {e}")
-            return
+
+    def _drop(self, r: Request, error: Exception | None) -> None:
+        """A request leaves while its prompt is prefilled: cancelled (None) or failed."""
+        if error is None:
+            r.finish_reason = "cancelled"
+            self._count("cancelled")
+        else:
+            self._fail(r, f"internal error: {type(error).__name__}: {error}")
+
+    def _join(self, r: Request, cache: KVCache, logits: torch.Tensor) -> None:
+        """The prompt is in `cache` (batch 1), logits (1, V) float: the first token, then the
+        request's row joins the running batch (or it is already done)."""
+        r.before = cache.snapshot()
         if not self._advance([r], logits):
             if r.finish_reason == "error":
                 return

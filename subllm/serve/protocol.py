@@ -245,18 +245,43 @@ def choice(index: int, text: str, finish_reason: str | None = None, logprobs: di
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_body(cid: str, model: str, choices: list[dict], usage: dict | None, null_usage=False) -> dict:
+def completion_body(cid: str, model: str, choices: list[dict], usage: dict | None, null_usage=False,
+                    created: int | None = None) -> dict:  # fmt: skip
     """A completion, or a stream chunk (usage None; `null_usage`: "usage": null, as OpenAI sends
     each chunk before the usage chunk when the client asked for one)."""
-    out = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
+    created = int(time.time()) if created is None else created
+    out = {"id": cid, "object": "text_completion", "created": created, "model": model,
            "choices": choices}  # fmt: skip
     if usage is not None or null_usage:
         out["usage"] = usage
     return out
 
 
-def usage_chunk(cid: str, model: str, usage: dict) -> dict:
-    return completion_body(cid, model, [], usage)
+def usage_chunk(cid: str, model: str, usage: dict, created: int | None = None) -> dict:
+    return completion_body(cid, model, [], usage, created=created)
+
+
+class TextShape:
+    """text_completion bodies and stream chunks (app.py writes them; chat.py has `ChatShape`)."""
+
+    prefix = "cmpl"
+
+    def start(self, cid, model, created, i, null_usage) -> None:
+        return None  # a completions stream opens with its first text
+
+    def delta(self, cid, model, created, i, text, null_usage) -> dict:
+        return completion_body(cid, model, [choice(i, text)], None, null_usage, created)
+
+    def end(self, cid, model, created, i, reason, null_usage) -> dict:
+        return completion_body(cid, model, [choice(i, "", reason)], None, null_usage, created)
+
+    def usage(self, cid, model, created, usage) -> dict:
+        return usage_chunk(cid, model, usage, created)
+
+    def body(self, cid, model, created, texts: list[str], finals: list[dict], usage: dict) -> dict:
+        pairs = enumerate(zip(texts, finals))
+        choices = [choice(i, t, f["finish_reason"], f["logprobs"]) for i, (t, f) in pairs]
+        return completion_body(cid, model, choices, usage, created=created)
 
 
 def add_usage(total: dict | None, usage: dict) -> dict:
