@@ -6,7 +6,8 @@
 # Per point: training with in-run evaluations (loss-vs-tokens curves in its metrics.jsonl), held-out loss on
 # three registers, and speed against its own LLaMA (bench infer, 2k context, batch 1, bf16).
 # Finished points are skipped, so the script can be re-run after a crash or with more points.
-#   SOURCE=runs/real/llama STEPS=64 ANNEAL=40 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
+#   SOURCE=runs/real/llama STEPS=48 THREADS=1 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
+# (docs/RESULTS.md: STEPS=48 THREADS=1, two drivers at once on the two cores, each with its own points)
 # benchmarks/real_model_table.py then writes the table, the curves and the speed-vs-loss frontier.
 set -euo pipefail
 OUT=${1:-runs/grid}
