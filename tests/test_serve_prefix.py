@@ -34,7 +34,8 @@ def held(cache, level):
     """(positions, [K of each layer of the level], [V ...]) held by row 0 at `level`."""
     n = cache.length(level, 0)
     layers = cache.level_layers[level]
-    return cache.pos[level][0, :n], [cache.k[i][0, :, :n] for i in layers], [cache.v[i][0, :, :n] for i in layers]
+    ks = [cache.k[i][0, :, :n] for i in layers]
+    return cache.pos[level][0, :n], ks, [cache.v[i][0, :, :n] for i in layers]
 
 
 @torch.no_grad()
@@ -111,8 +112,12 @@ def serve_all(model, tok, ps, mb, one_at_a_time=True):
     texts: dict[int, str] = {}
     reqs = []
     for i, (p, kw) in enumerate(zip(ps, SETTINGS)):
-        r = Request(p, Settings(max_tokens=6, ignore_eos=True, **kw),
-                    lambda kind, x, i=i: texts.__setitem__(i, texts.get(i, "") + x) if kind == "delta" else None)  # fmt: skip
+
+        def sink(kind, x, i=i):
+            if kind == "delta":
+                texts[i] = texts.get(i, "") + x
+
+        r = Request(p, Settings(max_tokens=6, ignore_eos=True, **kw), sink)
         r.tag = i
         reqs.append(r)
     for r in reqs if one_at_a_time else [reqs]:
