@@ -4,8 +4,9 @@ One worker thread owns the model and ONE running batch cache (subllm/inference/c
 decode steps it admits waiting requests: each is prefilled alone on a batch-1 cache, exactly as
 `generate()` prefills it - a prompt longer than `prefill_chunk` tokens one chunk per step, between
 the decode steps of the running rows, as `generate(..., prefill_chunk=...)` does
-(subllm/serve/prefill.py) - samples its first token, and its cache row is appended to the running
-batch (`KVCache.add_rows`). Every decode step then feeds the last token of every running row
+(subllm/serve/prefill.py), starting after the longest block prefix of it held by the prefix store
+(subllm/serve/prefix_cache.py) - samples its first token, and its cache row is appended to the
+running batch (`KVCache.add_rows`). Every decode step then feeds the last token of every running row
 (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone) leave at once and
 their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the last row leaves).
 Rows of different lengths at every level are what the cache stores natively - tokens an S dropped

@@ -41,7 +41,7 @@ from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import new_cache
 
-DEFAULT_PREFIX_CACHE_MB = 64  # `subllm serve --prefix-cache-mb`
+DEFAULT_PREFIX_CACHE_MB = 256  # `subllm serve --prefix-cache-mb`
 
 
 @dataclass
