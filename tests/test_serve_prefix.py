@@ -187,6 +187,18 @@ def test_eviction_keeps_the_budget_and_drops_leaves_first(ckpt):
         keys = store.keys(p, len(p) // CHUNK)
         held_at = [k in store.entries for k in keys]
         assert held_at == sorted(held_at, reverse=True), held_at
+    # room for the prefix's 4 blocks: a different prompt's 2 blocks evict the prefix's last blocks
+    a, other = ps[0], ps[5]
+    budget = sum(big.prefix_store.entries[k].nbytes for k in big.prefix_store.keys(a, 4))
+    b = Batcher(model, tok, EOS, prefill_chunk=CHUNK, prefix_cache_mb=budget / 2**20)
+    for p in (a, other):
+        r = Request(p, Settings(max_tokens=1, temperature=0.0), lambda *x: None)
+        b.submit(r)
+        while not r.done:
+            b.step(b._pop_admissible())
+    held_at = [k in b.prefix_store.entries for k in b.prefix_store.keys(a, 4)]
+    assert held_at[0] and not held_at[3] and held_at == sorted(held_at, reverse=True), held_at
+    assert all(k in b.prefix_store.entries for k in b.prefix_store.keys(other, 2))
 
 
 @torch.no_grad()
