@@ -24,6 +24,7 @@ import torch
 from subllm.cli.generate import add_dtype_arguments
 from subllm.errors import SubLLMError
 from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK
+from subllm.serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 
 API_KEY_ENV = "SUBLLM_API_KEY"
 FLUSH_TIMEOUT_S = 5.0  # after the drain: for the handlers to write their last events
@@ -45,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_PREFILL_CHUNK,
         help="prompt tokens prefilled per decode step, so a long prompt does not stall running streams "
         f"(default {DEFAULT_PREFILL_CHUNK}; 0: each prompt in one pass)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=DEFAULT_PREFIX_CACHE_MB,
+        help="MiB of per-level K/V kept for prompt prefixes in blocks of --prefill-chunk tokens, so a "
+        f"prompt starting with a cached prefix skips prefilling it (default {DEFAULT_PREFIX_CACHE_MB:g}; "
+        "0: off; off with --prefill-chunk 0)",
     )
     add_dtype_arguments(p)
     p.add_argument("--model-name", default=None, help="the id in /v1/models (default: the folder name)")
@@ -98,12 +107,14 @@ def load_server(
     quantize: str = "none",
     *,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    prefix_cache_mb: float = 0,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
     `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
     `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
     messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
-    subllm/serve/prefill.py)."""
+    subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
+    subllm/serve/prefix_cache.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -129,8 +140,9 @@ def load_server(
     if notes is not None:
         notes.insert(0, f"subllm serve: dtype {choice.line}")
     batcher = Batcher(
-        model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk
-    )
+        model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk,
+        prefix_cache_mb=prefix_cache_mb,
+    )  # fmt: skip
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
 
@@ -153,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(
             f"--prefill-chunk must be >= 0 (0: each prompt in one pass), got {args.prefill_chunk}"
         )
+    if not args.prefix_cache_mb >= 0:
+        raise SubLLMError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.max_body_bytes < 1 or args.max_connections < 1:
         raise SubLLMError("--max-body-bytes and --max-connections must be >= 1")
     if min(args.header_timeout, args.keep_alive_timeout, args.body_timeout) <= 0:
@@ -171,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         notes,
         args.quantize,
         prefill_chunk=args.prefill_chunk or None,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -189,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
         f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}, "
-        f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}"
+        f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
+        f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,
         flush=True,

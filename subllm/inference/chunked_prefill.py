@@ -48,10 +48,16 @@ def prefill_chunks(
     cache: KVCache,
     chunk: int,
     extra: int = 0,
+    start: int = 0,
 ) -> Iterator[Tensor | None]:
     """`prefill_chunked` one chunk per step: yields None after every chunk but the last, then the
     logits (B, V). Between steps the caller may run other work on other caches (the serving
-    batcher decodes its running rows), under the same no_grad / autocast."""
+    batcher decodes its running rows), under the same no_grad / autocast.
+
+    `start` > 0: `cache` already holds the first `start` tokens of every row (at every level, as
+    this function leaves them after those tokens - a prefix cache hit, subllm/serve/prefix_cache.py);
+    the chunks then begin at `start`. Every row must be longer than `start`. The result equals
+    starting from 0 when the chunk boundaries are the same, i.e. `start` a multiple of `chunk`."""
     check_prefill_inputs(model, input_ids, cache)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise SubLLMError(f"prefill chunk must be a positive integer, got {chunk!r}")
@@ -60,11 +66,15 @@ def prefill_chunks(
         raise SubLLMError("every row needs at least one real (attention_mask = 1) token")
     B, L = ids.shape
     dev = ids.device
-    cache.reset()
+    if start:
+        if min(lengths) <= start or any(cache.length(0, b) != start for b in range(B)):
+            raise SubLLMError(f"start={start}: the cache must hold exactly that many tokens of longer rows")
+    else:
+        cache.reset()
     cache.reserve(0, L + extra, exact=extra > 0)  # level 0 holds every prompt token: its size at once
     seq_len = torch.tensor(lengths, device=dev) if is_dynamic(model.config.rope_scaling) else None
     last: list[Tensor | None] = [None] * B
-    for s in range(0, L, chunk):
+    for s in range(start, L, chunk):
         rows = [b for b in range(B) if lengths[b] > s]
         counts = [min(chunk, lengths[b] - s) for b in rows]
         c = max(counts)

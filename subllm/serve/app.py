@@ -152,12 +152,15 @@ def build_app(
                 "running": len(batcher.running),
                 "prefilling": len(batcher.prefilling),
                 "waiting": len(batcher.waiting),
+                "prefix_cache": None if batcher.prefix_store is None else batcher.prefix_store.stats(),
             }  # fmt: skip
         )
 
     async def prometheus(request: HTTPRequest) -> Response:
+        prefix = None if batcher.prefix_store is None else batcher.prefix_store.stats()
         return PlainTextResponse(
-            metrics.render(queue_depth=len(batcher.waiting)), media_type="text/plain; version=0.0.4"
+            metrics.render(queue_depth=len(batcher.waiting), prefix=prefix),
+            media_type="text/plain; version=0.0.4",
         )
 
     async def http_error(request: HTTPRequest, exc: HTTPException) -> Response:

@@ -4,8 +4,9 @@ One worker thread owns the model and ONE running batch cache (subllm/inference/c
 decode steps it admits waiting requests: each is prefilled alone on a batch-1 cache, exactly as
 `generate()` prefills it - a prompt longer than `prefill_chunk` tokens one chunk per step, between
 the decode steps of the running rows, as `generate(..., prefill_chunk=...)` does
-(subllm/serve/prefill.py) - samples its first token, and its cache row is appended to the running
-batch (`KVCache.add_rows`). Every decode step then feeds the last token of every running row
+(subllm/serve/prefill.py), starting after the longest block prefix of it held by the prefix store
+(subllm/serve/prefix_cache.py) - samples its first token, and its cache row is appended to the
+running batch (`KVCache.add_rows`). Every decode step then feeds the last token of every running row
 (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone) leave at once and
 their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the last row leaves).
 Rows of different lengths at every level are what the cache stores natively - tokens an S dropped
@@ -46,8 +47,10 @@ from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import decode_step
 from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
+from subllm.model.rope import is_dynamic
 from subllm.serve.logprobs import LogprobRecord, prompt_logprobs, step_logprobs
 from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK, PrefillQueue
+from subllm.serve.prefix_cache import PrefixStore
 
 
 class QueueFull(SubLLMError):
@@ -115,7 +118,8 @@ class Batcher:
     """The continuous-batching loop (see the module docstring). `start()` runs it on a thread;
     `step()` runs one admit + prefill + decode round synchronously (tests). `chunk`: the KV cache
     grows by this many slots; `prefill_chunk`: prompt tokens prefilled per step (None: each prompt
-    in one pass)."""
+    in one pass); `prefix_cache_mb`: the prefix store's budget (subllm/serve/prefix_cache.py; 0,
+    one-pass prefill or dynamic RoPE scaling: off)."""
 
     def __init__(
         self,
@@ -128,6 +132,7 @@ class Batcher:
         metrics=None,
         chunk: int = 256,
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_mb: float = 0,
     ):
         if max_batch < 1 or max_queue < 1:
             raise SubLLMError("--max-batch and --max-queue must be >= 1")
@@ -138,7 +143,12 @@ class Batcher:
         self.metrics = metrics
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.prefilling = PrefillQueue(self.model, prefill_chunk, chunk)  # admitted, prompt not all in
+        if prefix_cache_mb < 0:
+            raise SubLLMError(f"--prefix-cache-mb must be >= 0 (0: off), got {prefix_cache_mb!r}")
+        self.prefix_store: PrefixStore | None = None  # blocks are the prefill chunk (prefix_cache.py)
+        if prefix_cache_mb and prefill_chunk is not None and not is_dynamic(self.model.config.rope_scaling):
+            self.prefix_store = PrefixStore(prefill_chunk, int(prefix_cache_mb * 2**20))
+        self.prefilling = PrefillQueue(self.model, prefill_chunk, chunk, self.prefix_store)  # not all in yet
         self.cache: KVCache | None = None
         self.draining = False
         self.peak = 0  # most rows ever decoded together

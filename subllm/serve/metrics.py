@@ -96,7 +96,8 @@ class ServeMetrics:
             n = sum(k for t, k in self._recent if t >= now - RATE_WINDOW_S)
         return n / RATE_WINDOW_S
 
-    def render(self, queue_depth: int | None = None) -> str:
+    def render(self, queue_depth: int | None = None, prefix: dict | None = None) -> str:
+        """`prefix`: the prefix store's counters (subllm/serve/prefix_cache.py `stats`), None: off."""
         rate = self.tokens_per_second()
         m = self.model_name
         out: list[str] = []
@@ -190,6 +191,25 @@ class ServeMetrics:
                 "K/V bytes allocated for the running batch (0 when idle).",
                 [({}, self.kv_allocated)],
             )
+            if prefix is not None:
+                metric(
+                    "subllm_prefix_cache_lookups_total",
+                    "counter",
+                    "Prefix store lookups of chunked prompts, by result (hit: a cached block prefix reused).",
+                    [({"result": "hit"}, prefix["hits"]), ({"result": "miss"}, prefix["misses"])],
+                )
+                metric(
+                    "subllm_prefix_cache_hit_tokens_total",
+                    "counter",
+                    "Prompt tokens taken from the prefix store instead of prefilled.",
+                    [({}, prefix["hit_tokens"])],
+                )
+                metric(
+                    "subllm_prefix_cache_bytes",
+                    "gauge",
+                    "Bytes held by the prefix store.",
+                    [({}, prefix["bytes"])],
+                )
         return "\n".join(out) + "\n"
 
 

@@ -25,6 +25,7 @@ import torch
 from subllm.inference.cache import KVCache
 from subllm.inference.chunked_prefill import prefill_chunks
 from subllm.inference.engine import new_cache, prefill
+from subllm.serve.prefix_cache import PrefixStore
 
 DEFAULT_PREFILL_CHUNK = 512  # `subllm serve --prefill-chunk`
 
@@ -35,19 +36,38 @@ def solo_prefill_chunk(prompt_len: int, chunk: int | None) -> int | None:
 
 
 class Prefill:
-    """One request's prompt on its way into its own batch-1 cache."""
+    """One request's prompt on its way into its own batch-1 cache. With a prefix store (its blocks
+    are the prefill chunk, subllm/serve/prefix_cache.py) a chunked prompt starts from its longest
+    cached block prefix - looked up when its prompt work begins, not at admission, so that a
+    request queued behind another with the same prefix finds what that one stored - and stores
+    each full block it prefills."""
 
-    def __init__(self, model, req, chunk: int | None, cache_chunk: int):
+    def __init__(self, model, req, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None):
         self.req = req
-        self.cache: KVCache = new_cache(model, 1, chunk=cache_chunk)
+        self.cache: KVCache | None = None
         self.done_tokens = 0
-        self._model, self._n = model, len(req.prompt)
+        self.reused_tokens = 0  # prompt tokens taken from the prefix store
+        self._model, self._n, self._cache_chunk = model, len(req.prompt), cache_chunk
         self._chunk = solo_prefill_chunk(self._n, chunk)
+        self._store = store if self._chunk is not None else None  # one-pass prompts: no blocks
         self._steps = None
+        self._mark: list[list[int]] = []  # per-level lengths at the last block boundary
+
+    def _begin(self) -> None:
+        store = self._store
+        hit = None if store is None else store.lookup(self._model, self.req.prompt, self._cache_chunk)
+        if hit is None:
+            self.cache = new_cache(self._model, 1, chunk=self._cache_chunk)
+        else:
+            self.cache, self.done_tokens = hit
+            self.reused_tokens = self.done_tokens
+        self._mark = self.cache.snapshot()
 
     @property
     def next_tokens(self) -> int:
         """Prompt tokens the next `run` processes."""
+        if self.cache is None:
+            self._begin()
         left = self._n - self.done_tokens
         return left if self._chunk is None else min(self._chunk, left)
 
@@ -60,24 +80,29 @@ class Prefill:
             out = prefill(self._model, ids, None, self.cache)
         else:
             if self._steps is None:
-                self._steps = prefill_chunks(self._model, ids, None, self.cache, self._chunk)
+                self._steps = prefill_chunks(
+                    self._model, ids, None, self.cache, self._chunk, start=self.done_tokens
+                )
             out = next(self._steps)
         self.done_tokens += n
+        if self._store is not None and self.done_tokens % self._chunk == 0:  # a full block is in
+            self._store.add(self.req.prompt, self.done_tokens // self._chunk, self.cache, self._mark)
+            self._mark = self.cache.snapshot()
         return out
 
 
 class PrefillQueue:
     """Admitted requests whose prompts are not yet all in their cache, first come first served."""
 
-    def __init__(self, model, chunk: int | None, cache_chunk: int):
-        self.model, self.chunk, self.cache_chunk = model, chunk, cache_chunk
+    def __init__(self, model, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None):
+        self.model, self.chunk, self.cache_chunk, self.store = model, chunk, cache_chunk, store
         self.items: collections.deque[Prefill] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def add(self, req) -> None:
-        self.items.append(Prefill(self.model, req, self.chunk, self.cache_chunk))
+        self.items.append(Prefill(self.model, req, self.chunk, self.cache_chunk, self.store))
 
     def requests(self) -> list:
         return [p.req for p in self.items]
@@ -101,10 +126,10 @@ class PrefillQueue:
                 self.items.popleft()
                 dropped(p.req, None)
                 continue
-            n = p.next_tokens
-            if used and used + n > budget:
-                break
             try:
+                n = p.next_tokens  # the first time: the prefix store lookup
+                if used and used + n > budget:
+                    break
                 logits = p.run()
             except Exception as e:
                 self.items.popleft()
