@@ -304,8 +304,9 @@ def test_non_streaming_disconnect_cancels(server):
 
 # ---- the load benchmark -----------------------------------------------------------------------
 def test_bench_serve_smoke(ckpt, tmp_path):
-    """`subllm bench serve` end to end on the tiny checkpoint (served twice): every request
-    succeeds, outputs agree across concurrencies and with generate(), the servers end idle."""
+    """`subllm bench serve` end to end on the tiny checkpoint (served twice), mixed prompt lengths,
+    closed loops and Poisson arrivals: every request succeeds, outputs agree across levels and
+    with generate(), the servers end idle."""
     import argparse
     import random
 
@@ -315,18 +316,40 @@ def test_bench_serve_smoke(ckpt, tmp_path):
     text = tmp_path / "val.txt"
     text.write_text(" ".join(f"w{rng.randint(4, 255)}" for _ in range(400)))
     args = argparse.Namespace(
-        checkpoints=f"{ckpt[0]},{ckpt[0]}", text=str(text), prompt_tokens=24, max_tokens=4,
-        concurrency="1,3", requests=3, max_batch=4, dtype="fp32", server_threads=1, verify=2,
+        checkpoints=f"{ckpt[0]},{ckpt[0]}", text=str(text), prompt_tokens="24,16", max_tokens=4,
+        concurrency="1,3", rates="40", seed=0, requests=3, max_batch=4, dtype="fp32", server_threads=1,
+        verify=2,
     )  # fmt: skip
     out = run_serve_bench(args, log=lambda *a: None)
     s = out["summary"]
     assert s["zero_failed"] and s["zero_mismatched"] and s["idle_after"], s
     for m in out["models"]:
         assert m["exit_code"] == 0 and m["verify_mismatched"] == 0
-        assert [lv["generated_tokens"] for lv in m["levels"]] == [12, 12]
+        assert [lv["generated_tokens"] for lv in m["levels"]] == [12, 12, 12]
+        assert [lv["mode"] for lv in m["levels"]] == ["closed", "closed", "poisson"]
         assert all(lv["tokens_per_s"] > 0 and lv["ttft_p95_s"] >= lv["ttft_p50_s"] > 0 for lv in m["levels"])
+        assert all(set(lv["ttft_by_prompt_len"]) == {"16", "24"} for lv in m["levels"])
     assert 1 < s["flop_ideal_speedup"] < 3
     print_serve_report(out)
+
+
+def test_poisson_offsets_and_mixed_prompt_windows(tmp_path, ckpt):
+    """Arrival times: seeded, start at 0, increasing, mean gap ~ 1 / rate; mixed-length prompts are
+    consecutive windows of the text, lengths cycling."""
+    from subllm.bench.infer import load_text_tokens
+    from subllm.bench.serve import prompt_windows
+    from subllm.bench.serve_load import poisson_offsets
+
+    t = poisson_offsets(4000, 5.0, seed=1)
+    assert t == poisson_offsets(4000, 5.0, seed=1) and t != poisson_offsets(4000, 5.0, seed=2)
+    assert t[0] == 0 and all(b > a for a, b in zip(t, t[1:]))
+    assert abs(t[-1] / (len(t) - 1) - 0.2) < 0.02  # mean inter-arrival 1/5 s (sd of the mean ~0.003)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{4 + i % 250}" for i in range(100)))
+    ws = prompt_windows(str(text), str(ckpt[0]), [5, 3], 5, 512)
+    assert [len(w) for w in ws] == [5, 3, 5, 3, 5]
+    flat = [x for w in ws for x in w]
+    assert flat == list(load_text_tokens(str(text), str(ckpt[0]), 512))[:21]
 
 
 def test_tokenize_detokenize_version(server):

@@ -7,12 +7,15 @@ LLaMA side by side in one run.
 Each checkpoint is served by its own `subllm serve` process (started here, same settings, all up
 at once; the models take turns, in alternating order from one level to the next). For each
 concurrency c (closed loop: c clients, each sending its next request as soon as
-the last one ended) a fixed number of streamed greedy requests is sent; prompt i is the i-th
-consecutive `--prompt-tokens` window of the validation text (token ids, the checkpoint's
-tokenizer), the same prompts at every concurrency and for every model; eos is ignored so every
+the last one ended), then for each `--rates` level (open loop: Poisson arrivals at that many
+requests/s, seeded, the same send times for every model) a fixed number of streamed greedy
+requests is sent; prompt i is the i-th consecutive window of the validation text (token ids, the
+checkpoint's tokenizer) of `--prompt-tokens` tokens - a comma list mixes lengths, prompt i taking
+the i-th cyclically - the same prompts at every level and for every model; eos is ignored so every
 request generates exactly --max-tokens tokens. Measured on the client side: generated tokens/s
 (all tokens / wall time of the level), time to first token (send -> first streamed token) and
-per-token latency (time per output token after the first, per request), p50 / p95.
+per-token latency (time per output token after the first, per request), p50 / p95; with mixed
+lengths also the TTFT p50 of each prompt length.
 
 Checks: zero failed requests; every output equals the same prompt's output at concurrency 1 (the
 server then runs each request alone, i.e. the solo `generate()` computation - and `--verify K`
@@ -24,7 +27,6 @@ LLaMA, subllm/flops.py). Prints a table, then ONE JSON line last.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -34,6 +36,7 @@ import time
 from pathlib import Path
 
 from subllm.bench.common import format_table
+from subllm.bench.serve_load import percentile, run_level  # noqa: F401  (percentile: the public name)
 from subllm.errors import SubLLMError
 
 
@@ -47,10 +50,22 @@ def add_serve_arguments(sub) -> None:
     p.add_argument(
         "--text", required=True, help="validation text file: prompts are consecutive windows of it"
     )
-    p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length in tokens (default 1024)")
+    p.add_argument(
+        "--prompt-tokens",
+        default="1024",
+        help="prompt length in tokens (default 1024); a comma list mixes lengths, cyclically",
+    )
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated closed-loop client counts")
-    p.add_argument("--requests", type=int, default=0, help="requests per concurrency (default max(4, 2c))")
+    p.add_argument(
+        "--rates",
+        default="",
+        help="comma-separated Poisson arrival rates (requests/s): open-loop levels after the closed ones",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival times (default 0)")
+    p.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default max(4, 2c); 8 per rate)"
+    )
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): fp32 on a CPU"
@@ -59,16 +74,6 @@ def add_serve_arguments(sub) -> None:
     p.add_argument(
         "--verify", type=int, default=1, help="compare the first K outputs with in-process generate()"
     )
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]); NaN for an empty list."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    i = int(k)
-    return s[i] + (s[min(i + 1, len(s) - 1)] - s[i]) * (k - i)
 
 
 # ---- one server -------------------------------------------------------------------------------
@@ -140,97 +145,18 @@ class ServerProcess:
             return self.proc.wait()
 
 
-# ---- the load generator -----------------------------------------------------------------------
-async def _one(client, url: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first, parts, usage, done, status = None, [], None, False, None
-    try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            status = r.status_code
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    break
-                obj = json.loads(line[6:])
-                if obj.get("usage"):
-                    usage = obj["usage"]
-                if obj.get("choices") and obj["choices"][0]["text"]:
-                    first = first or time.perf_counter()
-                    parts.append(obj["choices"][0]["text"])
-    except Exception as e:  # counted as a failed request
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    t1 = time.perf_counter()
-    n = usage["completion_tokens"] if usage else 0
-    ok = status == 200 and done and n == max_tokens and first is not None
-    return {
-        "ok": ok,
-        "start": t0,
-        "end": t1,
-        "ttft": (first or t1) - t0,
-        "tokens": n,
-        "text": "".join(parts),
-        "tpot": (t1 - first) / (n - 1) if ok and n > 1 else float("nan"),
-        "status": status,
-    }
-
-
-async def _closed_loop(url: str, prompts: list[list[int]], n: int, c: int, max_tokens: int) -> list[dict]:
-    import httpx
-
-    results: list[dict | None] = [None] * n
-    nxt = iter(range(n))
-
-    async def client_loop(client):
-        for i in nxt:
-            results[i] = await _one(client, url, prompts[i % len(prompts)], max_tokens)
-
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(c)))
-    return results
-
-
-def run_level(url: str, prompts: list[list[int]], n: int, c: int, max_tokens: int) -> dict:
-    res = asyncio.run(_closed_loop(url, prompts, n, c, max_tokens))
-    ok = [r for r in res if r["ok"]]
-    wall = max(r["end"] for r in ok) - min(r["start"] for r in ok) if ok else float("nan")
-    ttft = [r["ttft"] for r in ok]
-    tpot = [r["tpot"] for r in ok if r["tpot"] == r["tpot"]]
-    return {
-        "concurrency": c,
-        "requests": n,
-        "failed": len(res) - len(ok),
-        "errors": sorted({r.get("error") or f"status {r.get('status')}" for r in res if not r["ok"]}),
-        "generated_tokens": sum(r["tokens"] for r in ok),
-        "wall_s": wall,
-        "tokens_per_s": sum(r["tokens"] for r in ok) / wall if ok else 0.0,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p95_s": percentile(ttft, 95),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p95_s": percentile(tpot, 95),
-        "texts": [r.get("text") for r in res],
-    }
-
-
 def prompt_windows(
-    text_file: str, checkpoint: str, length: int, count: int, vocab_size: int
+    text_file: str, checkpoint: str, lengths: list[int], count: int, vocab_size: int
 ) -> list[list[int]]:
+    """`count` consecutive windows of the text; window i has lengths[i % len(lengths)] tokens."""
     from subllm.bench.infer import load_text_tokens
 
     ids = load_text_tokens(text_file, checkpoint, vocab_size)
-    if len(ids) < length * count:
-        raise SubLLMError(f"--text has {len(ids)} tokens; {count} prompts of {length} need {length * count}")
-    return [ids[i * length : (i + 1) * length] for i in range(count)]
+    sizes = [lengths[i % len(lengths)] for i in range(count)]
+    if len(ids) < sum(sizes):
+        raise SubLLMError(f"--text has {len(ids)} tokens; {count} prompts of {lengths} need {sum(sizes)}")
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [ids[a : a + n] for a, n in zip(starts, sizes)]
 
 
 def verify_solo(
@@ -264,17 +190,25 @@ def run_serve_bench(args, log=print) -> dict:
     from subllm.dtype import resolve_dtype
 
     ckpts = [c for c in args.checkpoints.split(",") if c]
-    levels = int_list(args.concurrency)
-    if args.prompt_tokens < 1 or args.max_tokens < 2 or args.requests < 0 or args.verify < 0:
+    lengths = int_list(str(args.prompt_tokens))
+    try:
+        rates = [float(r) for r in str(getattr(args, "rates", "") or "").split(",") if r.strip()]
+    except ValueError:
+        raise SubLLMError(f"--rates takes comma-separated numbers (requests/s), got {args.rates!r}") from None
+    levels = [(c, 0.0) for c in (int_list(args.concurrency) if args.concurrency else [])]
+    levels += [(0, r) for r in rates]
+    if min(lengths) < 1 or args.max_tokens < 2 or args.requests < 0 or args.verify < 0:
         raise SubLLMError("--prompt-tokens >= 1, --max-tokens >= 2, --requests and --verify >= 0")
+    if not levels or any(r <= 0 for r in rates) or any(c < 1 for c, r in levels if not r):
+        raise SubLLMError("give at least one --concurrency (>= 1) or --rates (> 0) level")
     for c in ckpts:
         if not (Path(c) / "config.json").is_file():
             raise SubLLMError(f"no checkpoint at {c} (config.json missing)")
     dtype = resolve_dtype(args.dtype, "cpu", "decode")
-    count = {c: args.requests or max(4, 2 * c) for c in levels}
+    count = {lv: args.requests or (8 if lv[1] else max(4, 2 * lv[0])) for lv in levels}
     n_prompts = max(count.values())
-    out = {"dtype": dtype, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "models": []}
-    prompts = [prompt_windows(args.text, ck, args.prompt_tokens, n_prompts, _vocab(ck)) for ck in ckpts]
+    out = {"dtype": dtype, "prompt_tokens": lengths, "max_tokens": args.max_tokens, "models": []}
+    prompts = [prompt_windows(args.text, ck, lengths, n_prompts, _vocab(ck)) for ck in ckpts]
     servers: list[ServerProcess] = []
     models: list[dict] = []
     refs: list[list | None] = [None] * len(ckpts)
@@ -288,10 +222,13 @@ def run_serve_bench(args, log=print) -> dict:
                 {"checkpoint": ckpts[i], "server": srv.banner, "levels": [], "rss_idle_mb": srv.rss_mb()}
             )
         order = list(range(len(ckpts)))
-        for j, c in enumerate(levels):  # A B at one level, B A at the next: drift hits both alike
+        for j, (c, rate) in enumerate(levels):  # A B at one level, B A at the next: drift hits both alike
             for i in order if j % 2 == 0 else order[::-1]:
-                log(f"  {Path(ckpts[i]).name}, concurrency {c}: {count[c]} requests")
-                lv = run_level(servers[i].url, prompts[i], count[c], c, args.max_tokens)
+                load = f"Poisson arrivals at {rate:g}/s" if rate else f"concurrency {c}"
+                log(f"  {Path(ckpts[i]).name}, {load}: {count[c, rate]} requests")
+                lv = run_level(
+                    servers[i].url, prompts[i], count[c, rate], c, args.max_tokens, rate, args.seed + j
+                )
                 texts = lv.pop("texts")
                 if refs[i] is None:
                     refs[i] = texts  # the first level's outputs (concurrency 1: each request alone)
@@ -330,11 +267,16 @@ def _vocab(ck: str) -> int:
     return json.loads((Path(ck) / "config.json").read_text())["vocab_size"]
 
 
+def _closed(m: dict) -> list[dict]:
+    """A model's closed-loop levels (all its levels when it has only Poisson ones)."""
+    return [lv for lv in m["levels"] if lv["mode"] == "closed"] or m["levels"]
+
+
 def summarize(out: dict) -> dict:
     """Targets of issue 14, for the first checkpoint (SUBLLM) against the second (LLaMA)."""
     s: dict = {}
     for i, m in enumerate(out["models"]):
-        lv = m["levels"]
+        lv = _closed(m)
         s[f"model{i}"] = {
             "checkpoint": m["checkpoint"],
             "c_max_over_c1": lv[-1]["tokens_per_s"] / lv[0]["tokens_per_s"] if lv[0]["tokens_per_s"] else 0,
@@ -349,7 +291,7 @@ def summarize(out: dict) -> dict:
     )
     s["rss_back_to_idle"] = all(m["rss_after_mb"] <= 1.1 * m["rss_idle_mb"] for m in ms)  # within 10%
     if len(ms) >= 2:
-        a, b = ms[0]["levels"][-1], ms[1]["levels"][-1]
+        a, b = _closed(ms[0])[-1], _closed(ms[1])[-1]
         speed = a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else float("nan")
         ideal = ms[0]["flop_ideal_speedup"]
         s["speedup_at_c_max"] = speed
@@ -368,7 +310,7 @@ def print_serve_report(out: dict, file=None) -> None:
             rows.append(
                 [
                     Path(m["checkpoint"]).name,
-                    lv["concurrency"],
+                    f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s",
                     lv["requests"],
                     f"{lv['tokens_per_s']:.1f}",
                     f"{lv['ttft_p50_s'] * 1e3:.0f}",
@@ -381,7 +323,7 @@ def print_serve_report(out: dict, file=None) -> None:
             )
     headers = [
         "model",
-        "conc",
+        "load",
         "reqs",
         "gen tok/s",
         "TTFT p50 ms",
@@ -392,10 +334,17 @@ def print_serve_report(out: dict, file=None) -> None:
         "differ",
     ]
     print(
-        f"prompts {out['prompt_tokens']} tokens, {out['max_tokens']} generated each, {out['dtype']}",
+        f"prompts {','.join(map(str, out['prompt_tokens']))} tokens, {out['max_tokens']} generated each, "
+        f"{out['dtype']}",
         file=file,
     )
     print(format_table(headers, rows), file=file)
+    if len(out["prompt_tokens"]) > 1:  # mixed lengths: TTFT p50 per prompt length
+        for m in out["models"]:
+            for lv in m["levels"]:
+                per = ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in lv["ttft_by_prompt_len"].items())
+                load = f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s"
+                print(f"{Path(m['checkpoint']).name} {load}: TTFT p50 ms by prompt length {per}", file=file)
     for m in out["models"]:
         keep = ", ".join(f"{k:.3f}" for k in m["keep"]) or "-"
         print(
