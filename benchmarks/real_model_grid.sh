@@ -44,6 +44,7 @@ point_args() {  # name -> the train arguments of that point
 
 POINTS=("$@")
 [ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064s router064 mod050 wide064 sub090 sub050 sub064)
+$PY -m subllm data fetch --extra  # the corpus + Brown, KJV, Austen (training text and two registers), if absent
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
 cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
 cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
