@@ -4,7 +4,8 @@
 # tokens (same data, seed and order) and the same recipe: identity start, keep ratio annealed from 1.0,
 # pure distillation (w = 1: KL to the source only, so the corpus' register is not learned on top).
 # Per point: training with in-run evaluations (loss-vs-tokens curves in its metrics.jsonl), held-out loss on
-# three registers, and speed against its own LLaMA (bench infer, 2k context, batch 1, bf16).
+# three registers, speed against its own LLaMA (bench infer, 2k context, batch 1, bf16) and passkey
+# retrieval at 512-4k (PASSKEY examples per length and depth, filler from the prose register).
 # Finished points are skipped, so the script can be re-run after a crash or with more points.
 #   SOURCE=runs/real/llama STEPS=48 THREADS=1 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
 # (docs/RESULTS.md: STEPS=48 THREADS=1, two drivers at once on the two cores, each with its own points)
@@ -17,6 +18,7 @@ STEPS=${STEPS:-64}
 ANNEAL=${ANNEAL:-$((STEPS * 5 / 8))}
 THREADS=${THREADS:-2}
 TOKENS=${TOKENS:-16384}  # held-out tokens per register
+PASSKEY=${PASSKEY:-7}    # passkey examples per length and depth (x 3 depths; 0: no passkey)
 PY=${PY:-.venv/bin/python}
 NESTED='TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT'  # the paper's 5:5:2 shape on 30 layers
 WIDE='TTTT(TTTTTTTTTTTTTTTTTTTTTT)TTTT'       # one S over the middle 22 layers
@@ -62,7 +64,15 @@ evaluate() {  # checkpoint name -> $OUT/evals/name_{val,prose,legal}.json
   done
 }
 
+passkey() {  # checkpoint name -> $OUT/evals/name_passkey.json (filler: the prose register)
+  [ "$PASSKEY" -gt 0 ] && [ ! -f "$OUT/evals/$2_passkey.json" ] || return 0
+  $PY -m subllm eval --checkpoint "$1" --tasks passkey --lengths 512,1k,2k,4k --examples "$PASSKEY" \
+    --heldout "$OUT/registers/prose" --dtype bf16 --threads "$THREADS" --out "$OUT/evals/$2_passkey.json" \
+    > "$OUT/evals/$2_passkey.log" 2>&1
+}
+
 evaluate "$SOURCE" source
+passkey "$SOURCE" source
 for p in "${POINTS[@]}"; do
   args=$(point_args "$p")
   if [ ! -f "$OUT/$p/summary.json" ]; then
@@ -80,5 +90,6 @@ for p in "${POINTS[@]}"; do
       --lengths 2k --batch-sizes 1 --dtypes bf16 --decode-tokens 32 --reps 3 --threads "$THREADS" \
       > "$OUT/evals/${p}_speed.tmp" 2>&1 && mv "$OUT/evals/${p}_speed.tmp" "$OUT/evals/${p}_speed.log"
   fi
+  passkey "$OUT/$p" "$p"
   echo "$p done $(date -u +%H:%M)"
 done

@@ -1,9 +1,10 @@
 """The table and plots of benchmarks/real_model_grid.sh (issue 20, item 4).
 
-Reads a grid folder (one run folder per point, evals/ with each point's held-out losses and speed) and
-writes table.md (FLOP ideal, held-out loss per register against the source, eval keep, agreement,
-measured speed-ups), curves.png (in-run validation loss vs training tokens, every point) and
-frontier.png (mean loss increase over the registers vs measured decode speed-up).
+Reads a grid folder (one run folder per point, evals/ with each point's held-out losses, speed and
+passkey) and writes table.md (FLOP ideal, held-out loss per register against the source, eval keep,
+agreement, measured speed-ups, passkey accuracy per length with the needle's keep per S),
+curves.png (in-run validation loss vs training tokens, every point) and frontier.png (mean loss
+increase over the registers vs measured decode speed-up).
 
     python benchmarks/real_model_table.py runs/grid
 """
@@ -28,6 +29,28 @@ def _last_json_line(path: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def passkey_by_length(path: Path) -> dict[int, tuple[float, list[float]]] | None:
+    """{length: (accuracy over every depth, mean needle keep per S)} of a passkey eval, or None."""
+    ev = _json(path)
+    if ev is None:
+        return None
+    out = {}
+    for n in sorted({r["length"] for r in ev["retrieval"]["results"]}):
+        rows = [r for r in ev["retrieval"]["results"] if r["length"] == n]
+        acc = sum(r["accuracy"] * r["answers"] for r in rows) / sum(r["answers"] for r in rows)
+        keep = [sum(k) / len(rows) for k in zip(*(r["needle_keep"] for r in rows))]
+        out[n] = (acc, keep)
+    return out
+
+
+def _passkey_cell(pk: dict | None) -> str:
+    if not pk:
+        return "-"
+    acc = "/".join(f"{a:.2f}" for a, _ in pk.values())
+    keep = [k for _, k in pk.values() if k]
+    return acc + (f" (needle kept {'/'.join(f'{x:.2f}' for x in keep[-1])} at {max(pk)})" if keep else "")
+
+
 def point_row(grid: Path, name: str, source: dict) -> dict:
     """Everything the table says about one point."""
     run = grid / name
@@ -49,6 +72,7 @@ def point_row(grid: Path, name: str, source: dict) -> dict:
             sel = ev.get("selection") or {}
             row["eval_keep"] = ev["loss"].get("keep_fractions")
             row["agreement"] = sel.get("agreement")
+    row["passkey"] = passkey_by_length(grid / "evals" / f"{name}_passkey.json")
     bench = _last_json_line(grid / "evals" / f"{name}_speed.log")
     res = bench["results"][0] if bench else {}
     for k in ("prefill_speedup", "prefill_ideal", "decode_speedup", "decode_ideal"):
@@ -62,10 +86,11 @@ def _fmt(x, spec=".3f", missing="-"):
 
 def table(rows: list[dict], source: dict) -> str:
     head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | eval keep (val) | "
-            "agreement | prefill x (ideal) | decode x (ideal) |")  # fmt: skip
+            "agreement | prefill x (ideal) | decode x (ideal) | passkey 512/1k/2k/4k |")  # fmt: skip
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     losses = " | ".join(_fmt(source[r]) for r in REGISTERS)
-    out.append(f"| source | all T | 1.0 | - | - | {losses} | - | - | - | - |")
+    pk = _passkey_cell(source.get("passkey"))
+    out.append(f"| source | all T | 1.0 | - | - | {losses} | - | - | - | - | {pk} |")
     for r in rows:
         cells = [f"{_fmt(r[g])} ({_fmt(100 * r[g + '_rel'] if r[g + '_rel'] is not None else None, '+.1f')}%)"
                  for g in REGISTERS]  # fmt: skip
@@ -76,7 +101,11 @@ def table(rows: list[dict], source: dict) -> str:
         sp = [f"{_fmt(r[a], '.2f')} ({_fmt(r[b], '.2f')})" for a, b in
               (("prefill_speedup", "prefill_ideal"), ("decode_speedup", "decode_ideal"))]  # fmt: skip
         first = f"| {r['name']} | `{r['structure']}` | {keep} | {trained} | {r['tokens']:,} | "
-        out.append(first + " | ".join(cells) + f" | {ek} | {ag} | {sp[0]} | {sp[1]} |")
+        out.append(
+            first
+            + " | ".join(cells)
+            + f" | {ek} | {ag} | {sp[0]} | {sp[1]} | {_passkey_cell(r['passkey'])} |"
+        )
     return "\n".join(out)
 
 
@@ -128,6 +157,7 @@ def main() -> None:
                 f"{a.grid}/evals/source_{reg}.json is missing: run benchmarks/real_model_grid.sh first"
             )
         source[reg] = ev["loss"]["loss"]
+    source["passkey"] = passkey_by_length(a.grid / "evals" / "source_passkey.json")
     names = sorted(p.name for p in a.grid.iterdir() if (p / "metrics.jsonl").is_file())
     rows = [point_row(a.grid, n, source) for n in names]
     text = table(rows, source)
