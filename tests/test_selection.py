@@ -274,3 +274,75 @@ def test_bench_selection_groups_seeds_and_scores_llama_on_the_same_windows(tmp_p
         want = sum(float(model(x, labels=x).lm_loss) * x.shape[0] * 15 for x in windows)
     want /= sum(x.shape[0] * 15 for x in windows)
     assert _loss_only(model, tok, docs, 16, 4, 4096) == pytest.approx(want)
+
+
+def _hand_cuts(model, windows) -> list[float]:
+    """The slow path of `recalibrate`: a train-mode forward from the same seed, and per S the mean
+    over every row of the midpoint between its k-th and (k+1)-th highest score."""
+    from subllm.evals.selection import SEED
+
+    sums = [0.0] * model.config.n_subsamples
+    rows = [0] * model.config.n_subsamples
+    model.train()
+    model.set_step(0)
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        for x in windows:
+            for i, sel in enumerate(model(x, return_selections=True).selections):
+                for b in range(x.shape[0]):
+                    top = sorted(sel.scores[b].tolist(), reverse=True)
+                    k = int(sel.n_kept[b])
+                    sums[i] += (top[k - 1] + top[k]) / 2 if k < len(top) else top[k - 1]
+                    rows[i] += 1
+    model.eval()
+    return [s / n for s, n in zip(sums, rows)]
+
+
+def test_recalibrate_sets_each_theta_to_the_mean_topk_cut():
+    from subllm.evals.selection import measure_selection, recalibrate
+
+    model = tiny_model(threshold="calibrated")
+    with torch.no_grad():
+        for s in model.subsamples:
+            s.threshold.fill_(0.9)  # stale: far above this model's cuts
+    windows = [torch.randint(3, 97, (3, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    before = measure_selection(model, windows)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, step = torch.get_rng_state(), model.step
+    got = recalibrate(model, windows)
+    assert [old for old, _ in got] == pytest.approx([0.9, 0.9])
+    assert torch.equal(rng, torch.get_rng_state()) and model.step == step and not model.training
+    assert all(p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():  # only the thresholds moved
+        assert k.endswith(".threshold") or torch.equal(v, state[k]), k
+        assert not k.endswith("threshold_updates") or torch.equal(v, state[k])
+    want = _hand_cuts(model, windows)
+    assert [new for _, new in got] == pytest.approx(want, abs=1e-6)
+    assert [float(s.threshold) for s in model.subsamples] == pytest.approx(want, abs=1e-6)
+    after = measure_selection(model, windows)  # inference now keeps what training keeps
+    for i in range(2):
+        assert abs(after["keep_eval"][i] - after["keep_train"][i]) < 0.1
+        assert after["agreement"][i] > before["agreement"][i]
+    with pytest.raises(Exception, match="no calibrated threshold"):
+        recalibrate(tiny_model(threshold="zero"), windows)
+
+
+def test_recalibrate_cli_writes_a_new_folder(tmp_path, capsys):
+    from serve_helpers import tiny_checkpoint
+
+    from subllm.cli import main
+
+    ck = tmp_path / "tiny"
+    model, _ = tiny_checkpoint(ck)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{5 + (i * 7) % 200}" for i in range(600)))
+    argv = ["recalibrate", "--checkpoint", str(ck), "--text", str(text), "--seq-len", "64", "--dtype", "fp32"]
+    assert main([*argv, "--out", str(ck)]) == 2  # never overwrites its input
+    assert main([*argv, "--out", str(tmp_path / "recal")]) == 0
+    out = capsys.readouterr().out
+    assert "theta:" in out and "after (the same windows)" in out
+    back = SubLLM.from_pretrained(tmp_path / "recal")
+    same = SubLLM.from_pretrained(ck)
+    assert [float(s.threshold) for s in same.subsamples] == [float(s.threshold) for s in model.subsamples]
+    assert any(float(a.threshold) != float(b.threshold) for a, b in zip(back.subsamples, same.subsamples))
+    assert (tmp_path / "recal" / "tokenizer.json").is_file()

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("subllm.cli.bench", "benchmarks: SUBLLM vs the same-size LLaMA"),
     "eval": ("subllm.cli.eval", "evaluate a checkpoint: loss, bits per byte, few-shot tasks"),
     "convert": ("subllm.cli.convert", "convert between Hugging Face Llama and SUBLLM checkpoints"),
+    "recalibrate": ("subllm.cli.recalibrate", "set a model's inference thresholds from text"),
     "analyze": ("subllm.cli.analyze", "per-token scores, kept tokens and attention analysis"),
     "info": ("subllm.cli.info", "print a preset's parameter count, structure and FLOP ratios"),
 }

@@ -147,6 +147,48 @@ def measure_selection(model, windows: list[Tensor], autocast=None) -> dict:
     return res
 
 
+def recalibrate(model, windows: list[Tensor], autocast=None) -> list[tuple[float, float]]:
+    """Set every calibrated S's theta to the mean top-k cut of a training-mode pass over `windows`
+    (per row, the midpoint of the k-th and (k+1)-th highest score, as the running calibration
+    takes it, `Subsample.track_cut`), averaged over every row instead of an exponential average
+    that lags a keep ratio or scores still moving at the end of training. Nothing else changes
+    (weights, step, RNG). Returns (old, new) theta per calibrated S."""
+    from subllm.errors import SubLLMError
+
+    subs = [m for m in model.subsamples if m.theta is not None]
+    if not subs:
+        raise SubLLMError("this model has no calibrated threshold (threshold 'zero': keep iff s > 0)")
+    ctx = autocast or contextlib.nullcontext
+    flags = [p.requires_grad for p in model.parameters()]
+
+    def run():
+        with torch.enable_grad():  # the calibration runs on training steps only; nothing needs grad
+            for x in windows:
+                with ctx():
+                    model(x)
+
+    try:
+        for m in subs:
+            m.cut_log = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        train_mode_pass(model, run)
+        logs = [m.cut_log for m in subs]
+    finally:
+        for m in subs:
+            m.cut_log = None
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    out = []
+    for m, log in zip(subs, logs):
+        n = sum(c for _, c in log)
+        old = float(m.theta)
+        if n:
+            m.theta.fill_(sum(v for v, _ in log) / n)
+        out.append((old, float(m.theta)))
+    return out
+
+
 @contextlib.contextmanager
 def paper_threshold(model):
     """Temporarily evaluate a calibrated model with the paper's rule (theta = 0 in every S)."""

@@ -276,6 +276,7 @@ class Subsample(nn.Module):
         self.options = opts
         self.score = ScoreLinear(dim, score_norm, bias=score_bias)
         self.push_box: dict = {}  # the Balancer's last relative push (selection.py reads it)
+        self.cut_log: list | None = None  # set: track_cut collects cuts instead (evals/selection.py)
         if opts.threshold == "calibrated":
             self.register_buffer("threshold", torch.zeros(()))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
@@ -376,6 +377,9 @@ class Subsample(nn.Module):
         nxt = top.gather(1, k.clamp(max=top.shape[1] - 1)[:, None])[:, 0]
         cut = torch.where(k < n_real, (kth + nxt) / 2, kth)
         ok = (k > 0) & torch.isfinite(cut)  # a row whose only kept tokens are pinned has no cut
+        if self.cut_log is not None:  # a recalibration pass: the rows' cuts, theta unchanged
+            self.cut_log.append((float(torch.where(ok, cut, 0.0).sum()), int(ok.sum())))
+            return
         cut = torch.where(ok, cut, 0.0).sum() / ok.sum().clamp(min=1)
         self.threshold_updates += 1
         rate = max(1.0 - self.options.threshold_momentum, 0.0)
