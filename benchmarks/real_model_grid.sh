@@ -5,7 +5,8 @@
 # pure distillation (w = 1: KL to the source only, so the corpus' register is not learned on top).
 # Per point: training with in-run evaluations (loss-vs-tokens curves in its metrics.jsonl), held-out loss on
 # three registers, speed against its own LLaMA (bench infer, 2k context, batch 1, bf16) and passkey
-# retrieval at 512-4k (PASSKEY examples per length and depth, filler from the prose register).
+# retrieval at 512-4k (PASSKEY examples per length and depth, filler from the prose register); the same
+# for NAME_recal, the point's weights with each S's threshold set by `subllm recalibrate` (RECAL=1).
 # Finished points are skipped, so the script can be re-run after a crash or with more points.
 #   SOURCE=runs/real/llama STEPS=48 THREADS=1 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
 # (docs/RESULTS.md: STEPS=48 THREADS=1, two drivers at once on the two cores, each with its own points)
@@ -18,6 +19,7 @@ STEPS=${STEPS:-64}
 ANNEAL=${ANNEAL:-$((STEPS * 5 / 8))}
 THREADS=${THREADS:-2}
 TOKENS=${TOKENS:-16384}  # held-out tokens per register
+RECAL=${RECAL:-1}        # 1: also each point with its thresholds recalibrated on the training text
 PASSKEY=${PASSKEY:-7}    # passkey examples per length and depth (x 3 depths; 0: no passkey)
 PY=${PY:-.venv/bin/python}
 NESTED='TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT'  # the paper's 5:5:2 shape on 30 layers
@@ -71,6 +73,16 @@ passkey() {  # checkpoint name -> $OUT/evals/name_passkey.json (filler: the pros
     > "$OUT/evals/$2_passkey.log" 2>&1
 }
 
+measure() {  # checkpoint name -> held-out losses, speed against its LLaMA, passkey
+  evaluate "$1" "$2"
+  if [ ! -f "$OUT/evals/$2_speed.log" ]; then
+    $PY -m subllm bench infer --checkpoint "$1" --text "$OUT/registers/prose/austen_persuasion.txt" \
+      --lengths 2k --batch-sizes 1 --dtypes bf16 --decode-tokens 32 --reps 3 --threads "$THREADS" \
+      > "$OUT/evals/$2_speed.tmp" 2>&1 && mv "$OUT/evals/$2_speed.tmp" "$OUT/evals/$2_speed.log"
+  fi
+  passkey "$1" "$2"
+}
+
 evaluate "$SOURCE" source
 passkey "$SOURCE" source
 for p in "${POINTS[@]}"; do
@@ -84,12 +96,11 @@ for p in "${POINTS[@]}"; do
       --eval-batches 4 --save-every $((STEPS / 4)) --schedule-steps scale --dtype bf16 --threads "$THREADS" \
       --seed 0 --no-progress --out "$OUT/$p" $resume > "$OUT/$p.log" 2>&1
   fi
-  evaluate "$OUT/$p" "$p"
-  if [ ! -f "$OUT/evals/${p}_speed.log" ]; then
-    $PY -m subllm bench infer --checkpoint "$OUT/$p" --text "$OUT/registers/prose/austen_persuasion.txt" \
-      --lengths 2k --batch-sizes 1 --dtypes bf16 --decode-tokens 32 --reps 3 --threads "$THREADS" \
-      > "$OUT/evals/${p}_speed.tmp" 2>&1 && mv "$OUT/evals/${p}_speed.tmp" "$OUT/evals/${p}_speed.log"
+  measure "$OUT/$p" "$p"
+  if [ "$RECAL" = 1 ]; then  # the same weights, thresholds set from the training text (subllm recalibrate)
+    [ -f "$OUT/${p}_recal/config.json" ] || $PY -m subllm recalibrate --checkpoint "$OUT/$p" --text data/corpus/train \
+      --out "$OUT/${p}_recal" --seq-len 512 --max-tokens 16384 --dtype bf16 --threads "$THREADS" > "$OUT/${p}_recal.log" 2>&1
+    measure "$OUT/${p}_recal" "${p}_recal"
   fi
-  passkey "$OUT/$p" "$p"
   echo "$p done $(date -u +%H:%M)"
 done

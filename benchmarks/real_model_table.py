@@ -51,29 +51,31 @@ def _passkey_cell(pk: dict | None) -> str:
     return acc + (f" (needle kept {'/'.join(f'{x:.2f}' for x in keep[-1])} at {max(pk)})" if keep else "")
 
 
-def point_row(grid: Path, name: str, source: dict) -> dict:
-    """Everything the table says about one point."""
+def point_row(grid: Path, name: str, source: dict, measured: str | None = None) -> dict:
+    """Everything the table says about one point; `measured`: the name its evaluations carry when
+    they are not the point's own (NAME_recal: the point's weights, thresholds recalibrated)."""
     run = grid / name
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     start = next(r for r in records if r.get("kind") == "run")
     evals = [r for r in records if r.get("kind") == "eval"]
     model, cfg = start["model"], start["config"]
+    ev_name = measured or name
     row = dict(
-        name=name, structure=model["structure"], keep=model["keep_ratio"], train_only=cfg.get("train_only")
+        name=ev_name, structure=model["structure"], keep=model["keep_ratio"], train_only=cfg.get("train_only")
     )
     row["mod_capacity"] = model["mod_capacity"] if "M" in model["structure"] else None
     row["tokens"] = evals[-1]["tokens"] if evals else 0
-    row["curve"] = [(r["tokens"], r["val_loss"]) for r in evals]
+    row["curve"] = [] if measured else [(r["tokens"], r["val_loss"]) for r in evals]
     for reg in REGISTERS:
-        ev = _json(grid / "evals" / f"{name}_{reg}.json")
+        ev = _json(grid / "evals" / f"{ev_name}_{reg}.json")
         row[reg] = ev["loss"]["loss"] if ev else None
         row[reg + "_rel"] = ev["loss"]["loss"] / source[reg] - 1 if ev else None
         if reg == "val" and ev:
             sel = ev.get("selection") or {}
             row["eval_keep"] = ev["loss"].get("keep_fractions")
             row["agreement"] = sel.get("agreement")
-    row["passkey"] = passkey_by_length(grid / "evals" / f"{name}_passkey.json")
-    bench = _last_json_line(grid / "evals" / f"{name}_speed.log")
+    row["passkey"] = passkey_by_length(grid / "evals" / f"{ev_name}_passkey.json")
+    bench = _last_json_line(grid / "evals" / f"{ev_name}_speed.log")
     res = bench["results"][0] if bench else {}
     for k in ("prefill_speedup", "prefill_ideal", "decode_speedup", "decode_ideal"):
         row[k] = res.get(k)
@@ -159,7 +161,11 @@ def main() -> None:
         source[reg] = ev["loss"]["loss"]
     source["passkey"] = passkey_by_length(a.grid / "evals" / "source_passkey.json")
     names = sorted(p.name for p in a.grid.iterdir() if (p / "metrics.jsonl").is_file())
-    rows = [point_row(a.grid, n, source) for n in names]
+    rows = []
+    for n in names:
+        rows.append(point_row(a.grid, n, source))
+        if (a.grid / f"{n}_recal" / "config.json").is_file():
+            rows.append(point_row(a.grid, n, source, measured=f"{n}_recal"))
     text = table(rows, source)
     (a.grid / "table.md").write_text(text + "\n")
     print(text)
