@@ -50,10 +50,10 @@ POINTS=("$@")
 [ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064s router064 mod050 wide064 sub090 sub050 sub064)
 $PY -m subllm data fetch --extra  # the corpus + Brown, KJV, Austen (training text and two registers), if absent
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
-cp data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
-cp data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
+cp -n data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
+cp -n data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
 for f in GPL-3 Apache-2.0 MPL-2.0 LGPL-2.1; do  # nothing like it in the training text
-  [ -f "/usr/share/common-licenses/$f" ] && cp "/usr/share/common-licenses/$f" "$OUT/registers/legal/$f.txt"
+  [ -f "/usr/share/common-licenses/$f" ] && cp -n "/usr/share/common-licenses/$f" "$OUT/registers/legal/$f.txt"
 done
 
 evaluate() {  # checkpoint name -> $OUT/evals/name_{val,prose,legal}.json
