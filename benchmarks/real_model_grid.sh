@@ -50,10 +50,15 @@ POINTS=("$@")
 [ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064s router064 mod050 wide064 sub090 sub050 sub064)
 $PY -m subllm data fetch --extra  # the corpus + Brown, KJV, Austen (training text and two registers), if absent
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
-cp -n data/corpus/val/shakespeare_hamlet.txt data/corpus/val/milton_areopagitica.txt "$OUT/registers/val/"
-cp -n data/corpus/val/austen_persuasion.txt data/corpus/val/kjv_john.txt "$OUT/registers/prose/"
+copy_new() {  # FILE DIR: copy unless present (another driver's eval may be reading the copy)
+  if [ -f "$1" ] && [ ! -f "$2/$(basename "$1")" ]; then cp "$1" "$2/"; fi
+}
+for f in shakespeare_hamlet milton_areopagitica; do copy_new "data/corpus/val/$f.txt" "$OUT/registers/val"; done
+for f in austen_persuasion kjv_john; do copy_new "data/corpus/val/$f.txt" "$OUT/registers/prose"; done
 for f in GPL-3 Apache-2.0 MPL-2.0 LGPL-2.1; do  # nothing like it in the training text
-  [ -f "/usr/share/common-licenses/$f" ] && cp -n "/usr/share/common-licenses/$f" "$OUT/registers/legal/$f.txt"
+  if [ -f "/usr/share/common-licenses/$f" ] && [ ! -f "$OUT/registers/legal/$f.txt" ]; then
+    cp "/usr/share/common-licenses/$f" "$OUT/registers/legal/$f.txt"
+  fi
 done
 
 evaluate() {  # checkpoint name -> $OUT/evals/name_{val,prose,legal}.json
