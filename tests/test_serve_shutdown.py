@@ -2,6 +2,7 @@
 answers new requests 503 + Retry-After while the accepted ones finish; past --shutdown-timeout
 they end with an error event and [DONE] (streams) or a 503 JSON error; the process exits 0."""
 
+import contextlib
 import json
 import os
 import signal
@@ -42,33 +43,38 @@ def sse_data(lines) -> list[str]:
     return [x[6:] for x in lines if x.startswith("data: ")]
 
 
-def test_drain_503s_new_requests_and_lets_accepted_ones_finish(ckpt):
-    batcher, s = slow_server(ckpt, drain_timeout=60)
+@contextlib.contextmanager
+def sigterm_with_two_running(ckpt, drain_timeout: float, stream_tokens: int, json_tokens: int):
+    """A slow server running a streamed and a JSON request when SIGTERM arrives: yields (batcher,
+    server, the stream's remaining lines, the JSON request's response list, its thread)."""
+    batcher, s = slow_server(ckpt, drain_timeout)
     with s, httpx.Client(timeout=60) as client:
         got = []
-        j = threading.Thread(
-            target=lambda: got.append(client.post(s.url + "/v1/completions", json={**LONG, "max_tokens": 40}))
-        )
-        with client.stream(
-            "POST", s.url + "/v1/completions", json={**LONG, "max_tokens": 300, "stream": True}
-        ) as r:
+        body = {**LONG, "max_tokens": json_tokens}
+        j = threading.Thread(target=lambda: got.append(client.post(s.url + "/v1/completions", json=body)))
+        stream = {**LONG, "max_tokens": stream_tokens, "stream": True}
+        with client.stream("POST", s.url + "/v1/completions", json=stream) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             j.start()
             while len(batcher.running) < 2:
                 time.sleep(0.01)
             s.server.handle_exit(signal.SIGTERM, None)  # what the signal calls
-            # still listening: new requests and probes get 503 + Retry-After, in OpenAI's format
-            new = httpx.post(s.url + "/v1/completions", json={**LONG, "max_tokens": 2})
-            assert new.status_code == 503 and new.headers["Retry-After"] == "5"
-            assert new.json()["error"]["type"] == "service_unavailable"
-            assert httpx.get(s.url + "/health").status_code == 503
-            assert batcher.running  # the accepted requests still run
-            rest = sse_data(lines)
+            yield batcher, s, lines, got, j
+
+
+def test_drain_503s_new_requests_and_lets_accepted_ones_finish(ckpt):
+    with sigterm_with_two_running(ckpt, 60, 300, 40) as (batcher, s, lines, got, j):
+        # still listening: new requests and probes get 503 + Retry-After, in OpenAI's format
+        new = httpx.post(s.url + "/v1/completions", json={**LONG, "max_tokens": 2})
+        assert new.status_code == 503 and new.headers["Retry-After"] == "5"
+        assert new.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(s.url + "/health").status_code == 503
+        assert batcher.running  # the accepted requests still run
+        rest = sse_data(lines)
         assert rest[-1] == "[DONE]" and json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
-        assert (
-            sum(len(json.loads(x)["choices"][0]["text"].split()) for x in rest[:-1]) >= 290
-        )  # the whole text
+        words = sum(len(json.loads(x)["choices"][0]["text"].split()) for x in rest[:-1])
+        assert words >= 290  # the whole text
         j.join(60)
         assert got[0].status_code == 200 and got[0].json()["usage"]["completion_tokens"] == 40
         s.thread.join(30)  # then the server stops by itself
@@ -76,24 +82,8 @@ def test_drain_503s_new_requests_and_lets_accepted_ones_finish(ckpt):
 
 
 def test_past_the_shutdown_timeout_requests_end_with_an_error(ckpt):
-    batcher, s = slow_server(ckpt, drain_timeout=0.3)
-    with s, httpx.Client(timeout=60) as client:
-        got = []
-        j = threading.Thread(
-            target=lambda: got.append(
-                client.post(s.url + "/v1/completions", json={**LONG, "max_tokens": 400})
-            )
-        )
-        with client.stream(
-            "POST", s.url + "/v1/completions", json={**LONG, "max_tokens": 400, "stream": True}
-        ) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            j.start()
-            while len(batcher.running) < 2:
-                time.sleep(0.01)
-            s.server.handle_exit(signal.SIGTERM, None)
-            rest = sse_data(lines)
+    with sigterm_with_two_running(ckpt, 0.3, 400, 400) as (batcher, s, lines, got, j):
+        rest = sse_data(lines)
         assert rest[-1] == "[DONE]"  # a clean end of the stream: an error event, then [DONE]
         err = json.loads(rest[-2])["error"]
         assert err["type"] == "service_unavailable" and "--shutdown-timeout" in err["message"]
