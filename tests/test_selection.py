@@ -346,3 +346,18 @@ def test_recalibrate_cli_writes_a_new_folder(tmp_path, capsys):
     assert [float(s.threshold) for s in same.subsamples] == [float(s.threshold) for s in model.subsamples]
     assert any(float(a.threshold) != float(b.threshold) for a, b in zip(back.subsamples, same.subsamples))
     assert (tmp_path / "recal" / "tokenizer.json").is_file()
+
+
+def test_a_loaded_annealed_model_is_measured_at_its_final_keep_ratio():
+    """A checkpoint carries no step: its train-mode pass (agreement, recalibration) must use top-k at
+    the final keep ratio, not the anneal's start (keep 1.0, where agreement only echoes keep_eval)."""
+    from subllm.evals.selection import measure_selection
+
+    model = tiny_model(threshold="calibrated", keep_anneal_steps=10)
+    assert model.step is None
+    windows = [torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    res = measure_selection(model, windows)
+    assert res["keep_train"][0] == pytest.approx(0.6, abs=0.02)  # ceil(0.6 n) per row at S0
+    assert model.step is None
+    model.set_step(0)  # during training: the current step's ratio (1.0 at the anneal's start)
+    assert measure_selection(model, windows)["keep_train"][0] == 1.0

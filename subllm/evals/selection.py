@@ -103,7 +103,10 @@ def train_mode_pass(model, run) -> None:
     try:
         torch.manual_seed(SEED)
         model.train()
-        model.set_step(old_step or 0)
+        # a model that carries no step (loaded from a checkpoint) is measured at the end of its
+        # keep-ratio anneal, i.e. against top-k at its final keep ratio (the rest of the schedules
+        # act on gradients only)
+        model.set_step(old_step if old_step is not None else model.config.keep_anneal_steps)
         run()  # under no_grad: a calibrated theta does not move (subsample.Subsample.forward)
     finally:
         torch.set_rng_state(cpu_state)
