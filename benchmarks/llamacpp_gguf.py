@@ -1,0 +1,124 @@
+"""Our all-T LLaMA (a SubLLM folder whose structure is all T) written as llama.cpp GGUF files, for
+benchmarks/llamacpp_peer.py: the same weights in llama.cpp at F32, BF16 or Q8_0.
+
+The writer is the `gguf` package's GGUFWriter (pinned in pyproject.toml); quantization is its numpy
+reference (`gguf.quants.quantize`: BF16 rounds to nearest even, Q8_0 is ggml's reference
+quantize_row_q8_0 - blocks of 32 weights, one fp16 scale max|w| / 127). As llama.cpp's own
+convert_hf_to_gguf.py does: 1-D tensors (norms) stay F32, every 2-D tensor takes the file's type,
+the tied LM head is the embedding (no output.weight), and the rows of W_q and W_k are permuted from
+Hugging Face's rotate-half RoPE layout to llama.cpp's interleaved one (`permute_rope_rows`).
+Hyperparameters come from our config.json; the tokenizer (tokenizer.* keys: vocabulary, merges,
+pre-tokenizer, special ids, chat template) is copied from a reference GGUF of the same model, e.g.
+SmolLM2-135M-Instruct.Q4_1.gguf, whose tokenizer ours was built from.
+
+    python benchmarks/llamacpp_gguf.py --checkpoint /work/runs/smol_llama \\
+        --reference data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --types F32,BF16,Q8_0 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from subllm.model.io import read_pretrained
+
+FILE_TYPES = {  # name -> (tensor type of 2-D weights, general.file_type)
+    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's W_q / W_k rows (per head: first half, second half of the rotary pairs) in llama.cpp's
+    order (per head: pairs interleaved) - convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_tensors(cfg, state: dict) -> dict[str, np.ndarray]:
+    """Our parameter names -> llama.cpp's, as float32 numpy arrays (fused qkv and gate/up split)."""
+    f = {k: v.float().numpy() for k, v in state.items()}
+    hd = cfg.head_dim
+    out = {"token_embd.weight": f["embed.weight"], "output_norm.weight": f["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = f["head.weight"]
+    for i in range(cfg.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        q, k, v = np.split(f[p + "attn.wqkv.weight"], [cfg.n_heads * hd, (cfg.n_heads + cfg.n_kv_heads) * hd])
+        gate, up = np.split(f[p + "ffn.w13.weight"], 2)
+        out |= {
+            b + "attn_norm.weight": f[p + "attn_norm.weight"],
+            b + "attn_q.weight": permute_rope_rows(q, cfg.n_heads),
+            b + "attn_k.weight": permute_rope_rows(k, cfg.n_kv_heads),
+            b + "attn_v.weight": v,
+            b + "attn_output.weight": f[p + "attn.wo.weight"],
+            b + "ffn_norm.weight": f[p + "ffn_norm.weight"],
+            b + "ffn_gate.weight": gate,
+            b + "ffn_up.weight": up,
+            b + "ffn_down.weight": f[p + "ffn.w2.weight"],
+        }
+    return out
+
+
+def write_gguf(checkpoint, reference, kind: str, path) -> Path:
+    """Write `checkpoint` (an all-T SubLLM folder) as a llama GGUF of type `kind` (F32/BF16/Q8_0)."""
+    cfg, state = read_pretrained(checkpoint)
+    if cfg.n_subsamples or "M" in cfg.structure or cfg.rope_scaling:
+        raise SystemExit(f"{checkpoint}: llama.cpp runs a plain LLaMA (all-T structure, no RoPE scaling)")
+    qtype, ftype = FILE_TYPES[kind]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"{Path(checkpoint).name} ({kind}, from subllm weights)")
+    w.add_file_type(ftype)
+    if qtype != gguf.GGMLQuantizationType.F32:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    ref = gguf.GGUFReader(str(reference))
+    for key, field in ref.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+    if len(ref.fields["tokenizer.ggml.tokens"].data) != cfg.vocab_size:
+        raise SystemExit(f"{reference}: its vocabulary is not the size of {checkpoint}'s")
+    for name, t in llama_tensors(cfg, state).items():
+        if t.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", required=True, help="an all-T SubLLM folder (our LLaMA)")
+    p.add_argument("--reference", required=True, help="a GGUF of the same model: its tokenizer is copied")
+    p.add_argument("--types", default="F32,BF16,Q8_0")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+    for kind in a.types.split(","):
+        path = write_gguf(
+            a.checkpoint, a.reference, kind, Path(a.out) / f"{Path(a.checkpoint).name}.{kind}.gguf"
+        )
+        print(f"{path} {path.stat().st_size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
