@@ -11,7 +11,7 @@ Hyperparameters come from our config.json; the tokenizer (tokenizer.* keys: voca
 pre-tokenizer, special ids, chat template) is copied from a reference GGUF of the same model, e.g.
 SmolLM2-135M-Instruct.Q4_1.gguf, whose tokenizer ours was built from.
 
-    python benchmarks/llamacpp_gguf.py --checkpoint /work/runs/smol_llama \\
+    python benchmarks/llamacpp_gguf.py --checkpoint runs/real/llama \\
         --reference data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --types F32,BF16,Q8_0 --out DIR
 """
 

@@ -233,7 +233,7 @@ def markdown(results: list[dict], head: bool = True) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--llamacpp-python", required=True, help="python of the venv with llama-cpp-python")
-    p.add_argument("--llama", default="/work/runs/smol_llama", help="our all-T LLaMA (SubLLM folder)")
+    p.add_argument("--llama", default="runs/real/llama", help="our all-T LLaMA (SubLLM folder)")
     p.add_argument("--subllm", help="a SUBLLM checkpoint (default: a fresh conversion of --llama)")
     p.add_argument(
         "--gguf-dir", required=True, help="NAME.{F32,BF16,Q8_0}.gguf of --llama (llamacpp_gguf.py)"
@@ -250,7 +250,7 @@ def main() -> None:
     p.add_argument("--n-batch", type=int, default=512, help="llama.cpp's n_batch (its default)")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (default off)")
     p.add_argument("--check-tokens", type=int, default=128, help="prompt tokens of the logit check")
-    p.add_argument("--out", default="/work/runs/llamacpp_peer")
+    p.add_argument("--out", default="runs/llamacpp_peer")
     a = p.parse_args()
     torch.manual_seed(0)
     variants = a.ours.split(",") if a.ours else []

@@ -8,15 +8,15 @@
 # From scratch on 2 vCPUs: ~14 min for the build (JOBS=1, cores shared), ~1 min for the GGUFs, then the
 # run: 12 contestants x (512, 2048) x (1, 2 threads) x (1 warm-up + 3 rounds), roughly 15-25 min (an
 # estimate from a smoke run on a loaded machine, not a measurement).
-# Environment: LLAMACPP_VENV (default /work/runs/llamacpp_venv), OUT (default /work/runs/llamacpp_peer),
-# LLAMA (our all-T LLaMA, default /work/runs/smol_llama), REFERENCE (the package's GGUF, source of the
+# Environment: LLAMACPP_VENV (default runs/llamacpp_venv), OUT (default runs/llamacpp_peer),
+# LLAMA (our all-T LLaMA, default runs/real/llama: `make real-model` makes it), REFERENCE (the package's GGUF, source of the
 # tokenizer metadata), PY (our interpreter, default .venv/bin/python), JOBS (build parallelism,
 # default 2), BUILD_ONLY=1 to stop after the build. Everything runs under nice -n 19.
 set -euo pipefail
 VERSION=0.3.36
-VENV=${LLAMACPP_VENV:-/work/runs/llamacpp_venv}
-OUT=${OUT:-/work/runs/llamacpp_peer}
-LLAMA=${LLAMA:-/work/runs/smol_llama}
+VENV=${LLAMACPP_VENV:-runs/llamacpp_venv}
+OUT=${OUT:-runs/llamacpp_peer}
+LLAMA=${LLAMA:-runs/real/llama}
 REFERENCE=${REFERENCE:-data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${PY:-.venv/bin/python}
 BASE_PY=${BASE_PY:-python3.11}
