@@ -70,6 +70,8 @@ def point_row(grid: Path, name: str, source: dict, measured: str | None = None) 
         ev = _json(grid / "evals" / f"{ev_name}_{reg}.json")
         row[reg] = ev["loss"]["loss"] if ev else None
         row[reg + "_rel"] = ev["loss"]["loss"] / source[reg] - 1 if ev else None
+        if reg == "legal" and ev:
+            row["eval_keep_legal"] = ev["loss"].get("keep_fractions")
         if reg == "val" and ev:
             sel = ev.get("selection") or {}
             row["eval_keep"] = ev["loss"].get("keep_fractions")
@@ -87,8 +89,8 @@ def _fmt(x, spec=".3f", missing="-"):
 
 
 def table(rows: list[dict], source: dict) -> str:
-    head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | eval keep (val) | "
-            "agreement | prefill x (ideal) | decode x (ideal) | passkey 512/1k/2k/4k |")  # fmt: skip
+    head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | "
+            "eval keep val; legal | agreement | prefill x (ideal) | decode x (ideal) | passkey 512/1k/2k/4k |")  # fmt: skip
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     losses = " | ".join(_fmt(source[r]) for r in REGISTERS)
     pk = _passkey_cell(source.get("passkey"))
@@ -98,7 +100,9 @@ def table(rows: list[dict], source: dict) -> str:
                  for g in REGISTERS]  # fmt: skip
         keep = f"capacity {r['mod_capacity']}" if r["mod_capacity"] else f"{r['keep']}"
         trained = "S, B only" if r["train_only"] else "all"
-        ek = "/".join(f"{x:.2f}" for x in r.get("eval_keep") or []) or "-"
+        ek = "; ".join(
+            "/".join(f"{x:.2f}" for x in r.get(k) or []) or "-" for k in ("eval_keep", "eval_keep_legal")
+        )
         ag = "/".join(f"{x:.2f}" for x in r.get("agreement") or []) or "-"
         sp = [f"{_fmt(r[a], '.2f')} ({_fmt(r[b], '.2f')})" for a, b in
               (("prefill_speedup", "prefill_ideal"), ("decode_speedup", "decode_ideal"))]  # fmt: skip
