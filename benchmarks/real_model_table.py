@@ -89,7 +89,7 @@ def _fmt(x, spec=".3f", missing="-"):
 
 
 def table(rows: list[dict], source: dict) -> str:
-    head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | eval keep val; legal | "
+    head = ("| point | structure | r / capacity | trained | tokens | val | prose | legal | keep val; legal | "
             "agreement | prefill x (ideal) | decode x (ideal) | passkey 512/1k/2k/4k |")  # fmt: skip
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     losses = " | ".join(_fmt(source[r]) for r in REGISTERS)
