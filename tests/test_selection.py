@@ -361,3 +361,21 @@ def test_a_loaded_annealed_model_is_measured_at_its_final_keep_ratio():
     assert model.step is None
     model.set_step(0)  # during training: the current step's ratio (1.0 at the anneal's start)
     assert measure_selection(model, windows)["keep_train"][0] == 1.0
+
+
+def test_text_windows_spread_over_many_texts():
+    """More texts than windows fit in max_tokens: one window from each of an even spread of them,
+    not the first files only (recalibrating on a corpus folder must see all of it)."""
+    from subllm.evals.suite import text_windows
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w) for w in text.split()]}
+
+    model = tiny_model()
+    texts = [" ".join([str(3 + i)] * 20) for i in range(40)]  # text i: 20 copies of token 3 + i
+    windows = text_windows(model, Tok(), texts, 10, 2, 40)  # room for 4 windows of 10
+    seen = sorted({int(t) for w in windows for t in w.flatten()} - {model.config.eos_token_id})
+    assert seen == [3, 13, 23, 33]  # texts 0, 10, 20, 30
+    few = text_windows(model, Tok(), texts[:2], 10, 2, 40)  # few texts: up to 20 tokens of each
+    assert sorted({int(t) for w in few for t in w.flatten()} - {model.config.eos_token_id}) == [3, 4]

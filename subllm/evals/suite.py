@@ -129,10 +129,15 @@ def text_loss(
 
 def text_windows(model, tokenizer, texts, seq_len, batch_size, max_tokens=None) -> list:
     """Non-overlapping windows (B, seq_len) of `texts` (eos after each), as in training; with
-    `max_tokens`, at most max_tokens / len(texts) tokens from each text (diverse, not the first)."""
+    `max_tokens`, at most max_tokens / len(texts) tokens from each text (diverse, not the first),
+    and when that is less than a window, one window from each of an even spread of the texts (a
+    folder of many files is sampled across, not read from its first files)."""
     from subllm.evals.selection import token_windows
 
     ids: list[int] = []
+    fit = None if max_tokens is None else max(1, max_tokens // seq_len)
+    if fit is not None and len(texts) > fit:
+        texts = [texts[i * len(texts) // fit] for i in range(fit)]
     per_text = None if max_tokens is None else max(seq_len, max_tokens // max(1, len(texts)))
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"][:per_text] + [model.config.eos_token_id]
