@@ -30,6 +30,7 @@ A markdown table and one JSON line, printed and written to --out (table.md, resu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from subllm.bench.common import environment, int_list, json_line, median
+from subllm.bench.common import environment, int_list, interleaved, json_line, median
 from subllm.bench.infer import load_text_tokens, text_windows
 from subllm.data.tokenizer import load_tokenizer
 from subllm.dtype import autocast
@@ -133,9 +134,7 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
         for v in variants:
             q, dtype = OURS[v]
             if q != "none" and name not in quantized:
-                copy = SubLLM(m.config)
-                copy.load_state_dict(m.state_dict())
-                quantized[name] = apply_quantization(copy.eval(), q)
+                quantized[name] = apply_quantization(copy.deepcopy(m).eval(), q)
             models[(name, v)] = (quantized[name] if q != "none" else m, dtype)
     return models
 
@@ -173,17 +172,19 @@ def peer_fn(worker, name: str, threads: int, ids: list[int], dec: list[int]):
 
 
 def rounds(fns: dict, reps: int, warmup: int) -> dict:
-    """Interleaved: `warmup` untimed rounds, then `reps` rounds, order reversed every other round."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: {"prefill": [], "decode": []} for n in names}
-    for r in range(reps):
-        for n in names if r % 2 == 0 else names[::-1]:
+    """`interleaved` (subllm/bench/common.py: warm-up rounds, then the order reversed every other
+    round) over calls that time their own prefill and decode; the warm-up rounds' times dropped."""
+    times = {n: {"prefill": [], "decode": []} for n in fns}
+
+    def recording(n):
+        def call():
             for k, v in fns[n]().items():
                 times[n][k].append(v)
-    return times
+
+        return call
+
+    interleaved({n: recording(n) for n in fns}, reps, warmup)
+    return {n: {k: v[warmup:] for k, v in t.items()} for n, t in times.items()}
 
 
 # ---- the run ---------------------------------------------------------------------------------------

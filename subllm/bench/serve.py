@@ -33,10 +33,11 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import accumulate
 from pathlib import Path
 
 from subllm.bench.common import format_table
-from subllm.bench.serve_load import percentile, run_level  # noqa: F401  (percentile: the public name)
+from subllm.bench.serve_load import run_level
 from subllm.errors import SubLLMError
 
 
@@ -155,8 +156,7 @@ def prompt_windows(
     sizes = [lengths[i % len(lengths)] for i in range(count)]
     if len(ids) < sum(sizes):
         raise SubLLMError(f"--text has {len(ids)} tokens; {count} prompts of {lengths} need {sum(sizes)}")
-    starts = [sum(sizes[:i]) for i in range(count)]
-    return [ids[a : a + n] for a, n in zip(starts, sizes)]
+    return [ids[end - n : end] for end, n in zip(accumulate(sizes), sizes)]
 
 
 def verify_solo(
@@ -192,7 +192,7 @@ def run_serve_bench(args, log=print) -> dict:
     ckpts = [c for c in args.checkpoints.split(",") if c]
     lengths = int_list(str(args.prompt_tokens))
     try:
-        rates = [float(r) for r in str(getattr(args, "rates", "") or "").split(",") if r.strip()]
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
     except ValueError:
         raise SubLLMError(f"--rates takes comma-separated numbers (requests/s), got {args.rates!r}") from None
     levels = [(c, 0.0) for c in (int_list(args.concurrency) if args.concurrency else [])]
@@ -267,6 +267,11 @@ def _vocab(ck: str) -> int:
     return json.loads((Path(ck) / "config.json").read_text())["vocab_size"]
 
 
+def _load(lv: dict) -> str:
+    """A level's load in the report: c=4 (closed loop) or 0.5/s (Poisson arrivals)."""
+    return f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s"
+
+
 def _closed(m: dict) -> list[dict]:
     """A model's closed-loop levels (all its levels when it has only Poisson ones)."""
     return [lv for lv in m["levels"] if lv["mode"] == "closed"] or m["levels"]
@@ -310,7 +315,7 @@ def print_serve_report(out: dict, file=None) -> None:
             rows.append(
                 [
                     Path(m["checkpoint"]).name,
-                    f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s",
+                    _load(lv),
                     lv["requests"],
                     f"{lv['tokens_per_s']:.1f}",
                     f"{lv['ttft_p50_s'] * 1e3:.0f}",
@@ -343,8 +348,8 @@ def print_serve_report(out: dict, file=None) -> None:
         for m in out["models"]:
             for lv in m["levels"]:
                 per = ", ".join(f"{n}: {t * 1e3:.0f}" for n, t in lv["ttft_by_prompt_len"].items())
-                load = f"c={lv['concurrency']}" if lv["mode"] == "closed" else f"{lv['rate']:g}/s"
-                print(f"{Path(m['checkpoint']).name} {load}: TTFT p50 ms by prompt length {per}", file=file)
+                name = Path(m["checkpoint"]).name
+                print(f"{name} {_load(lv)}: TTFT p50 ms by prompt length {per}", file=file)
     for m in out["models"]:
         keep = ", ".join(f"{k:.3f}" for k in m["keep"]) or "-"
         print(

@@ -50,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == resolve_checkpoint(args.checkpoint).resolve():
         raise SubLLMError("--out must be a new folder: the checkpoint is not overwritten")
+    if not Path(args.text).exists():
+        raise SubLLMError(f"--text {args.text} does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     tok = load_tokenizer_for(args.checkpoint)
-    if not Path(args.text).exists():
-        raise SubLLMError(f"--text {args.text} does not exist")
     texts = [f.read_text("utf-8", errors="replace") for f in text_files(args.text)]
     seq_len = args.seq_len or default_window(args.checkpoint, model)
     windows = text_windows(model, tok, texts, seq_len, args.batch_size, args.max_tokens)
