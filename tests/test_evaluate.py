@@ -229,3 +229,16 @@ def test_cli_eval_end_to_end(ckpt, tmp_path, capsys):
     assert "not a subllm checkpoint" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(ckpt / "model"), "--tasks", "mmlu,hellaswag"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_eval_quantized_loss_is_close_and_recorded(ckpt, tmp_path, capsys):
+    base = ["eval", "--checkpoint", str(ckpt / "model"), "--tasks", "loss", "--text", str(ckpt / "text.txt")]
+    base += ["--seq-len", "64", "--max-tokens", "256", "--dtype", "fp32"]
+    losses, params = {}, {}
+    for q in ("none", "int8"):
+        assert main([*base, "--quantize", q]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["quantize"] == q
+        losses[q], params[q] = res["loss"]["loss"], res["model"]["params"]
+    assert losses["int8"] != losses["none"] and abs(losses["int8"] - losses["none"]) < 0.01 * losses["none"]
+    assert params["int8"] == params["none"]  # the model's size, not what is left as parameters

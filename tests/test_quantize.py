@@ -1,7 +1,8 @@
-"""Weight-only int8 (subllm/inference/quantize.py): the fast Int8Linear against its dequantized slow
-path and against the fp32 layer within the rounding bound; a quantized tiny model's logits within a
-stated tolerance of fp32's, with the same selections; cached == uncached on it; unquantized paths
-unchanged; `generate --quantize int8`."""
+"""Weight-only int8 and int4 (subllm/inference/quantize.py): each kernel (cast, packed int8, packed
+int4) against the dequantized slow path and against the fp32 layer within the rounding bound; a
+quantized tiny model's logits within a stated tolerance of fp32's, with the same selections; cached
+== uncached on it; the kernel choice by measurement; unquantized paths unchanged;
+`generate --quantize int8|int4`."""
 
 import copy
 
@@ -12,11 +13,21 @@ from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 from torch import nn
 
 from subllm import SubLLMError, generate
-from subllm.inference.quantize import Int8Linear, apply_quantization, quantize_int8_
+from subllm.inference import quantize as Q
+from subllm.inference.quantize import (
+    Int4Linear,
+    Int8Linear,
+    apply_quantization,
+    int4_codes,
+    int4_dequantize,
+    quantize_,
+    quantize_int8_,
+)
 
 # End-to-end tolerance of int8 logits against fp32 on the tiny random models below (logits' std
 # ~0.15, max ~0.6; measured max |diff| ~0.009, RMS diff / std ~0.015): stated with ~2x margin.
 MAX_ABS, REL_RMS = 0.02, 0.03
+INT4_X = 8  # int4 (groups of 32): measured max |diff| ~0.11, RMS diff / std ~0.17: ~1.4x margin
 
 
 def test_int8_linear_equals_its_dequantized_weight_and_the_rounding_bound():
@@ -46,6 +57,65 @@ def test_int8_linear_equals_its_dequantized_weight_and_the_rounding_bound():
         Int8Linear.from_linear(nn.Linear(4, 4))
 
 
+def _bf16_reference(x, w):
+    """The packed kernels' arithmetic done slowly: activations rounded to bf16, fp32 matmul."""
+    return F.linear(x.to(torch.bfloat16).float(), w)
+
+
+def test_packed_int8_kernel_equals_the_slow_path_up_to_bf16_rounding():
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 40, bias=False)
+    q = Int8Linear.from_linear(lin, packed=True)
+    x = torch.randn(3, 64)
+    slow = _bf16_reference(x, q.dequantized())
+    fast = q(x)  # 3 rows <= PACK_ROWS: the packed kernel
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, rtol=8e-3, atol=2e-3)  # the output is rounded to bf16
+    assert not torch.equal(fast, q.forward_cast(x))  # it really took the other kernel
+    many = torch.randn(Q.PACK_ROWS + 1, 64)  # more rows: the cast kernel, fp32 exact
+    torch.testing.assert_close(q(many), F.linear(many, q.dequantized()), rtol=1e-5, atol=1e-6)
+
+
+def test_int4_codes_and_kernel_against_the_slow_path():
+    torch.manual_seed(2)
+    w = torch.randn(32, 96)
+    w[5] = 0.0  # a constant group stays exact
+    w[7, :32] *= 30.0  # groups of very different ranges get their own scales
+    codes, scale, zero = int4_codes(w, 32)
+    assert codes.shape == (32, 96) and scale.shape == zero.shape == (32, 3)
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    deq = int4_dequantize(codes, scale, zero)
+    assert (deq[5] == 0).all()
+    step = scale.repeat_interleave(32, 1)  # each weight within half a step of its group's grid,
+    inside = (w - deq).abs() <= step / 2 + 1e-6  # except the ends a shrunk range clips
+    assert inside.float().mean() > 0.9
+    assert ((w - deq) ** 2).mean() < ((w - w.mean()) ** 2).mean() * 0.01  # 4 bits: ~1/225 of the variance
+    lin = nn.Linear(96, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q4 = Int4Linear.from_linear(lin, group=32)
+    for shape in ((1, 96), (2, 5, 96), (40, 96)):  # decode and prefill shapes alike
+        x = torch.randn(*shape)
+        slow = _bf16_reference(x, deq.to(torch.bfloat16).float())  # scales / offsets are bf16 in the kernel
+        torch.testing.assert_close(q4(x), slow, rtol=2e-2, atol=2e-2 * float(slow.abs().mean()))
+    with pytest.raises(SubLLMError, match="divisible by 32"):
+        int4_codes(torch.randn(16, 40), 32)
+    with pytest.raises(SubLLMError, match="divisible by 16"):
+        Int4Linear.from_linear(nn.Linear(32, 8, bias=False))
+
+
+def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
+    for packed_faster, kernel in ((True, "packed"), (False, "cast")):
+        monkeypatch.setattr(Q, "packed_int8_is_faster", lambda layer, f=packed_faster: f)
+        q = quantize_int8_(tiny_preset_model())
+        assert q.int8_kernel == kernel
+        assert all(m.packed == packed_faster for m in q.modules() if isinstance(m, Int8Linear))
+    q = quantize_int8_(tiny_preset_model(), int8_kernel="cast")
+    assert q.int8_kernel == "cast"
+    with pytest.raises(SubLLMError, match="int8_kernel"):
+        quantize_int8_(tiny_preset_model(), int8_kernel="fast")
+
+
 def _logits(model, ids, mask):
     with torch.no_grad():
         out = model(ids, mask, return_selections=True)
@@ -53,27 +123,36 @@ def _logits(model, ids, mask):
 
 
 @pytest.mark.parametrize("structure", ["TTTTTTT", "TT(T(TT)T)T"])
-def test_quantized_logits_within_tolerance_of_fp32(structure):
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_logits_within_tolerance_of_fp32(structure, kind):
     model = tiny_preset_model(structure)
-    q = quantize_int8_(copy.deepcopy(model))
+    q = quantize_(copy.deepcopy(model), kind, int8_kernel="packed")
     ids, mask = left_padded([30, 20])
     ref, sel_ref = _logits(model, ids, mask)
     got, sel_got = _logits(q, ids, mask)
     for a, b in zip(sel_ref, sel_got):  # the same tokens kept at every S
         assert torch.equal(a.idx, b.idx) and torch.equal(a.n_kept, b.n_kept)
     diff = got - ref
-    assert diff.abs().max() <= MAX_ABS
-    assert diff.pow(2).mean().sqrt() <= REL_RMS * ref.std()
+    scale = INT4_X if kind == "int4" else 1
+    assert diff.abs().max() <= MAX_ABS * scale
+    assert diff.pow(2).mean().sqrt() <= REL_RMS * scale * ref.std()
     assert diff.abs().max() > 0  # it really is quantized
     # what was replaced: every linear of the layers and the head; scores and embedding stay fp32
     assert not any(type(m) is nn.Linear for m in q.layers.modules())
+    # subllm-tiny's w2 has 176 inputs, not a multiple of 32: int8 there, int4 elsewhere
+    for name, m in q.layers.named_modules():
+        if hasattr(m, "in_features"):
+            int4 = kind == "int4" and not name.endswith("w2")
+            assert isinstance(m, Int4Linear if int4 else Int8Linear), name
+    assert q.int4_fallback == ([(64, 176)] * len(q.layers) if kind == "int4" else [])
     assert isinstance(q.head, Int8Linear) and q.embed.weight.dtype == torch.float32
     assert all(s.score.weight.dtype == torch.float32 for s in q.subsamples)
-    assert q.quantization == "int8"
+    assert q.quantization == kind
 
 
-def test_cached_equals_uncached_on_a_quantized_model():
-    q = quantize_int8_(tiny_preset_model())
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cached_equals_uncached_on_a_quantized_model(kind):
+    q = quantize_(tiny_preset_model(), kind, int8_kernel="cast")
     ids, mask = left_padded([14, 6, 10])
     kw = dict(max_new_tokens=8, return_logits=True)
     from subllm.inference.generation import stream_generate
@@ -101,8 +180,8 @@ def test_unquantized_paths_are_unchanged_and_errors():
     assert apply_quantization(model, "none") is model
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.head, nn.Linear) and getattr(model, "quantization", None) is None
-    with pytest.raises(SubLLMError, match="--quantize must be one of none, int8"):
-        apply_quantization(model, "int4")
+    with pytest.raises(SubLLMError, match="--quantize must be one of none, int8, int4"):
+        apply_quantization(model, "int2")
     q = apply_quantization(copy.deepcopy(model), "int8")
     with pytest.raises(SubLLMError, match="already quantized"):
         quantize_int8_(q)

@@ -16,6 +16,7 @@ import torch
 
 from subllm.errors import SubLLMError
 from subllm.evals.suite import _DTYPE_ALIASES, ALL_TASKS, DEFAULT_TEXT, evaluate, format_table, parse_tasks
+from subllm.inference.quantize import QUANTIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="bf16 (autocast) or fp32 (float32 / bfloat16 also accepted); auto (default): bf16 where "
         "the CPU does bf16 natively, else fp32",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="evaluate the model with weight-only int8 or int4 linear layers (subllm/inference/quantize.py)",
     )
     parser.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
     parser.add_argument("--n-text", type=int, default=200, help="cloze/next_sentence documents (default 200)")
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         examples=args.examples,
         pairs=args.pairs,
         rope_scaling=args.rope_scaling,
+        quantize=args.quantize,
     )
     m = res["model"]
     print(

@@ -23,6 +23,7 @@ import torch
 
 from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
+from subllm.inference.quantize import QUANTIZE
 
 
 def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +37,10 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=("none", "int8"),
+        choices=QUANTIZE,
         default="none",
-        help="int8: weight-only int8 linear layers and LM head (subllm/inference/quantize.py); a "
-        "quarter of the weight bytes per decode step",
+        help="weight-only quantization (subllm/inference/quantize.py): int8 linear layers and LM head "
+        "(a quarter of the weight bytes per decode step), or int4 layers (groups of 32) with an int8 head",
     )
 
 

@@ -196,6 +196,7 @@ def evaluate(
     examples: int = 5,
     pairs: int = 8,
     rope_scaling: str | None = None,
+    quantize: str = "none",
 ) -> dict:
     """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}.
     `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device.
@@ -204,6 +205,11 @@ def evaluate(
     torch.manual_seed(seed)
     dtype = _DTYPE_ALIASES.get(dtype, dtype)
     model = load_model(checkpoint)
+    params = model.num_params()  # before quantization turns the layers' weights into buffers
+    if quantize != "none":
+        from subllm.inference.quantize import apply_quantization
+
+        model = apply_quantization(model, quantize)
     if rope_scaling is not None:
         from subllm.model.rope import parse_rope_override, with_rope_scaling
 
@@ -216,9 +222,10 @@ def evaluate(
     seq_len = seq_len or default_window(checkpoint, model)
     out: dict = {
         "checkpoint": str(checkpoint),
-        "model": {"structure": c.structure, "keep_ratios": c.keep_ratios, "params": model.num_params()},
+        "model": {"structure": c.structure, "keep_ratios": c.keep_ratios, "params": params},
         "rope_scaling": c.rope_scaling,
         "rope_override": rope_scaling,
+        "quantize": quantize,
         "window": seq_len,
         **dtype_record(dtype, device),
     }

@@ -1,30 +1,47 @@
-"""Weight-only int8 quantization for decoding (issue 22 item 2): `--quantize int8`.
+"""Weight-only quantization for decoding (issue 22 item 2): `--quantize int8 | int4`.
 
 A decode step reads every weight it passes for a few rows of activations, so its limit is bytes
-read (subllm/bench/roofline.py); int8 weights read a quarter of fp32's. `Int8Linear` stores
-q = round(w / s) in int8 with one fp32 scale per output channel, s = max|w_row| / 127, and computes
-y = (x @ q^T) * s: the int8 matrix is cast to x's dtype block by block of output channels (at
-most BLOCK = 2^20 weights, a 4 MiB transient copy that stays in cache; cast whole, SmolLM2's LM head
-made a 113 MB copy per step and int8 decoded 2.2x slower than fp32, blocked 2x faster - measured on
-a shared machine) and the scale is applied to the output - per-output-channel scales
-commute with the matmul, so this is exactly x @ (q * s)^T, the dequantized weight
-(`Int8Linear.dequantized`, the slow path the tests compare against). The rounding error per
-weight is at most s / 2, so |y - x @ w^T|_j <= s_j / 2 * sum_i |x_i|.
+read (subllm/bench/roofline.py); int8 weights read a quarter of fp32's, int4 an eighth.
 
-`quantize_int8_` replaces, in place, every nn.Linear of the transformer layers (wqkv, wo, w13, w2)
-and the LM head (`head=True`; a tied head gets its own int8 copy, the embedding stays as it is).
-Score layers stay in fp32 (selection decisions, tiny). The model is for inference only afterwards:
+`Int8Linear` stores q = round(w / s) in int8 with one fp32 scale per output channel,
+s = max|w_row| / 127, and computes y = (x @ q^T) * s = x @ (q * s)^T (per-output-channel scales
+commute with the matmul; `Int8Linear.dequantized` is the slow path the tests compare against). The
+rounding error per weight is at most s / 2, so |y - x @ w^T|_j <= s_j / 2 * sum_i |x_i|. Two
+kernels compute it:
+- "packed": torch's CPU kernel `_weight_int8pack_mm` (int8 weights, bf16 activations and scales,
+  fp32 accumulation), for at most PACK_ROWS rows of activations - the decode case. The
+  activations are rounded to bf16 on the way in (relative error <= 2^-9), the output to bf16.
+- "cast": the int8 matrix cast to x's dtype block by block of output channels (at most BLOCK =
+  2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
+  decode where the packed kernel is slower. `quantize_` measures the two on the model's largest
+  layer at one row (a few milliseconds) and keeps "packed" only where it is faster: which one wins
+  depends on the CPU (measured on an AMD EPYC with AVX512-BF16: packed 0.095 ms, cast 0.26 ms,
+  fp32 weights 0.15 ms for a 3072 x 576 matrix), and a default must not assume a fast machine.
+
+`Int4Linear` (group size GROUP = 32, asymmetric, as llama.cpp's Q4_1): each group of 32 weights
+of a row gets a scale and an offset, w ~ (c - 8) * scale + zero with codes c in 0..15
+(`int4_codes`; the range of each group is searched among a few shrinkages of [min, max] for the
+least squared error). It computes through torch's CPU kernel `_weight_int4pack_mm_for_cpu` (bf16
+activations, scales and offsets) at every batch size: at 512 rows it is as fast as fp32 weights.
+
+`quantize_` replaces, in place, every nn.Linear of the transformer layers (wqkv, wo, w13, w2) and
+the LM head (a tied head gets its own copy, the embedding stays as it is). With int4 the head
+stays int8: it is the layer whose rounding costs the most loss (measured in docs/RESULTS.md), and
+so does a layer whose shape the int4 kernel cannot hold (`int4_fits`; listed in
+`model.int4_fallback`).
+Score layers stay fp32 (selection decisions, tiny). The model is for inference only afterwards:
 it has no trainable weights in those layers and saving it is refused.
 
 Why not torchao (PyPI torchao==0.18.0, checked with torch 2.13.0 CPU in a scratch directory): its
-int8 weight-only config works on CPU and computes the same thing (cast the int8 weight, matmul,
-scale), but int4 needs `mslk` (CUDA packages) or a CUDA device, and once it is installed
-transformers imports it in every process that loads a tokenizer or model, where it logs failed
-loads of its CUDA extensions to stderr - that broke `subllm serve`'s first-line banner. A 40-line
-module of our own does what we need.
+int8 weight-only config computes the same thing on CPU, but its int4 needs `mslk` (CUDA packages)
+or a CUDA device, and once installed transformers imports it in every process that loads a
+tokenizer or model, where it logs failed loads of its CUDA extensions to stderr - that broke
+`subllm serve`'s first-line banner. The two kernels above ship with torch itself.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +49,13 @@ from torch import Tensor, nn
 
 from subllm.errors import SubLLMError
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
+PACK_ROWS = 16  # at most this many activation rows go through the packed int8 kernel
+GROUP = 32  # int4 weights per scale / offset
+
+
+def _rows(x: Tensor, n_in: int) -> Tensor:
+    return x.reshape(-1, n_in)
 
 
 class Int8Linear(nn.Module):
@@ -40,29 +63,31 @@ class Int8Linear(nn.Module):
 
     BLOCK = 1 << 20  # weights cast per matmul call: blocks of output channels of at most this many
 
-    def __init__(self, q: Tensor, scale: Tensor):
+    def __init__(self, q: Tensor, scale: Tensor, packed: bool = False):
         super().__init__()
         if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
             raise SubLLMError("Int8Linear needs q int8 (out, in) and scale (out,)")
         self.in_features, self.out_features = q.shape[1], q.shape[0]
-        self.register_buffer("q", q)
+        self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.float())
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
+        self.packed = packed  # use the packed kernel for up to PACK_ROWS rows
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+    def from_linear(cls, lin: nn.Linear, packed: bool = False) -> Int8Linear:
         if lin.bias is not None:
             raise SubLLMError("Int8Linear: linear layers with a bias are not supported")
         w = lin.weight.detach().float()
         scale = w.abs().amax(1) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale)
+        return cls(q, scale, packed)
 
     def dequantized(self) -> Tensor:
         """The weight this layer multiplies by, (out, in) fp32: q * s."""
         return self.q.float() * self.scale[:, None]
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+    def forward_cast(self, x: Tensor) -> Tensor:
         rows = max(1, self.BLOCK // self.in_features)
         if rows >= self.out_features:
             y = F.linear(x, self.q.to(x.dtype))
@@ -72,25 +97,155 @@ class Int8Linear(nn.Module):
             )
         return y * self.scale.to(y.dtype)
 
+    def forward_packed(self, x: Tensor) -> Tensor:
+        x2 = _rows(x, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch._weight_int8pack_mm(x2, self.q, self.scale_bf16)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if self.packed and x.numel() <= PACK_ROWS * self.in_features:
+            return self.forward_packed(x)
+        return self.forward_cast(x)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        kernel = "packed" if self.packed else "cast"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({kernel})"
 
 
-def quantize_int8_(model, head: bool = True):
-    """Replace the linear layers of `model`'s transformer layers (and its LM head) by Int8Linear,
-    in place; -> the model (marked `model.quantization = "int8"`, eval mode)."""
-    if getattr(model, "quantization", None):
-        raise SubLLMError(f"the model is already quantized ({model.quantization})")
+def int4_codes(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """w (out, in) -> (codes (out, in) int32 in 0..15, scale, zero (out, in / group) fp32) with
+    w ~ (codes - 8) * scale + zero per group of `group` weights along `in`. Each group's range is
+    the shrinkage of [min, max] (factors 1.0 .. 0.8) with the least squared rounding error."""
+    N, K = w.shape
+    if K % group:
+        raise SubLLMError(f"int4 needs in_features divisible by {group}; a layer has {K}")
+    g = w.detach().float().reshape(N, K // group, group)
+    lo0, hi0 = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+    best = None
+    for f in (1.0, 0.95, 0.9, 0.85, 0.8):
+        lo = mid - f * half
+        scale = (2 * f * half / 15).clamp(min=1e-10)
+        c = torch.round((g - lo) / scale).clamp(0, 15)
+        err = ((c * scale + lo - g) ** 2).sum(-1, keepdim=True)
+        if best is None:
+            best = [err, c, scale, lo]
+        else:
+            better = err < best[0]
+            for i, new in enumerate((err, c, scale, lo)):
+                best[i] = torch.where(better, new, best[i])
+    _, c, scale, lo = best
+    zero = lo + 8 * scale  # the kernel's convention: w = (c - 8) * scale + zero
+    return c.to(torch.int32).reshape(N, K), scale[..., 0], zero[..., 0]
+
+
+def int4_dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """The slow path: the weights (out, in) fp32 that int4 codes stand for."""
+    N, K = codes.shape
+    group = K // scale.shape[1]
+    c = codes.float().reshape(N, K // group, group)
+    return ((c - 8) * scale[..., None] + zero[..., None]).reshape(N, K)
+
+
+def int4_fits(lin: nn.Linear, group: int = GROUP) -> bool:
+    """Whether `lin`'s shape fits the int4 kernel: in_features a multiple of `group`, out_features
+    of 16 (its tiles)."""
+    return lin.in_features % group == 0 and lin.out_features % 16 == 0
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with int4 weights in torch's CPU packed layout (`int4_codes`)."""
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        if self.out_features % 16:  # the packed layout's tiles
+            raise SubLLMError(f"int4 needs out_features divisible by 16; a layer has {self.out_features}")
+        self.group = self.in_features // scale.shape[1]
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
+        self.register_buffer("scale_zero", sz.to(torch.bfloat16))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group: int = GROUP) -> Int4Linear:
+        if lin.bias is not None:
+            raise SubLLMError("Int4Linear: linear layers with a bias are not supported")
+        return cls(*int4_codes(lin.weight, group))
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        x2 = _rows(x, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"
+
+
+def _best_of(f, reps: int = 5) -> float:
+    f()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def packed_int8_is_faster(layer: Int8Linear) -> bool:
+    """Whether the packed kernel decodes one row through `layer` faster than the cast one
+    (best of 5 each, after a warm-up; fp32 activations for the cast kernel)."""
+    x = torch.randn(1, layer.in_features)
+    with torch.no_grad():
+        try:
+            packed = _best_of(lambda: layer.forward_packed(x))
+        except RuntimeError:  # the kernel is missing for this build / CPU
+            return False
+        return packed < _best_of(lambda: layer.forward_cast(x))
+
+
+def _linears(model):
     for block in model.layers:
         for parent in block.modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, Int8Linear.from_linear(child))
+                    yield parent, name, child
+
+
+def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "auto"):
+    """Replace the linear layers of `model`'s transformer layers (and its LM head) by quantized
+    ones, in place; -> the model (marked `model.quantization`, eval mode). `int8_kernel`: auto
+    (measured, see the module docstring) | packed | cast."""
+    if getattr(model, "quantization", None):
+        raise SubLLMError(f"the model is already quantized ({model.quantization})")
+    if kind not in QUANTIZE[1:]:
+        raise SubLLMError(f"quantization must be int8 or int4, got {kind!r}")
+    if int8_kernel not in ("auto", "packed", "cast"):
+        raise SubLLMError(f"int8_kernel must be auto, packed or cast, got {int8_kernel!r}")
+    model.int4_fallback = []  # int4 layers whose shape the packed layout cannot hold: int8 instead
+    for parent, name, child in list(_linears(model)):
+        if kind == "int4" and int4_fits(child):
+            setattr(parent, name, Int4Linear.from_linear(child))
+        else:
+            if kind == "int4":
+                model.int4_fallback.append(tuple(child.weight.shape))
+            setattr(parent, name, Int8Linear.from_linear(child))
     if head:
         model.head = Int8Linear.from_linear(model.head)
-    model.quantization = "int8"
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if int8:
+        packed = int8_kernel == "packed"
+        if int8_kernel == "auto":
+            packed = packed_int8_is_faster(max(int8, key=lambda m: m.q.numel()))
+        for m in int8:
+            m.packed = packed
+        model.int8_kernel = "packed" if packed else "cast"
+    model.quantization = kind
     model.save_pretrained = _refuse_save
     return model.eval()
+
+
+def quantize_int8_(model, head: bool = True, int8_kernel: str = "auto"):
+    return quantize_(model, "int8", head, int8_kernel)
 
 
 def _refuse_save(*args, **kwargs):
@@ -98,7 +253,7 @@ def _refuse_save(*args, **kwargs):
 
 
 def apply_quantization(model, name: str):
-    """`--quantize none | int8` -> the model (unchanged for none)."""
+    """`--quantize none | int8 | int4` -> the model (unchanged for none)."""
     if name not in QUANTIZE:
         raise SubLLMError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {name!r}")
-    return model if name == "none" else quantize_int8_(model)
+    return model if name == "none" else quantize_(model, name)
