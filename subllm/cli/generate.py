@@ -27,7 +27,7 @@ from subllm.inference.quantize import QUANTIZE
 
 
 def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype and --quantize, as `generate` and `serve` take them."""
+    """--dtype, --quantize and --compile, as `generate` and `serve` take them."""
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -42,6 +42,22 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         help="weight-only quantization (subllm/inference/quantize.py): int8 linear layers and LM head "
         "(a quarter of the weight bytes per decode step), or int4 layers (groups of 32) with an int8 head",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile'd graphs (subllm/inference/compiled_decode.py): less "
+        "per-token overhead, after a one-time compilation (a C++ compiler; minutes on a small CPU)",
+    )
+
+
+def compile_and_warm(model, amp, batch_sizes) -> None:
+    """--compile: attach the compiled decode graphs and compile them now (stderr says how long)."""
+    from subllm.inference.compiled_decode import compile_decode, warm_up
+
+    print("compiling the decode step (once per process) ...", file=sys.stderr, flush=True)
+    with amp:
+        dt = warm_up(compile_decode(model), batch_sizes)
+    print(f"compiled the decode step in {dt:.0f} s", file=sys.stderr, flush=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
     choice = choose_dtype(args.dtype, model, "decode", "cpu")
     amp = autocast(choice.dtype, "cpu")
+    if args.compile:
+        compile_and_warm(model, amp, (1,))
     t0 = time.perf_counter()
     count = 0
     with amp:
@@ -139,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(
         f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}"
-        f"{'' if args.quantize == 'none' else f'; {args.quantize} weights'}]",
+        f"{'' if args.quantize == 'none' else f'; {args.quantize} weights'}"
+        f"{'; compiled decode' if args.compile else ''}]",
         file=sys.stderr,
     )
     if args.stats:

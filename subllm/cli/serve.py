@@ -108,13 +108,15 @@ def load_server(
     *,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     prefix_cache_mb: float = 0,
+    compile: bool = False,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
-    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
-    `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
-    messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
-    subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
-    subllm/serve/prefix_cache.py)."""
+        `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
+        `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
+        messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
+        subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
+        subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
+    batch 1 and more (subllm/inference/compiled_decode.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -139,6 +141,14 @@ def load_server(
     choice = choose_dtype(dtype, model, "decode", "cpu", log=notes.append if notes is not None else None)
     if notes is not None:
         notes.insert(0, f"subllm serve: dtype {choice.line}")
+    if compile:
+        from subllm.dtype import autocast
+        from subllm.inference.compiled_decode import compile_decode, warm_up
+
+        with autocast(choice.dtype, "cpu"):
+            dt = warm_up(compile_decode(model))
+        if notes is not None:
+            notes.append(f"subllm serve: decode step compiled in {dt:.0f} s")
     batcher = Batcher(
         model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk,
         prefix_cache_mb=prefix_cache_mb,
@@ -186,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         args.quantize,
         prefill_chunk=args.prefill_chunk or None,
         prefix_cache_mb=args.prefix_cache_mb,
+        compile=args.compile,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -203,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}, "
+        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}"
+        f"{', compiled decode' if args.compile else ''}, "
         f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
         f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",

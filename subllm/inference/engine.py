@@ -22,7 +22,8 @@ every layer inside S and leave those caches untouched - U + B returns x exactly 
 section 3). Rows that keep it are index-selected and only they run the inner layers; when no row
 keeps it, nothing runs. Attention for a subset of rows reads each row's cache through a view of
 its exact length (no copy of the cache, no mask); the full batch reads one view, masked only when
-row lengths differ.
+row lengths differ. With `compile_decode(model)` (subllm/inference/compiled_decode.py) the runs of
+layers between S modules run as compiled graphs when the step feeds every row of the cache.
 """
 
 from __future__ import annotations
@@ -209,9 +210,22 @@ def _decode_level(
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
             :, None, None
         ]
+    compiled = getattr(model, "compiled_decode", None) if full else None  # compiled_decode.py
+    if compiled is not None:  # room past the new token: the graphs never see capacity == length
+        cache.reserve(level, max(lens) + 1)
+    done: set[int] = set()  # layers a compiled segment ran
     for node in nodes:
         if isinstance(node, Sub):
             x = _decode_sub(model, cache, node, x, rows, positions, cos, sin)
+            continue
+        if node in done:
+            continue
+        if compiled is not None and node in compiled.by_first:
+            layers, segment = compiled.by_first[node]
+            slot_t = torch.tensor(slots, device=x.device)
+            ks, vs = [cache.k[i] for i in layers], [cache.v[i] for i in layers]
+            x = segment(x, cos, sin, slot_t, max(lens), mask, ks, vs)
+            done.update(layers)
             continue
         block = model.layers[node]
         q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)  # (n, H, 1, hd), (n, Hkv, 1, hd)

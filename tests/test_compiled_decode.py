@@ -1,0 +1,92 @@
+"""The compiled decode step (subllm/inference/compiled_decode.py) against the eager one, which is the
+reference: same logits (inductor may reorder float sums: 1e-5), same greedy tokens, same per-level
+cache lengths and contents, through nested S modules, ragged batches (the masked graph), a growing
+cache (capacity changes mid-decode) and a subset-rows step (eager) between compiled ones."""
+
+import copy
+
+import pytest
+import torch
+from helpers import left_padded, tiny_preset_model
+
+from subllm import SubLLMError
+from subllm.config import parse_structure
+from subllm.inference.compiled_decode import compile_decode, segments
+from subllm.inference.engine import decode_step, new_cache, prefill
+
+
+def test_segments_are_the_runs_between_subsampling_modules():
+    assert segments(parse_structure("TTTT")) == [(0, 1, 2, 3)]
+    assert segments(parse_structure("TT(T(TT)T)T")) == [(0, 1), (2,), (3, 4), (5,), (6,)]
+
+
+def _count_segment_calls(model) -> dict:
+    calls: dict[int, int] = {}
+    for first, (layers, fn) in list(model.compiled_decode.by_first.items()):
+
+        def counted(*args, _fn=fn, _first=first):
+            calls[_first] = calls.get(_first, 0) + 1
+            return _fn(*args)
+
+        model.compiled_decode.by_first[first] = (layers, counted)
+    return calls
+
+
+def _decode(model, lens, steps, subset_at=None):
+    ids, mask = left_padded(lens)
+    cache = new_cache(model, len(lens), chunk=8)  # small chunks: the cache grows while decoding
+    with torch.no_grad():
+        logits = [prefill(model, ids, mask, cache)]
+        for i in range(steps):
+            tokens = logits[-1].argmax(-1)
+            if i == subset_at:  # only row 1 this step: the eager path, then compiled again
+                out = logits[-1].clone()
+                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
+                logits.append(out)
+            else:
+                logits.append(decode_step(model, cache, tokens))
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("structure, lens", [("TT(T(TT)T)T", [11, 5]), ("TT(T(TT)T)T", [9]), ("TTT", [7])])
+def test_compiled_decode_equals_eager(structure, lens):
+    model = tiny_preset_model(structure)
+    compiled = compile_decode(copy.copy(model))  # shares the modules; only the copy is compiled
+    steps, subset = 12, (4 if len(lens) > 1 else None)
+    ref, ref_cache = _decode(model, lens, steps, subset)
+    calls = _count_segment_calls(compiled)
+    got, got_cache = _decode(compiled, lens, steps, subset)
+    assert sum(calls.values()) >= steps  # the compiled graphs ran (one call per segment reached)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert got_cache._len == ref_cache._len  # the same tokens reached every level
+    for level, lens_l in enumerate(ref_cache._len):
+        for b in range(len(lens_l)):
+            assert torch.equal(got_cache.positions(level, b), ref_cache.positions(level, b))
+    for layer, level in enumerate(ref_cache.layer_level):
+        for b, n in enumerate(ref_cache._len[level]):
+            for a, c in ((got_cache.k, ref_cache.k), (got_cache.v, ref_cache.v)):
+                torch.testing.assert_close(a[layer][b, :, :n], c[layer][b, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_compile_decode_needs_eval_mode():
+    model = tiny_preset_model("TTT").train()
+    with pytest.raises(SubLLMError, match="eval mode"):
+        compile_decode(model)
+
+
+def test_generate_and_serve_compile_flag(tmp_path, capsys):
+    from helpers import checkpoint_with_tokenizer
+
+    from subllm.cli import main
+    from subllm.cli.serve import load_server
+
+    checkpoint_with_tokenizer(tmp_path)
+    base = ["generate", "--checkpoint", str(tmp_path), "--prompt", "the cat sat", "--max-new-tokens", "6"]
+    assert main([*base, "--dtype", "fp32"]) == 0
+    eager = capsys.readouterr()
+    assert main([*base, "--dtype", "fp32", "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out and "compiled decode" in compiled.err
+    batcher, _ = load_server(tmp_path, 2, 2, "fp32", "tiny", compile=True)
+    assert batcher.model.compiled_decode is not None
