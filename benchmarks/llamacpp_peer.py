@@ -7,8 +7,10 @@ of our LLaMA (benchmarks/llamacpp_gguf.py) before calling this script:
 
 Contestants: llama.cpp on our weights at F32, BF16 and Q8_0 plus the package's own Q4_1 file, and ours
 (subllm/inference/engine.py prefill + decode_step, as `subllm bench infer` times them) for the LLaMA
-and the SUBLLM at fp32, bf16 (autocast over fp32 weights), and int8 weights (`--quantize int8`,
-subllm/inference/quantize.py) with fp32 or bf16 activations. Without --subllm the SUBLLM is a fresh
+and the SUBLLM at fp32, bf16 (autocast over fp32 weights), int8 weights (`--quantize int8`,
+subllm/inference/quantize.py) with fp32 or bf16 activations, int4 weights (`--quantize int4`), and
+fp32 / int8 / int4 with the compiled decode step (`--compile`, the "-c" variants; compiled before
+timing). Without --subllm the SUBLLM is a fresh
 conversion of the LLaMA (NESTED, keep 0.8, untrained identity-start routers) whose thresholds are
 set on each context's own tokens (`subllm recalibrate`'s `recalibrate`) so that it keeps about 0.8 per
 S: its speed, not its quality (the keep column gives the realised fractions).
@@ -48,20 +50,34 @@ from subllm.dtype import autocast
 from subllm.evals.selection import recalibrate
 from subllm.flops import keep_fractions
 from subllm.hf.llama import to_hf_llama
+from subllm.inference.compiled_decode import compile_decode, warm_up
 from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.inference.generation import generate
 from subllm.inference.quantize import apply_quantization
 from subllm.model.subllm import SubLLM, load_model
 
 NESTED = "TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT"  # the paper's 5:5:2 shape on 30 layers (real_model_grid.sh)
-OURS = {"fp32": ("none", "fp32"), "bf16": ("none", "bf16"), "int8-fp32": ("int8", "fp32"),
-        "int8-bf16": ("int8", "bf16")}  # fmt: skip
+# variant: (quantization, dtype, compiled decode); "-c": subllm/inference/compiled_decode.py
+OURS = {
+    "fp32": ("none", "fp32", False),
+    "bf16": ("none", "bf16", False),
+    "int8-fp32": ("int8", "fp32", False),
+    "int8-bf16": ("int8", "bf16", False),
+    "int4": ("int4", "fp32", False),
+    "fp32-c": ("none", "fp32", True),
+    "int8-c": ("int8", "fp32", True),
+    "int4-c": ("int4", "fp32", True),
+}
 PEER = {
     "fp32": "F32",
     "bf16": "BF16",
     "int8-fp32": "Q8_0",
     "int8-bf16": "Q8_0",
-}  # the file ours is set against
+    "int4": "Q4_1",
+    "fp32-c": "F32",
+    "int8-c": "Q8_0",
+    "int4-c": "Q4_1",
+}  # fmt: skip  (the file ours is set against)
 
 
 class Worker:
@@ -132,11 +148,22 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
     models, quantized = {}, {}
     for name, m in plain.items():
         for v in variants:
-            q, dtype = OURS[v]
-            if q != "none" and name not in quantized:
-                quantized[name] = apply_quantization(copy.deepcopy(m).eval(), q)
-            models[(name, v)] = (quantized[name] if q != "none" else m, dtype)
+            q, dtype, compiled = OURS[v]
+            if q != "none" and (name, q) not in quantized:
+                quantized[(name, q)] = apply_quantization(copy.deepcopy(m).eval(), q)
+            model = quantized[(name, q)] if q != "none" else m
+            if compiled:  # a shallow copy shares the weights; only it carries the compiled graphs
+                model = compile_decode(copy.copy(model))
+            models[(name, v)] = (model, dtype)
     return models
+
+
+def warm_compiled(models: dict) -> None:
+    """Compile every compiled variant's graphs before timing (stderr: how long each took)."""
+    for (name, v), (model, dtype) in models.items():
+        if getattr(model, "compiled_decode", None) is not None:
+            with autocast(dtype):
+                print(f"compiled {name} {v} in {warm_up(model, (1,)):.0f} s", file=sys.stderr, flush=True)
 
 
 def ours_fn(model: SubLLM, dtype: str, ids: torch.Tensor, dec: torch.Tensor, state: dict):
@@ -146,7 +173,7 @@ def ours_fn(model: SubLLM, dtype: str, ids: torch.Tensor, dec: torch.Tensor, sta
         with torch.no_grad(), autocast(dtype):
             t = time.perf_counter()
             cache = new_cache(model, 1)
-            prefill(model, ids, None, cache, extra=dec.shape[0])
+            prefill(model, ids, None, cache, extra=dec.shape[0] + 1)  # +1: compiled decode's room
             t_pre = time.perf_counter() - t
             start = cache.snapshot()
             t = time.perf_counter()
@@ -263,6 +290,7 @@ def main() -> None:
     info = worker("info")
     tok, llama = load_tokenizer(a.llama), load_model(a.llama)
     models = our_models(llama, a.subllm, variants)
+    warm_compiled(models)
     tokens = load_text_tokens(a.text, a.llama, llama.config.vocab_size)
     checked = check(worker, ggufs, llama, tok, tokens[: a.check_tokens], max(a.threads))
     print(f"check vs our LLaMA fp32 ({a.check_tokens} tokens of {a.text}): {checked}", file=sys.stderr)
