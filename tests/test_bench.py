@@ -177,3 +177,16 @@ def test_infer_preset_past_its_max_seq_len():
     sub, llama = build_models("subllm-tiny", None, 0, "cpu", 600)
     assert sub.config.max_seq_len == llama.config.max_seq_len == 600
     assert build_models("subllm-tiny", None, 0, "cpu", 100)[0].config.max_seq_len == 512
+
+
+def test_infer_quantized_and_compiled_decode():
+    """bench infer --quantize int4 --compile: both models quantized and compiled before timing."""
+    from subllm.bench.infer import run_infer
+
+    report = run_infer(
+        "subllm-tiny", None, [32], [1], ["fp32"], 4, 1, 0, bound=False, log=lambda *a: None,
+        bandwidth=False, quantize="int4", compile=True,
+    )  # fmt: skip
+    assert report["model"]["quantize"] == "int4" and report["model"]["compiled_decode"] is True
+    (r,) = report["results"]
+    assert all(v > 0 for v in r["decode_tok_s"].values())

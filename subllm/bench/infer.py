@@ -423,6 +423,7 @@ def run_infer(
     prefill_reps: int | None = None,
     bandwidth: bool = True,
     quantize: str = "none",
+    compile: bool = False,
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
@@ -437,6 +438,15 @@ def run_infer(
     choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
     dtypes = list(dict.fromkeys(c.dtype for c in choices))
     log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
+    if compile:  # both alike; every graph the settings need compiled before anything is timed
+        from subllm.inference.compiled_decode import compile_decode, warm_up
+
+        for m in (sub, llama):
+            compile_decode(m)
+            for d in dtypes:
+                with autocast(d, kind):
+                    dt = warm_up(m, batches)
+                log(f"[bench infer] compiled {m.config.structure} decode ({d}) in {dt:.0f} s")
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]
     if too_long:
@@ -485,6 +495,7 @@ def run_infer(
             n_layers=cfg.n_layers,
             params=params,
             quantize=quantize,
+            compiled_decode=compile,
         ),
         scores="trained (checkpoint)"
         if checkpoint

@@ -25,6 +25,7 @@ import torch
 from subllm.bench.common import environment, int_list, json_line, str_list
 from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
+from subllm.inference.quantize import QUANTIZE
 
 QUICK = dict(
     preset="subllm-tiny", lengths="64,128", batch_sizes="1,2", dtypes="fp32", decode_tokens=4, reps=1
@@ -53,9 +54,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     inf.add_argument(
         "--quantize",
-        choices=("none", "int8"),
+        choices=QUANTIZE,
         default="none",
-        help="int8: both models with weight-only int8 linear layers and LM head",
+        help="both models with weight-only int8 (linear layers and LM head) or int4 (layers; int8 head)",
+    )
+    inf.add_argument(
+        "--compile",
+        action="store_true",
+        help="both models decode through compiled graphs (subllm/inference/compiled_decode.py), "
+        "compiled before timing",
     )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")
@@ -141,6 +148,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
         seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
         prefill_reps=args.prefill_reps, bandwidth=not args.no_bandwidth, quantize=args.quantize,
+        compile=args.compile,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))
