@@ -7,16 +7,20 @@ forward of the same model on the same row; N = 1 is the plain `SubLLM.forward`. 
   each storage counted once) - the activation memory a training step holds between forward and
   backward. Parameters are excluded (they are not activations).
 - peak RSS: the process's resident high-water mark (VmHWM) minus its RSS just before the forward
-  (allocator and gloo buffers included; a looser, OS-level number).
+  (allocator and gloo buffers included; a looser, OS-level number); hwm_mib in the JSON: VmHWM whole.
 - fwd_s (and step_s with --backward): wall time, 2 busy cores - not a speed benchmark.
 - with --device cuda (nccl, one GPU per rank): also peak_cuda_mib, torch.cuda.max_memory_allocated
   minus what was allocated before the forward.
 
     python benchmarks/seqpar_memory.py --lengths 8k,16k,32k --n 2
     python benchmarks/seqpar_memory.py --lengths 8k --n 2 --backward --checkpointing
+    python benchmarks/seqpar_memory.py --preset subllm-small --lengths 64k --n 2 --backward \
+        --checkpointing --no-baseline
 
 Prints a table, then one JSON line. The model: subllm-small's width (dim 256, 4 heads, vocab 8192)
-with a shorter structure by default (--structure), so that 32k fits the time of a CPU run.
+with a shorter structure by default (--structure), so that 32k fits the time of a CPU run;
+--preset NAME takes that preset whole (its own structure; --structure still overrides).
+--no-baseline skips the one-process run (its columns are then empty).
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
         g = sequence_groups(world)
     T = args["length"]
-    cfg = get_preset("subllm-small").replace(structure=args["structure"], max_seq_len=max(T, 16384))
+    cfg = get_preset(args["preset"] or "subllm-small")
+    structure = args["structure"] or (cfg.structure if args["preset"] else "TT(TT)TT")
+    cfg = cfg.replace(structure=structure, max_seq_len=max(T, cfg.max_seq_len))
     torch.manual_seed(0)
     model = SubLLM(cfg).to(dev).train()
     model.set_step(0)
@@ -98,6 +104,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
         rec["fwd_s" if not args["backward"] else "step_s"] = time.perf_counter() - t0
         rec["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     rec["peak_rss_mib"] = (_rss_kib("VmHWM") - base) / 1024
+    rec["hwm_mib"] = _rss_kib("VmHWM") / 1024
     rec["imbalance"] = getattr(out_, "imbalance", None)
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(rec, f)
@@ -130,27 +137,30 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="8k,16k,32k")
     p.add_argument("--n", type=int, default=2, help="ranks sharing each row")
-    p.add_argument("--structure", default="TT(TT)TT")
+    p.add_argument("--preset", default=None, help="a preset whole (default: subllm-small's width)")
+    p.add_argument("--structure", default=None, help="default TT(TT)TT, or the preset's with --preset")
+    p.add_argument("--no-baseline", action="store_true", help="skip the one-process run")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--backward", action="store_true", help="also run backward (+ gradient sync)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: nccl, one GPU per rank")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
     a = p.parse_args()
-    args = {"structure": a.structure, "checkpointing": a.checkpointing, "backward": a.backward}
-    args.update(device=a.device, dtype=a.dtype)
+    args = {"preset": a.preset, "structure": a.structure, "checkpointing": a.checkpointing}
+    args.update(backward=a.backward, device=a.device, dtype=a.dtype)
     rows = []
-    print(f"{'T':>7} {'ranks':>5} {'saved MiB/rank':>15} {'peak RSS MiB/rank':>18} {'fwd s':>7} {'ratio':>6}")
+    t_col = "step s" if a.backward else "fwd s"
+    print(f"{'T':>7} {'ranks':>5} {'saved MiB/rank':>15} {'peak RSS MiB/rank':>18} {t_col:>7} {'ratio':>6}")
     for T in [_length(x) for x in a.lengths.split(",")]:
-        one = run(T, 1, args)[0]
+        one = None if a.no_baseline else run(T, 1, args)[0]
         sp = run(T, a.n, args)
         worst = max(r["saved_mib"] for r in sp)
-        rows.append({"length": T, "one": one, "sp": sp, "saved_ratio": worst / one["saved_mib"]})
-        for name, recs in (("1", [one]), (str(a.n), sp)):
+        ratio = None if one is None else worst / one["saved_mib"]
+        rows.append({"length": T, "one": one, "sp": sp, "saved_ratio": ratio})
+        for name, recs in (("1", [one] if one else []), (str(a.n), sp)):
             for r in recs:
-                print(
-                    f"{T:>7} {name:>5} {r['saved_mib']:>15.1f} {r['peak_rss_mib']:>18.1f} {r['fwd_s']:>7.1f} "
-                    f"{r['saved_mib'] / one['saved_mib']:>6.3f}"
-                )
+                rel = f"{r['saved_mib'] / one['saved_mib']:>6.3f}" if one else f"{'-':>6}"
+                t = r.get("step_s", r["fwd_s"])
+                print(f"{T:>7} {name:>5} {r['saved_mib']:>15.1f} {r['peak_rss_mib']:>18.1f} {t:>7.1f} {rel}")
     print(json.dumps({"bench": "seqpar_memory", "n": a.n, **args, "rows": rows}))
 
 
