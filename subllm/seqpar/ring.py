@@ -143,7 +143,7 @@ class _RingAttention(torch.autograd.Function):
         qr = q[:, :, :nq]
         o = torch.zeros(qr.shape, dtype=_acc(q), device=q.device)
         lse = torch.full(qr.shape[:-1], float("-inf"), dtype=_acc(q), device=q.device)
-        kv = torch.stack([k, v])  # (2, B, Hkv, M, hd): the travelling block
+        mine = kv = torch.stack([k, v])  # (2, B, Hkv, M, hd): the travelling block
         for t in range(N):
             s = (r - t) % N  # the rank whose block this rank holds now
             nxt, works = ring.shift([kv]) if t < N - 1 else (None, [])
@@ -159,21 +159,21 @@ class _RingAttention(torch.autograd.Function):
                 w.wait()
             kv = nxt[0] if nxt else kv
         o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
+        # the stacked copy of k and v, not k and v: v is a view of the whole qkv projection's output
+        ctx.save_for_backward(q, mine, o, lse)
         ctx.ring, ctx.math_ = ring, math_
         return torch.nn.functional.pad(o, (0, 0, 0, q.shape[2] - nq))  # slots past nq: padding
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, kv, o, lse = ctx.saved_tensors
         ring, math_ = ctx.ring, ctx.math_
-        rep = q.shape[1] // k.shape[1]
+        rep = q.shape[1] // kv.shape[2]
         r, N = ring.rank, ring.size
         nq = ring.n[r]
         qr, do = q[:, :, :nq], grad[:, :, :nq].contiguous()
         dq = torch.zeros(qr.shape, dtype=_acc(q), device=q.device)
-        kv = torch.stack([k, v])
-        dkv = torch.zeros(kv.shape, dtype=_acc(q), device=k.device)  # travels with its block
+        dkv = torch.zeros(kv.shape, dtype=_acc(q), device=kv.device)  # travels with its block
         for t in range(N):
             s = (r - t) % N
             nxt, works = ring.shift([kv]) if t < N - 1 else (None, [])
@@ -192,7 +192,7 @@ class _RingAttention(torch.autograd.Function):
                 w.wait()
             kv = nxt[0] if nxt else kv
         dq = torch.nn.functional.pad(dq, (0, 0, 0, q.shape[2] - nq))
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, ring: Ring, math_: bool = False) -> Tensor:
