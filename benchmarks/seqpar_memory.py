@@ -9,6 +9,8 @@ forward of the same model on the same row; N = 1 is the plain `SubLLM.forward`. 
 - peak RSS: the process's resident high-water mark (VmHWM) minus its RSS just before the forward
   (allocator and gloo buffers included; a looser, OS-level number); hwm_mib in the JSON: VmHWM whole.
 - fwd_s (and step_s with --backward): wall time, 2 busy cores - not a speed benchmark.
+- cpu_s: this process's CPU seconds over the same span (time.process_time; gloo's threads
+  included) - the work a rank did, whatever else the machine was running.
 - comm_s (N > 1, gloo): seconds this rank spent inside torch.distributed calls (all-to-all,
   all-gather, all-reduce: each call's wall time, gloo's CPU collectives return when done; the
   ring's isend/irecv: time to post plus time blocked in wait(), i.e. the part of the transfer
@@ -116,7 +118,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
     base = _rss_kib("VmRSS")
     cuda_base = torch.cuda.memory_allocated() if cuda else 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     amp = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=args["dtype"] == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
         if g is None:
@@ -136,6 +138,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
             sync_grads(model.parameters(), g)
         rec["step_s"] = time.perf_counter() - t0
+    rec["cpu_s"] = time.process_time() - c0
     if timer is not None:
         rec["comm_s"] = timer.s
     if cuda:
