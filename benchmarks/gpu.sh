@@ -26,6 +26,8 @@ if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
   if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     "$PY" benchmarks/seqpar_memory.py --device cuda --dtype bf16 --n 2 --lengths 8k,16k,32k --backward \
         --structure 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT' | tee "$OUT/seqpar.txt"
+    "$PY" benchmarks/seqpar_memory.py --device cuda --dtype bf16 --n 2 --lengths 8k,16k,32k --backward \
+        --structure 'TTTTT(TTTTT(TTTT)TTTTT)TTTTT' --no-baseline --sp-attention ring | tee "$OUT/seqpar_ring.txt"
   else
     echo "one CUDA device: sequence-parallel run skipped (needs 2)"
   fi

@@ -10,6 +10,7 @@ from subllm.trainer.pose import pose_position_ids
 
 SEED, STEP, T, B = 0, 3, 32, 2
 VOCAB = 97
+ATTENTIONS = ("ulysses", "ring")
 
 CASES = {
     # the default ("aligned") selection: auxiliary BCE, counted Balancer, calibrated threshold;
@@ -74,8 +75,8 @@ def record(out, model) -> dict:
 
 def worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple) -> None:
     """One gloo rank: every case sequence-parallel over groups of `sp` ranks, for each sp in
-    `sizes`; each rank saves its record (its logits shard; gradients synchronised, so every rank
-    holds the whole) as CASE-SP-RANK.pt."""
+    `sizes`, with each attention; each rank saves its record (its logits shard; gradients
+    synchronised, so every rank holds the whole) as CASE-SP-ATTENTION-RANK.pt."""
     import torch.distributed as dist
 
     from subllm.seqpar import sequence_groups, sp_forward, sync_grads
@@ -85,7 +86,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple) -> None
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         groups = {sp: sequence_groups(sp) for sp in sizes}  # collective: every rank, same order
-        for sp, case in [(sp, case) for sp in sizes for case in CASES]:
+        for sp, case, att in [(sp, case, att) for sp in sizes for case in CASES for att in ATTENTIONS]:
             g = groups[sp]
             model, ids, mask, pos = build(case)
             if g.dp_size > 1:  # data parallel over the rest: group d takes row d of the batch
@@ -93,11 +94,11 @@ def worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple) -> None
                 ids, mask = ids[rows], None if mask is None else mask[rows]
                 pos = None if pos is None else pos[rows]
             torch.manual_seed(SEED + 2)  # the model's draws: the same on every rank and in the reference
-            out = sp_forward(model, ids, g, mask, ids, pos, return_selections=True)
+            out = sp_forward(model, ids, g, mask, ids, pos, return_selections=True, attention=att)
             out.loss.backward()
             sync_grads(model.parameters(), g)
             rec = record(out, model)
             rec["imbalance"] = out.imbalance
-            torch.save(rec, os.path.join(out_dir, f"{case}-{sp}-{rank}.pt"))
+            torch.save(rec, os.path.join(out_dir, f"{case}-{sp}-{att}-{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import tiny_config
-from seqpar_cases import CASES, SEED, build, record, worker
+from seqpar_cases import ATTENTIONS, CASES, SEED, build, record, worker
 from test_distributed import NO_BALANCER, _args, _losses, _single, _torchrun, packed  # noqa: F401
 
 from subllm import SubLLM
 from subllm.errors import SubLLMError
 from subllm.seqpar import SeqGroup, check_supported, layout, sequence_groups, sp_forward
+from subllm.seqpar.ring import block_backward, block_forward
 from subllm.trainer.config import build_config
 
 SP_SIZES = (4, 2)  # one world of 4 gloo ranks: 1 group x 4, then 2 groups x 2
@@ -68,10 +69,11 @@ def _same_selections(a: list, b: list) -> None:
         assert (sa["weight"] - sb["weight"]).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("att", ATTENTIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_four_ranks_equal_one_process(ranks, case):
+def test_four_ranks_equal_one_process(ranks, case, att):
     ref = _reference(case)
-    got = [torch.load(ranks / f"{case}-4-{r}.pt") for r in range(4)]
+    got = [torch.load(ranks / f"{case}-4-{att}-{r}.pt") for r in range(4)]
     for g in got:  # synchronised: every rank holds one process's gradient
         _close(g, ref)
         _same_selections(g["sels"], ref["sels"])
@@ -81,11 +83,12 @@ def test_four_ranks_equal_one_process(ranks, case):
     assert ref["sels"][0]["valid"] is not None or case != "nested_padded"  # the padded row is ragged
 
 
+@pytest.mark.parametrize("att", ATTENTIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_by_two_ranks_equal_data_parallel_one_process(ranks, case):
+def test_two_by_two_ranks_equal_data_parallel_one_process(ranks, case, att):
     # ranks 0-1 share row 0, ranks 2-3 row 1; gradients averaged over the two groups (as DDP does)
     refs = [_reference(case, slice(d, d + 1)) for d in range(2)]
-    got = [torch.load(ranks / f"{case}-2-{r}.pt") for r in range(4)]
+    got = [torch.load(ranks / f"{case}-2-{att}-{r}.pt") for r in range(4)]
     mean = {k: (refs[0]["grads"][k] + refs[1]["grads"][k]) / 2 for k in refs[0]["grads"]}
     for r, g in enumerate(got):
         ref = refs[r // 2]
@@ -96,16 +99,41 @@ def test_two_by_two_ranks_equal_data_parallel_one_process(ranks, case):
         assert (logits - refs[d]["logits"]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("att", ATTENTIONS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_one_rank_group_is_the_model(case):
+def test_one_rank_group_is_the_model(case, att):
     # the slow path of every collective (a group of one runs none): exactly SubLLM.forward
     model, ids, mask, pos = build(case)
     ref = _reference(case)
     torch.manual_seed(SEED + 2)
-    out = sp_forward(model, ids, SeqGroup(), mask, ids, pos, return_selections=True)
+    out = sp_forward(model, ids, SeqGroup(), mask, ids, pos, return_selections=True, attention=att)
     out.loss.backward()
     _close(record(out, model), ref)
     _same_selections(record(out, model)["sels"], ref["sels"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_block_kernel_equals_plain_softmax(causal):
+    # a ring block on CPU (torch's flash kernel, log-sum-exp in and out) against the plain softmax,
+    # forward and the block's backward given the final output; a fully hidden query row stays finite
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.zeros(2, 1, 7, 7, dtype=torch.float64).masked_fill(torch.rand(2, 1, 7, 7) < 0.3, -1e9)
+    bias[..., 0] = 0.0  # every query sees key 0
+    do = torch.randn_like(q)
+    for b in (None, bias):
+        o, lse = block_forward(q, k, v, b, causal)
+        o2, lse2 = block_forward(q, k, v, b, causal, math_=True)
+        assert (o - o2).abs().max() < 1e-12 and (lse - lse2).abs().max() < 1e-12
+        grads = zip(
+            block_backward(do, q, k, v, o, lse, b, causal),
+            block_backward(do, q, k, v, o2, lse2, b, causal, True),
+        )
+        for g, g2 in grads:
+            assert (g - g2).abs().max() < 1e-12
+    bias[0, 0, 2] = -1e9
+    for math_ in (False, True):
+        assert all(torch.isfinite(t).all() for t in block_forward(q, k, v, bias, causal, math_))
 
 
 def test_layout_places_each_kept_token_on_its_own_rank():
@@ -141,10 +169,16 @@ def test_errors_are_one_line(packed, tmp_path):  # noqa: F811
     for flag in ("fsdp", "compile"):
         with pytest.raises(SubLLMError, match=f"does not support --{flag}"):
             build_config({**base, flag: "true"})
+    assert build_config({**base, "sp_attention": "ring"}).sp_attention == "ring"
+    with pytest.raises(SubLLMError, match="sp.attention"):
+        build_config({**base, "sp_attention": "star"})
     with pytest.raises(SubLLMError, match="needs torchrun"):
         sequence_groups(2)
     with pytest.raises(SubLLMError, match="must divide n_heads"):
         check_supported(SubLLM(tiny_config(n_heads=4, n_kv_heads=4)), 3)
+    check_supported(SubLLM(tiny_config(n_heads=4, n_kv_heads=4)), 3, attention="ring")  # ring: any heads
+    with pytest.raises(SubLLMError, match="--sp-attention must be one of"):
+        check_supported(SubLLM(tiny_config()), 2, attention="star")
     with pytest.raises(SubLLMError, match="MoD"):
         check_supported(SubLLM(tiny_config(structure="TMT")), 2)
     model = SubLLM(tiny_config()).eval()

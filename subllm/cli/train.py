@@ -72,12 +72,16 @@ HELP = {
     "LLaMA given to --init-from; the loss is (1 - w) LM + w t^2 KL(teacher || student), logits in chunks",
     "distill_weight": "w of --distill-from, in [0, 1] (default 0.5)",
     "distill_temperature": "t of --distill-from: both distributions at temperature t (default 1.0)",
-    "sequence_parallel": "under torchrun: N ranks share each sequence (contiguous shards, Ulysses attention, "
-    "SUBLLM's selection exact); the other ranks split the batch as DDP does (default 1 = off)",
+    "sequence_parallel": "under torchrun: N ranks share each sequence (contiguous shards, Ulysses or ring "
+    "attention, SUBLLM's selection exact); the other ranks split the batch as DDP does (default 1 = off)",
+    "sp_attention": "attention under --sequence-parallel: ulysses (all-to-all of heads; N must divide "
+    "n_heads) or ring (k, v blocks passed around the ranks, log-sum-exp merge; any n_heads); "
+    "default ulysses",
 }
 
 METAVAR = {
     "preset": "NAME",
+    "sp_attention": "NAME",
     "data": "PATH",
     "structure": "S",
     "keep_ratio": "R",

@@ -2,12 +2,14 @@
 with each rank computing 1/N of every row (docs/method.md sections 2-6; the layout: layout.py).
 
 - Embedding, RMSNorm, SwiGLU, score layers, U and B, the head and the loss: on this rank's tokens.
-- Attention: Ulysses. q, k, v of this rank's tokens are exchanged (one all-to-all) for 1/N of the
-  heads of every token; each rank attends over the whole level with one process's mask, then the
-  outputs go back (a second all-to-all). GQA: each rank needs the kv heads of its query heads; when
+- Attention: Ulysses (default) or ring (`attention="ring"`, ring.py). Ulysses: q, k, v of this
+  rank's tokens are exchanged (one all-to-all) for 1/N of the heads of every token; each rank
+  attends over the whole level with one process's mask, then the outputs go back (a second
+  all-to-all). GQA: each rank needs the kv heads of its query heads; when
   n_kv_heads is not a multiple of N, every kv head is repeated N / gcd(n_kv_heads, N) times first
   (n_kv_heads = 2, N = 4: each kv head twice) - more traffic for k and v, nothing else changes.
-  n_heads must be a multiple of N.
+  n_heads must be a multiple of N. Ring: every rank keeps all heads of its own slots; the k, v
+  blocks travel around the group and the partial attentions merge by log-sum-exp (any n_heads).
 - S: each rank scores its tokens; the scores (one float per token) are all-gathered, and every rank
   runs one process's selection (`select_topk`: top-k, subtraction trick, Balancer statistics,
   auxiliary loss, threshold calibration) on the whole level - identical on every rank.
@@ -46,6 +48,7 @@ from subllm.seqpar.comm import (
     seq_to_heads,
     sum_grad,
 )
+from subllm.seqpar.ring import Ring, ring_attention
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Level:
     cos: Tensor  # (B, M, head_dim) this rank's slots
     sin: Tensor
     seq_len: Tensor | None
+    ring: Ring | None = None  # the level's ring (ring attention only)
 
 
 class _Shard:
@@ -69,12 +73,18 @@ class _Shard:
         return sum_grad(w, self.g)
 
 
-def check_supported(model, n: int, seq_len: int | None = None) -> None:
+ATTENTIONS = ("ulysses", "ring")
+
+
+def check_supported(model, n: int, seq_len: int | None = None, attention: str = "ulysses") -> None:
     """One-line errors for what the sharded forward does not do."""
     c = model.config
-    if c.n_heads % n:
+    if attention not in ATTENTIONS:
+        raise SubLLMError(f"--sp-attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "ulysses" and c.n_heads % n:
         raise SubLLMError(
-            f"--sequence-parallel {n} must divide n_heads ({c.n_heads}): heads are split over ranks"
+            f"--sequence-parallel {n} must divide n_heads ({c.n_heads}): Ulysses splits heads over "
+            "ranks (--sp-attention ring does not)"
         )
     if any(c.mod_flags):
         raise SubLLMError("--sequence-parallel does not support `M` (MoD router) layers")
@@ -95,18 +105,20 @@ def sp_forward(
     labels: Tensor | None = None,
     position_ids: Tensor | None = None,
     return_selections: bool = False,
+    attention: str = "ulysses",
 ) -> SubLLMOutput:
     """`model(input_ids, attention_mask, labels, position_ids)` in training mode, this rank's part.
     Every rank of the group passes the WHOLE batch (B, T) (ids are cheap; each rank embeds its
     shard). Returns: `logits` (B, T / N, V) of this rank's shard; `loss` and `lm_loss` hold one
     process's value on every rank, while their gradient is this rank's share (so `loss.backward()`
     then `comm.sync_grads` gives one process's gradient); selections in one process's level
-    coordinates; `imbalance` (attribute of the output): per S, max/mean tokens per rank."""
+    coordinates; `imbalance` (attribute of the output): per S, max/mean tokens per rank.
+    `attention`: "ulysses" (all-to-all of heads) or "ring" (k, v blocks around the group)."""
     if not model.training:
         raise SubLLMError("the sequence-parallel forward is for training mode (evaluate unsharded)")
     B, T = input_ids.shape
     n = g.size
-    check_supported(model, n, T)
+    check_supported(model, n, T, attention)
     c = model.config
     if T > c.max_seq_len:
         raise SubLLMError(f"sequence length {T} exceeds max_seq_len {c.max_seq_len}")
@@ -129,7 +141,7 @@ def sp_forward(
     lo, hi = g.rank * m, (g.rank + 1) * m
     sels: list[Selection | None] = [None] * c.n_subsamples
     stats: list[float | None] = [None] * c.n_subsamples
-    run = _Runner(model, g, sels, stats)
+    run = _Runner(model, g, sels, stats, attention == "ring")
     x = model.embed(input_ids[:, lo:hi])  # (B, M, C)
     x = run.nodes(model.tree, x, run.level(layout.root(pos, valid, n, g.rank), seq_len))
     logits = model.head(model.norm(x))  # (B, M, V)
@@ -167,15 +179,18 @@ def sp_forward(
 class _Runner:
     """`SubLLM._run` over sharded levels."""
 
-    def __init__(self, model, g: SeqGroup, sels: list, stats: list):
-        self.model, self.g, self.sels, self.stats = model, g, sels, stats
+    def __init__(self, model, g: SeqGroup, sels: list, stats: list, ring: bool = False):
+        self.model, self.g, self.sels, self.stats, self.ring = model, g, sels, stats, ring
         c = model.config
         self.rep = kv_repeat(c.n_kv_heads, g.size) if c.n_kv_heads % g.size else 1
 
     def level(self, place: layout.Placement, seq_len: Tensor | None) -> Level:
         c = self.model.config
         cos, sin = rope_cos_sin(place.local_pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
-        return Level(place, cos, sin, seq_len)
+        g, ring = self.g, None
+        if self.ring:
+            ring = Ring(place.inv, place.valid, place.length, place.m, g.group, g.rank, g.size)
+        return Level(place, cos, sin, seq_len, ring)
 
     def nodes(self, nodes: tuple, x: Tensor, lvl: Level) -> Tensor:
         for node in nodes:
@@ -195,6 +210,8 @@ class _Runner:
 
     def attention(self, attn, x: Tensor, lvl: Level) -> Tensor:
         """x (B, M, C) this rank's slots -> attention output (B, M, C)."""
+        if lvl.ring is not None:
+            return self.ring_attention(attn, x, lvl)
         B, M, _ = x.shape
         n, p = self.g.size, lvl.place
         q, k, v = attn.qkv(x, lvl.cos, lvl.sin)  # (B, H, M, hd), (B, Hkv, M, hd)
@@ -214,6 +231,14 @@ class _Runner:
             o = torch.cat([o, o.new_zeros(B, hq, 1, hd)], 2)  # slot L: what padding slots receive
             o = layout.take(o, p.inv)  # (B, hq, N M, hd)
         o = heads_to_seq(o, self.g)  # (B, H, M, hd)
+        return attn.wo(o.transpose(1, 2).reshape(B, M, -1))
+
+    def ring_attention(self, attn, x: Tensor, lvl: Level) -> Tensor:
+        """The same with ring attention: every head of this rank's slots, no relayout."""
+        B, M, _ = x.shape
+        q, k, v = attn.qkv(x, lvl.cos, lvl.sin)  # (B, H, M, hd), (B, Hkv, M, hd)
+        o = ring_attention(q, k, v, lvl.ring)  # (B, H, M, hd)
+        o = o * lvl.ring.local_real()[:, None, :, None].to(o.dtype)  # padding slots: 0, as Ulysses'
         return attn.wo(o.transpose(1, 2).reshape(B, M, -1))
 
     def subsample(self, node: Sub, x: Tensor, lvl: Level) -> Tensor:

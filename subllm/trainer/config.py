@@ -71,6 +71,7 @@ class TrainConfig:
     distill_weight: float = 0.5  # w in (1 - w) * LM + w * t^2 * KL
     distill_temperature: float = 1.0
     sequence_parallel: int = 1  # ranks sharing each sequence under torchrun (subllm/seqpar/); 1 = off
+    sp_attention: str = "ulysses"  # attention under --sequence-parallel: ulysses (all-to-all) or ring
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,6 +290,7 @@ FIELDS = {
     "distill_weight": lambda n, v: _unit(n, v),
     "distill_temperature": _float,
     "sequence_parallel": parse_int,
+    "sp_attention": _choice(("ulysses", "ring")),
 }
 
 

@@ -378,10 +378,11 @@ def _build_model(cfg: TrainConfig, mconf, state, source, info, mode: str, say, s
     if sp is not None:
         from subllm.seqpar import check_supported, sp_forward
 
-        check_supported(model, sp.size, cfg.seq_len)
+        check_supported(model, sp.size, cfg.seq_len, cfg.sp_attention)
 
         def forward(x, labels=None, position_ids=None):
-            return sp_forward(model, x, sp, labels=labels, position_ids=position_ids)
+            att = cfg.sp_attention
+            return sp_forward(model, x, sp, labels=labels, position_ids=position_ids, attention=att)
 
         return model, model, forward
     wrapped = D.wrap_model(model, info, mode)
@@ -411,6 +412,7 @@ def _run_record(cfg: TrainConfig, mconf, info, mode: str, model, step: int, resu
         "world_size": info.world_size,
         "parallel": mode,
         "sequence_parallel": cfg.sequence_parallel,
+        "sp_attention": cfg.sp_attention if cfg.sequence_parallel > 1 else None,
         "device": info.device,
         "threads": torch.get_num_threads(),
         "params": n_params,
