@@ -95,14 +95,16 @@ def test_bench_report_roofline_is_bytes_times_speed_over_bandwidth(monkeypatch):
 
 
 def test_int8_weights_count_one_byte_plus_their_scales():
-    """quantize_int8_: a layer's linears read 1 byte per weight + a 4-byte scale per output channel
-    (wqkv 16, wo 8, w13 32, w2 8 outputs); norms stay fp32; the head 10 x 8 int8 + 10 scales."""
+    """quantize_int8_: a layer's linears read 1 byte per weight + a scale per output channel (4 bytes
+    for the cast kernel, 2 for the packed one; wqkv 16, wo 8, w13 32, w2 8 outputs); norms stay
+    fp32; the head 10 x 8 int8 + 10 scales."""
     from subllm.inference.quantize import quantize_int8_
 
-    model = quantize_int8_(tiny())
-    layer8 = (128 + 64 + 256 + 128) + 4 * (16 + 8 + 32 + 8) + 4 * (8 + 8)  # 896
-    step8 = 32 + (80 + 40)  # final norm + int8 head
     snaps = [[[5], [3]], [[6], [4]], [[7], [4]]]
-    got = decode_bytes(model, snaps, KV)
-    assert got["weights"] == layer8 + 2 * (2 * layer8 + S0 + step8 + ROW)
-    assert got["kv"] == KV * (2 * 6 + 4 + 2 * 7)
+    for kernel, scale in (("cast", 4), ("packed", 2)):  # the packed kernel reads bf16 scales
+        model = quantize_int8_(tiny(), int8_kernel=kernel)
+        layer8 = (128 + 64 + 256 + 128) + scale * (16 + 8 + 32 + 8) + 4 * (8 + 8)  # 896 with fp32 scales
+        step8 = 32 + (80 + scale * 10)  # final norm + int8 head
+        got = decode_bytes(model, snaps, KV)
+        assert got["weights"] == layer8 + 2 * (2 * layer8 + S0 + step8 + ROW)
+        assert got["kv"] == KV * (2 * 6 + 4 + 2 * 7)

@@ -102,8 +102,17 @@ def measure_bandwidth(reps: int = 5, nbytes: int | None = None) -> dict:
 
 
 def module_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers at their stored dtypes."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    """Bytes of a module's parameters and buffers at their stored dtypes; a submodule that defines
+    `decode_nbytes()` counts what its decode kernel reads instead (Int8Linear keeps its scales in
+    fp32 and in bf16 and reads one of them)."""
+    total = 0
+    for m in module.modules():
+        if hasattr(m, "decode_nbytes"):
+            total += m.decode_nbytes()
+        else:
+            own = (*m.parameters(recurse=False), *m.buffers(recurse=False))
+            total += sum(t.numel() * t.element_size() for t in own)
+    return total
 
 
 def _sub_levels(tree: tuple, level: int = 0) -> dict[int, int]:

@@ -83,6 +83,12 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scale, packed)
 
+    def decode_nbytes(self) -> int:
+        """Bytes a decode step reads (subllm/bench/roofline.py): the int8 weights and the scales of
+        the kernel in use (bf16 for the packed one, fp32 for the cast one)."""
+        scale = self.scale_bf16 if self.packed else self.scale
+        return self.q.numel() + scale.numel() * scale.element_size()
+
     def dequantized(self) -> Tensor:
         """The weight this layer multiplies by, (out, in) fp32: q * s."""
         return self.q.float() * self.scale[:, None]
