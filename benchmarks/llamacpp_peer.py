@@ -67,7 +67,6 @@ OURS = {
     "fp32-c": ("none", "fp32", True),
     "int8-c": ("int8", "fp32", True),
     "int4-c": ("int4", "fp32", True),
-    "int4-c-kv16": ("int4", "fp32", True),  # + a bf16 KV cache (--kv-dtype bf16)
 }
 PEER = {
     "fp32": "F32",
@@ -153,9 +152,6 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
             if q != "none" and (name, q) not in quantized:
                 quantized[(name, q)] = apply_quantization(copy.deepcopy(m).eval(), q)
             model = quantized[(name, q)] if q != "none" else m
-            if v.endswith("-kv16"):  # a shallow copy with a bf16 KV cache
-                model = copy.copy(model)
-                model.kv_dtype = torch.bfloat16
             if compiled:  # a shallow copy shares the weights; only it carries the compiled graphs
                 model = compile_decode(copy.copy(model))
             models[(name, v)] = (model, dtype)
