@@ -27,7 +27,7 @@ from subllm.inference.quantize import QUANTIZE
 
 
 def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
-    """--dtype, --quantize, --kv-dtype and --compile, as `generate` and `serve` take them."""
+    """--dtype, --quantize and --compile, as `generate` and `serve` take them."""
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -41,13 +41,6 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         help="weight-only quantization (subllm/inference/quantize.py): int8 linear layers and LM head "
         "(a quarter of the weight bytes per decode step), or int4 layers (groups of 32) with an int8 head",
-    )
-    p.add_argument(
-        "--kv-dtype",
-        choices=("auto", "bf16"),
-        default="auto",
-        help="bf16: keep the KV cache in bf16 under fp32 compute (half the bytes a decode step reads "
-        "from it; attention in bf16); auto (default): the compute dtype",
     )
     p.add_argument(
         "--compile",
@@ -113,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from subllm.inference.quantize import apply_quantization
 
     model = apply_quantization(load_model(ckpt), args.quantize)
-    if args.kv_dtype == "bf16":
-        model.kv_dtype = torch.bfloat16  # read by subllm/inference/engine.py cache_dtype
     tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:
@@ -167,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}"
         f"{'' if args.quantize == 'none' else f'; {args.quantize} weights'}"
-        f"{'; compiled decode' if args.compile else ''}"
-        f"{'; bf16 KV cache' if args.kv_dtype == 'bf16' else ''}]",
+        f"{'; compiled decode' if args.compile else ''}]",
         file=sys.stderr,
     )
     if args.stats:

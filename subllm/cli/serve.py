@@ -109,7 +109,6 @@ def load_server(
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     prefix_cache_mb: float = 0,
     compile: bool = False,
-    kv_dtype: str = "auto",
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
         `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
@@ -117,7 +116,7 @@ def load_server(
         messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
         subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
         subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
-    batch 1 and more (subllm/inference/compiled_decode.py); `kv_dtype` "bf16": a bf16 KV cache."""
+    batch 1 and more (subllm/inference/compiled_decode.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -131,8 +130,6 @@ def load_server(
     from subllm.inference.quantize import apply_quantization
 
     model = apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize)
-    if kv_dtype == "bf16":
-        model.kv_dtype = torch.bfloat16
     tok = load_tokenizer(checkpoint)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
@@ -200,7 +197,6 @@ def run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk or None,
         prefix_cache_mb=args.prefix_cache_mb,
         compile=args.compile,
-        kv_dtype=args.kv_dtype,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -219,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
         f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}"
-        f"{', compiled decode' if args.compile else ''}"
-        f"{', bf16 KV cache' if args.kv_dtype == 'bf16' else ''}, "
+        f"{', compiled decode' if args.compile else ''}, "
         f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
         f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",

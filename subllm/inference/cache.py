@@ -193,8 +193,8 @@ class KVCache:
             return
         r = torch.tensor(rows, device=self.device)
         s = torch.tensor(slots, device=self.device)
-        kb[r, :, s] = k[:, :, 0].to(kb.dtype)  # (a bf16 cache under fp32 compute: cast here)
-        vb[r, :, s] = v[:, :, 0].to(vb.dtype)
+        kb[r, :, s] = k[:, :, 0]
+        vb[r, :, s] = v[:, :, 0]
 
     def extend(self, level: int, rows: list[int], pos: Tensor, counts: list[int]) -> list[int]:
         """Chunked prefill: counts[i] new tokens for row rows[i] at `level`, at original positions

@@ -56,8 +56,8 @@ class Segment(nn.Module):
         rows = torch.arange(x.shape[0], device=x.device)
         for block, kb, vb in zip(self.blocks, ks, vs):
             q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)
-            kb[rows, :, slots] = k[:, :, 0].to(kb.dtype)
-            vb[rows, :, slots] = v[:, :, 0].to(vb.dtype)
+            kb[rows, :, slots] = k[:, :, 0]
+            vb[rows, :, slots] = v[:, :, 0]
             x = x + block.attn.attend(q, kb[:, :, :length], vb[:, :, :length], mask, is_causal=False)
             x = x + block.ffn(block.ffn_norm(x))
         return x

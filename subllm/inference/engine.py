@@ -43,11 +43,7 @@ from subllm.model.subsample import gather_tokens, upsample_bypass
 
 
 def cache_dtype(model: SubLLM, device: torch.device) -> torch.dtype:
-    """The dtype K and V will have: `model.kv_dtype` when set (`--kv-dtype bf16`: half the bytes a
-    decode step reads from the cache, attention in bf16), else autocast's when it is on for this
-    device, else the weights'."""
-    if getattr(model, "kv_dtype", None) is not None:
-        return model.kv_dtype
+    """The dtype K and V will have: autocast's when it is on for this device, else the weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return model.embed.weight.dtype

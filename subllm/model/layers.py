@@ -78,15 +78,11 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, Tq, C).
-        K/V from a cache of another dtype (a bf16 cache under fp32 compute): attention runs in the
-        cache's dtype and its output returns to q's."""
+        """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, Tq, C)."""
         gqa = self.n_kv_heads != self.n_heads
-        o = F.scaled_dot_product_attention(
-            q.to(k.dtype), k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
-        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         B, _, T, _ = o.shape
-        return self.wo(o.transpose(1, 2).reshape(B, T, -1).to(q.dtype))
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         q, k, v = self.qkv(x, cos, sin)
