@@ -13,7 +13,7 @@ import torch
 from torch.profiler import profile
 
 from subllm.bench.infer import load_text_tokens
-from subllm.inference.compiled_decode import compile_decode, warm_up
+from subllm.inference.compiled_decode import compile_and_warm
 from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.inference.quantize import apply_quantization
 from subllm.model.subllm import load_model
@@ -46,8 +46,7 @@ def main() -> None:
         else:
             m = apply_quantization(copy.deepcopy(base), q)
         if comp:
-            compile_decode(m)
-            warm_up(m, (1,))
+            compile_and_warm(m, "fp32", (1,))
         with torch.no_grad():
             c = new_cache(m, 1)
             lg = [prefill(m, toks[None, :1], None, c)]

@@ -50,7 +50,7 @@ from subllm.dtype import autocast
 from subllm.evals.selection import recalibrate
 from subllm.flops import keep_fractions
 from subllm.hf.llama import to_hf_llama
-from subllm.inference.compiled_decode import compile_decode, warm_up
+from subllm.inference.compiled_decode import compile_and_warm, compile_decode
 from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.inference.generation import generate
 from subllm.inference.quantize import apply_quantization
@@ -162,8 +162,8 @@ def warm_compiled(models: dict) -> None:
     """Compile every compiled variant's graphs before timing (stderr: how long each took)."""
     for (name, v), (model, dtype) in models.items():
         if getattr(model, "compiled_decode", None) is not None:
-            with autocast(dtype):
-                print(f"compiled {name} {v} in {warm_up(model, (1,)):.0f} s", file=sys.stderr, flush=True)
+            dt = compile_and_warm(model, dtype, (1,))
+            print(f"compiled {name} {v} in {dt:.0f} s", file=sys.stderr, flush=True)
 
 
 def ours_fn(model: SubLLM, dtype: str, ids: torch.Tensor, dec: torch.Tensor, state: dict):

@@ -439,13 +439,11 @@ def run_infer(
     dtypes = list(dict.fromkeys(c.dtype for c in choices))
     log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
     if compile:  # both alike; every graph the settings need compiled before anything is timed
-        from subllm.inference.compiled_decode import compile_decode, warm_up
+        from subllm.inference.compiled_decode import compile_and_warm
 
         for m in (sub, llama):
-            compile_decode(m)
             for d in dtypes:
-                with autocast(d, kind):
-                    dt = warm_up(m, batches)
+                dt = compile_and_warm(m, d, batches)
                 log(f"[bench infer] compiled {m.config.structure} decode ({d}) in {dt:.0f} s")
     cfg = sub.config
     too_long = [n for n in lengths if n + decode_tokens > cfg.max_seq_len]

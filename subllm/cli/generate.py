@@ -50,16 +50,6 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def compile_and_warm(model, amp, batch_sizes) -> None:
-    """--compile: attach the compiled decode graphs and compile them now (stderr says how long)."""
-    from subllm.inference.compiled_decode import compile_decode, warm_up
-
-    print("compiling the decode step (once per process) ...", file=sys.stderr, flush=True)
-    with amp:
-        dt = warm_up(compile_decode(model), batch_sizes)
-    print(f"compiled the decode step in {dt:.0f} s", file=sys.stderr, flush=True)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint", type=Path, required=True, help="folder with config.json, weights, tokenizer"
@@ -137,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
     choice = choose_dtype(args.dtype, model, "decode", "cpu")
     amp = autocast(choice.dtype, "cpu")
     if args.compile:
-        compile_and_warm(model, amp, (1,))
+        from subllm.inference.compiled_decode import compile_and_warm
+
+        print("compiling the decode step (once per process) ...", file=sys.stderr, flush=True)
+        dt = compile_and_warm(model, choice.dtype, (1,))
+        print(f"compiled the decode step in {dt:.0f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     count = 0
     with amp:

@@ -111,11 +111,11 @@ def load_server(
     compile: bool = False,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
-        `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
-        `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
-        messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
-        subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
-        subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
+    `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
+    `notes` (a list): receives the lines to print about the dtype choice (default: a calibration's
+    messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
+    subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
+    subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
     batch 1 and more (subllm/inference/compiled_decode.py)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
@@ -142,11 +142,9 @@ def load_server(
     if notes is not None:
         notes.insert(0, f"subllm serve: dtype {choice.line}")
     if compile:
-        from subllm.dtype import autocast
-        from subllm.inference.compiled_decode import compile_decode, warm_up
+        from subllm.inference.compiled_decode import compile_and_warm
 
-        with autocast(choice.dtype, "cpu"):
-            dt = warm_up(compile_decode(model))
+        dt = compile_and_warm(model, choice.dtype)
         if notes is not None:
             notes.append(f"subllm serve: decode step compiled in {dt:.0f} s")
     batcher = Batcher(

@@ -88,7 +88,6 @@ class CompiledDecode:
     """The compiled segments of one model: {first layer of a segment: (its layers, compiled fn)}."""
 
     def __init__(self, model, backend: str = "inductor"):
-        self.backend = backend
         self.by_first: dict[int, tuple[tuple[int, ...], object]] = {}
         for layers in segments(model.config.tree):
             seg = Segment([model.layers[i] for i in layers])
@@ -97,8 +96,10 @@ class CompiledDecode:
 
 
 def compile_decode(model, backend: str = "inductor"):
-    """Attach compiled decode segments to `model` (in eval mode); -> the model. `decode_step` then
-    uses them; `model.compiled_decode = None` goes back to eager."""
+    """Attach compiled decode segments to `model` (in eval mode; kept if already attached); -> the
+    model. `decode_step` then uses them; `model.compiled_decode = None` goes back to eager."""
+    if getattr(model, "compiled_decode", None) is not None:
+        return model
     if model.training:
         raise SubLLMError("compile_decode needs the model in eval mode (call model.eval())")
     if backend == "inductor" and model.embed.weight.device.type == "cpu":
@@ -116,15 +117,17 @@ def compile_decode(model, backend: str = "inductor"):
     return model
 
 
-def warm_up(model, batch_sizes=(1, 2), steps: int = 2) -> float:
-    """Compile the graphs a decode will need before it is timed or served: a few decode steps of a
-    short dummy prompt at each batch size (batch 1 and more are separate graphs). Graphs of inner
-    levels that the dummy tokens do not reach compile when a token first reaches them.
-    -> seconds spent. Call it under the autocast the decode will run under."""
+def compile_and_warm(model, dtype: str = "fp32", batch_sizes=(1, 2), steps: int = 2) -> float:
+    """`compile_decode(model)`, then compile the graphs a decode in `dtype` (bf16 | fp32, the
+    autocast it will run under) needs before it is timed or served: a few decode steps of a short
+    dummy prompt at each batch size (batch 1 and more are separate graphs). Graphs of inner levels
+    that the dummy tokens do not reach compile when a token first reaches them. -> seconds spent."""
+    from subllm.dtype import autocast
     from subllm.inference.engine import decode_step, new_cache, prefill
 
+    compile_decode(model)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(dtype, model.embed.weight.device.type):
         for B in batch_sizes:
             cache = new_cache(model, B)
             ids = torch.arange(1, 9, device=model.embed.weight.device).repeat(B, 1)

@@ -213,6 +213,7 @@ def _decode_level(
     compiled = getattr(model, "compiled_decode", None) if full else None  # compiled_decode.py
     if compiled is not None:  # room past the new token: the graphs never see capacity == length
         cache.reserve(level, max(lens) + 1)
+        slot_t = torch.tensor(slots, device=x.device)
     done: set[int] = set()  # layers a compiled segment ran
     for node in nodes:
         if isinstance(node, Sub):
@@ -222,7 +223,6 @@ def _decode_level(
             continue
         if compiled is not None and node in compiled.by_first:
             layers, segment = compiled.by_first[node]
-            slot_t = torch.tensor(slots, device=x.device)
             ks, vs = [cache.k[i] for i in layers], [cache.v[i] for i in layers]
             x = segment(x, cos, sin, slot_t, max(lens), mask, ks, vs)
             done.update(layers)

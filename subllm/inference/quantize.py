@@ -54,10 +54,6 @@ PACK_ROWS = 16  # at most this many activation rows go through the packed int8 k
 GROUP = 32  # int4 weights per scale / offset
 
 
-def _rows(x: Tensor, n_in: int) -> Tensor:
-    return x.reshape(-1, n_in)
-
-
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights q (out, in) and fp32 scales s (out,)."""
 
@@ -104,7 +100,7 @@ class Int8Linear(nn.Module):
         return y * self.scale.to(y.dtype)
 
     def forward_packed(self, x: Tensor) -> Tensor:
-        x2 = _rows(x, self.in_features).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int8pack_mm(x2, self.q, self.scale_bf16)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -165,8 +161,6 @@ class Int4Linear(nn.Module):
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor):
         super().__init__()
         self.out_features, self.in_features = codes.shape
-        if self.out_features % 16:  # the packed layout's tiles
-            raise SubLLMError(f"int4 needs out_features divisible by 16; a layer has {self.out_features}")
         self.group = self.in_features // scale.shape[1]
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
@@ -176,10 +170,15 @@ class Int4Linear(nn.Module):
     def from_linear(cls, lin: nn.Linear, group: int = GROUP) -> Int4Linear:
         if lin.bias is not None:
             raise SubLLMError("Int4Linear: linear layers with a bias are not supported")
+        if not int4_fits(lin, group):
+            raise SubLLMError(
+                f"int4 needs in_features divisible by {group} and out_features by 16; a layer has "
+                f"{lin.in_features} -> {lin.out_features}"
+            )
         return cls(*int4_codes(lin.weight, group))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        x2 = _rows(x, self.in_features).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
