@@ -46,14 +46,14 @@ torch.cuda.get_device_name(0))'; git log -1 --format='commit %H %cI' 2>/dev/null
         --dtypes bf16 --decode-tokens 16 --reps 1 --warmup 1
     exit 0
   fi
-  T_LIMIT=${T_LIMIT:-100} I_LIMIT=${I_LIMIT:-120} C_LIMIT=${C_LIMIT:-150}
+  T_LIMIT=${T_LIMIT:-90} I_LIMIT=${I_LIMIT:-120} C_LIMIT=${C_LIMIT:-200}
   for L in ${TRAIN_LENGTHS:-4k 8k 2k}; do
     stage "train_$L" "$T_LIMIT" $B train --device cuda --preset subllm-1.3b --lengths "$L" --batch-size 2 \
         --reps 5 --warmup 2 --hf
   done
   for L in ${INFER_LENGTHS:-8k 2k}; do
     stage "infer_$L" "$I_LIMIT" $B infer --device cuda --preset subllm-1.3b --lengths "$L" \
-        --batch-sizes 1,8 --dtypes bf16 --decode-tokens 64 --reps 5 --warmup 2 --hf
+        --batch-sizes 1,8 --dtypes bf16 --decode-tokens 32 --reps 5 --warmup 1 --hf
   done
   if [ "${COMPILE:-1}" = 1 ]; then  # torch.compile'd training steps (the slowest stage: compiling)
     stage train_compiled "$C_LIMIT" $B train --device cuda --preset subllm-1.3b \

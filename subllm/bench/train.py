@@ -154,7 +154,7 @@ def bench_length(
         )
         warmup = max(warmup, 1)  # the first call compiles
     times, _ = interleaved(fns, reps=reps, warmup=warmup, device=device)
-    mem = {}
+    mem, above = {}, {}  # above: the peak over what was allocated before the step (every model resident)
     for name, fwd in (
         ("subllm", lambda: sub(ids, labels=ids).loss),
         ("llama", lambda: llama(ids, labels=ids).loss),
@@ -162,9 +162,11 @@ def bench_length(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
             fns[name]()
             sync(device)
             mem[name] = torch.cuda.max_memory_allocated(device)
+            above[name] = mem[name] - before
         else:
             with autocast(dtype, device):
                 mem[name] = activation_bytes(fwd)
@@ -202,6 +204,7 @@ def bench_length(
         "memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "saved_activations",
         "memory_bytes": mem,
         "memory_ratio": round(mem["subllm"] / mem["llama"], 4),
+        **({"memory_step_bytes": above} if above else {}),
         **compiled,
     }
 
