@@ -4,6 +4,7 @@
 #   train_<L>.txt      full training steps at L = 4k, 8k, 2k (batch 2), interleaved in one process
 #   infer_<L>.txt      prefill, decode, KV bytes and the realised keep at 8k and 2k, batch 1 and 8
 #   train_compiled.txt torch.compile'd SUBLLM and LLaMA steps beside the eager ones (8k)
+#   infer_compiled.txt decode through compiled graphs (subllm/inference/compiled_decode.py), 2k
 # Each stage is a process with its own time limit (T_LIMIT, I_LIMIT, C_LIMIT seconds), so a short
 # GPU lease keeps every stage that finished; PACK=FILE.tar.gz re-packs OUT_DIR there after each
 # stage. SMOKE=1 runs every CUDA path at tiny sizes plus one 1.3B step instead (minutes less).
@@ -46,7 +47,7 @@ torch.cuda.get_device_name(0))'; git log -1 --format='commit %H %cI' 2>/dev/null
         --dtypes bf16 --decode-tokens 16 --reps 1 --warmup 1
     exit 0
   fi
-  T_LIMIT=${T_LIMIT:-90} I_LIMIT=${I_LIMIT:-120} C_LIMIT=${C_LIMIT:-200}
+  T_LIMIT=${T_LIMIT:-90} I_LIMIT=${I_LIMIT:-120} C_LIMIT=${C_LIMIT:-180}
   for L in ${TRAIN_LENGTHS:-4k 8k 2k}; do
     stage "train_$L" "$T_LIMIT" $B train --device cuda --preset subllm-1.3b --lengths "$L" --batch-size 2 \
         --reps 5 --warmup 2 --hf
@@ -58,6 +59,8 @@ torch.cuda.get_device_name(0))'; git log -1 --format='commit %H %cI' 2>/dev/null
   if [ "${COMPILE:-1}" = 1 ]; then  # torch.compile'd training steps (the slowest stage: compiling)
     stage train_compiled "$C_LIMIT" $B train --device cuda --preset subllm-1.3b \
         --lengths "${COMPILE_LENGTHS:-8k}" --batch-size 2 --reps 5 --warmup 2 --compile
+    stage infer_compiled "$I_LIMIT" $B infer --device cuda --preset subllm-1.3b --lengths 2k \
+        --batch-sizes 1 --dtypes bf16 --decode-tokens 32 --reps 3 --warmup 1 --no-bound --compile
   fi
   # sequence parallelism (subllm/seqpar/): activation memory per GPU vs one, 2 GPUs over nccl
   if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
