@@ -40,6 +40,9 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step (default 1)",
     "steps": "optimizer steps (default 1000); or give --tokens",
     "tokens": "training tokens (rounded up to whole steps); accepts 2e6, 500k, 2M",
+    "time_limit": "stop after the step at which training (evaluation and saving not counted) passes this "
+    "many seconds, then evaluate and save as at the end; schedules stay those of --steps, and --resume "
+    "(which does not inherit the limit) continues them (default: no limit)",
     "eval_every": "evaluate every N steps, and at the end (0 = only at the end; default 200)",
     "eval_batches": "validation batches per evaluation (default 16)",
     "save_every": "checkpoint every N steps, and at the end (0 = only at the end; default 500)",
@@ -133,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = _saved_options(flags.get("out") or file.get("out") or TrainConfig.out)
         if any(k in src for src in (file, flags) for k in ("steps", "tokens")):
             base.pop("steps", None), base.pop("tokens", None)  # a new length replaces the saved one
+        base.pop("time_limit", None)  # a limit is this invocation's: a resumed run is not stopped again
     return build_config(base, file, flags)
 
 

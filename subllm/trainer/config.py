@@ -46,6 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int | None = None
     tokens: int | None = None
+    time_limit: float | None = None  # seconds of training after which the run stops (eval, save) early
     eval_every: int = 200
     eval_batches: int = 16
     save_every: int = 500
@@ -267,6 +268,7 @@ FIELDS = {
     "grad_accum": parse_int,
     "steps": lambda n, v: parse_int(n, v, none_ok=True),
     "tokens": lambda n, v: parse_int(n, v, none_ok=True),
+    "time_limit": lambda n, v: _float(n, v, positive=False, none_ok=True),
     "eval_every": lambda n, v: parse_int(n, v, lo=0),
     "eval_batches": parse_int,
     "save_every": lambda n, v: parse_int(n, v, lo=0),

@@ -242,6 +242,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         last_eval = run_eval(0)
     losses: list[float] = []
     window_tokens, window_time = 0, 0.0
+    stopped = None  # why the run ended before `steps` (--time-limit)
     try:
         while step < steps:
             t0 = time.perf_counter()
@@ -304,16 +305,26 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
                 if step % cfg.log_every == 0 or step == steps:
                     bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{window_tokens / window_time:,.0f}")
                     window_tokens, window_time = 0, 0.0
-            if val and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            if cfg.time_limit is not None and step < steps:  # every rank stops at the same step
+                (over,) = D.all_reduce_mean([float(elapsed >= cfg.time_limit)], info)
+                if over > 0:
+                    stopped = f"time limit: {elapsed:.0f} s >= {cfg.time_limit:g} s at step {step} of {steps}"
+                    say(f"stopping early, {stopped}")
+            last = step == steps or stopped is not None
+            if val and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 last_eval = run_eval(step)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or last:
                 save(step)
+            if stopped:
+                break
     finally:
         if bar is not None:
             bar.close()
         metrics.close()
 
     summary = {"steps": step, "tokens": tokens_seen, "train_s": elapsed, "peak_rss_mb": peak_rss_mb()}
+    if stopped:
+        summary["stopped"] = stopped
     if info.device.startswith("cuda"):
         summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if losses:
