@@ -229,6 +229,9 @@ def test_cli_eval_end_to_end(ckpt, tmp_path, capsys):
     assert "not a subllm checkpoint" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(ckpt / "model"), "--tasks", "mmlu,hellaswag"]) == 2
     assert "unknown task" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a clear error, not a stack trace, on a machine without CUDA
+        assert main(["eval", "--checkpoint", str(ckpt / "model"), "--tasks", "loss", "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_eval_quantized_loss_is_close_and_recorded(ckpt, tmp_path, capsys):

@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--verbose", action="store_true", help="show lm-eval's logging")
 
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         pairs=args.pairs,
         rope_scaling=args.rope_scaling,
         quantize=args.quantize,
+        device=args.device,
     )
     m = res["model"]
     print(

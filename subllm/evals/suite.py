@@ -197,14 +197,20 @@ def evaluate(
     pairs: int = 8,
     rope_scaling: str | None = None,
     quantize: str = "none",
+    device: str = "cpu",
 ) -> dict:
     """Every number of `subllm eval` as a dict: {"checkpoint", "model", "loss"?, "tasks"?}.
     `dtype`: auto | bf16 | fp32 (or float32 / bfloat16), resolved for the model's device.
+    `device`: where the model runs ("cpu", "cuda"); the weight-only quantizations are CPU kernels.
     `rope_scaling`: evaluate with this RoPE scaling instead of the checkpoint's (e.g. "yarn:4":
     YaRN without training; subllm/model/rope.py parse_rope_override)."""
     torch.manual_seed(seed)
     dtype = _DTYPE_ALIASES.get(dtype, dtype)
-    model = load_model(checkpoint)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SubLLMError("--device cuda asked for, but torch sees no CUDA device")
+    if quantize != "none" and not str(device).startswith("cpu"):
+        raise SubLLMError(f"--quantize {quantize} runs CPU kernels: use it with --device cpu")
+    model = load_model(checkpoint).to(device)
     params = model.num_params()  # before quantization turns the layers' weights into buffers
     if quantize != "none":
         from subllm.inference.quantize import apply_quantization
