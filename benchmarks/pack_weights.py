@@ -112,7 +112,7 @@ def unpack(part_dirs: list[Path], out: Path) -> None:
                 name, field = k.split("::")
                 fields.setdefault(name, {})[field] = f.get_tensor(k)
         for extra in d.iterdir():
-            if extra.name not in ("weights.safetensors", "index.json"):
+            if extra.is_file() and extra.name not in ("weights.safetensors", "index.json"):
                 out.mkdir(parents=True, exist_ok=True)
                 (out / extra.name).write_bytes(extra.read_bytes())
     if missing := sorted(set(index) - set(fields)):
