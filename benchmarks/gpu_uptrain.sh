@@ -11,7 +11,9 @@
 #   cp -r RUN/data/tokens .devpack/part0/tokens   # optional: the corpus packed by a trainer run here
 #                                                 # (WORK=/tmp/upt), so no trainer tokenizes there
 # carried in two calls of a lease (64 MiB each): .devpack/part0 first, then .devpack/part1 and
-# .devpack/text.tar.xz with this script (part0 stays on the warm machine between the calls).
+# .devpack/text.tar.xz with this script. Between the calls the warm machine kept part0's weights file
+# but not its small files or its tokens folder (2026-12-04): every part holds index.json, and
+# without the tokens each trainer tokenizes the corpus there (~15 s).
 # Output: OUT/uptrain.tar.gz (logs, metrics.jsonl, summaries, eval JSONs; no weights), re-packed every
 # 15 s so a lease that runs out keeps what was done.
 #   PACK_OUT=$OUT bash benchmarks/gpu_uptrain.sh [WORK_DIR]

@@ -104,7 +104,10 @@ def pack(src: Path, out: Path, n_parts: int) -> None:
 
 
 def unpack(part_dirs: list[Path], out: Path) -> None:
-    index = json.loads((part_dirs[0] / "index.json").read_text())
+    found = [d / "index.json" for d in part_dirs if (d / "index.json").is_file()]  # every part has one
+    if not found:
+        raise SystemExit(f"unpack: no index.json in {[str(d) for d in part_dirs]}")
+    index = json.loads(found[0].read_text())
     fields: dict[str, dict] = {}
     for d in part_dirs:
         with safe_open(d / "weights.safetensors", "pt") as f:
