@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 import torch
 
+from subllm.hf.gguf_write import add_llama_header, permute_rope_rows, write_tensors
 from subllm.model.io import read_pretrained
 
 FILE_TYPES = {  # name -> (tensor type of 2-D weights, general.file_type)
@@ -31,12 +32,6 @@ FILE_TYPES = {  # name -> (tensor type of 2-D weights, general.file_type)
     "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-
-
-def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's W_q / W_k rows (per head: first half, second half of the rotary pairs) in llama.cpp's
-    order (per head: pairs interleaved) - convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def llama_tensors(cfg, state: dict) -> dict[str, np.ndarray]:
@@ -75,16 +70,11 @@ def write_gguf(checkpoint, reference, kind: str, path) -> Path:
     w.add_file_type(ftype)
     if qtype != gguf.GGMLQuantizationType.F32:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    add_llama_header(
+        w, context=cfg.max_seq_len, dim=cfg.dim, n_layers=cfg.n_layers, ffn_dim=cfg.ffn_dim,
+        n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+        vocab_size=cfg.vocab_size,
+    )  # fmt: skip
     ref = gguf.GGUFReader(str(reference))
     for key, field in ref.fields.items():
         if key.startswith("tokenizer."):
@@ -92,15 +82,9 @@ def write_gguf(checkpoint, reference, kind: str, path) -> Path:
             w.add_key_value(key, field.contents(), field.types[0], sub)
     if len(ref.fields["tokenizer.ggml.tokens"].data) != cfg.vocab_size:
         raise SystemExit(f"{reference}: its vocabulary is not the size of {checkpoint}'s")
-    for name, t in llama_tensors(cfg, state).items():
-        if t.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = {k: np.ascontiguousarray(t, dtype=np.float32) for k, t in llama_tensors(cfg, state).items()}
+    plain = qtype == gguf.GGMLQuantizationType.F32
+    write_tensors(w, tensors, lambda name, t: None if t.ndim == 1 or plain else qtype)
     return Path(path)
 
 

@@ -100,7 +100,8 @@ def pack(src: Path, out: Path, n_parts: int) -> None:
     for f in small:  # config, tokenizer, template: beside the last part
         (out / f"part{n_parts - 1}" / f.name).write_bytes(f.read_bytes())
     kinds = {k: sum(1 for v in index.values() if v["kind"] == k) for k in ("q4_1", "q8_0", "raw")}
-    print(f"packed {len(index)} tensors {kinds} into {n_parts} parts of {[round(s / 2**20, 1) for s in sizes]} MiB")
+    mib = [round(s / 2**20, 1) for s in sizes]
+    print(f"packed {len(index)} tensors {kinds} into {n_parts} parts of {mib} MiB")
 
 
 def unpack(part_dirs: list[Path], out: Path) -> None:

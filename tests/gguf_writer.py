@@ -9,7 +9,7 @@ llama.cpp's conventions for the "llama" architecture, reproduced here:
 - tensors `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
   ffn_up, ffn_down}`, `output_norm`, and `output` only when the embeddings are not tied;
 - the q/k rows permuted from HF's rotate-half RoPE layout into llama.cpp's adjacent pairs
-  (`permute_qk`), which transformers' GGUF loader undoes;
+  (`permute_rope_rows`, subllm/hf/gguf_write.py), which transformers' GGUF loader undoes;
 - norms always F32; matrices F32, or Q8_0 where asked.
 """
 
@@ -18,6 +18,8 @@ import json
 import gguf
 import numpy as np
 import torch
+
+from subllm.hf.gguf_write import add_llama_header, permute_rope_rows, write_tensors
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
 CHATML = (
@@ -34,14 +36,6 @@ _CORPUS = (
 )
 
 
-def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF q_proj / k_proj rows -> llama.cpp's order. Per head, HF rotates dimension i with i + h/2,
-    llama.cpp rotates 2i with 2i + 1: rows [a_0 .. a_{h/2-1}, b_0 .. b_{h/2-1}] -> [a_0, b_0, a_1, b_1, ..].
-    `n_heads`: the heads the projection produces (n_heads for q, n_kv_heads for k)."""
-    half = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
 def gguf_tensors(model) -> dict[str, np.ndarray]:
     """An HF Llama's weights under llama.cpp's names, float32, in llama.cpp's order."""
     c = model.config
@@ -50,8 +44,9 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
     for i in range(c.num_hidden_layers):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         out[blk + "attn_norm.weight"] = sd[hf + "input_layernorm.weight"]
-        out[blk + "attn_q.weight"] = permute_qk(sd[hf + "self_attn.q_proj.weight"], c.num_attention_heads)
-        out[blk + "attn_k.weight"] = permute_qk(sd[hf + "self_attn.k_proj.weight"], c.num_key_value_heads)
+        q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
+        out[blk + "attn_q.weight"] = permute_rope_rows(q, c.num_attention_heads)
+        out[blk + "attn_k.weight"] = permute_rope_rows(k, c.num_key_value_heads)
         out[blk + "attn_v.weight"] = sd[hf + "self_attn.v_proj.weight"]
         out[blk + "attn_output.weight"] = sd[hf + "self_attn.o_proj.weight"]
         out[blk + "ffn_norm.weight"] = sd[hf + "post_attention_layernorm.weight"]
@@ -146,19 +141,14 @@ def write_llama_gguf(
 
     w = gguf.GGUFWriter(str(path), architecture)
     w.add_name("tiny-llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    add_llama_header(
+        w, context=c.max_position_embeddings, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+        ffn_dim=c.intermediate_size, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+        rope_theta=c.rope_parameters["rope_theta"], norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size,
+    )  # fmt: skip
     if rope_scaling is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
         w.add_rope_scaling_factor(2.0)
-    w.add_vocab_size(c.vocab_size)
     w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.ALL_F32))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
@@ -171,14 +161,5 @@ def write_llama_gguf(
     w.add_pad_token_id(tokenizer.pad_token_id)
     w.add_add_bos_token(False)
     w.add_chat_template(tokenizer.chat_template)
-    for tensor_name, data in tensors.items():
-        if tensor_name in q8_0:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            w.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(tensor_name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tensors(w, tensors, lambda name, t: gguf.GGMLQuantizationType.Q8_0 if name in q8_0 else None)
     return path

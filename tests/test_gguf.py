@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from gguf_writer import permute_qk, q8_0_roundtrip, tiny_llama, tiny_tokenizer, write_llama_gguf
+from gguf_writer import q8_0_roundtrip, tiny_llama, tiny_tokenizer, write_llama_gguf
 
 from subllm import SubLLM
 from subllm.cli import main
@@ -17,6 +17,7 @@ from subllm.data.tokenizer import load_tokenizer
 from subllm.errors import SubLLMError
 from subllm.files import sha256_bytes
 from subllm.hf.gguf import gguf_to_hf_llama_dir, inspect_gguf, load_gguf_llama
+from subllm.hf.gguf_write import permute_rope_rows
 
 Q8_0 = ("blk.0.attn_q.weight",)  # one quantized tensor, the q projection (4 heads; k has 2: GQA)
 TEXTS = [
@@ -61,10 +62,10 @@ def convert_error(capsys, *args) -> str:
     return err
 
 
-def test_permute_qk_pairs_adjacent_rows():
+def test_permute_rope_rows_pairs_adjacent_rows():
     n_heads, head_dim = 3, 8
     w = np.arange(n_heads * head_dim, dtype=np.float32)[:, None].repeat(5, axis=1)
-    p = permute_qk(w, n_heads)
+    p = permute_rope_rows(w, n_heads)
     for h in range(n_heads):
         for i in range(head_dim // 2):  # llama.cpp rows 2i, 2i+1 of a head = HF rows i, i + head_dim/2
             assert p[h * head_dim + 2 * i, 0] == h * head_dim + i
