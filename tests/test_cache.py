@@ -31,10 +31,12 @@ def run(model, ids, mask, steps, seed=2, columns=None):
     return cache, seq, m, logits
 
 
+@pytest.mark.parametrize("subset", [False, True])  # inner levels for the whole batch / the kept rows only
 @pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "T(T)T(TT)T", "(T(T(T)))"])
 @torch.no_grad()
-def test_lengths_positions_and_logits_match_full_forward(structure):
+def test_lengths_positions_and_logits_match_full_forward(structure, subset):
     model = tiny_preset_model(structure)
+    model.decode_subset = subset
     ids, mask = left_padded([13, 20, 7])
     B, steps = 3, 12
     prefilled = run(model, ids, mask, 0)[0]
@@ -72,9 +74,14 @@ def _parent_level(structure, sub_index):
     return 0
 
 
+@pytest.mark.parametrize("subset", [False, True])
 @torch.no_grad()
-def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched():
+def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched(subset):
+    """Subset path (the CPU default): only the rows that kept the token run an inner layer. Whole
+    batch (the CUDA default): every row runs it in one call while any row kept the token. Either
+    way a dropped row's cache is untouched up to its length and does not grow."""
     model = tiny_preset_model()
+    model.decode_subset = subset
     ids, mask = left_padded([11, 16, 9, 14])
     cache = new_cache(model, 4)
     prefill(model, ids, mask, cache)
@@ -98,8 +105,8 @@ def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched():
             saw_mix |= 0 < sum(grew) < 4
             for i in cache.level_layers[level]:
                 ran = [n for j, n in calls if j == i]
-                # only the rows that kept the token ran the layer; no call at all when none kept it
-                assert ran == ([sum(grew)] if sum(grew) else [])
+                # no call at all when no row kept the token
+                assert ran == (([sum(grew)] if subset else [4]) if sum(grew) else [])
                 for b in range(4):
                     if not grew[b]:  # dropped: this row's cache is bit-for-bit untouched
                         assert torch.equal(

@@ -48,10 +48,18 @@ def _decode(model, lens, steps, subset_at=None):
     return torch.stack(logits), cache
 
 
-@pytest.mark.parametrize("structure, lens", [("TT(T(TT)T)T", [11, 5]), ("TT(T(TT)T)T", [9]), ("TTT", [7])])
-def test_compiled_decode_equals_eager(structure, lens):
+@pytest.mark.parametrize(
+    "structure, lens, whole",
+    [("TT(T(TT)T)T", [11, 5], False), ("TT(T(TT)T)T", [11, 5], True), ("TT(T(TT)T)T", [9], False),
+     ("TTT", [7], False)],
+)  # fmt: skip
+def test_compiled_decode_equals_eager(structure, lens, whole):
+    """whole: the compiled model runs inner levels for the whole batch (the CUDA default: its
+    compiled segments then serve the inner levels too), against the eager subset path."""
     model = tiny_preset_model(structure)
+    model.decode_subset = True
     compiled = compile_decode(copy.copy(model))  # shares the modules; only the copy is compiled
+    compiled.decode_subset = not whole
     steps, subset = 12, (4 if len(lens) > 1 else None)
     ref, ref_cache = _decode(model, lens, steps, subset)
     calls = _count_segment_calls(compiled)

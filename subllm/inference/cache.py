@@ -167,9 +167,14 @@ class KVCache:
         self.k[layer][:, :, :L] = k
         self.v[layer][:, :, :L] = v
 
-    def append(self, level: int, rows: list[int], positions: list[int]) -> list[int]:
+    def append(
+        self, level: int, rows: list[int], positions: list[int], active: list[bool] | None = None
+    ) -> list[int]:
         """Decode: one new token for each of `rows` at `level` (original positions given).
-        Returns the slot of each new token; every layer of the level writes its K/V there."""
+        Returns the slot of each new token; every layer of the level writes its K/V there.
+        `active`: rows marked False get a scratch slot just past their length, which they do not
+        keep (their length stays; the next append overwrites it) - a step that runs the whole batch
+        through a level where only some rows' tokens belong (engine.py `_decode_sub`)."""
         lens = self._len[level]
         slots = [lens[r] for r in rows]
         self.reserve(level, max(slots) + 1)
@@ -178,8 +183,9 @@ class KVCache:
             self.pos[level][r, torch.tensor(slots, device=self.device)] = torch.tensor(
                 positions, device=self.device
             )
-        for r, s in zip(rows, slots):
-            lens[r] = s + 1
+        for i, (r, s) in enumerate(zip(rows, slots)):
+            if active is None or active[i]:
+                lens[r] = s + 1
         return slots
 
     def write(self, layer: int, rows: list[int], slots: list[int], k: Tensor, v: Tensor) -> None:

@@ -200,8 +200,11 @@ def _decode_level(
     positions: list[int],
     cos: Tensor,
     sin: Tensor,
+    active: Tensor | None = None,
 ) -> Tensor:
-    slots = cache.append(level, rows, positions)
+    """`active` (n,) bool: the rows whose token belongs to this level; the others run through it
+    on a scratch slot that their caches do not keep, and their outputs are discarded (_decode_sub)."""
+    slots = cache.append(level, rows, positions, None if active is None else active.tolist())
     lens = [s + 1 for s in slots]
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
     mask = None
@@ -217,7 +220,7 @@ def _decode_level(
     done: set[int] = set()  # layers a compiled segment ran
     for node in nodes:
         if isinstance(node, Sub):
-            x = _decode_sub(model, cache, node, x, rows, positions, cos, sin)
+            x = _decode_sub(model, cache, node, x, rows, positions, cos, sin, active)
             continue
         if node in done:
             continue
@@ -246,6 +249,11 @@ def _decode_level(
     return x
 
 
+def _subset_path(model: SubLLM, x: Tensor) -> bool:
+    subset = getattr(model, "decode_subset", None)
+    return x.device.type != "cuda" if subset is None else bool(subset)
+
+
 def _decode_sub(
     model: SubLLM,
     cache: KVCache,
@@ -255,25 +263,42 @@ def _decode_sub(
     positions: list[int],
     cos: Tensor,
     sin: Tensor,
+    active: Tensor | None = None,
 ) -> Tensor:
+    """S, the inner level, U + B for one new token per row. When the whole batch is here and only
+    some rows keep their token, the inner level runs either on those rows only (the subset path:
+    attention one call per row, each on a view of its own length) or on every row (`active` marks
+    the kept ones: the others write a scratch slot their caches do not keep, and their outputs are
+    dropped): one attention call per layer and the compiled segments, at the price of the dropped
+    rows' compute and K/V reads. `model.decode_subset`: True / False picks one; None (default) =
+    the subset path on a CPU, where it measured faster (docs/RESULTS.md, "Whole-batch inner levels"),
+    the whole batch on CUDA, where per-row calls are kernel launches (chosen by that reasoning; not
+    yet timed on a GPU)."""
     sub = model.subsamples[node.index]
     d, w = sub.decide(x)  # (n, 1) each: decision and eval-mode weight
     keep_t = sub.keep(d[:, 0])
     if sub.keep_first and min(positions) < sub.keep_first:  # host ints: no tensor work per token
         pin = torch.tensor(positions, device=x.device) < sub.keep_first
         keep_t, w = keep_t | pin, w.masked_fill(pin[:, None], 1.0)
+    if active is not None:  # a row whose token left at an outer level cannot keep it here
+        keep_t = keep_t & active
     keep = keep_t.tolist()
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x
+    scale = model.bypasses[node.index].scale
     if len(kept) == len(rows):
-        xk, sub_rows, sub_pos, ck, sk = x, rows, positions, cos, sin
+        xk, sub_rows, sub_pos, ck, sk, act = x, rows, positions, cos, sin, None
+    elif len(rows) == cache.batch_size and not _subset_path(model, x):
+        h = _decode_level(model, cache, node.children, node.index + 1, x, rows, positions, cos, sin, keep_t)
+        out = x + ((w[..., None] * (h - x)) * scale).to(x.dtype)  # as upsample_bypass
+        return torch.where(keep_t[:, None, None], out, x)  # dropped rows: x unchanged
     else:
         idx = torch.tensor(kept, device=x.device)
         xk, ck, sk, w = x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), w[idx]
-        sub_rows, sub_pos = [rows[i] for i in kept], [positions[i] for i in kept]
-    h = _decode_level(model, cache, node.children, node.index + 1, xk, sub_rows, sub_pos, ck, sk)
-    delta = (w[..., None] * (h - xk)) * model.bypasses[node.index].scale  # as upsample_bypass
+        sub_rows, sub_pos, act = [rows[i] for i in kept], [positions[i] for i in kept], None
+    h = _decode_level(model, cache, node.children, node.index + 1, xk, sub_rows, sub_pos, ck, sk, act)
+    delta = (w[..., None] * (h - xk)) * scale  # as upsample_bypass
     out = xk + delta.to(x.dtype)
     if len(kept) == len(rows):
         return out
