@@ -6,13 +6,11 @@ import json
 
 import pytest
 import torch
-from helpers import pack_synthetic
+from helpers import WORDS, pack_synthetic
 
 from subllm.cli import main
 from subllm.trainer import checkpoint as ckpt
 from subllm.trainer.metrics import read_metrics
-
-WORDS = "the a king queen lord lady castle sword crown speak love death night day river sea".split()
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +19,9 @@ def packed(tmp_path_factory):
 
 
 def _args(packed, out):
-    return [
-        "--preset", "subllm-tiny", "--data", str(packed), "--steps", "6", "--batch-size", "2",
-        "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1", "--save-every", "0",
-        "--optimizer", "adamw", "--lr", "2e-3", "--out", str(out), "--threads", "1", "--no-progress",
-    ]  # fmt: skip
+    flags = dict(preset="subllm-tiny", data=packed, steps=6, batch_size=2, seq_len=32, eval_every=0,
+                 eval_batches=1, save_every=0, optimizer="adamw", lr=2e-3, out=out, threads=1)  # fmt: skip
+    return [a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", str(v))] + ["--no-progress"]
 
 
 def test_time_limit_stops_saves_and_resumes_exactly(packed, tmp_path, capsys):
