@@ -116,6 +116,14 @@ def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
         quantize_int8_(tiny_preset_model(), int8_kernel="fast")
 
 
+def test_packed_int8_kept_unless_clearly_slower(monkeypatch):
+    layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
+    for packed_s, cast_s, want in ((1.2, 1.0, True), (0.5, 1.0, True), (2.0, 1.0, False)):
+        times = iter((packed_s, cast_s))  # packed is timed first
+        monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+        assert Q.packed_int8_is_faster(layer) is want, (packed_s, cast_s)
+
+
 def _logits(model, ids, mask):
     with torch.no_grad():
         out = model(ids, mask, return_selections=True)
