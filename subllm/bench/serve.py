@@ -71,6 +71,10 @@ def add_serve_arguments(sub) -> None:
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto (default): fp32 on a CPU"
     )
+    p.add_argument(
+        "--prefill-dtype", default="same", choices=["same", "bf16"],
+        help="the servers' --prefill-dtype (and the verification's): bf16 prompts under an fp32 decode",
+    )  # fmt: skip
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of each server (default 1)")
     p.add_argument(
         "--verify", type=int, default=1, help="compare the first K outputs with in-process generate()"
@@ -81,7 +85,7 @@ def add_serve_arguments(sub) -> None:
 class ServerProcess:
     """`subllm serve` on a free loopback port, in its own process."""
 
-    def __init__(self, checkpoint: str, max_batch: int, dtype: str, threads: int):
+    def __init__(self, checkpoint: str, max_batch: int, dtype: str, threads: int, prefill_dtype="same"):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         cmd = [
             sys.executable,
@@ -102,6 +106,8 @@ class ServerProcess:
             str(threads),
             "--model-name",
             Path(checkpoint).name,
+            "--prefill-dtype",
+            prefill_dtype,
         ]
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
@@ -160,8 +166,9 @@ def prompt_windows(
 
 
 def verify_solo(
-    checkpoint: str, prompts: list[list[int]], texts: list[str], max_tokens: int, dtype: str
-) -> int:
+    checkpoint: str, prompts: list[list[int]], texts: list[str], max_tokens: int, dtype: str,
+    prefill_dtype: str | None = None,
+) -> int:  # fmt: skip
     """How many of `texts` differ from an in-process greedy generate() of their prompt (chunked as
     the server prefills it: subllm/serve/prefill.py)."""
     import torch
@@ -179,7 +186,7 @@ def verify_solo(
         with autocast(dtype):
             chunk = solo_prefill_chunk(len(p), DEFAULT_PREFILL_CHUNK)
             out = generate(model, torch.tensor([p]), max_new_tokens=max_tokens, eos_token_id=None,
-                           prefill_chunk=chunk)  # fmt: skip
+                           prefill_chunk=chunk, prefill_dtype=prefill_dtype)  # fmt: skip
         bad += tok.decode(out[0, len(p) :].tolist(), skip_special_tokens=True) != t
     return bad
 
@@ -207,7 +214,8 @@ def run_serve_bench(args, log=print) -> dict:
     dtype = resolve_dtype(args.dtype, "cpu", "decode")
     count = {lv: args.requests or (8 if lv[1] else max(4, 2 * lv[0])) for lv in levels}
     n_prompts = max(count.values())
-    out = {"dtype": dtype, "prompt_tokens": lengths, "max_tokens": args.max_tokens, "models": []}
+    out = {"dtype": dtype, "prefill_dtype": args.prefill_dtype, "prompt_tokens": lengths,
+           "max_tokens": args.max_tokens, "models": []}  # fmt: skip
     prompts = [prompt_windows(args.text, ck, lengths, n_prompts, _vocab(ck)) for ck in ckpts]
     servers: list[ServerProcess] = []
     models: list[dict] = []
@@ -215,7 +223,9 @@ def run_serve_bench(args, log=print) -> dict:
     try:
         for ck in ckpts:  # all up at once; an idle server costs nothing, so levels can alternate
             log(f"starting `subllm serve` for {ck} ...")
-            servers.append(ServerProcess(ck, args.max_batch, dtype, args.server_threads))  # = the check's
+            servers.append(  # the dtypes = the check's
+                ServerProcess(ck, args.max_batch, dtype, args.server_threads, args.prefill_dtype)
+            )
         for i, srv in enumerate(servers):
             run_level(srv.url, prompts[i][:1], 1, 1, 2)  # warm-up (untimed)
             models.append(
@@ -256,8 +266,9 @@ def run_serve_bench(args, log=print) -> dict:
     for i, m in enumerate(models):
         if args.verify:
             m["verify_mismatched"] = verify_solo(
-                ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype
-            )
+                ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype,
+                "bf16" if args.prefill_dtype == "bf16" and dtype == "fp32" else None,
+            )  # fmt: skip
         out["models"].append(m)
     out["summary"] = summarize(out)
     return out

@@ -48,6 +48,25 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         help="decode through torch.compile'd graphs (subllm/inference/compiled_decode.py): less "
         "per-token overhead, after a one-time compilation (a C++ compiler; minutes on a small CPU)",
     )
+    p.add_argument(
+        "--prefill-dtype",
+        choices=("same", "auto", "bf16"),
+        default="same",
+        help="the prompt's prefill in another dtype than decode: bf16 (large matmuls: several times "
+        "faster on a CPU with native bf16, while decode is often faster in fp32), auto (bf16 where a "
+        "measurement of prefill says so, cached like --dtype auto), same (default: --dtype's)",
+    )
+
+
+def resolve_prefill_dtype(name: str, model, decode_dtype: str, log=None) -> str | None:
+    """--prefill-dtype -> the prefill_dtype of generate / the server (None: as decode)."""
+    if name == "same" or decode_dtype == "bf16":  # only a bf16 prefill under an fp32 decode differs
+        return None
+    if name == "auto":
+        from subllm.dtype_calibration import choose_dtype
+
+        name = choose_dtype("auto", model, "prefill", "cpu", log=log).dtype
+    return name if name == "bf16" else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
 
     choice = choose_dtype(args.dtype, model, "decode", "cpu")
     amp = autocast(choice.dtype, "cpu")
+    kw["prefill_dtype"] = resolve_prefill_dtype(args.prefill_dtype, model, choice.dtype)
+    if kw["prefill_dtype"]:
+        print(f"prefill in {kw['prefill_dtype']}, decode in {choice.dtype}", file=sys.stderr)
     if args.compile:
         from subllm.inference.compiled_decode import compile_and_warm
 

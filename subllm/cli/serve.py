@@ -109,6 +109,7 @@ def load_server(
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     prefix_cache_mb: float = 0,
     compile: bool = False,
+    prefill_dtype: str = "same",
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
     `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
@@ -116,7 +117,7 @@ def load_server(
     messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
     subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
     subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
-    batch 1 and more (subllm/inference/compiled_decode.py)."""
+    batch 1 and more (subllm/inference/compiled_decode.py); `prefill_dtype`: --prefill-dtype."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -138,7 +139,8 @@ def load_server(
 
     # the first stderr line is the "listening on" banner (bench serve and scripts read it): the
     # calibration's messages wait in `notes` until after it
-    choice = choose_dtype(dtype, model, "decode", "cpu", log=notes.append if notes is not None else None)
+    log = notes.append if notes is not None else None
+    choice = choose_dtype(dtype, model, "decode", "cpu", log=log)
     if notes is not None:
         notes.insert(0, f"subllm serve: dtype {choice.line}")
     if compile:
@@ -147,9 +149,14 @@ def load_server(
         dt = compile_and_warm(model, choice.dtype)
         if notes is not None:
             notes.append(f"subllm serve: decode step compiled in {dt:.0f} s")
+    from subllm.cli.generate import resolve_prefill_dtype
+
+    pre = resolve_prefill_dtype(prefill_dtype, model, choice.dtype, log=log)
+    if pre and notes is not None:
+        notes.append(f"subllm serve: prompts prefilled in {pre}, decode in {choice.dtype}")
     batcher = Batcher(
         model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk,
-        prefix_cache_mb=prefix_cache_mb,
+        prefix_cache_mb=prefix_cache_mb, prefill_dtype=pre,
     )  # fmt: skip
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
@@ -195,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk or None,
         prefix_cache_mb=args.prefix_cache_mb,
         compile=args.compile,
+        prefill_dtype=args.prefill_dtype,
     )
     try:
         sock = socket.create_server((args.host, args.port))

@@ -139,6 +139,26 @@ def _validate_inputs(model, input_ids, attention_mask, max_new_tokens, eos_token
 # ---- the two step runners: cached (engine) and uncached (reference) ---------------------------
 
 
+def prefill_autocast(prefill_dtype: str | None, device):
+    """The region a prompt's prefill runs in: None = whatever encloses it (decode's autocast);
+    "bf16" = bf16 autocast; "fp32" = no autocast, only under an fp32 decode (a chunked fp32 prefill
+    cannot attend to a bf16 cache). The KV cache is made outside it, so it keeps the decode dtype (a
+    bf16 prefill's K/V are stored in the fp32 cache as they come)."""
+    import contextlib
+
+    from subllm.dtype import _BF16_NAMES, _FP32_NAMES, autocast
+
+    if prefill_dtype is None:
+        return contextlib.nullcontext()
+    if prefill_dtype in _FP32_NAMES:
+        if torch.is_autocast_enabled(torch.device(device).type):
+            raise SubLLMError("an fp32 prefill under a bf16 decode is not supported: use the same dtype")
+        return contextlib.nullcontext()
+    if prefill_dtype in _BF16_NAMES:
+        return autocast("bf16", device)
+    raise SubLLMError(f"prefill_dtype must be bf16, fp32 or None, got {prefill_dtype!r}")
+
+
 class _Cached:
     def __init__(
         self,
@@ -149,9 +169,10 @@ class _Cached:
         chunk: int | None,
         on_prefill: Callable | None = None,
         prefill_chunk: int | None = None,
+        prefill_dtype: str | None = None,
     ):
         self.model, self.ids, self.mask = model, ids, mask
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.prefill_dtype = prefill_chunk, prefill_dtype
         self.extra = max_new_tokens if chunk is None else 0  # None: preallocate the whole run
         self.chunk = chunk or 256
         self.cache = None
@@ -160,9 +181,10 @@ class _Cached:
     def start(self) -> Tensor:
         # created here, at the first step, so that it takes the dtype of an enclosing autocast
         self.cache = new_cache(self.model, self.ids.shape[0], self.ids.device, chunk=self.chunk)
-        logits = prefill_any(
-            self.model, self.ids, self.mask, self.cache, extra=self.extra, chunk=self.prefill_chunk
-        )
+        with prefill_autocast(self.prefill_dtype, self.ids.device):  # the cache keeps decode's dtype
+            logits = prefill_any(
+                self.model, self.ids, self.mask, self.cache, extra=self.extra, chunk=self.prefill_chunk
+            )
         if self.on_prefill is not None:
             self.on_prefill(self.cache)
         return logits
@@ -208,6 +230,7 @@ def stream_generate(
     chunk: int | None = 256,
     on_prefill: Callable | None = None,
     prefill_chunk: int | None = None,
+    prefill_dtype: str | None = None,
 ) -> Iterator[Tensor] | Iterator[tuple[Tensor, Tensor]]:
     """Yield the new token of every row, (B,) per step; rows that stopped at an eos token yield
     `pad_token_id` (default: the config's). Stops after `max_new_tokens` steps or when every row
@@ -223,7 +246,10 @@ def stream_generate(
     snapshot its per-level lengths; when the loop ends the cache holds the prompt and every
     generated token but the last (never fed back). `prefill_chunk` (cached path): prefill the prompt
     that many tokens at a time, so its peak memory is bounded (subllm/inference/chunked_prefill.py; the same
-    result). Arguments are checked here, before the first step.
+    result). `prefill_dtype` (cached path): "bf16" / "fp32" runs the prompt's prefill in that dtype and
+    the decode steps in the enclosing one (prefill is large matmuls, decode small ones: on a CPU with
+    native bf16 the first is several times faster in bf16, the second often not; `prefill_autocast`).
+    Arguments are checked here, before the first step.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -238,7 +264,10 @@ def stream_generate(
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     if use_cache:
-        runner = _Cached(model, input_ids, attention_mask, max_new_tokens, chunk, on_prefill, prefill_chunk)
+        prefill_autocast(prefill_dtype, input_ids.device)  # checks the name before the first step
+        runner = _Cached(
+            model, input_ids, attention_mask, max_new_tokens, chunk, on_prefill, prefill_chunk, prefill_dtype
+        )
     else:
         runner = _Uncached(model, input_ids, attention_mask)
     return _loop(model, runner, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
@@ -295,7 +324,7 @@ def generate(model: SubLLM, input_ids: Tensor, attention_mask: Tensor | None = N
     when every row stopped early); rows that stopped early are padded with pad_token_id.
     `options`: `stream_generate`'s keyword arguments (max_new_tokens, temperature, top_k, top_p,
     repetition_penalty, eos_token_id, use_cache, seed, pad_token_id, chunk, on_prefill,
-    prefill_chunk), except return_logits."""
+    prefill_chunk, prefill_dtype), except return_logits."""
     if options.get("return_logits"):
         raise SubLLMError("generate returns tokens; use stream_generate(..., return_logits=True) for logits")
     steps = list(stream_generate(model, input_ids, attention_mask, **options))

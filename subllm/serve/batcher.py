@@ -133,6 +133,7 @@ class Batcher:
         chunk: int = 256,
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_cache_mb: float = 0,
+        prefill_dtype: str | None = None,  # prompts in another dtype (generation.prefill_autocast)
     ):
         if max_batch < 1 or max_queue < 1:
             raise SubLLMError("--max-batch and --max-queue must be >= 1")
@@ -148,7 +149,9 @@ class Batcher:
         self.prefix_store: PrefixStore | None = None  # blocks are the prefill chunk (prefix_cache.py)
         if prefix_cache_mb and prefill_chunk is not None and not is_dynamic(self.model.config.rope_scaling):
             self.prefix_store = PrefixStore(prefill_chunk, int(prefix_cache_mb * 2**20))
-        self.prefilling = PrefillQueue(self.model, prefill_chunk, chunk, self.prefix_store)  # not all in yet
+        self.prefilling = PrefillQueue(  # admitted, prompt not all in yet
+            self.model, prefill_chunk, chunk, self.prefix_store, prefill_dtype
+        )
         self.cache: KVCache | None = None
         self.draining = False
         self.peak = 0  # most rows ever decoded together

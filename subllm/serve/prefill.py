@@ -25,6 +25,7 @@ import torch
 from subllm.inference.cache import KVCache
 from subllm.inference.chunked_prefill import prefill_chunks
 from subllm.inference.engine import new_cache, prefill
+from subllm.inference.generation import prefill_autocast
 from subllm.serve.prefix_cache import PrefixStore
 
 DEFAULT_PREFILL_CHUNK = 512  # `subllm serve --prefill-chunk`
@@ -42,8 +43,11 @@ class Prefill:
     request queued behind another with the same prefix finds what that one stored - and stores
     each full block it prefills."""
 
-    def __init__(self, model, req, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None):
-        self.req = req
+    def __init__(
+        self, model, req, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None,
+        prefill_dtype: str | None = None,
+    ):  # fmt: skip
+        self.req, self._prefill_dtype = req, prefill_dtype
         self.cache: KVCache | None = None
         self.done_tokens = 0
         self.reused_tokens = 0  # prompt tokens taken from the prefix store
@@ -75,15 +79,16 @@ class Prefill:
         """Process the next piece; -> the logits (1, V) at the prompt's last token once it is all
         in the cache, else None."""
         ids = torch.tensor([self.req.prompt])
-        n = self.next_tokens
-        if self._chunk is None:
-            out = prefill(self._model, ids, None, self.cache)
-        else:
-            if self._steps is None:
-                self._steps = prefill_chunks(
-                    self._model, ids, None, self.cache, self._chunk, start=self.done_tokens
-                )
-            out = next(self._steps)
+        n = self.next_tokens  # the cache is made here, outside the prefill's dtype region
+        with prefill_autocast(self._prefill_dtype, ids.device):
+            if self._chunk is None:
+                out = prefill(self._model, ids, None, self.cache)
+            else:
+                if self._steps is None:
+                    self._steps = prefill_chunks(
+                        self._model, ids, None, self.cache, self._chunk, start=self.done_tokens
+                    )
+                out = next(self._steps)
         self.done_tokens += n
         if self._store is not None and self.done_tokens % self._chunk == 0:  # a full block is in
             self._store.add(self.req.prompt, self.done_tokens // self._chunk, self.cache, self._mark)
@@ -94,15 +99,20 @@ class Prefill:
 class PrefillQueue:
     """Admitted requests whose prompts are not yet all in their cache, first come first served."""
 
-    def __init__(self, model, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None):
+    def __init__(
+        self, model, chunk: int | None, cache_chunk: int, store: PrefixStore | None = None,
+        prefill_dtype: str | None = None,
+    ):  # fmt: skip
         self.model, self.chunk, self.cache_chunk, self.store = model, chunk, cache_chunk, store
+        self.prefill_dtype = prefill_dtype
         self.items: collections.deque[Prefill] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def add(self, req) -> None:
-        self.items.append(Prefill(self.model, req, self.chunk, self.cache_chunk, self.store))
+        p = Prefill(self.model, req, self.chunk, self.cache_chunk, self.store, self.prefill_dtype)
+        self.items.append(p)
 
     def requests(self) -> list:
         return [p.req for p in self.items]
