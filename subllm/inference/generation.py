@@ -248,7 +248,8 @@ def stream_generate(
     that many tokens at a time, so its peak memory is bounded (subllm/inference/chunked_prefill.py; the same
     result). `prefill_dtype` (cached path): "bf16" / "fp32" runs the prompt's prefill in that dtype and
     the decode steps in the enclosing one (prefill is large matmuls, decode small ones: on a CPU with
-    native bf16 the first is several times faster in bf16, the second often not; `prefill_autocast`).
+    native bf16 the first is faster in bf16 - 1.6x on an AVX512-BF16 EPYC, 3.5x on an AMX Xeon - the
+    second often not; `prefill_autocast`).
     Arguments are checked here, before the first step.
     """
     validate_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
