@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from subllm.cli.serve import load_server
-from subllm.serve.batcher import Request, Settings
 from subllm.serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
+from subllm.serve.request import Request, Settings
 
 
 def ttft(batcher, prompt: list[int]) -> tuple[float, int]:

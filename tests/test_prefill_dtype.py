@@ -10,7 +10,8 @@ from serve_helpers import EOS, prompts, solo, tiny_checkpoint
 from subllm.cli.generate import resolve_prefill_dtype
 from subllm.errors import SubLLMError
 from subllm.inference.generation import generate, stream_generate
-from subllm.serve.batcher import Batcher, Request, Settings
+from subllm.serve.batcher import Batcher
+from subllm.serve.request import Request, Settings
 
 
 def _first_logits(model, ids, mask, **kw):

@@ -16,8 +16,9 @@ import torch
 from serve_helpers import EOS, LiveServer, prompts, solo, tiny_checkpoint
 
 from subllm.cli.serve import load_server
-from subllm.serve.batcher import Batcher, QueueFull, Request, Settings
+from subllm.serve.batcher import Batcher
 from subllm.serve.metrics import parse_metrics
+from subllm.serve.request import QueueFull, Request, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

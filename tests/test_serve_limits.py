@@ -17,7 +17,8 @@ from serve_helpers import EOS, LiveServer, prompts, solo, tiny_checkpoint
 import subllm.serve.batcher as batcher_mod
 from subllm.cli.serve import load_server
 from subllm.serve.app import Limits
-from subllm.serve.batcher import Batcher, Request, Settings
+from subllm.serve.batcher import Batcher
+from subllm.serve.request import Request, Settings
 
 
 @pytest.fixture(scope="module")

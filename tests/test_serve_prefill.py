@@ -15,8 +15,9 @@ from serve_helpers import EOS, LiveServer, prompts, solo, tiny_checkpoint
 
 import subllm.serve.batcher as batcher_mod
 from subllm.cli.serve import load_server
-from subllm.serve.batcher import Batcher, Request, Settings
+from subllm.serve.batcher import Batcher
 from subllm.serve.prefill import Prefill, solo_prefill_chunk
+from subllm.serve.request import Request, Settings
 
 CHUNK = 16
 LONG = 200  # 13 chunks: 12 x 16 + 8

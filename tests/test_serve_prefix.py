@@ -17,8 +17,9 @@ import subllm.serve.prefill as prefill_mod
 from subllm.cli.serve import load_server
 from subllm.inference.chunked_prefill import prefill_chunked, prefill_chunks
 from subllm.inference.engine import new_cache, prefill
-from subllm.serve.batcher import Batcher, Request, Settings
+from subllm.serve.batcher import Batcher
 from subllm.serve.prefill import Prefill
+from subllm.serve.request import Request, Settings
 
 CHUNK = 16
 

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from subllm.serve.access import APIKeyMiddleware
-from subllm.serve.batcher import Batcher, QueueFull, Request, Unavailable
+from subllm.serve.batcher import Batcher
 from subllm.serve.body import decode_json, read_body
 from subllm.serve.chat import ChatShape, parse_chat
 from subllm.serve.metrics import ServeMetrics
@@ -41,6 +41,7 @@ from subllm.serve.protocol import (
     models_body,
     parse_completion,
 )
+from subllm.serve.request import QueueFull, Request, Unavailable
 from subllm.serve.tokens import detokenize, tokenize
 
 RETRY_AFTER_S = {429: "1", 503: "5"}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from subllm.errors import SubLLMError
 from subllm.inference.generation import validate_sampling
-from subllm.serve.batcher import Settings
+from subllm.serve.request import Settings
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP = 4
