@@ -29,9 +29,7 @@ from subllm.trainer import checkpoint as ckpt
 from subllm.trainer import distributed as D
 from subllm.trainer import uptrain
 from subllm.trainer.config import (
-    TRAJECTORY,
     TrainConfig,
-    config_diff,
     model_config,
     tokens_per_step,
     total_steps,
@@ -41,6 +39,7 @@ from subllm.trainer.distill import distill_step, load_teacher
 from subllm.trainer.evaluation import evaluate, load_val_batches
 from subllm.trainer.metrics import LOSS_PNG, METRICS, SELECTION_PNG, MetricsWriter, plot_run, plot_selection
 from subllm.trainer.pose import pose_generator, pose_position_ids
+from subllm.trainer.resume import check_resumable, lr_change_on_resume
 from subllm.trainer.retrieval_mix import RetrievalMix
 
 TRAIN_CONFIG = "train_config.json"
@@ -129,7 +128,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
     state, changes = None, []  # changes: trajectory changes made on resume (a new --lr), all resumes
     if resume_from is not None:
         loaded = ckpt.load_checkpoint(resume_from)
-        _check_resumable(loaded, cfg, mconf, steps, info)
+        check_resumable(loaded, cfg, mconf, steps, info)
         state = loaded
         say(f"resuming from {resume_from} (step {loaded.step}, {loaded.trainer_state['tokens_seen']:,} tok)")
 
@@ -155,7 +154,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, resume: bool, overwrite: bool, lo
         ckpt.restore_rng(_for_rank(ts["rng"], info.rank))
         step, tokens_seen, elapsed = ts["step"], ts["tokens_seen"], ts.get("elapsed_s", 0.0)
         changes = list(ts.get("trajectory_changes", []))
-        lr_change = _lr_change(ts.get("train_config", {}), cfg)
+        lr_change = lr_change_on_resume(ts.get("train_config", {}), cfg)
         if lr_change is not None:  # an explicit new --lr: applied and recorded, not refused
             schedule.rescale(lr_change[1] / lr_change[0])
             changes.append({"step": step, "lr": {"from": lr_change[0], "to": lr_change[1]}})
@@ -477,33 +476,6 @@ def _micro_batches(
 def _for_rank(states: list, rank: int):
     """This rank's saved state, or rank 0's when the checkpoint came from fewer ranks."""
     return states[rank] if rank < len(states) else states[0]
-
-
-def _check_resumable(loaded, cfg: TrainConfig, mconf, steps: int, info) -> None:
-    saved = loaded.trainer_state.get("train_config", {})
-    diffs = config_diff(saved, cfg.to_dict(), [k for k in TRAJECTORY if k != "lr"])  # lr: _lr_change
-    if loaded.trainer_state.get("total_steps") != steps:
-        diffs.append(f"total steps: {loaded.trainer_state.get('total_steps')} -> {steps}")
-    diffs += [f"model {d}" for d in config_diff(loaded.config.to_dict(), mconf.to_dict())]
-    saved_sp, sp = saved.get("sequence_parallel", 1), cfg.sequence_parallel
-    if saved_sp != sp:
-        diffs.append(f"sequence parallel: {saved_sp} -> {sp}")
-    if loaded.trainer_state.get("world_size") != info.world_size:
-        diffs.append(f"world size: {loaded.trainer_state.get('world_size')} -> {info.world_size}")
-    if diffs:
-        raise SubLLMError(
-            f"checkpoint {loaded.path} does not match this run ({'; '.join(diffs)}): "
-            "resume with the original settings, or start a new run with another --out"
-        )
-
-
-def _lr_change(saved: dict, cfg: TrainConfig) -> tuple[float, float] | None:
-    """(saved lr, new lr) when a resumed run asks for another learning rate (None = the default)."""
-    from subllm.optim import DEFAULT_LR
-
-    old = saved.get("lr") if saved.get("lr") is not None else DEFAULT_LR[cfg.optimizer]
-    new = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
-    return None if float(old) == float(new) else (float(old), float(new))
 
 
 def _eval_line(r: dict) -> str:
