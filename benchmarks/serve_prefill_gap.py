@@ -30,10 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(checkpoint: str, chunk: int, long_tokens: int, stream_tokens: int, threads: int) -> dict:
+def measure(
+    checkpoint: str, chunk: int, long_tokens: int, stream_tokens: int, threads: int, prefill_dtype="same"
+) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "subllm", "serve", "--checkpoint", checkpoint, "--port", str(port),
-           "--threads", str(threads), "--prefill-chunk", str(chunk)]  # fmt: skip
+           "--threads", str(threads), "--prefill-chunk", str(chunk),
+           "--prefill-dtype", prefill_dtype]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stderr=subprocess.DEVNULL
     )
@@ -95,9 +98,11 @@ def main() -> None:
     p.add_argument("--long-tokens", type=int, default=4096)
     p.add_argument("--stream-tokens", type=int, default=400)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefill-dtype", default="same", help="servers' --prefill-dtype: same | auto | bf16")
     a = p.parse_args()
     rows = [
-        measure(a.checkpoint, int(c), a.long_tokens, a.stream_tokens, a.threads) for c in a.chunks.split(",")
+        measure(a.checkpoint, int(c), a.long_tokens, a.stream_tokens, a.threads, a.prefill_dtype)
+        for c in a.chunks.split(",")
     ]
     print("| --prefill-chunk | long prompt latency (s) | median gap (s) | max gap while admitted (s) "
           "| tokens meanwhile |")  # fmt: skip
@@ -105,7 +110,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['prefill_chunk'] or 'off'} | {r['long_latency_s']:.2f} | {r['median_gap_s']:.3f} | "
               f"{r['max_gap_during_long_s']:.2f} | {r['stream_tokens_during_long']} |")  # fmt: skip
-    print(json.dumps({"checkpoint": a.checkpoint, "long_tokens": a.long_tokens, "rows": rows}))
+    out = {"checkpoint": a.checkpoint, "long_tokens": a.long_tokens, "prefill_dtype": a.prefill_dtype}
+    print(json.dumps({**out, "rows": rows}))
 
 
 if __name__ == "__main__":
