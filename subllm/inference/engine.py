@@ -200,11 +200,11 @@ def _decode_level(
     positions: list[int],
     cos: Tensor,
     sin: Tensor,
-    active: Tensor | None = None,
+    active: list[bool] | None = None,
 ) -> Tensor:
-    """`active` (n,) bool: the rows whose token belongs to this level; the others run through it
-    on a scratch slot that their caches do not keep, and their outputs are discarded (_decode_sub)."""
-    slots = cache.append(level, rows, positions, None if active is None else active.tolist())
+    """`active` (host bools, one per row): the rows whose token belongs to this level; the others run
+    through it on a scratch slot that their caches do not keep, their outputs discarded (_decode_sub)."""
+    slots = cache.append(level, rows, positions, active)
     lens = [s + 1 for s in slots]
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
     mask = None
@@ -263,7 +263,7 @@ def _decode_sub(
     positions: list[int],
     cos: Tensor,
     sin: Tensor,
-    active: Tensor | None = None,
+    active: list[bool] | None = None,
 ) -> Tensor:
     """S, the inner level, U + B for one new token per row. When the whole batch is here and only
     some rows keep their token, the inner level runs either on those rows only (the subset path:
@@ -280,9 +280,9 @@ def _decode_sub(
     if sub.keep_first and min(positions) < sub.keep_first:  # host ints: no tensor work per token
         pin = torch.tensor(positions, device=x.device) < sub.keep_first
         keep_t, w = keep_t | pin, w.masked_fill(pin[:, None], 1.0)
+    keep = keep_t.tolist()  # the one host sync of this S
     if active is not None:  # a row whose token left at an outer level cannot keep it here
-        keep_t = keep_t & active
-    keep = keep_t.tolist()
+        keep = [k and a for k, a in zip(keep, active)]
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x
@@ -290,9 +290,10 @@ def _decode_sub(
     if len(kept) == len(rows):
         xk, sub_rows, sub_pos, ck, sk, act = x, rows, positions, cos, sin, None
     elif len(rows) == cache.batch_size and not _subset_path(model, x):
-        h = _decode_level(model, cache, node.children, node.index + 1, x, rows, positions, cos, sin, keep_t)
+        h = _decode_level(model, cache, node.children, node.index + 1, x, rows, positions, cos, sin, keep)
         out = x + ((w[..., None] * (h - x)) * scale).to(x.dtype)  # as upsample_bypass
-        return torch.where(keep_t[:, None, None], out, x)  # dropped rows: x unchanged
+        kept_t = torch.tensor(keep, device=x.device)[:, None, None]
+        return torch.where(kept_t, out, x)  # dropped rows: x unchanged
     else:
         idx = torch.tensor(kept, device=x.device)
         xk, ck, sk, w = x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), w[idx]
