@@ -11,6 +11,7 @@ from helpers import left_padded, tiny_preset_model
 
 from subllm import SubLLMError
 from subllm.config import parse_structure
+from subllm.inference import int8_dynamic
 from subllm.inference.compiled_decode import compile_decode, segments
 from subllm.inference.engine import decode_step, new_cache, prefill
 
@@ -98,3 +99,19 @@ def test_generate_and_serve_compile_flag(tmp_path, capsys):
     assert compiled.out == eager.out and "compiled decode" in compiled.err
     batcher, _ = load_server(tmp_path, 2, 2, "fp32", "tiny", compile=True)
     assert batcher.model.compiled_decode is not None
+
+
+@pytest.mark.skipif(not int8_dynamic.available(), reason="fbgemm missing (not an x86 torch)")
+def test_compiled_decode_with_the_dynamic_int8_kernel_equals_eager():
+    """The dynamic int8 x int8 kernel is an opaque custom op inside the compiled graphs (its row
+    preparation traced around it): compiled == eager on a quantized model, ragged batch."""
+    from subllm.inference.quantize import quantize_int8_
+
+    model = quantize_int8_(tiny_preset_model("TT(TT)T"), int8_kernel="dynamic")
+    compiled = compile_decode(copy.copy(model))
+    ref, _ = _decode(model, [9, 4], 6)
+    calls = _count_segment_calls(compiled)
+    got, _ = _decode(compiled, [9, 4], 6)
+    assert sum(calls.values()) >= 6
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))

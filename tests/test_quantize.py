@@ -1,8 +1,8 @@
-"""Weight-only int8 and int4 (subllm/inference/quantize.py): each kernel (cast, packed int8, packed
-int4) against the dequantized slow path and against the fp32 layer within the rounding bound; a
-quantized tiny model's logits within a stated tolerance of fp32's, with the same selections; cached
-== uncached on it; the kernel choice by measurement; unquantized paths unchanged;
-`generate --quantize int8|int4`."""
+"""Weight-only int8 and int4 (subllm/inference/quantize.py): each kernel (cast, packed int8,
+dynamic int8 x int8, packed int4) against the dequantized slow path and against the fp32 layer
+within the rounding bound; a quantized tiny model's logits within a stated tolerance of fp32's,
+with the same selections; cached == uncached on it; the kernel choice by measurement; unquantized
+paths unchanged; `generate --quantize int8|int4`."""
 
 import copy
 
@@ -13,7 +13,9 @@ from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 from torch import nn
 
 from subllm import SubLLMError, generate
+from subllm.inference import int8_dynamic
 from subllm.inference import quantize as Q
+from subllm.inference.int8_dynamic import STEP as Int8_STEP
 from subllm.inference.quantize import (
     Int4Linear,
     Int8Linear,
@@ -65,7 +67,7 @@ def _bf16_reference(x, w):
 def test_packed_int8_kernel_equals_the_slow_path_up_to_bf16_rounding():
     torch.manual_seed(1)
     lin = nn.Linear(64, 40, bias=False)
-    q = Int8Linear.from_linear(lin, packed=True)
+    q = Int8Linear.from_linear(lin, kernel="packed")
     x = torch.randn(3, 64)
     slow = _bf16_reference(x, q.dequantized())
     fast = q(x)  # 3 rows <= PACK_ROWS: the packed kernel
@@ -104,24 +106,68 @@ def test_int4_codes_and_kernel_against_the_slow_path():
         Int4Linear.from_linear(nn.Linear(32, 8, bias=False))
 
 
+needs_fbgemm = pytest.mark.skipif(not int8_dynamic.available(), reason="fbgemm missing (not an x86 torch)")
+
+
+@needs_fbgemm
+def test_dynamic_int8_kernel_within_its_rounding_bound_and_batch_independent():
+    """Two passes (grid rows + residual rows) quantize each activation to within (STEP / 2)^2 of
+    its row's max|x|, so |y - x W^T| <= (STEP / 2)^2 max|x| sum|W| per output; a row's result does not
+    depend on the other rows (a served request equals the same request alone)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 40, bias=False)
+    q = Int8Linear.from_linear(lin, kernel="dynamic")
+    x = torch.randn(5, 96) * torch.tensor([1.0, 1e-3, 50.0, 0.0, 1.0])[:, None]  # a zero row, scales
+    x[4, 7] = 40.0  # an outlier channel
+    w = q.dequantized()
+    fast, slow = q(x), F.linear(x, w)
+    bound = (Int8_STEP / 2) ** 2 * x.abs().amax(1, keepdim=True) * w.abs().sum(1) + 1e-5 * slow.abs()
+    assert ((fast - slow).abs() <= bound + 1e-7).all()
+    assert ((fast - slow).abs() > 0).any()  # it really quantized the activations
+    assert torch.equal(fast[3], torch.zeros(40))
+    alone = torch.cat([q(x[i : i + 1]) for i in range(5)])
+    assert torch.equal(fast, alone)
+    assert torch.equal(q(x[[4, 0, 2]]), fast[[4, 0, 2]])
+    many = torch.randn(Q.PACK_ROWS + 1, 96)  # more rows: the cast kernel, fp32 exact
+    torch.testing.assert_close(q(many), F.linear(many, w), rtol=1e-5, atol=1e-6)
+    assert "int8 (dynamic)" in repr(q)
+    twin = copy.deepcopy(q)  # its own key: it works once the original is gone
+    del q
+    assert torch.equal(twin(x), fast)
+
+
 def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
-    for packed_faster, kernel in ((True, "packed"), (False, "cast")):
-        monkeypatch.setattr(Q, "packed_int8_is_faster", lambda layer, f=packed_faster: f)
+    for chosen in ("packed", "cast") + (("dynamic",) if int8_dynamic.available() else ()):
+        monkeypatch.setattr(Q, "choose_int8_kernel", lambda layer, c=chosen: c)
         q = quantize_int8_(tiny_preset_model())
-        assert q.int8_kernel == kernel
-        assert all(m.packed == packed_faster for m in q.modules() if isinstance(m, Int8Linear))
+        assert q.int8_kernel == chosen
+        assert all(m.kernel == chosen for m in q.modules() if isinstance(m, Int8Linear))
     q = quantize_int8_(tiny_preset_model(), int8_kernel="cast")
     assert q.int8_kernel == "cast"
     with pytest.raises(SubLLMError, match="int8_kernel"):
         quantize_int8_(tiny_preset_model(), int8_kernel="fast")
+    with pytest.raises(SubLLMError, match="int8 kernel must be"):
+        Int8Linear.from_linear(nn.Linear(8, 8, bias=False), kernel="fast")
 
 
-def test_packed_int8_kept_unless_clearly_slower(monkeypatch):
+def test_decode_kernel_is_the_fastest_unless_clearly_slower_than_cast(monkeypatch):
     layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
-    for packed_s, cast_s, want in ((1.2, 1.0, True), (0.5, 1.0, True), (2.0, 1.0, False)):
-        times = iter((packed_s, cast_s))  # packed is timed first
+    dyn = int8_dynamic.available()
+    cases = [  # (packed, dynamic, cast) seconds -> choice; timed in that order
+        ((1.2, 0.9, 1.0), "dynamic" if dyn else "packed"),
+        ((0.5, 0.9, 1.0), "packed"),
+        ((2.0, 3.0, 1.0), "cast"),
+        ((2.0, 1.4, 1.0), "dynamic" if dyn else "cast"),
+    ]
+    for (packed_s, dyn_s, cast_s), want in cases:
+        times = iter((packed_s, dyn_s, cast_s) if dyn else (packed_s, cast_s))
         monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
-        assert Q.packed_int8_is_faster(layer) is want, (packed_s, cast_s)
+        assert Q.choose_int8_kernel(layer) == want, (packed_s, dyn_s, cast_s)
+        assert layer.kernel == "cast"  # the layer's own kernel is left as it was
+    monkeypatch.setattr(int8_dynamic, "available", lambda: False)  # no fbgemm: never chosen
+    times = iter((1.0, 1.0))
+    monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+    assert Q.choose_int8_kernel(Int8Linear.from_linear(nn.Linear(64, 32, bias=False))) == "packed"
 
 
 def _logits(model, ids, mask):

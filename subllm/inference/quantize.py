@@ -6,20 +6,24 @@ read (subllm/bench/roofline.py); int8 weights read a quarter of fp32's, int4 an 
 `Int8Linear` stores q = round(w / s) in int8 with one fp32 scale per output channel,
 s = max|w_row| / 127, and computes y = (x @ q^T) * s = x @ (q * s)^T (per-output-channel scales
 commute with the matmul; `Int8Linear.dequantized` is the slow path the tests compare against). The
-rounding error per weight is at most s / 2, so |y - x @ w^T|_j <= s_j / 2 * sum_i |x_i|. Two
+rounding error per weight is at most s / 2, so |y - x @ w^T|_j <= s_j / 2 * sum_i |x_i|. Three
 kernels compute it:
 - "packed": torch's CPU kernel `_weight_int8pack_mm` (int8 weights, bf16 activations and scales,
   fp32 accumulation), for at most PACK_ROWS rows of activations - the decode case. The
   activations are rounded to bf16 on the way in (relative error <= 2^-9), the output to bf16.
+- "dynamic": int8 activations x int8 weights through fbgemm (subllm/inference/int8_dynamic.py;
+  activations quantized per row in two passes, error <= 6.2e-5 of the row's max|x|), for at most
+  PACK_ROWS rows - several times faster than "packed" on the LM head where fbgemm exists.
 - "cast": the int8 matrix cast to x's dtype block by block of output channels (at most BLOCK =
   2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
-  decode where the packed kernel is slower. `quantize_` measures the two on the model's largest
-  layer at one row (a few milliseconds) and keeps "packed" unless it is more than PACKED_MARGIN
-  times slower: which one wins depends on the CPU (measured on an AMD EPYC with AVX512-BF16:
-  packed 0.095 ms, cast 0.26 ms, fp32 weights 0.15 ms for a 3072 x 576 matrix; bf16 is ~80x
-  slower on AVX2-only parts), and a default must not assume a fast machine. The margin: the
-  isolated timing flatters "cast" - the layer stays in L3 between repetitions - and for SmolLM2's
-  int8 head (49,152 x 576) the two timed 3.8-4.3 vs 4.4-4.5 ms, a coin toss, while a real decode
+  decode where neither decode kernel is fast. `quantize_` times the three on the model's largest
+  layer at one row (a few milliseconds) and takes the faster of packed and dynamic unless it is
+  more than PACKED_MARGIN times slower than cast: which one wins depends on the CPU (measured on
+  an AMD EPYC with AVX512-BF16: packed 0.095 ms, cast 0.26 ms, fp32 weights 0.15 ms for a
+  3072 x 576 matrix; the 49,152 x 576 head packed 4.2 ms, dynamic 1.1-1.6 ms; bf16 is ~80x slower
+  on AVX2-only parts), and a default must not assume a fast machine. The margin: the isolated
+  timing flatters "cast" - the layer stays in L3 between repetitions - and for SmolLM2's int8
+  head the packed and cast kernels timed 3.8-4.3 vs 4.4-4.5 ms, a coin toss, while a real decode
   step with the cast head took 108 ms per token against 22 ms with the packed one.
 
 `Int4Linear` (group size GROUP = 32, asymmetric, as llama.cpp's Q4_1): each group of 32 weights
@@ -54,6 +58,7 @@ from torch import Tensor, nn
 from subllm.errors import SubLLMError
 
 QUANTIZE = ("none", "int8", "int4")
+INT8_KERNELS = ("cast", "packed", "dynamic")
 PACK_ROWS = 16  # at most this many activation rows go through the packed int8 kernel
 GROUP = 32  # int4 weights per scale / offset
 
@@ -63,7 +68,7 @@ class Int8Linear(nn.Module):
 
     BLOCK = 1 << 20  # weights cast per matmul call: blocks of output channels of at most this many
 
-    def __init__(self, q: Tensor, scale: Tensor, packed: bool = False):
+    def __init__(self, q: Tensor, scale: Tensor, kernel: str = "cast"):
         super().__init__()
         if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
             raise SubLLMError("Int8Linear needs q int8 (out, in) and scale (out,)")
@@ -71,22 +76,47 @@ class Int8Linear(nn.Module):
         self.register_buffer("q", q.contiguous())
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
-        self.packed = packed  # use the packed kernel for up to PACK_ROWS rows
+        self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
+        self.kernel = kernel  # for up to PACK_ROWS rows: packed | dynamic; more rows: cast
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, name: str) -> None:
+        if name not in INT8_KERNELS:
+            raise SubLLMError(f"int8 kernel must be one of {', '.join(INT8_KERNELS)}, got {name!r}")
+        if name == "dynamic" and self.dynamic_packed is None:
+            from subllm.inference import int8_dynamic
+
+            if not int8_dynamic.available() or self.in_features < 2:
+                raise SubLLMError("the dynamic int8 kernel needs fbgemm (an x86 build of torch)")
+            self.dynamic_packed = int8_dynamic.prepack(self.q, self.scale)
+            self.dynamic_key = int8_dynamic.register(self)
+        self._kernel = name
+
+    def __setstate__(self, state) -> None:  # a deep copy gets its own key (int8_dynamic.register)
+        super().__setstate__(state)
+        if self.dynamic_packed is not None:
+            from subllm.inference import int8_dynamic
+
+            self.dynamic_key = int8_dynamic.register(self)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, packed: bool = False) -> Int8Linear:
+    def from_linear(cls, lin: nn.Linear, kernel: str = "cast") -> Int8Linear:
         if lin.bias is not None:
             raise SubLLMError("Int8Linear: linear layers with a bias are not supported")
         w = lin.weight.detach().float()
         scale = w.abs().amax(1) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale, packed)
+        return cls(q, scale, kernel)
 
     def decode_nbytes(self) -> int:
         """Bytes a decode step reads (subllm/bench/roofline.py): the int8 weights and the scales of
-        the kernel in use (bf16 for the packed one, fp32 for the cast one)."""
-        scale = self.scale_bf16 if self.packed else self.scale
+        the kernel in use (bf16 for the packed one, fp32 for the cast and dynamic ones)."""
+        scale = self.scale_bf16 if self.kernel == "packed" else self.scale
         return self.q.numel() + scale.numel() * scale.element_size()
 
     def dequantized(self) -> Tensor:
@@ -108,14 +138,19 @@ class Int8Linear(nn.Module):
         y = torch._weight_int8pack_mm(x2, self.q, self.scale_bf16)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def forward_dynamic(self, x: Tensor) -> Tensor:
+        from subllm.inference.int8_dynamic import matmul
+
+        y = matmul(x.reshape(-1, self.in_features), self.dynamic_key)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if self.packed and x.numel() <= PACK_ROWS * self.in_features:
-            return self.forward_packed(x)
+        if self.kernel != "cast" and x.numel() <= PACK_ROWS * self.in_features:
+            return self.forward_dynamic(x) if self.kernel == "dynamic" else self.forward_packed(x)
         return self.forward_cast(x)
 
     def extra_repr(self) -> str:
-        kernel = "packed" if self.packed else "cast"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({kernel})"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.kernel})"
 
 
 def int4_codes(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,20 +235,27 @@ def _best_of(f, reps: int = 5) -> float:
     return best
 
 
-PACKED_MARGIN = 1.5  # "packed" unless it times this many times slower than "cast" (module docstring)
+PACKED_MARGIN = 1.5  # a decode kernel unless it times this many times slower than "cast" (docstring)
 
 
-def packed_int8_is_faster(layer: Int8Linear) -> bool:
-    """Whether the packed kernel should decode through `layer`: it runs, and one row through it
-    takes less than PACKED_MARGIN times the cast kernel's time (best of 5 each, after a warm-up;
-    fp32 activations for the cast kernel)."""
+def choose_int8_kernel(layer: Int8Linear) -> str:
+    """The kernel `layer` (and every int8 layer of its model) should decode through: the faster of
+    "packed" and "dynamic" (those that run on this build / CPU), unless it takes more than
+    PACKED_MARGIN times the cast kernel's time; best of 5 each at one row, after a warm-up."""
     x = torch.randn(1, layer.in_features)
+    kernel, times = layer.kernel, {}
     with torch.no_grad():
-        try:
-            packed = _best_of(lambda: layer.forward_packed(x))
-        except RuntimeError:  # the kernel is missing for this build / CPU
-            return False
-        return packed < PACKED_MARGIN * _best_of(lambda: layer.forward_cast(x))
+        for name in ("packed", "dynamic"):
+            try:
+                layer.kernel = name
+                times[name] = _best_of(lambda: layer(x))
+            except (RuntimeError, SubLLMError):  # the kernel is missing for this build / CPU
+                pass
+        layer.kernel = kernel
+        if not times:
+            return "cast"
+        best = min(times, key=times.get)
+        return best if times[best] < PACKED_MARGIN * _best_of(lambda: layer.forward_cast(x)) else "cast"
 
 
 def _linears(model):
@@ -227,13 +269,13 @@ def _linears(model):
 def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "auto"):
     """Replace the linear layers of `model`'s transformer layers (and its LM head) by quantized
     ones, in place; -> the model (marked `model.quantization`, eval mode). `int8_kernel`: auto
-    (measured, see the module docstring) | packed | cast."""
+    (measured, see the module docstring) | packed | dynamic | cast."""
     if getattr(model, "quantization", None):
         raise SubLLMError(f"the model is already quantized ({model.quantization})")
     if kind not in QUANTIZE[1:]:
         raise SubLLMError(f"quantization must be int8 or int4, got {kind!r}")
-    if int8_kernel not in ("auto", "packed", "cast"):
-        raise SubLLMError(f"int8_kernel must be auto, packed or cast, got {int8_kernel!r}")
+    if int8_kernel not in ("auto", *INT8_KERNELS):
+        raise SubLLMError(f"int8_kernel must be auto, {', '.join(INT8_KERNELS)}; got {int8_kernel!r}")
     model.int4_fallback = []  # int4 layers whose shape the packed layout cannot hold: int8 instead
     for parent, name, child in list(_linears(model)):
         if kind == "int4" and int4_fits(child):
@@ -246,12 +288,12 @@ def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "
         model.head = Int8Linear.from_linear(model.head)
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     if int8:
-        packed = int8_kernel == "packed"
+        kernel = int8_kernel
         if int8_kernel == "auto":
-            packed = packed_int8_is_faster(max(int8, key=lambda m: m.q.numel()))
+            kernel = choose_int8_kernel(max(int8, key=lambda m: m.q.numel()))
         for m in int8:
-            m.packed = packed
-        model.int8_kernel = "packed" if packed else "cast"
+            m.kernel = kernel
+        model.int8_kernel = kernel
     model.quantization = kind
     model.save_pretrained = _refuse_save
     return model.eval()
