@@ -290,6 +290,8 @@ def main() -> None:
     info = worker("info")
     tok, llama = load_tokenizer(a.llama), load_model(a.llama)
     models = our_models(llama, a.subllm, variants)
+    kernels = {f"{n} {v}": getattr(m, "int8_kernel", None) for (n, v), (m, _) in models.items()}
+    print(f"int8 decode kernels (chosen by measurement): {kernels}", file=sys.stderr, flush=True)
     warm_compiled(models)
     tokens = load_text_tokens(a.text, a.llama, llama.config.vocab_size)
     checked = check(worker, ggufs, llama, tok, tokens[: a.check_tokens], max(a.threads))
@@ -326,7 +328,8 @@ def main() -> None:
     report = dict(
         bench="llamacpp_peer", llama=a.llama, subllm=a.subllm or f"fresh {NESTED} keep 0.8, recalibrated",
         text=a.text, decode_tokens=a.decode_tokens, reps=a.reps, warmup=a.warmup, n_batch=a.n_batch,
-        flash_attn=a.flash_attn, llamacpp_kv_cache="f16 (default)", check=checked, results=results, env=env,
+        flash_attn=a.flash_attn, llamacpp_kv_cache="f16 (default)", int8_kernels=kernels, check=checked,
+        results=results, env=env,
     )  # fmt: skip
     head = (
         f"llama.cpp {info['version']} (llama-cpp-python) vs subllm, batch 1, {a.decode_tokens} teacher-forced"
