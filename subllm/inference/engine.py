@@ -36,6 +36,7 @@ from torch import Tensor
 from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
+from subllm.inference.quantize import decode_kernels
 from subllm.model.layers import Block, rope_cos_sin
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
@@ -185,9 +186,10 @@ def decode_step(model: SubLLM, cache: KVCache, tokens: Tensor, rows: list[int] |
     if is_dynamic(c.rope_scaling):  # HF's cached decode: the new token at its own length's frequencies
         seq_len = pos[:, 0] + 1
     cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
-    x = model.embed(tokens)[:, None]  # (n, 1, C)
-    x = _decode_level(model, cache, model.tree, 0, x, rows, positions, cos, sin)
-    return model.head(model.norm(x[:, 0]))
+    with decode_kernels():  # quantized layers: their decode kernel (subllm/inference/quantize.py)
+        x = model.embed(tokens)[:, None]  # (n, 1, C)
+        x = _decode_level(model, cache, model.tree, 0, x, rows, positions, cos, sin)
+        return model.head(model.norm(x[:, 0]))
 
 
 def _decode_level(

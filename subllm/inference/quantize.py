@@ -9,11 +9,11 @@ commute with the matmul; `Int8Linear.dequantized` is the slow path the tests com
 rounding error per weight is at most s / 2, so |y - x @ w^T|_j <= s_j / 2 * sum_i |x_i|. Three
 kernels compute it:
 - "packed": torch's CPU kernel `_weight_int8pack_mm` (int8 weights, bf16 activations and scales,
-  fp32 accumulation), for at most PACK_ROWS rows of activations - the decode case. The
+  fp32 accumulation), in decode steps (`decode_kernels`, entered by engine.decode_step). The
   activations are rounded to bf16 on the way in (relative error <= 2^-9), the output to bf16.
 - "dynamic": int8 activations x int8 weights through fbgemm (subllm/inference/int8_dynamic.py;
-  activations quantized per row in two passes, error <= 6.2e-5 of the row's max|x|), for at most
-  PACK_ROWS rows - several times faster than "packed" on the LM head where fbgemm exists.
+  activations quantized per row in two passes, error <= 6.2e-5 of the row's max|x|), in decode
+  steps - several times faster than "packed" on the LM head where fbgemm exists.
 - "cast": the int8 matrix cast to x's dtype block by block of output channels (at most BLOCK =
   2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
   decode where neither decode kernel is fast. `quantize_` times the three on the model's largest
@@ -50,6 +50,7 @@ tokenizer or model, where it logs failed loads of its CUDA extensions to stderr 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,24 @@ from subllm.errors import SubLLMError
 
 QUANTIZE = ("none", "int8", "int4")
 INT8_KERNELS = ("cast", "packed", "dynamic")
-PACK_ROWS = 16  # at most this many activation rows go through the packed int8 kernel
+_decoding = False  # inside `decode_kernels()`
+
+
+@contextmanager
+def decode_kernels():
+    """Within it, int8 layers compute through their decode kernel (packed | dynamic) whatever the
+    number of rows; outside (prefill, eval, a forward pass) through "cast". The phase decides, not
+    the row count, so a request computes the same alone or batched with others: with a row-count
+    rule a short prompt prefilled alone took the decode kernel and the same prompt in a batch the
+    cast one (logits 2e-3 apart with the packed kernel)."""
+    global _decoding
+    before, _decoding = _decoding, True
+    try:
+        yield
+    finally:
+        _decoding = before
+
+
 GROUP = 32  # int4 weights per scale / offset
 
 
@@ -77,7 +95,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
-        self.kernel = kernel  # for up to PACK_ROWS rows: packed | dynamic; more rows: cast
+        self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic
 
     @property
     def kernel(self) -> str:
@@ -145,7 +163,7 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        if self.kernel != "cast" and x.numel() <= PACK_ROWS * self.in_features:
+        if _decoding and self.kernel != "cast":
             return self.forward_dynamic(x) if self.kernel == "dynamic" else self.forward_packed(x)
         return self.forward_cast(x)
 
@@ -244,7 +262,7 @@ def choose_int8_kernel(layer: Int8Linear) -> str:
     PACKED_MARGIN times the cast kernel's time; best of 5 each at one row, after a warm-up."""
     x = torch.randn(1, layer.in_features)
     kernel, times = layer.kernel, {}
-    with torch.no_grad():
+    with torch.no_grad(), decode_kernels():
         for name in ("packed", "dynamic"):
             try:
                 layer.kernel = name
