@@ -296,3 +296,24 @@ def test_serve_loads_a_quantized_model(tmp_path):
     assert isinstance(batcher.model.head, Int8Linear) and batcher.model.quantization == "int8"
     batcher, _ = load_server(tmp_path, 2, 2, "fp32", "tiny")
     assert type(batcher.model.head) is nn.Linear
+
+
+def test_decode_kernels_only_inside_a_decode_step():
+    """decode_step and the last-token head of a prefill enter `decode_kernels`; nothing leaves it on
+    (a chunked prefill's generator suspended after its logits, an error inside a step)."""
+    from subllm.inference.chunked_prefill import prefill_chunks
+    from subllm.inference.engine import decode_step, new_cache
+
+    q = quantize_(tiny_preset_model("TT(TT)T"), "int8", int8_kernel="packed")
+    ids, mask = left_padded([9, 5])
+    cache = new_cache(q, 2)
+    with torch.no_grad():
+        for logits in prefill_chunks(q, ids, mask, cache, chunk=4):
+            if logits is not None:
+                assert not Q._decoding  # the generator is suspended at its last yield here
+                break
+        decode_step(q, cache, logits.argmax(-1))
+        assert not Q._decoding
+        with pytest.raises(SubLLMError):
+            decode_step(q, cache, torch.zeros(3, dtype=torch.long))  # wrong shape
+    assert not Q._decoding

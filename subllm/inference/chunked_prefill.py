@@ -22,6 +22,7 @@ from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import check_prefill_inputs, compact, level_inputs, prefill
+from subllm.inference.quantize import decode_kernels
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import gather_tokens, upsample_bypass
@@ -88,7 +89,9 @@ def prefill_chunks(
                 last[b] = x[i, n - 1]
         if s + chunk < L:
             yield None
-    yield model.head(model.norm(torch.stack(last)))
+    with decode_kernels():  # the last tokens' logits: as engine.prefill's (not held across the yield)
+        logits = model.head(model.norm(torch.stack(last)))
+    yield logits
 
 
 def _extend(

@@ -124,7 +124,8 @@ def prefill(
     x = model.embed(ids)  # (B, L, C)
     x = _prefill_nodes(model, cache, model.tree, x, level_inputs(model, pos, lengths, seq_len), extra)
     last = x[torch.arange(B, device=x.device), torch.tensor(lengths, device=x.device) - 1]  # (B, C)
-    return model.head(model.norm(last))
+    with decode_kernels():  # one row per sequence, as a decode step's: the same kernel alone or batched
+        return model.head(model.norm(last))
 
 
 def _prefill_nodes(model: SubLLM, cache: KVCache, nodes: tuple, x: Tensor, lvl: _Level, extra: int) -> Tensor:
