@@ -66,7 +66,10 @@ _decoding = False  # inside `decode_kernels()`
 @contextmanager
 def decode_kernels():
     """Within it, int8 layers compute through their decode kernel (packed | dynamic) whatever the
-    number of rows; outside (prefill, eval, a forward pass) through "cast". The phase decides, not
+    number of rows; outside (prefill, eval, a forward pass) through "cast". Entered by
+    engine.decode_step and around a prefill's last-token head (one row per sequence, as in a decode
+    step; that head through "cast" made an 8-token int8 prefill of SmolLM2 111 ms instead of 58).
+    The phase decides, not
     the row count, so a request computes the same alone or batched with others: with a row-count
     rule a short prompt prefilled alone took the decode kernel and the same prompt in a batch the
     cast one (logits 2e-3 apart with the packed kernel)."""
