@@ -285,7 +285,7 @@ def test_generate_cli_quantize(tmp_path, capsys):
     assert cap.out.strip() == expected["none"].strip() and "int8" not in cap.err
     assert main([*base, "--dtype", "fp32", "--quantize", "int8"]) == 0
     cap = capsys.readouterr()
-    assert cap.out.strip() == expected["int8"].strip() and "int8 weights" in cap.err
+    assert cap.out.strip() == expected["int8"].strip() and "int8 weights (int8 decode kernel: " in cap.err
 
 
 def test_serve_loads_a_quantized_model(tmp_path):

@@ -402,6 +402,7 @@ def run_infer(
             n_layers=cfg.n_layers,
             params=params,
             quantize=quantize,
+            int8_kernel=getattr(sub, "int8_kernel", None),  # the decode kernel quantize_ timed and chose
             compiled_decode=compile,
         ),
         scores="trained (checkpoint)"

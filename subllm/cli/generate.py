@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from subllm.model.subllm import load_model
 
     ckpt = resolve_checkpoint(args.checkpoint)  # a model folder or a run folder
-    from subllm.inference.quantize import apply_quantization
+    from subllm.inference.quantize import apply_quantization, describe
 
     model = apply_quantization(load_model(ckpt), args.quantize)
     tok = load_tokenizer_for(ckpt)
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(
         f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}"
-        f"{'' if args.quantize == 'none' else f'; {args.quantize} weights'}"
+        f"{'' if args.quantize == 'none' else '; ' + describe(model)}"
         f"{'; compiled decode' if args.compile else ''}]",
         file=sys.stderr,
     )

@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not 0 <= args.port < 65536:
         raise SubLLMError(f"--port must lie in [0, 65535], got {args.port}")
+    from subllm.inference.quantize import describe
     from subllm.serve.app import Limits
     from subllm.serve.connections import limited_protocol
     from subllm.serve.shutdown import DrainingServer
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
-        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + args.quantize + ' weights'}"
+        f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + describe(batcher.model)}"
         f"{', compiled decode' if args.compile else ''}, "
         f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
         f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"

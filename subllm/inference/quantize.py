@@ -328,6 +328,15 @@ def _refuse_save(*args, **kwargs):
     raise SubLLMError("a weight-quantized model is for inference only: save the unquantized one")
 
 
+def describe(model) -> str:
+    """'' for an unquantized model, else e.g. "int4 weights (int8 decode kernel: dynamic)"."""
+    q = getattr(model, "quantization", None)
+    if not q:
+        return ""
+    kernel = getattr(model, "int8_kernel", None)
+    return f"{q} weights" + (f" (int8 decode kernel: {kernel})" if kernel else "")
+
+
 def apply_quantization(model, name: str):
     """`--quantize none | int8 | int4` -> the model (unchanged for none)."""
     if name not in QUANTIZE:
