@@ -1,8 +1,11 @@
 """Where the time of one decode token goes: torch.profiler over a few decode steps of a checkpoint
 (optionally quantized and compiled) after a prompt, the ops sorted by their own CPU time, and the
 unprofiled ms per token. One thread by default. Not a benchmark of record (no interleaving).
+Tokens are random ids unless `--text FILE` gives real text (a SUBLLM's keep, and so its decode
+work, depends on the tokens: random ids are kept far less often than text). With `--group-by-stack`
+the table lists the Python call sites too.
 
-    python benchmarks/decode_profile.py CHECKPOINT [--quantize int4] [--compile] [--prompt 512]
+    python benchmarks/decode_profile.py CHECKPOINT [--quantize int4] [--compile] [--prompt 512] [--text F]
 """
 
 import argparse
@@ -25,13 +28,19 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=8, help="profiled decode steps")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--text", help="teacher-force the tokens of this text file instead of random ids")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     m = apply_quantization(load_model(a.checkpoint).eval(), a.quantize)
     if a.compile:
         compile_and_warm(m, "fp32", (1,))
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(3, m.config.vocab_size, (a.prompt + 40 + a.steps,), generator=g)
+    n = a.prompt + 40 + a.steps
+    if a.text:
+        from subllm.bench.infer import load_text_tokens
+
+        toks = torch.tensor(load_text_tokens(a.text, a.checkpoint, m.config.vocab_size)[:n])
+    else:
+        toks = torch.randint(3, m.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         c = new_cache(m, 1)
         prefill(m, toks[None, : a.prompt], None, c)
