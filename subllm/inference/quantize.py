@@ -60,6 +60,7 @@ from subllm.errors import SubLLMError
 
 QUANTIZE = ("none", "int8", "int4")
 INT8_KERNELS = ("cast", "packed", "dynamic")
+GROUP = 32  # int4 weights per scale / offset
 _decoding = False  # inside `decode_kernels()`
 
 
@@ -69,19 +70,15 @@ def decode_kernels():
     number of rows; outside (prefill, eval, a forward pass) through "cast". Entered by
     engine.decode_step and around a prefill's last-token head (one row per sequence, as in a decode
     step; that head through "cast" made an 8-token int8 prefill of SmolLM2 111 ms instead of 58).
-    The phase decides, not
-    the row count, so a request computes the same alone or batched with others: with a row-count
-    rule a short prompt prefilled alone took the decode kernel and the same prompt in a batch the
-    cast one (logits 2e-3 apart with the packed kernel)."""
+    The phase decides, not the row count, so a request computes the same alone or batched with
+    others: with a row-count rule a short prompt prefilled alone took the decode kernel and the
+    same prompt in a batch the cast one (logits 2e-3 apart with the packed kernel)."""
     global _decoding
     before, _decoding = _decoding, True
     try:
         yield
     finally:
         _decoding = before
-
-
-GROUP = 32  # int4 weights per scale / offset
 
 
 class Int8Linear(nn.Module):
@@ -112,7 +109,7 @@ class Int8Linear(nn.Module):
             from subllm.inference import int8_dynamic
 
             if not int8_dynamic.available() or self.in_features < 2:
-                raise SubLLMError("the dynamic int8 kernel needs fbgemm (an x86 build of torch)")
+                raise SubLLMError("the dynamic int8 kernel needs fbgemm (x86 torch) and in_features >= 2")
             self.dynamic_packed = int8_dynamic.prepack(self.q, self.scale)
             self.dynamic_key = int8_dynamic.register(self)
         self._kernel = name
