@@ -289,21 +289,19 @@ def _decode_sub(
     kept = [i for i, k in enumerate(keep) if k]
     if not kept:  # every row drops the token: nothing runs, U + B returns x exactly
         return x
-    scale = model.bypasses[node.index].scale
     if len(kept) == len(rows):
         xk, sub_rows, sub_pos, ck, sk, act = x, rows, positions, cos, sin, None
-    elif len(rows) == cache.batch_size and not _subset_path(model, x):
-        h = _decode_level(model, cache, node.children, node.index + 1, x, rows, positions, cos, sin, keep)
-        out = x + ((w[..., None] * (h - x)) * scale).to(x.dtype)  # as upsample_bypass
-        kept_t = torch.tensor(keep, device=x.device)[:, None, None]
-        return torch.where(kept_t, out, x)  # dropped rows: x unchanged
+    elif len(rows) == cache.batch_size and not _subset_path(model, x):  # whole batch, `keep` marks
+        xk, sub_rows, sub_pos, ck, sk, act = x, rows, positions, cos, sin, keep
     else:
         idx = torch.tensor(kept, device=x.device)
         xk, ck, sk, w = x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), w[idx]
         sub_rows, sub_pos, act = [rows[i] for i in kept], [positions[i] for i in kept], None
     h = _decode_level(model, cache, node.children, node.index + 1, xk, sub_rows, sub_pos, ck, sk, act)
-    delta = (w[..., None] * (h - xk)) * scale  # as upsample_bypass
+    delta = (w[..., None] * (h - xk)) * model.bypasses[node.index].scale  # as upsample_bypass
     out = xk + delta.to(x.dtype)
     if len(kept) == len(rows):
         return out
+    if act is not None:  # the whole batch ran: dropped rows keep x unchanged
+        return torch.where(torch.tensor(keep, device=x.device)[:, None, None], out, x)
     return x.index_copy(0, idx, out)  # dropped rows: x unchanged
