@@ -194,6 +194,7 @@ def verify_solo(
 # ---- the whole benchmark ----------------------------------------------------------------------
 def run_serve_bench(args, log=print) -> dict:
     from subllm.bench.common import int_list
+    from subllm.cli.generate import resolve_prefill_dtype
     from subllm.dtype import resolve_dtype
 
     ckpts = [c for c in args.checkpoints.split(",") if c]
@@ -267,7 +268,7 @@ def run_serve_bench(args, log=print) -> dict:
         if args.verify:
             m["verify_mismatched"] = verify_solo(
                 ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype,
-                "bf16" if args.prefill_dtype == "bf16" and dtype == "fp32" else None,
+                resolve_prefill_dtype(args.prefill_dtype, None, dtype),  # as the servers resolve it
             )  # fmt: skip
         out["models"].append(m)
     out["summary"] = summarize(out)
