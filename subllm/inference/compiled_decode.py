@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from subllm.config import Sub
 from subllm.errors import SubLLMError
+from subllm.inference.native import attend_step
 
 
 class Segment(nn.Module):
@@ -50,6 +51,7 @@ class Segment(nn.Module):
         slots: Tensor,  # (B,) long: where each row's new K/V goes
         length: int,  # slots read by attention: max(slots) + 1
         mask: Tensor | None,  # (B, 1, 1, length) bool where row lengths differ, else None
+        lens: Tensor | None,  # (B,) slots + 1: the native kernel's lengths (native.py), else None
         ks: list[Tensor],  # the cache's (B, Hkv, capacity, head_dim) buffers of these layers
         vs: list[Tensor],
     ) -> Tensor:
@@ -58,7 +60,7 @@ class Segment(nn.Module):
             q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)
             kb[rows, :, slots] = k[:, :, 0]
             vb[rows, :, slots] = v[:, :, 0]
-            x = x + block.attn.attend(q, kb[:, :, :length], vb[:, :, :length], mask, is_causal=False)
+            x = x + attend_step(block.attn, q, kb, vb, lens, length, mask)
             x = x + block.ffn(block.ffn_norm(x))
         return x
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from subllm.config import Sub
 from subllm.errors import SubLLMError
+from subllm.inference import native
 from subllm.inference.cache import KVCache
 from subllm.inference.quantize import decode_kernels
 from subllm.model.layers import Block, rope_cos_sin
@@ -211,7 +212,8 @@ def _decode_level(
     lens = [s + 1 for s in slots]
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
     mask = None
-    if full and min(lens) != max(lens):
+    lens_t = torch.tensor(lens, device=x.device) if native.available(x.device) else None
+    if full and lens_t is None and min(lens) != max(lens):
         L = max(lens)
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
             :, None, None
@@ -230,20 +232,27 @@ def _decode_level(
         if compiled is not None and node in compiled.by_first:
             layers, segment = compiled.by_first[node]
             ks, vs = [cache.k[i] for i in layers], [cache.v[i] for i in layers]
-            x = segment(x, cos, sin, slot_t, max(lens), mask, ks, vs)
+            x = segment(x, cos, sin, slot_t, max(lens), mask, lens_t, ks, vs)
             done.update(layers)
             continue
         block = model.layers[node]
         q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)  # (n, H, 1, hd), (n, Hkv, 1, hd)
         cache.write(node, rows, slots, k, v)
         kb, vb = cache.k[node], cache.v[node]
-        if full:  # one view of the whole batch (masked only when row lengths differ)
-            L = max(lens)
-            a = block.attn.attend(q, kb[:, :, :L], vb[:, :, :L], mask, is_causal=False)
-        else:  # a subset: each row reads a view of exactly its own length
+        if full:  # the whole batch at once (SDPA: one view, masked only where row lengths differ)
+            a = native.attend_step(block.attn, q, kb, vb, lens_t, max(lens), mask)
+        else:  # a subset: each row reads exactly its own length
             a = torch.cat(
                 [
-                    block.attn.attend(q[i : i + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], None, False)
+                    native.attend_step(
+                        block.attn,
+                        q[i : i + 1],
+                        kb[r : r + 1],
+                        vb[r : r + 1],
+                        None if lens_t is None else lens_t[i : i + 1],
+                        n,
+                        None,
+                    )
                     for i, (r, n) in enumerate(zip(rows, lens))
                 ]
             )

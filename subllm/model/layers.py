@@ -81,6 +81,10 @@ class Attention(nn.Module):
         """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, Tq, C)."""
         gqa = self.n_kv_heads != self.n_heads
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.out(o)
+
+    def out(self, o: Tensor) -> Tensor:
+        """Per-head outputs (B, H, T, hd) -> the output projection (B, T, C)."""
         B, _, T, _ = o.shape
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 

@@ -1,0 +1,263 @@
+// One-query attention for decode steps over a KV cache (subllm/inference/native.py).
+//
+// q (B, H, 1, D) float; k, v (B, Hkv, capacity, D) float or bfloat16, last dim contiguous;
+// lens (B,) int64: row b attends to its first lens[b] slots. -> (B, H, 1, D) in q's dtype.
+// The H / Hkv query heads of one K/V head share each key and value read (grouped-query
+// attention). Work is split over (row, K/V head, block of keys); each block keeps its running
+// max, sum of exponentials and weighted sum of values, merged at the end as in flash-decoding.
+// Arithmetic in fp32. K/V in bf16 are widened on the fly (half the bytes read per token).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // keys per work item
+constexpr int64_t kMaxGroup = 16;
+
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename KV>
+void block_attend(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t kv_stride,
+                  int64_t n, float scale, float* scores, float* out_m, float* out_l, float* out_acc) {
+  // scores (G, n); out_acc (G, D)
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* kt = k + t * kv_stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * widen(kt[d]);
+      scores[g * n + t] = s * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      l += sg[t];
+    }
+    out_m[g] = m;
+    out_l[g] = l;
+    float* acc = out_acc + g * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* vt = v + t * kv_stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * n + t];
+      float* acc = out_acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += p * widen(vt[d]);
+    }
+  }
+}
+
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// block_attend for G query heads and D = 16 * C, the accumulators held in registers
+template <typename KV, int G, int C>
+void block_attend_avx512(const float* q, const KV* k, const KV* v, int64_t kv_stride, int64_t n, float scale,
+                         float* scores, float* out_m, float* out_l, float* out_acc) {
+  __m512 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + (g * C + c) * 16), _mm512_set1_ps(scale));
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* kt = k + t * kv_stride;
+    __m512 kk[C];
+    for (int c = 0; c < C; ++c) kk[c] = load16(kt + c * 16);
+    for (int g = 0; g < G; ++g) {
+      __m512 s = _mm512_mul_ps(qv[g][0], kk[0]);
+      for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g][c], kk[c], s);
+      scores[g * n + t] = _mm512_reduce_add_ps(s);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      l += sg[t];
+    }
+    out_m[g] = m;
+    out_l[g] = l;
+  }
+  __m512 acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const KV* vt = v + t * kv_stride;
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(vt + c * 16);
+    for (int g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * n + t]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out_acc + (g * C + c) * 16, acc[g][c]);
+}
+
+using BlockFn = void (*)(const float*, const void*, const void*, int64_t, int64_t, float, float*, float*, float*,
+                         float*);
+
+template <typename KV, int G, int C>
+void block_fast(const float* q, const void* k, const void* v, int64_t st, int64_t n, float scale, float* s,
+                float* m, float* l, float* acc) {
+  block_attend_avx512<KV, G, C>(q, static_cast<const KV*>(k), static_cast<const KV*>(v), st, n, scale, s, m, l, acc);
+}
+
+template <typename KV, int C>
+BlockFn pick_g(int64_t G) {
+  switch (G) {
+    case 1: return &block_fast<KV, 1, C>;
+    case 2: return &block_fast<KV, 2, C>;
+    case 3: return &block_fast<KV, 3, C>;
+    case 4: return &block_fast<KV, 4, C>;
+    default: return nullptr;
+  }
+}
+
+template <typename KV>
+BlockFn pick_fast(int64_t G, int64_t D) {
+  switch (D) {
+    case 32: return pick_g<KV, 2>(G);
+    case 64: return pick_g<KV, 4>(G);
+    case 128: return pick_g<KV, 8>(G);
+    default: return nullptr;
+  }
+}
+#else
+using BlockFn = void (*)(const float*, const void*, const void*, int64_t, int64_t, float, float*, float*, float*,
+                         float*);
+template <typename KV>
+BlockFn pick_fast(int64_t, int64_t) { return nullptr; }
+#endif
+
+template <typename KV>
+void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const int64_t* lens, at::Tensor& out) {
+  const int64_t B = q32.size(0), H = q32.size(1), D = q32.size(3);
+  const int64_t Hkv = k.size(1), G = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = lens[b] > max_len ? lens[b] : max_len;
+  const int64_t nblocks = (max_len + kBlock - 1) / kBlock;
+  // partials: (B, Hkv, nblocks, G, D + 2) - m, l, acc
+  const int64_t P = D + 2;
+  std::vector<float> part(static_cast<size_t>(B * Hkv * nblocks * G * P));
+  const float* qp = q32.data_ptr<float>();
+  const KV* kp = k.data_ptr<KV>();
+  const KV* vp = v.data_ptr<KV>();
+  const int64_t ksb = k.stride(0), ksh = k.stride(1), kst = k.stride(2);
+  const int64_t vsb = v.stride(0), vsh = v.stride(1), vst = v.stride(2);
+  TORCH_CHECK(kst == vst, "decode_attention: k and v need the same slot stride");
+  const BlockFn fast = pick_fast<KV>(G, D);
+  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(G * kBlock));
+    std::vector<float> ml(static_cast<size_t>(2 * G));
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t blk = w % nblocks, bh = w / nblocks, h = bh % Hkv, b = bh / Hkv;
+      const int64_t t0 = blk * kBlock;
+      const int64_t n = std::min(kBlock, lens[b] - t0);
+      float* pw = part.data() + w * G * P;
+      if (n <= 0) {
+        for (int64_t g = 0; g < G; ++g) pw[g * P] = -INFINITY, pw[g * P + 1] = 0.f;
+        continue;
+      }
+      std::vector<float> acc(static_cast<size_t>(G * D));
+      const float* qbh = qp + (b * H + h * G) * D;
+      const KV* kbh = kp + b * ksb + h * ksh + t0 * kst;
+      const KV* vbh = vp + b * vsb + h * vsh + t0 * kst;
+      if (fast != nullptr) {
+        fast(qbh, kbh, vbh, kst, n, scale, scores.data(), ml.data(), ml.data() + G, acc.data());
+      } else {
+        block_attend<KV>(qbh, G, D, kbh, vbh, kst, n, scale, scores.data(), ml.data(), ml.data() + G, acc.data());
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        pw[g * P] = ml[g];
+        pw[g * P + 1] = ml[G + g];
+        std::memcpy(pw + g * P + 2, acc.data() + g * D, D * sizeof(float));
+      }
+    }
+  });
+  float* op = out.data_ptr<float>();
+  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -INFINITY;
+      for (int64_t blk = 0; blk < nblocks; ++blk) m = std::max(m, part[((bh * nblocks + blk) * G + g) * P]);
+      float l = 0.f;
+      float* o = op + (bh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const float* pw = part.data() + ((bh * nblocks + blk) * G + g) * P;
+        if (pw[1] == 0.f) continue;
+        const float c = std::exp(pw[0] - m);
+        l += c * pw[1];
+        for (int64_t d = 0; d < D; ++d) o[d] += c * pw[2 + d];
+      }
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be (B, Hkv, capacity, D)");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "decode_attention: q and k disagree on B or D");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup, "decode_attention: bad head grouping");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k, v need a contiguous last dim");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
+  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == q.size(0) && lens.scalar_type() == at::kLong,
+              "decode_attention: lens must be (B,) int64");
+  const at::Tensor lens_c = lens.contiguous();
+  const int64_t* lp = lens_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "decode_attention: lens out of range");
+  const at::Tensor q32 = q.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  if (k.scalar_type() == at::kFloat) {
+    run<float>(q32, k, v, lp, out);
+  } else if (k.scalar_type() == at::kBFloat16) {
+    run<at::BFloat16>(q32, k, v, lp, out);
+  } else {
+    TORCH_CHECK(false, "decode_attention: k, v must be float32 or bfloat16");
+  }
+  return out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(subllm_native, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -1,0 +1,110 @@
+"""The native decode-attention kernel (subllm/inference/native.py, csrc/decode_attention.cpp)
+against SDPA over each row's exact slice - the obviously-correct path - for both code paths of
+the kernel (the AVX-512 one for head_dim 32/64/128 and groups <= 4, the portable loops for the
+rest), fp32 and bf16 K/V, ragged rows and more keys than one work block; then whole decodes with
+and without it, and the fallback when the build fails."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import left_padded, tiny_model
+
+from subllm.inference import native
+from subllm.inference.engine import decode_step, new_cache, prefill
+
+needs_native = pytest.mark.skipif(not native.load(), reason="native kernels could not be built here")
+
+
+def _reference(q, k, v, lens):
+    out = []
+    for b, n in enumerate(lens.tolist()):
+        kb, vb = k[b : b + 1, :, :n].float(), v[b : b + 1, :, :n].float()
+        out.append(F.scaled_dot_product_attention(q[b : b + 1].float(), kb, vb, enable_gqa=True))
+    return torch.cat(out)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "H, Hkv, D", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (6, 1, 64), (4, 2, 8), (10, 2, 48)]
+)
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_sdpa_per_row(H, Hkv, D, kv_dtype):
+    g = torch.Generator().manual_seed(H * 1000 + D)
+    B, cap = 3, 600  # 600 > one block of 256 keys: the partial results are merged
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = (torch.randn(B, Hkv, cap, D, generator=g) * 2).to(kv_dtype)
+    v = torch.randn(B, Hkv, cap, D, generator=g).to(kv_dtype)
+    k[:, :, 500:] = float("nan")  # slots past every row's length are never read
+    lens = torch.tensor([1, 257, 500])
+    out = native.decode_attention(q, k, v, lens)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, _reference(q, k, v, lens), atol=2e-6, rtol=1e-5)
+    out_bf16 = native.decode_attention(q.bfloat16(), k, v, lens)  # bf16 queries: computed in fp32
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), _reference(q.bfloat16(), k, v, lens), atol=1e-2, rtol=1e-2)
+
+
+@needs_native
+def test_kernel_reads_a_batch_slice_view_and_refuses_bad_input():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(3, 2, 40, 64)
+    lens = torch.tensor([17])
+    torch.testing.assert_close(
+        native.decode_attention(q, k[1:2], k[1:2], lens),
+        _reference(q, k[1:2], k[1:2], lens),
+        atol=2e-6,
+        rtol=1e-5,
+    )
+    with pytest.raises(RuntimeError, match="lens out of range"):
+        native.decode_attention(q, k[1:2], k[1:2], torch.tensor([41]))
+    with pytest.raises(RuntimeError, match="q must be"):
+        native.decode_attention(torch.randn(1, 4, 2, 64), k[1:2], k[1:2], lens)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        native.decode_attention(q, k[1:2].double(), k[1:2].double(), lens)
+
+
+def _greedy(model, lens, steps=6):
+    ids, mask = left_padded(lens, vocab=model.config.vocab_size)
+    cache = new_cache(model, len(lens), chunk=8)
+    with torch.no_grad():
+        logits = [prefill(model, ids, mask, cache)]
+        for i in range(steps):
+            tokens = logits[-1].argmax(-1)
+            if i == 2 and len(lens) > 1:  # a subset-rows step
+                out = logits[-1].clone()
+                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
+                logits.append(out)
+            else:
+                logits.append(decode_step(model, cache, tokens))
+    return torch.stack(logits)
+
+
+@needs_native
+@pytest.mark.parametrize("head_dim_64", [False, True])
+def test_decode_with_the_kernel_equals_decode_with_sdpa(monkeypatch, head_dim_64):
+    kw = dict(dim=128, n_heads=2, n_kv_heads=1) if head_dim_64 else {}
+    model = tiny_model("TT(T(TT)T)T", **kw)
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    with_kernel = _greedy(model, [11, 4])
+    assert calls, "the decode never reached the native kernel"
+    monkeypatch.setattr(native, "available", lambda device: False)
+    torch.testing.assert_close(with_kernel, _greedy(model, [11, 4]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_falls_back_to_sdpa_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.torch.ops, "subllm_native", None, raising=False)
+
+    def no_compiler(**kw):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    with pytest.warns(UserWarning, match="native decode kernels unavailable.*Ninja is required"):
+        assert not native.load()
+    assert not native.available("cpu") and "torch SDPA" in native.status()
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SUBLLM_NATIVE", "0")
+    assert not native.load() and "SUBLLM_NATIVE=0" in native.status()
