@@ -51,22 +51,25 @@ from subllm.evals.selection import recalibrate
 from subllm.flops import keep_fractions
 from subllm.hf.llama import to_hf_llama
 from subllm.inference.compiled_decode import compile_and_warm, compile_decode
-from subllm.inference.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
 from subllm.inference.generation import generate
 from subllm.inference.quantize import apply_quantization
 from subllm.model.subllm import SubLLM, load_model
 
 NESTED = "TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT"  # the paper's 5:5:2 shape on 30 layers (real_model_grid.sh)
-# variant: (quantization, dtype, compiled decode); "-c": subllm/inference/compiled_decode.py
+# variant: (quantization, dtype, compiled decode, K/V dtype); "-c": subllm/inference/compiled_decode.py,
+# "-kv16": a bf16 K/V cache (engine.py set_kv_dtype; llama.cpp's cache is F16 by default)
 OURS = {
-    "fp32": ("none", "fp32", False),
-    "bf16": ("none", "bf16", False),
-    "int8-fp32": ("int8", "fp32", False),
-    "int8-bf16": ("int8", "bf16", False),
-    "int4": ("int4", "fp32", False),
-    "fp32-c": ("none", "fp32", True),
-    "int8-c": ("int8", "fp32", True),
-    "int4-c": ("int4", "fp32", True),
+    "fp32": ("none", "fp32", False, "same"),
+    "bf16": ("none", "bf16", False, "same"),
+    "int8-fp32": ("int8", "fp32", False, "same"),
+    "int8-bf16": ("int8", "bf16", False, "same"),
+    "int4": ("int4", "fp32", False, "same"),
+    "fp32-c": ("none", "fp32", True, "same"),
+    "int8-c": ("int8", "fp32", True, "same"),
+    "int4-c": ("int4", "fp32", True, "same"),
+    "int8-c-kv16": ("int8", "fp32", True, "bf16"),
+    "int4-c-kv16": ("int4", "fp32", True, "bf16"),
 }
 PEER = {
     "fp32": "F32",
@@ -77,6 +80,8 @@ PEER = {
     "fp32-c": "F32",
     "int8-c": "Q8_0",
     "int4-c": "Q4_1",
+    "int8-c-kv16": "Q8_0",
+    "int4-c-kv16": "Q4_1",
 }  # fmt: skip  (the file ours is set against)
 
 
@@ -148,12 +153,14 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
     models, quantized = {}, {}
     for name, m in plain.items():
         for v in variants:
-            q, dtype, compiled = OURS[v]
+            q, dtype, compiled, kv = OURS[v]
             if q != "none" and (name, q) not in quantized:
                 quantized[(name, q)] = apply_quantization(copy.deepcopy(m).eval(), q)
             model = quantized[(name, q)] if q != "none" else m
-            if compiled:  # a shallow copy shares the weights; only it carries the compiled graphs
-                model = compile_decode(copy.copy(model))
+            if compiled or kv != "same":  # a shallow copy shares the weights; it alone carries its
+                model = set_kv_dtype(copy.copy(model), kv)  # K/V dtype and compiled graphs
+            if compiled:
+                model = compile_decode(model)
             models[(name, v)] = (model, dtype)
     return models
 

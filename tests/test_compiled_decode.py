@@ -13,7 +13,7 @@ from subllm import SubLLMError
 from subllm.config import parse_structure
 from subllm.inference import int8_dynamic
 from subllm.inference.compiled_decode import compile_decode, segments
-from subllm.inference.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
 
 
 def test_segments_are_the_runs_between_subsampling_modules():
@@ -50,14 +50,16 @@ def _decode(model, lens, steps, subset_at=None):
 
 
 @pytest.mark.parametrize(
-    "structure, lens, whole",
-    [("TT(T(TT)T)T", [11, 5], False), ("TT(T(TT)T)T", [11, 5], True), ("TT(T(TT)T)T", [9], False),
-     ("TTT", [7], False)],
+    "structure, lens, whole, kv",
+    [("TT(T(TT)T)T", [11, 5], False, "same"), ("TT(T(TT)T)T", [11, 5], True, "same"),
+     ("TT(T(TT)T)T", [9], False, "same"), ("TTT", [7], False, "same"),
+     ("TT(T(TT)T)T", [11, 5], False, "bf16")],
 )  # fmt: skip
-def test_compiled_decode_equals_eager(structure, lens, whole):
+def test_compiled_decode_equals_eager(structure, lens, whole, kv):
     """whole: the compiled model runs inner levels for the whole batch (the CUDA default: its
-    compiled segments then serve the inner levels too), against the eager subset path."""
-    model = tiny_preset_model(structure)
+    compiled segments then serve the inner levels too), against the eager subset path. kv: the
+    cache's dtype (engine.py set_kv_dtype)."""
+    model = set_kv_dtype(tiny_preset_model(structure), kv)
     model.decode_subset = True
     compiled = compile_decode(copy.copy(model))  # shares the modules; only the copy is compiled
     compiled.decode_subset = not whole

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import left_padded, tiny_model
 
 from subllm.inference import native
-from subllm.inference.engine import decode_step, new_cache, prefill
+from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
 
 needs_native = pytest.mark.skipif(not native.load(), reason="native kernels could not be built here")
 
@@ -62,9 +62,10 @@ def test_kernel_reads_a_batch_slice_view_and_refuses_bad_input():
         native.decode_attention(q, k[1:2].double(), k[1:2].double(), lens)
 
 
-def _greedy(model, lens, steps=6):
+def _greedy(model, lens, steps=6, kv_dtype=torch.float32):
     ids, mask = left_padded(lens, vocab=model.config.vocab_size)
     cache = new_cache(model, len(lens), chunk=8)
+    assert cache.dtype == kv_dtype
     with torch.no_grad():
         logits = [prefill(model, ids, mask, cache)]
         for i in range(steps):
@@ -90,6 +91,24 @@ def test_decode_with_the_kernel_equals_decode_with_sdpa(monkeypatch, head_dim_64
     assert calls, "the decode never reached the native kernel"
     monkeypatch.setattr(native, "available", lambda device: False)
     torch.testing.assert_close(with_kernel, _greedy(model, [11, 4]), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_a_bf16_cache_decodes_as_sdpa_over_the_same_rounded_values(monkeypatch):
+    """bf16 K/V: the kernel reads them widened; SDPA (the fallback) casts them to the query's fp32
+    - the same numbers, so the two decodes agree to fp32 rounding; both stay near an fp32 cache."""
+    model = tiny_model("TT(T(TT)T)T", dim=128, n_heads=2, n_kv_heads=1)
+    fp32_cache = _greedy(model, [11, 4])
+    set_kv_dtype(model, "bf16")
+    with_kernel = _greedy(model, [11, 4], kv_dtype=torch.bfloat16)
+    monkeypatch.setattr(native, "available", lambda device: False)
+    torch.testing.assert_close(
+        with_kernel, _greedy(model, [11, 4], kv_dtype=torch.bfloat16), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(with_kernel, fp32_cache, atol=0.05, rtol=0.05)
+    assert not torch.equal(with_kernel, fp32_cache)  # rounded, not silently kept in fp32
+    with pytest.raises(Exception, match="kv-dtype must be one of"):
+        set_kv_dtype(model, "fp16")
 
 
 def test_a_failed_build_falls_back_to_sdpa_with_one_warning(monkeypatch):

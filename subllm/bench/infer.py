@@ -45,8 +45,9 @@ from subllm.dtype import autocast, describe_hardware
 from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
+from subllm.inference import native
 from subllm.inference.cache import layer_levels
-from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer
+from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer, set_kv_dtype
 from subllm.model.subllm import SubLLM
 
 # ---- one benchmark setting ------------------------------------------------------------------------
@@ -333,6 +334,7 @@ def run_infer(
     bandwidth: bool = True,
     quantize: str = "none",
     compile: bool = False,
+    kv_dtype: str = "same",
 ) -> dict:
     if text and not checkpoint:
         raise SubLLMError("--text needs --checkpoint (a trained model and the tokenizer saved with it)")
@@ -344,6 +346,7 @@ def run_infer(
         from subllm.inference.quantize import apply_quantization
 
         sub, llama = apply_quantization(sub, quantize), apply_quantization(llama, quantize)
+    sub, llama = set_kv_dtype(sub, kv_dtype), set_kv_dtype(llama, kv_dtype)
     choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
     dtypes = list(dict.fromkeys(c.dtype for c in choices))
     log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
@@ -404,6 +407,8 @@ def run_infer(
             quantize=quantize,
             int8_kernel=getattr(sub, "int8_kernel", None),  # the decode kernel quantize_ timed and chose
             compiled_decode=compile,
+            kv_dtype=kv_dtype,
+            attention_kernel=native.status() if kind == "cpu" else "torch SDPA",
         ),
         scores="trained (checkpoint)"
         if checkpoint

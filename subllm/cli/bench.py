@@ -25,6 +25,7 @@ import torch
 from subllm.bench.common import environment, int_list, json_line, str_list
 from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
+from subllm.inference.engine import KV_DTYPES
 from subllm.inference.quantize import QUANTIZE
 
 QUICK = dict(
@@ -57,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZE,
         default="none",
         help="both models with weight-only int8 (linear layers and LM head) or int4 (layers; int8 head)",
+    )
+    inf.add_argument(
+        "--kv-dtype",
+        choices=KV_DTYPES,
+        default="same",
+        help="both models' K/V cache: same (the activations' dtype) or bf16 (half the bytes read per step)",
     )
     inf.add_argument(
         "--compile",
@@ -148,7 +155,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
         seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
         prefill_reps=args.prefill_reps, bandwidth=not args.no_bandwidth, quantize=args.quantize,
-        compile=args.compile,
+        kv_dtype=args.kv_dtype, compile=args.compile,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))

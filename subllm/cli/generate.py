@@ -23,6 +23,7 @@ import torch
 
 from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
+from subllm.inference.engine import KV_DTYPES
 from subllm.inference.quantize import QUANTIZE
 
 
@@ -41,6 +42,13 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         help="weight-only quantization (subllm/inference/quantize.py): int8 linear layers and LM head "
         "(a quarter of the weight bytes per decode step), or int4 layers (groups of 32) with an int8 head",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=KV_DTYPES,
+        default="same",
+        help="the K/V cache's dtype: same (default: the activations') or bf16 (half the bytes a decode "
+        "step reads at long contexts; attention still computes in fp32; subllm/inference/engine.py)",
     )
     p.add_argument(
         "--compile",
@@ -113,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
     from subllm.model.subllm import load_model
 
     ckpt = resolve_checkpoint(args.checkpoint)  # a model folder or a run folder
+    from subllm.inference.engine import set_kv_dtype
     from subllm.inference.quantize import apply_quantization, describe
 
-    model = apply_quantization(load_model(ckpt), args.quantize)
+    model = set_kv_dtype(apply_quantization(load_model(ckpt), args.quantize), args.kv_dtype)
     tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:
@@ -175,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{count} tokens in {dt:.2f} s, {count / dt:.1f} tokens/s; prompt {T} tokens, {choice.line}"
         f"{'' if args.quantize == 'none' else '; ' + describe(model)}"
-        f"{'; compiled decode' if args.compile else ''}]",
+        f"{'; compiled decode' if args.compile else ''}{'; bf16 K/V' if args.kv_dtype == 'bf16' else ''}]",
         file=sys.stderr,
     )
     if args.stats:

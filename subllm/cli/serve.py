@@ -110,6 +110,7 @@ def load_server(
     prefix_cache_mb: float = 0,
     compile: bool = False,
     prefill_dtype: str = "same",
+    kv_dtype: str = "same",
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
     `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
@@ -117,7 +118,8 @@ def load_server(
     messages go to stderr at once); `prefill_chunk`: prompt tokens per step (None: one pass;
     subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
     subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
-    batch 1 and more (subllm/inference/compiled_decode.py); `prefill_dtype`: --prefill-dtype."""
+    batch 1 and more (subllm/inference/compiled_decode.py); `prefill_dtype`: --prefill-dtype;
+    `kv_dtype`: --kv-dtype (subllm/inference/engine.py set_kv_dtype)."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -128,9 +130,10 @@ def load_server(
         raise SubLLMError(
             f"no checkpoint at {checkpoint} (expected a folder with config.json and model.safetensors)"
         )
+    from subllm.inference.engine import set_kv_dtype
     from subllm.inference.quantize import apply_quantization
 
-    model = apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize)
+    model = set_kv_dtype(apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize), kv_dtype)
     tok = load_tokenizer(checkpoint)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name
@@ -204,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_cache_mb=args.prefix_cache_mb,
         compile=args.compile,
         prefill_dtype=args.prefill_dtype,
+        kv_dtype=args.kv_dtype,
     )
     try:
         sock = socket.create_server((args.host, args.port))
@@ -222,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"subllm serve: {batcher.model.config.structure} from {args.checkpoint}, "
         f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + describe(batcher.model)}"
-        f"{', compiled decode' if args.compile else ''}, "
+        f"{', compiled decode' if args.compile else ''}{', bf16 K/V' if args.kv_dtype == 'bf16' else ''}, "
         f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
         f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",

@@ -199,8 +199,8 @@ class KVCache:
             return
         r = torch.tensor(rows, device=self.device)
         s = torch.tensor(slots, device=self.device)
-        kb[r, :, s] = k[:, :, 0]
-        vb[r, :, s] = v[:, :, 0]
+        kb[r, :, s] = k[:, :, 0].to(kb.dtype)  # an indexed store does not cast by itself
+        vb[r, :, s] = v[:, :, 0].to(vb.dtype)
 
     def extend(self, level: int, rows: list[int], pos: Tensor, counts: list[int]) -> list[int]:
         """Chunked prefill: counts[i] new tokens for row rows[i] at `level`, at original positions

@@ -58,8 +58,8 @@ class Segment(nn.Module):
         rows = torch.arange(x.shape[0], device=x.device)
         for block, kb, vb in zip(self.blocks, ks, vs):
             q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)
-            kb[rows, :, slots] = k[:, :, 0]
-            vb[rows, :, slots] = v[:, :, 0]
+            kb[rows, :, slots] = k[:, :, 0].to(kb.dtype)  # the cache may be bf16 (set_kv_dtype)
+            vb[rows, :, slots] = v[:, :, 0].to(vb.dtype)
             x = x + attend_step(block.attn, q, kb, vb, lens, length, mask)
             x = x + block.ffn(block.ffn_norm(x))
         return x

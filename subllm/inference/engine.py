@@ -43,9 +43,26 @@ from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import gather_tokens, upsample_bypass
 
+KV_DTYPES = ("same", "bf16")
+
+
+def set_kv_dtype(model: SubLLM, name: str) -> SubLLM:
+    """`--kv-dtype`: "same" (K/V in the activations' dtype) or "bf16" (K/V stored in bf16 whatever
+    the activations: half the bytes a decode step reads at long contexts - SmolLM2 at 2k reads more
+    K/V than int4 weights; attention still computes in fp32 in the native kernel, native.py).
+    Kept K/V are rounded to bf16 (relative error <= 2^-9), so decoding then differs slightly from
+    the full forward, as llama.cpp's default F16 cache does. -> the model."""
+    if name not in KV_DTYPES:
+        raise SubLLMError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}; got {name!r}")
+    model.kv_dtype = torch.bfloat16 if name == "bf16" else None
+    return model
+
 
 def cache_dtype(model: SubLLM, device: torch.device) -> torch.dtype:
-    """The dtype K and V will have: autocast's when it is on for this device, else the weights'."""
+    """The dtype K and V will have: `set_kv_dtype`'s if set, else autocast's when it is on for this
+    device, else the weights'."""
+    if getattr(model, "kv_dtype", None) is not None:
+        return model.kv_dtype
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return model.embed.weight.dtype

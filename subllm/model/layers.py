@@ -80,6 +80,8 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
         """q (B, H, Tq, hd), k/v (B, Hkv, Tk, hd), mask (B, 1, Tq, Tk) bool or None -> (B, Tq, C)."""
         gqa = self.n_kv_heads != self.n_heads
+        if k.dtype != q.dtype:  # a cache kept in fewer bytes (engine.py set_kv_dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
         return self.out(o)
 
