@@ -127,3 +127,90 @@ def test_a_failed_build_falls_back_to_sdpa_with_one_warning(monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("SUBLLM_NATIVE", "0")
     assert not native.load() and "SUBLLM_NATIVE=0" in native.status()
+
+
+needs_int4 = pytest.mark.skipif(not native.vnni_available(), reason="no AVX512-VNNI kernel on this CPU")
+
+
+def _int4_reference(x, codes, scale, zero):
+    """The kernel's arithmetic in float64: x rounded to int8 per group of 32 with its own scale
+    (max|x| / 127) for the code products, the exact group sums for the offsets."""
+    M, K = x.shape
+    N = codes.shape[0]
+    xg = x.double().reshape(M, K // 32, 32)
+    s = xg.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s
+    c = codes.double().reshape(N, K // 32, 32)
+    offset = (zero - 8 * scale).double()
+    return torch.einsum("mgk,ngk,ng->mn", xq, c, scale.double()) + torch.einsum(
+        "mg,ng->mn", xg.sum(-1), offset
+    )
+
+
+@needs_int4
+@pytest.mark.parametrize("N, K, M", [(16, 32, 1), (48, 96, 3), (64, 64, 6), (32, 576, 9)])
+def test_int4_kernel_equals_its_arithmetic_in_float64(N, K, M):
+    from subllm.inference.quantize import int4_codes
+
+    g = torch.Generator().manual_seed(N + K + M)
+    codes, scale, zero = int4_codes(torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g) * torch.linspace(0.1, 10, K)  # groups of very different ranges
+    x[0, :32] = 0  # an all-zero group
+    y = native.int4_matmul(x, *native.int4_pack(codes, scale, zero))
+    ref = _int4_reference(x, codes, scale, zero)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    for r in range(M):  # a row computes the same alone as in the batch (per-row activation scales)
+        assert torch.equal(
+            native.int4_matmul(x[r : r + 1], *native.int4_pack(codes, scale, zero)), y[r : r + 1]
+        )
+    with pytest.raises(RuntimeError, match="int4_matmul: "):  # a width that does not match
+        native.int4_matmul(x[:, :-32], *native.int4_pack(codes, scale, zero))
+
+
+@needs_int4
+def test_int4_layers_decode_through_the_kernel_and_prefill_through_torch(monkeypatch):
+    from subllm.inference.quantize import Int4Linear, decode_kernels, int4_codes, int4_dequantize
+
+    codes, scale, zero = int4_codes(torch.randn(48, 64))
+    layer = Int4Linear(codes, scale, zero)
+    calls = []
+    real = native.int4_matmul
+    monkeypatch.setattr(native, "int4_matmul", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 64)
+    prefill_out = layer(x)
+    assert not calls
+    with decode_kernels():
+        decode_out = layer(x)
+    assert calls and decode_out.shape == prefill_out.shape == (2, 3, 48)
+    # against x @ w^T exactly: each activation is off by at most half its group's step s / 2, so
+    # row n is off by at most sum_g scale[n, g] * s[g] / 2 * sum_k c[n, k]
+    x2 = x.reshape(6, 2, 32).double()
+    step = x2.abs().amax(-1) / 127  # (rows, groups)
+    bound = torch.einsum("rg,ng->rn", step / 2, scale.double() * codes.double().reshape(48, 2, 32).sum(-1))
+    exact = x.reshape(6, 64).double() @ int4_dequantize(codes, scale, zero).double().T
+    err = (decode_out.reshape(6, 48).double() - exact).abs()
+    assert (err <= bound * 1.001 + 1e-5).all() and err.max() > 0
+    assert layer.decode_nbytes() == 48 * 64 // 2 + 2 * 48 * 2 * 4  # the kernel's tiles + fp32 d, m
+
+
+@needs_int4
+@pytest.mark.parametrize("N, K, M", [(16, 32, 1), (48, 96, 5), (32, 576, 4)])
+def test_int8_kernel_equals_its_arithmetic_in_float64(N, K, M):
+    from subllm.inference.quantize import Int8Linear, decode_kernels
+
+    g = torch.Generator().manual_seed(N + K + M)
+    layer = Int8Linear.from_linear(torch.nn.Linear(K, N, bias=False))
+    x = torch.randn(M, K, generator=g) * torch.linspace(0.1, 10, K)
+    x[-1, -32:] = 0  # an all-zero group
+    y = native.int8_matmul(x, *native.int8_pack(layer.q, layer.scale))
+    xg = x.double().reshape(M, K // 32, 32)
+    s = xg.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s).reshape(M, K)
+    ref = xq @ layer.dequantized().double().T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    layer.kernel = "native"
+    assert layer.decode_nbytes() == N * K + (N * K // 32) * 4 + N * 4
+    with decode_kernels():
+        assert torch.equal(layer(x[None])[0], y)  # the layer's decode path is this kernel
+    with pytest.raises(Exception, match="native int8 kernel needs"):
+        Int8Linear.from_linear(torch.nn.Linear(40, 16, bias=False)).kernel = "native"

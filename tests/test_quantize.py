@@ -13,7 +13,7 @@ from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 from torch import nn
 
 from subllm import SubLLMError, generate
-from subllm.inference import int8_dynamic
+from subllm.inference import int8_dynamic, native
 from subllm.inference import quantize as Q
 from subllm.inference.int8_dynamic import STEP as Int8_STEP
 from subllm.inference.quantize import (
@@ -154,6 +154,12 @@ def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
 def test_decode_kernel_is_the_fastest_unless_clearly_slower_than_cast(monkeypatch):
     layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
     dyn = int8_dynamic.available()
+    if native.vnni_available():  # (packed, dynamic, native, cast): the native kernel when fastest
+        times = iter((1.2, 0.9, 0.5, 1.0) if dyn else (1.2, 0.5, 1.0))
+        monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+        assert Q.choose_int8_kernel(layer) == "native"
+    monkeypatch.setattr(native, "vnni_available", lambda: False)  # not built / no VNNI: never chosen
+    layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
     cases = [  # (packed, dynamic, cast) seconds -> choice; timed in that order
         ((1.2, 0.9, 1.0), "dynamic" if dyn else "packed"),
         ((0.5, 0.9, 1.0), "packed"),
@@ -207,7 +213,7 @@ def test_quantized_logits_within_tolerance_of_fp32(structure, kind):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_cached_equals_uncached_on_a_quantized_model(kind):
-    q = quantize_(tiny_preset_model(), kind, int8_kernel="cast")
+    q = quantize_(tiny_preset_model(), kind, int8_kernel="cast", int4_kernel="torch")  # as the forward
     ids, mask = left_padded([14, 6, 10])
     kw = dict(max_new_tokens=8, return_logits=True)
     from subllm.inference.generation import stream_generate

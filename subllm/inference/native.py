@@ -45,7 +45,7 @@ def load() -> bool:
     if os.environ.get("SUBLLM_NATIVE", "1") == "0":
         _state["error"] = "disabled by SUBLLM_NATIVE=0"
         return False
-    if hasattr(torch.ops, "subllm_native") and hasattr(torch.ops.subllm_native, "decode_attention"):
+    if hasattr(torch.ops, "subllm_native") and hasattr(torch.ops.subllm_native, "int8_matmul"):
         _state["ok"] = True  # loaded by someone else in this process
         return True
     cap = capability()
@@ -54,7 +54,7 @@ def load() -> bool:
 
         cpp_load(
             name=f"subllm_native_{cap.lower()}",
-            sources=[str(_CSRC / "decode_attention.cpp")],
+            sources=[str(_CSRC / "decode_attention.cpp"), str(_CSRC / "vnni_matmul.cpp")],
             extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_FLAGS.get(cap, [])],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -78,6 +78,68 @@ def _register_fake() -> None:
     @torch.library.register_fake("subllm_native::decode_attention")
     def _(q: Tensor, k: Tensor, v: Tensor, lens: Tensor) -> Tensor:
         return torch.empty_like(q)
+
+    @torch.library.register_fake("subllm_native::int4_matmul")
+    def _(x: Tensor, tiles: Tensor, d: Tensor, m: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], tiles.shape[0] * 16)
+
+    @torch.library.register_fake("subllm_native::int8_matmul")
+    def _(x: Tensor, tiles: Tensor, c: Tensor, scale: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], tiles.shape[0] * 16)
+
+
+GROUP = 32  # inputs per activation scale (both kernels) and per int4 scale / offset (csrc/vnni_matmul.cpp)
+
+
+def vnni_available() -> bool:
+    """Whether the int4 / int8 decode kernels run here: the extension loaded and the CPU has
+    AVX512-VNNI (checked by the kernels' own code at run time)."""
+    return load() and bool(torch.ops.subllm_native.vnni_available())
+
+
+def int4_pack(codes: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """int4 codes (out, in) in 0..15 with w = (c - 8) * scale + zero per group of 32 (quantize.py
+    int4_codes) -> the kernel's layout: tiles (out / 16, in / 8, 64) uint8 - byte 4 j + i of a tile
+    holds row j's codes for inputs i (low nibble) and i + 4 (high nibble) - and d = scale,
+    m = zero - 8 * scale, both (out / 16, in / 32, 16) fp32 (csrc/vnni_matmul.cpp)."""
+    N, K = codes.shape
+    NB, G = N // 16, scale.shape[1]
+    c = codes.to(torch.uint8).reshape(NB, 16, K // 8, 8).permute(0, 2, 1, 3)
+    tiles = (c[..., :4] | (c[..., 4:] << 4)).reshape(NB, K // 8, 64).contiguous()
+
+    def by_tile(t: Tensor) -> Tensor:
+        return t.float().reshape(NB, 16, G).permute(0, 2, 1).contiguous()
+
+    return tiles, by_tile(scale), by_tile(zero - 8 * scale)
+
+
+def int4_matmul(x: Tensor, tiles: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """x (rows, in) -> (rows, out) through the VNNI kernel: x quantized to int8 per group of 32
+    (its own scale per row and group; the offsets use the exact sums), int4 x int8 dot products."""
+    return torch.ops.subllm_native.int4_matmul(x, tiles, d, m)
+
+
+def int8_pack(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """int8 weights q (out, in) with one scale per row (quantize.py Int8Linear) -> the kernel's
+    layout: tiles (out / 16, in / 4, 64) int8 - byte 4 j + i is row j's weight for input i -, the
+    offset correction c = -128 * (sum of each group of 32 weights) as (out / 16, in / 32, 16) fp32,
+    and the scales as (out / 16, 16) fp32 (csrc/vnni_matmul.cpp)."""
+    N, K = q.shape
+    NB, G = N // 16, K // GROUP
+    tiles = q.reshape(NB, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(NB, K // 4, 64).contiguous()
+    c = -128.0 * q.float().reshape(NB, 16, G, GROUP).sum(-1).permute(0, 2, 1).contiguous()
+    return tiles, c, scale.float().reshape(NB, 16).contiguous()
+
+
+def int8_matmul(x: Tensor, tiles: Tensor, c: Tensor, scale: Tensor) -> Tensor:
+    """x (rows, in) -> (rows, out): x quantized to int8 per group of 32 as in `int4_matmul`, int8 x
+    int8 dot products, the row scales applied last."""
+    return torch.ops.subllm_native.int8_matmul(x, tiles, c, scale)
+
+
+def vnni_fits(out_features: int, in_features: int) -> bool:
+    """Whether a layer's shape fits the tiles: 16 output rows, groups of 32 inputs."""
+    return out_features % 16 == 0 and in_features % GROUP == 0
 
 
 def available(device: torch.device | str) -> bool:

@@ -57,9 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from subllm.errors import SubLLMError
+from subllm.inference import native
 
 QUANTIZE = ("none", "int8", "int4")
-INT8_KERNELS = ("cast", "packed", "dynamic")
+INT8_KERNELS = ("cast", "packed", "dynamic", "native")
+INT4_KERNELS = ("torch", "native")
 GROUP = 32  # int4 weights per scale / offset
 _decoding = False  # inside `decode_kernels()`
 
@@ -95,6 +97,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
+        self.native = None  # the native VNNI kernel's (tiles, c, scale), made when first chosen
         self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic
 
     @property
@@ -112,6 +115,13 @@ class Int8Linear(nn.Module):
                 raise SubLLMError("the dynamic int8 kernel needs fbgemm (x86 torch) and in_features >= 2")
             self.dynamic_packed = int8_dynamic.prepack(self.q, self.scale)
             self.dynamic_key = int8_dynamic.register(self)
+        if name == "native" and self.native is None:
+            if not (native.vnni_available() and native.vnni_fits(self.out_features, self.in_features)):
+                raise SubLLMError(
+                    "the native int8 kernel needs AVX512-VNNI, the extension built (subllm/inference/"
+                    "native.py), out_features divisible by 16 and in_features by 32"
+                )
+            self.native = native.int8_pack(self.q, self.scale)
         self._kernel = name
 
     def __setstate__(self, state) -> None:  # a deep copy gets its own key (int8_dynamic.register)
@@ -134,6 +144,8 @@ class Int8Linear(nn.Module):
     def decode_nbytes(self) -> int:
         """Bytes a decode step reads (subllm/bench/roofline.py): the int8 weights and the scales of
         the kernel in use (bf16 for the packed one, fp32 for the cast and dynamic ones)."""
+        if self.kernel == "native":
+            return sum(t.numel() * t.element_size() for t in self.native)
         scale = self.scale_bf16 if self.kernel == "packed" else self.scale
         return self.q.numel() + scale.numel() * scale.element_size()
 
@@ -162,9 +174,13 @@ class Int8Linear(nn.Module):
         y = matmul(x.reshape(-1, self.in_features), self.dynamic_key)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def forward_native(self, x: Tensor) -> Tensor:
+        y = native.int8_matmul(x.reshape(-1, self.in_features), *self.native)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if _decoding and self.kernel != "cast":
-            return self.forward_dynamic(x) if self.kernel == "dynamic" else self.forward_packed(x)
+            return getattr(self, f"forward_{self.kernel}")(x)
         return self.forward_cast(x)
 
     def extra_repr(self) -> str:
@@ -215,16 +231,29 @@ def int4_fits(lin: nn.Linear, group: int = GROUP) -> bool:
 class Int4Linear(nn.Module):
     """A bias-free linear layer with int4 weights in torch's CPU packed layout (`int4_codes`)."""
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor):
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, kernel: str = "auto"):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group = self.in_features // scale.shape[1]
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / group, out, 2)
         self.register_buffer("scale_zero", sz.to(torch.bfloat16))
+        if kernel not in ("auto", *INT4_KERNELS):
+            raise SubLLMError(f"int4 kernel must be auto, {', '.join(INT4_KERNELS)}; got {kernel!r}")
+        self.native = None  # (tiles, d, m): the native VNNI kernel's copy, for decode steps
+        if kernel != "torch" and self.group == native.GROUP and native.vnni_available():
+            self.native = native.int4_pack(codes, scale, zero)
+        elif kernel == "native":
+            raise SubLLMError("the native int4 kernel needs AVX512-VNNI and the extension (native.py)")
+        self.kernel = "native" if self.native is not None else "torch"  # in decode steps
+
+    def decode_nbytes(self) -> int:
+        """Bytes a decode step reads (subllm/bench/roofline.py): the copy its decode kernel uses."""
+        own = self.native if self.native is not None else (self.packed, self.scale_zero)
+        return sum(t.numel() * t.element_size() for t in own)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group: int = GROUP) -> Int4Linear:
+    def from_linear(cls, lin: nn.Linear, group: int = GROUP, kernel: str = "auto") -> Int4Linear:
         if lin.bias is not None:
             raise SubLLMError("Int4Linear: linear layers with a bias are not supported")
         if not int4_fits(lin, group):
@@ -232,9 +261,12 @@ class Int4Linear(nn.Module):
                 f"int4 needs in_features divisible by {group} and out_features by 16; a layer has "
                 f"{lin.in_features} -> {lin.out_features}"
             )
-        return cls(*int4_codes(lin.weight, group))
+        return cls(*int4_codes(lin.weight, group), kernel)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
+        if _decoding and self.native is not None:
+            y = native.int4_matmul(x.reshape(-1, self.in_features), *self.native)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -263,7 +295,7 @@ def choose_int8_kernel(layer: Int8Linear) -> str:
     x = torch.randn(1, layer.in_features)
     kernel, times = layer.kernel, {}
     with torch.no_grad(), decode_kernels():
-        for name in ("packed", "dynamic"):
+        for name in ("packed", "dynamic", "native"):
             try:
                 layer.kernel = name
                 times[name] = _best_of(lambda: layer(x))
@@ -284,10 +316,13 @@ def _linears(model):
                     yield parent, name, child
 
 
-def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "auto"):
+def quantize_(
+    model, kind: str = "int8", head: bool = True, int8_kernel: str = "auto", int4_kernel: str = "auto"
+):
     """Replace the linear layers of `model`'s transformer layers (and its LM head) by quantized
     ones, in place; -> the model (marked `model.quantization`, eval mode). `int8_kernel`: auto
-    (measured, see the module docstring) | packed | dynamic | cast."""
+    (measured, see the module docstring) | packed | dynamic | native | cast; `int4_kernel` (decode
+    steps of int4 layers): auto (native where it runs) | torch | native."""
     if getattr(model, "quantization", None):
         raise SubLLMError(f"the model is already quantized ({model.quantization})")
     if kind not in QUANTIZE[1:]:
@@ -297,11 +332,14 @@ def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "
     model.int4_fallback = []  # int4 layers whose shape the packed layout cannot hold: int8 instead
     for parent, name, child in list(_linears(model)):
         if kind == "int4" and int4_fits(child):
-            setattr(parent, name, Int4Linear.from_linear(child))
+            setattr(parent, name, Int4Linear.from_linear(child, kernel=int4_kernel))
         else:
             if kind == "int4":
                 model.int4_fallback.append(tuple(child.weight.shape))
             setattr(parent, name, Int8Linear.from_linear(child))
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if int4:
+        model.int4_kernel = int4[0].kernel
     if head:
         model.head = Int8Linear.from_linear(model.head)
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
@@ -310,7 +348,12 @@ def quantize_(model, kind: str = "int8", head: bool = True, int8_kernel: str = "
         if int8_kernel == "auto":
             kernel = choose_int8_kernel(max(int8, key=lambda m: m.q.numel()))
         for m in int8:
-            m.kernel = kernel
+            try:
+                m.kernel = kernel
+            except SubLLMError:  # a shape the chosen kernel cannot hold (native: 16-row tiles)
+                if int8_kernel != "auto":
+                    raise
+                m.kernel = "cast"
         model.int8_kernel = kernel
     model.quantization = kind
     model.save_pretrained = _refuse_save
@@ -326,12 +369,17 @@ def _refuse_save(*args, **kwargs):
 
 
 def describe(model) -> str:
-    """'' for an unquantized model, else e.g. "int4 weights (int8 decode kernel: dynamic)"."""
+    """'' for an unquantized model, else e.g. "int4 weights (int4 decode kernel: native; int8
+    decode kernel: dynamic)"."""
     q = getattr(model, "quantization", None)
     if not q:
         return ""
-    kernel = getattr(model, "int8_kernel", None)
-    return f"{q} weights" + (f" (int8 decode kernel: {kernel})" if kernel else "")
+    kernels = [
+        f"{k} decode kernel: {getattr(model, k + '_kernel')}"
+        for k in ("int4", "int8")
+        if hasattr(model, k + "_kernel")
+    ]
+    return f"{q} weights" + (f" ({'; '.join(kernels)})" if kernels else "")
 
 
 def apply_quantization(model, name: str):

@@ -1,0 +1,211 @@
+// int4 or int8 weights x int8 activations for decode steps, with AVX512-VNNI dot products
+// (subllm/inference/native.py: int4_pack / int8_pack, int4_matmul / int8_matmul).
+//
+// Both weight layouts are tiles of 16 output rows, 64 bytes each, so that one 64-byte load feeds
+// vpdpbusd, which adds 4 byte products into each of 16 int32 lanes - one lane per output row: no
+// horizontal sums, and the activations are 4-byte broadcasts.
+// - int4: codes c in 0..15, w = c * d + m per group of 32 weights along `in` (d, m fp32 per row and
+//   group; quantize.py's (c - 8) * scale + zero rewritten). A tile covers 8 inputs: byte 4 j + i
+//   holds row j's code for input i in its low nibble and for input i + 4 in its high one. The codes
+//   are the unsigned operand, the int8 activations the signed one.
+// - int8: q in -127..127, w = q * scale per row (Int8Linear). A tile covers 4 inputs: byte 4 j + i
+//   is row j's weight for input i. Here the weights are the signed operand, so the activations go
+//   in as unsigned bytes q + 128, and c = -128 * (sum of the group's weights), stored per row and
+//   group, takes the offset back out.
+// Activations: each row of x is quantized per group of 32 to int8 with its own scale
+// (s = max|x| / 127; llama.cpp's Q8 blocks), so a row's result does not depend on the other rows.
+// int4: y[r, n] = sum_g (d[n, g] * s[r, g] * sum_k c[n, k] q[r, k] + m[n, g] * sum_k x[r, k])
+// (the offsets use the exact fp32 sums); int8: y[r, n] = scale[n] * sum_g s[r, g] * sum_k w q.
+// Products and their sums are exact integers; the rest is fp32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int kRowsAtOnce = 4;  // activation rows sharing one pass over the weights
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+bool vnni_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return ok;
+}
+
+// x (M, K) fp32 -> q (M, K) int8 (+ `bias`, stored as a byte), s (M, G), sum (M, G)
+void quantize_rows(const float* x, int64_t M, int64_t K, int bias, uint8_t* q, float* s, float* sum) {
+  const int64_t G = K / kGroup;
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + r * K + g * kGroup;
+      float amax = 0.f, total = 0.f;
+      for (int64_t k = 0; k < kGroup; ++k) {
+        amax = std::max(amax, std::fabs(xg[k]));
+        total += xg[k];
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t k = 0; k < kGroup; ++k)
+        q[r * K + g * kGroup + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xg[k] * inv)) + bias);
+      s[r * G + g] = amax / 127.f;
+      sum[r * G + g] = total;
+    }
+  }
+}
+
+inline __m512i VNNI_TARGET broadcast4(const uint8_t* p) {
+  int32_t a;
+  __builtin_memcpy(&a, p, 4);
+  return _mm512_set1_epi32(a);
+}
+
+// the 16 output rows of tile column `nb`, for R activation rows
+template <int R>
+VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, const uint8_t* q, const float* s,
+                            const float* sum, int64_t K, int64_t N, float* y, int64_t nb) {
+  const int64_t G = K / kGroup;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* wt = w + nb * (K / 8) * 64;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i lo_acc[R], hi_acc[R];
+    for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_si512();
+    for (int step = 0; step < kGroup / 8; ++step) {
+      const __m512i b = _mm512_loadu_si512(wt + (g * (kGroup / 8) + step) * 64);
+      const __m512i lo = _mm512_and_si512(b, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* qk = q + r * K + g * kGroup + step * 8;
+        lo_acc[r] = _mm512_dpbusd_epi32(lo_acc[r], lo, broadcast4(qk));
+        hi_acc[r] = _mm512_dpbusd_epi32(hi_acc[r], hi, broadcast4(qk + 4));
+      }
+    }
+    const __m512 dv = _mm512_loadu_ps(d + (nb * G + g) * 16);
+    const __m512 mv = _mm512_loadu_ps(m + (nb * G + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[r], hi_acc[r]));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(s[r * G + g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sum[r * G + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N + nb * 16, acc[r]);
+}
+
+template <int R>
+VNNI_TARGET void int8_tiles(const uint8_t* w, const float* c, const float* scale, const uint8_t* q, const float* s,
+                            const float*, int64_t K, int64_t N, float* y, int64_t nb) {
+  const int64_t G = K / kGroup;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* wt = w + nb * (K / 4) * 64;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_si512();
+    for (int step = 0; step < kGroup / 4; step += 2) {
+      const __m512i b0 = _mm512_loadu_si512(wt + (g * (kGroup / 4) + step) * 64);
+      const __m512i b1 = _mm512_loadu_si512(wt + (g * (kGroup / 4) + step + 1) * 64);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* qk = q + r * K + g * kGroup + step * 4;
+        even[r] = _mm512_dpbusd_epi32(even[r], broadcast4(qk), b0);
+        odd[r] = _mm512_dpbusd_epi32(odd[r], broadcast4(qk + 4), b1);
+      }
+    }
+    const __m512 cv = _mm512_loadu_ps(c + (nb * G + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 dot = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])), cv);
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(s[r * G + g]), acc[r]);
+    }
+  }
+  const __m512 sv = _mm512_loadu_ps(scale + nb * 16);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N + nb * 16, _mm512_mul_ps(acc[r], sv));
+}
+
+using TileFn = void (*)(const uint8_t*, const float*, const float*, const uint8_t*, const float*, const float*,
+                        int64_t, int64_t, float*, int64_t);
+
+template <int R>
+struct Int4 {
+  static constexpr TileFn fn = &int4_tiles<R>;
+};
+template <int R>
+struct Int8 {
+  static constexpr TileFn fn = &int8_tiles<R>;
+};
+
+template <template <int> class Kind>
+TileFn by_rows(int R) {
+  switch (R) {
+    case 1: return Kind<1>::fn;
+    case 2: return Kind<2>::fn;
+    case 3: return Kind<3>::fn;
+    default: return Kind<4>::fn;
+  }
+}
+
+// x (M, K) -> (M, 16 * NB): quantize x, then tile columns in parallel, kRowsAtOnce rows per pass
+template <template <int> class Kind>
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile, const at::Tensor& a,
+               const at::Tensor& b, int bias, const char* name) {
+  TORCH_CHECK(vnni_available(), name, ": this CPU lacks AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be (rows, in) on the CPU");
+  const int64_t M = x.size(0), K = x.size(1), NB = w.size(0), N = NB * 16, G = K / kGroup;
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.element_size() == 1 && w.is_contiguous(), name,
+              ": packed weights must be (out / 16, in / ", inputs_per_tile, ", 64) bytes");
+  TORCH_CHECK(K % kGroup == 0 && w.size(1) * inputs_per_tile == K, name, ": x's width does not match the weights");
+  for (const at::Tensor* t : {&a, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == NB, name,
+                ": scales must be float32, contiguous, one block per 16 output rows");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  std::vector<uint8_t> q(static_cast<size_t>(M * K));
+  std::vector<float> s(static_cast<size_t>(M * G)), sum(static_cast<size_t>(M * G));
+  quantize_rows(x32.data_ptr<float>(), M, K, bias, q.data(), s.data(), sum.data());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = 0; r0 < M; r0 += kRowsAtOnce) {
+      const TileFn fn = by_rows<Kind>(static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - r0)));
+      for (int64_t nb = begin; nb < end; ++nb)
+        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, yp + r0 * N, nb);
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == x.size(1),
+              "int4_matmul: d and m must be (out / 16, in / 32, 16)");
+  return run<Int4>(x, w, 8, d, m, 0, "int4_matmul");
+}
+
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale) {
+  TORCH_CHECK(c.dim() == 3 && c.size(2) == 16 && c.size(1) * kGroup == x.size(1),
+              "int8_matmul: c must be (out / 16, in / 32, 16)");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 16, "int8_matmul: scale must be (out / 16, 16)");
+  return run<Int8>(x, w, 4, c, scale, 128, "int8_matmul");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
+  lib.def("int4_matmul(Tensor x, Tensor w, Tensor d, Tensor m) -> Tensor");
+  lib.def("int8_matmul(Tensor x, Tensor w, Tensor c, Tensor scale) -> Tensor");
+  lib.def("vnni_available() -> bool", &vnni_available);
+}
+
+TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) {
+  lib.impl("int4_matmul", &int4_matmul);
+  lib.impl("int8_matmul", &int8_matmul);
+}
