@@ -11,6 +11,7 @@ from helpers import left_padded, tiny_model
 
 from subllm.inference import native
 from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
+from subllm.inference.quantize import int4_dequantize
 
 needs_native = pytest.mark.skipif(not native.load(), reason="native kernels could not be built here")
 
@@ -132,19 +133,32 @@ def test_a_failed_build_falls_back_to_sdpa_with_one_warning(monkeypatch):
 needs_int4 = pytest.mark.skipif(not native.vnni_available(), reason="no AVX512-VNNI kernel on this CPU")
 
 
-def _int4_reference(x, codes, scale, zero):
-    """The kernel's arithmetic in float64: x rounded to int8 per group of 32 with its own scale
-    (max|x| / 127) for the code products, the exact group sums for the offsets."""
+def _rounded(x):
+    """x (M, K) as the native kernels see it, in float64: rounded to int8 per group of 32 with the
+    group's own scale max|x| / 127 (an all-zero group stays zero)."""
     M, K = x.shape
-    N = codes.shape[0]
     xg = x.double().reshape(M, K // 32, 32)
     s = xg.abs().amax(-1, keepdim=True) / 127
-    xq = torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s
-    c = codes.double().reshape(N, K // 32, 32)
-    offset = (zero - 8 * scale).double()
-    return torch.einsum("mgk,ngk,ng->mn", xq, c, scale.double()) + torch.einsum(
-        "mg,ng->mn", xg.sum(-1), offset
-    )
+    return (torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s).reshape(M, K)
+
+
+def _int4_reference(x, codes, scale, zero):
+    """The kernel's arithmetic in float64: the dequantized weights times the rounded activations."""
+    return _rounded(x) @ int4_dequantize(codes, scale, zero).double().T
+
+
+def _check_two_passes(matmul, x, packed, w):
+    """passes=2: the activations within max|x_g| / 127 / 254 / 2 of x (the second pass rounds the
+    first one's remainder onto a 254x finer grid), so each output within that times sum |w| (plus
+    fp32 rounding) of x @ w^T; a row alone equals the row in the batch."""
+    y2 = matmul(x, *packed, passes=2)
+    M, K = x.shape
+    step = x.double().reshape(M, K // 32, 32).abs().amax(-1) / 127 / 254  # (rows, groups)
+    w = w.double()
+    bound = torch.einsum("rg,ng->rn", step / 2, w.abs().reshape(w.shape[0], K // 32, 32).sum(-1))
+    exact = x.double() @ w.T
+    assert ((y2.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all()
+    assert torch.equal(matmul(x[-1:], *packed, passes=2), y2[-1:])
 
 
 @needs_int4
@@ -156,20 +170,20 @@ def test_int4_kernel_equals_its_arithmetic_in_float64(N, K, M):
     codes, scale, zero = int4_codes(torch.randn(N, K, generator=g))
     x = torch.randn(M, K, generator=g) * torch.linspace(0.1, 10, K)  # groups of very different ranges
     x[0, :32] = 0  # an all-zero group
-    y = native.int4_matmul(x, *native.int4_pack(codes, scale, zero))
+    packed = native.int4_pack(codes, scale, zero)
+    y = native.int4_matmul(x, *packed)
     ref = _int4_reference(x, codes, scale, zero)
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
     for r in range(M):  # a row computes the same alone as in the batch (per-row activation scales)
-        assert torch.equal(
-            native.int4_matmul(x[r : r + 1], *native.int4_pack(codes, scale, zero)), y[r : r + 1]
-        )
+        assert torch.equal(native.int4_matmul(x[r : r + 1], *packed), y[r : r + 1])
+    _check_two_passes(native.int4_matmul, x, packed, int4_dequantize(codes, scale, zero))
     with pytest.raises(RuntimeError, match="int4_matmul: "):  # a width that does not match
-        native.int4_matmul(x[:, :-32], *native.int4_pack(codes, scale, zero))
+        native.int4_matmul(x[:, :-32], *packed)
 
 
 @needs_int4
 def test_int4_layers_decode_through_the_kernel_and_prefill_through_torch(monkeypatch):
-    from subllm.inference.quantize import Int4Linear, decode_kernels, int4_codes, int4_dequantize
+    from subllm.inference.quantize import Int4Linear, decode_kernels, int4_codes
 
     codes, scale, zero = int4_codes(torch.randn(48, 64))
     layer = Int4Linear(codes, scale, zero)
@@ -183,11 +197,11 @@ def test_int4_layers_decode_through_the_kernel_and_prefill_through_torch(monkeyp
         decode_out = layer(x)
     assert calls and decode_out.shape == prefill_out.shape == (2, 3, 48)
     # against x @ w^T exactly: each activation is off by at most half its group's step s / 2, so
-    # row n is off by at most sum_g scale[n, g] * s[g] / 2 * sum_k c[n, k]
-    x2 = x.reshape(6, 2, 32).double()
-    step = x2.abs().amax(-1) / 127  # (rows, groups)
-    bound = torch.einsum("rg,ng->rn", step / 2, scale.double() * codes.double().reshape(48, 2, 32).sum(-1))
-    exact = x.reshape(6, 64).double() @ int4_dequantize(codes, scale, zero).double().T
+    # output n is off by at most sum_g s[g] / 2 * sum_k |w[n, k]| (k in group g)
+    w = int4_dequantize(codes, scale, zero).double()
+    step = x.reshape(6, 2, 32).double().abs().amax(-1) / 127  # (rows, groups)
+    bound = torch.einsum("rg,ng->rn", step / 2, w.abs().reshape(48, 2, 32).sum(-1))
+    exact = x.reshape(6, 64).double() @ w.T
     err = (decode_out.reshape(6, 48).double() - exact).abs()
     assert (err <= bound * 1.001 + 1e-5).all() and err.max() > 0
     assert layer.decode_nbytes() == 48 * 64 // 2 + 2 * 48 * 2 * 4  # the kernel's tiles + fp32 d, m
@@ -203,14 +217,13 @@ def test_int8_kernel_equals_its_arithmetic_in_float64(N, K, M):
     x = torch.randn(M, K, generator=g) * torch.linspace(0.1, 10, K)
     x[-1, -32:] = 0  # an all-zero group
     y = native.int8_matmul(x, *native.int8_pack(layer.q, layer.scale))
-    xg = x.double().reshape(M, K // 32, 32)
-    s = xg.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s).reshape(M, K)
-    ref = xq @ layer.dequantized().double().T
+    ref = _rounded(x) @ layer.dequantized().double().T
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    _check_two_passes(native.int8_matmul, x, native.int8_pack(layer.q, layer.scale), layer.dequantized())
     layer.kernel = "native"
     assert layer.decode_nbytes() == N * K + (N * K // 32) * 4 + N * 4
     with decode_kernels():
-        assert torch.equal(layer(x[None])[0], y)  # the layer's decode path is this kernel
+        want = native.int8_matmul(x, *native.int8_pack(layer.q, layer.scale), passes=native.ACT_PASSES)
+        assert torch.equal(layer(x[None])[0], want)  # the layer's decode path is this kernel
     with pytest.raises(Exception, match="native int8 kernel needs"):
         Int8Linear.from_linear(torch.nn.Linear(40, 16, bias=False)).kernel = "native"

@@ -14,10 +14,12 @@ kernels compute it:
 - "dynamic": int8 activations x int8 weights through fbgemm (subllm/inference/int8_dynamic.py;
   activations quantized per row in two passes, error <= 6.2e-5 of the row's max|x|), in decode
   steps - several times faster than "packed" on the LM head where fbgemm exists.
+- "native": the native VNNI kernel (subllm/inference/native.py; activations rounded to int8 per
+  group of 32 inputs, llama.cpp's precision), in decode steps, where the CPU has AVX512-VNNI.
 - "cast": the int8 matrix cast to x's dtype block by block of output channels (at most BLOCK =
   2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
-  decode where neither decode kernel is fast. `quantize_` times the three on the model's largest
-  layer at one row (a few milliseconds) and takes the faster of packed and dynamic unless it is
+  decode where no decode kernel is fast. `quantize_` times them all on the model's largest
+  layer at one row (a few milliseconds) and takes the fastest decode kernel unless it is
   more than PACKED_MARGIN times slower than cast: which one wins depends on the CPU (measured on
   an AMD EPYC with AVX512-BF16: packed 0.095 ms, cast 0.26 ms, fp32 weights 0.15 ms for a
   3072 x 576 matrix; the 49,152 x 576 head packed 4.2 ms, dynamic 1.1-1.6 ms; bf16 is ~80x slower
@@ -29,8 +31,10 @@ kernels compute it:
 `Int4Linear` (group size GROUP = 32, asymmetric, as llama.cpp's Q4_1): each group of 32 weights
 of a row gets a scale and an offset, w ~ (c - 8) * scale + zero with codes c in 0..15
 (`int4_codes`; the range of each group is searched among a few shrinkages of [min, max] for the
-least squared error). It computes through torch's CPU kernel `_weight_int4pack_mm_for_cpu` (bf16
-activations, scales and offsets) at every batch size: at 512 rows it is as fast as fp32 weights.
+least squared error). Prefill and full forwards compute through torch's CPU kernel
+`_weight_int4pack_mm_for_cpu` (bf16 activations, scales and offsets; at 512 rows as fast as fp32
+weights); decode steps through the native VNNI kernel where it runs (`int4_kernel`: auto = native
+there; its own copy of the codes, another eighth of fp32's bytes), about 2x faster at one row.
 
 `quantize_` replaces, in place, every nn.Linear of the transformer layers (wqkv, wo, w13, w2) and
 the LM head (a tied head gets its own copy, the embedding stays as it is). With int4 the head
@@ -68,7 +72,7 @@ _decoding = False  # inside `decode_kernels()`
 
 @contextmanager
 def decode_kernels():
-    """Within it, int8 layers compute through their decode kernel (packed | dynamic) whatever the
+    """Within it, int8 and int4 layers compute through their decode kernel whatever the
     number of rows; outside (prefill, eval, a forward pass) through "cast". Entered by
     engine.decode_step and around a prefill's last-token head (one row per sequence, as in a decode
     step; that head through "cast" made an 8-token int8 prefill of SmolLM2 111 ms instead of 58).
@@ -98,7 +102,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
         self.native = None  # the native VNNI kernel's (tiles, c, scale), made when first chosen
-        self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic
+        self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic | native
 
     @property
     def kernel(self) -> str:
@@ -175,7 +179,7 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward_native(self, x: Tensor) -> Tensor:
-        y = native.int8_matmul(x.reshape(-1, self.in_features), *self.native)
+        y = native.int8_matmul(x.reshape(-1, self.in_features), *self.native, native.ACT_PASSES)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
@@ -265,7 +269,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if _decoding and self.native is not None:
-            y = native.int4_matmul(x.reshape(-1, self.in_features), *self.native)
+            y = native.int4_matmul(x.reshape(-1, self.in_features), *self.native, native.ACT_PASSES)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
@@ -289,8 +293,8 @@ PACKED_MARGIN = 1.5  # a decode kernel unless it times this many times slower th
 
 
 def choose_int8_kernel(layer: Int8Linear) -> str:
-    """The kernel `layer` (and every int8 layer of its model) should decode through: the faster of
-    "packed" and "dynamic" (those that run on this build / CPU), unless it takes more than
+    """The kernel `layer` (and every int8 layer of its model) should decode through: the fastest of
+    "packed", "dynamic" and "native" (those that run on this build / CPU), unless it takes more than
     PACKED_MARGIN times the cast kernel's time; best of 5 each at one row, after a warm-up."""
     x = torch.randn(1, layer.in_features)
     kernel, times = layer.kernel, {}

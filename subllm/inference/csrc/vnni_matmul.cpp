@@ -14,8 +14,9 @@
 //   group, takes the offset back out.
 // Activations: each row of x is quantized per group of 32 to int8 with its own scale
 // (s = max|x| / 127; llama.cpp's Q8 blocks), so a row's result does not depend on the other rows.
-// int4: y[r, n] = sum_g (d[n, g] * s[r, g] * sum_k c[n, k] q[r, k] + m[n, g] * sum_k x[r, k])
-// (the offsets use the exact fp32 sums); int8: y[r, n] = scale[n] * sum_g s[r, g] * sum_k w q.
+// int4: y[r, n] = sum_g s[r, g] * (d[n, g] * sum_k c[n, k] q[r, k] + m[n, g] * sum_k q[r, k]);
+// int8: y[r, n] = scale[n] * sum_g s[r, g] * sum_k w q. Both are w . (s q): the weights times the
+// rounded activations.
 // Products and their sums are exact integers; the rest is fp32.
 
 #include <ATen/ATen.h>
@@ -43,23 +44,47 @@ bool vnni_available() {
   return ok;
 }
 
-// x (M, K) fp32 -> q (M, K) int8 (+ `bias`, stored as a byte), s (M, G), sum (M, G)
-void quantize_rows(const float* x, int64_t M, int64_t K, int bias, uint8_t* q, float* s, float* sum) {
+// x (M, K) fp32 -> `passes` rows of int8 q (+ `bias`, stored as bytes) per row of x, with their
+// scales s and sums s * sum(q) per group (row r's pass p is row r * passes + p). Pass 1 rounds x
+// onto max|x| / 127; pass 2 rounds what pass 1 left (at most half a step) onto a grid 254 times
+// finer, so the two rows add up to x within max|x| / 64516 per group. The sum is that of the
+// rounded activations, so that the int4 offset term multiplies the same activations as the codes
+// do and y is exactly w . (s q) - with the exact sum, the rounding errors of a group would add up
+// through the offset m (the codes are 0..15, not centred) instead of cancelling.
+void quantize_rows(const float* x, int64_t M, int64_t K, int passes, int bias, uint8_t* q, float* s, float* sum) {
   const int64_t G = K / kGroup;
+  std::vector<float> left(kGroup);
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + r * K + g * kGroup;
-      float amax = 0.f, total = 0.f;
-      for (int64_t k = 0; k < kGroup; ++k) {
-        amax = std::max(amax, std::fabs(xg[k]));
-        total += xg[k];
+      float amax = 0.f;
+      for (int64_t k = 0; k < kGroup; ++k) amax = std::max(amax, std::fabs(xg[k]));
+      float step = amax / 127.f;
+      for (int64_t k = 0; k < kGroup; ++k) left[k] = xg[k];
+      for (int p = 0; p < passes; ++p, step /= 254.f) {
+        const int64_t row = r * passes + p;
+        const float inv = step > 0.f ? 1.f / step : 0.f;
+        int total = 0;
+        for (int64_t k = 0; k < kGroup; ++k) {
+          const int v = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(left[k] * inv))));
+          q[row * K + g * kGroup + k] = static_cast<uint8_t>(v + bias);
+          left[k] -= step * static_cast<float>(v);
+          total += v;
+        }
+        s[row * G + g] = step;
+        sum[row * G + g] = step * static_cast<float>(total);
       }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int64_t k = 0; k < kGroup; ++k)
-        q[r * K + g * kGroup + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xg[k] * inv)) + bias);
-      s[r * G + g] = amax / 127.f;
-      sum[r * G + g] = total;
     }
+  }
+}
+
+// output row r / P of the tile column: the sum of its P passes, times `factor`
+template <int R, int P>
+VNNI_TARGET inline void store(const __m512* acc, __m512 factor, float* y, int64_t N, int64_t nb) {
+  for (int o = 0; o < R / P; ++o) {
+    __m512 v = acc[o * P];
+    for (int p = 1; p < P; ++p) v = _mm512_add_ps(v, acc[o * P + p]);
+    _mm512_storeu_ps(y + o * N + nb * 16, _mm512_mul_ps(v, factor));
   }
 }
 
@@ -69,8 +94,9 @@ inline __m512i VNNI_TARGET broadcast4(const uint8_t* p) {
   return _mm512_set1_epi32(a);
 }
 
-// the 16 output rows of tile column `nb`, for R activation rows
-template <int R>
+// the 16 output rows of tile column `nb`, for R quantized activation rows = R / P rows of x
+// (P passes each, added up when stored)
+template <int R, int P>
 VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, const uint8_t* q, const float* s,
                             const float* sum, int64_t K, int64_t N, float* y, int64_t nb) {
   const int64_t G = K / kGroup;
@@ -99,10 +125,10 @@ VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, co
       acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sum[r * G + g]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N + nb * 16, acc[r]);
+  store<R, P>(acc, _mm512_set1_ps(1.f), y, N, nb);
 }
 
-template <int R>
+template <int R, int P>
 VNNI_TARGET void int8_tiles(const uint8_t* w, const float* c, const float* scale, const uint8_t* q, const float* s,
                             const float*, int64_t K, int64_t N, float* y, int64_t nb) {
   const int64_t G = K / kGroup;
@@ -127,39 +153,42 @@ VNNI_TARGET void int8_tiles(const uint8_t* w, const float* c, const float* scale
       acc[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(s[r * G + g]), acc[r]);
     }
   }
-  const __m512 sv = _mm512_loadu_ps(scale + nb * 16);
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N + nb * 16, _mm512_mul_ps(acc[r], sv));
+  store<R, P>(acc, _mm512_loadu_ps(scale + nb * 16), y, N, nb);
 }
 
 using TileFn = void (*)(const uint8_t*, const float*, const float*, const uint8_t*, const float*, const float*,
                         int64_t, int64_t, float*, int64_t);
 
-template <int R>
+template <int R, int P>
 struct Int4 {
-  static constexpr TileFn fn = &int4_tiles<R>;
+  static constexpr TileFn fn = &int4_tiles<R, P>;
 };
-template <int R>
+template <int R, int P>
 struct Int8 {
-  static constexpr TileFn fn = &int8_tiles<R>;
+  static constexpr TileFn fn = &int8_tiles<R, P>;
 };
 
-template <template <int> class Kind>
-TileFn by_rows(int R) {
+// R quantized rows (a multiple of the passes P)
+template <template <int, int> class Kind>
+TileFn by_rows(int R, int64_t P) {
+  if (P == 2) return R == 2 ? Kind<2, 2>::fn : Kind<4, 2>::fn;
   switch (R) {
-    case 1: return Kind<1>::fn;
-    case 2: return Kind<2>::fn;
-    case 3: return Kind<3>::fn;
-    default: return Kind<4>::fn;
+    case 1: return Kind<1, 1>::fn;
+    case 2: return Kind<2, 1>::fn;
+    case 3: return Kind<3, 1>::fn;
+    default: return Kind<4, 1>::fn;
   }
 }
 
-// x (M, K) -> (M, 16 * NB): quantize x, then tile columns in parallel, kRowsAtOnce rows per pass
-template <template <int> class Kind>
+// x (M, K) -> (M, 16 * NB): quantize x (`passes` rows each), then tile columns in parallel,
+// kRowsAtOnce quantized rows per pass over the weights, and add up each row's passes
+template <template <int, int> class Kind>
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile, const at::Tensor& a,
-               const at::Tensor& b, int bias, const char* name) {
+               const at::Tensor& b, int64_t passes, int bias, const char* name) {
+  TORCH_CHECK(passes == 1 || passes == 2, name, ": passes must be 1 or 2");
   TORCH_CHECK(vnni_available(), name, ": this CPU lacks AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be (rows, in) on the CPU");
-  const int64_t M = x.size(0), K = x.size(1), NB = w.size(0), N = NB * 16, G = K / kGroup;
+  const int64_t M0 = x.size(0), M = M0 * passes, K = x.size(1), NB = w.size(0), N = NB * 16, G = K / kGroup;
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.element_size() == 1 && w.is_contiguous(), name,
               ": packed weights must be (out / 16, in / ", inputs_per_tile, ", 64) bytes");
   TORCH_CHECK(K % kGroup == 0 && w.size(1) * inputs_per_tile == K, name, ": x's width does not match the weights");
@@ -169,39 +198,41 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   std::vector<uint8_t> q(static_cast<size_t>(M * K));
   std::vector<float> s(static_cast<size_t>(M * G)), sum(static_cast<size_t>(M * G));
-  quantize_rows(x32.data_ptr<float>(), M, K, bias, q.data(), s.data(), sum.data());
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  quantize_rows(x32.data_ptr<float>(), M0, K, static_cast<int>(passes), bias, q.data(), s.data(), sum.data());
+  at::Tensor y = at::empty({M0, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowsAtOnce) {
-      const TileFn fn = by_rows<Kind>(static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - r0)));
+      const TileFn fn = by_rows<Kind>(static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - r0)), passes);
       for (int64_t nb = begin; nb < end; ++nb)
-        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, yp + r0 * N, nb);
+        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, yp + r0 / passes * N, nb);
     }
   });
   return y.to(x.scalar_type());
 }
 
-at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m) {
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
+                       int64_t passes) {
   TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == x.size(1),
               "int4_matmul: d and m must be (out / 16, in / 32, 16)");
-  return run<Int4>(x, w, 8, d, m, 0, "int4_matmul");
+  return run<Int4>(x, w, 8, d, m, passes, 0, "int4_matmul");
 }
 
-at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale) {
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
+                       int64_t passes) {
   TORCH_CHECK(c.dim() == 3 && c.size(2) == 16 && c.size(1) * kGroup == x.size(1),
               "int8_matmul: c must be (out / 16, in / 32, 16)");
   TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 16, "int8_matmul: scale must be (out / 16, 16)");
-  return run<Int8>(x, w, 4, c, scale, 128, "int8_matmul");
+  return run<Int8>(x, w, 4, c, scale, passes, 128, "int8_matmul");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
-  lib.def("int4_matmul(Tensor x, Tensor w, Tensor d, Tensor m) -> Tensor");
-  lib.def("int8_matmul(Tensor x, Tensor w, Tensor c, Tensor scale) -> Tensor");
+  lib.def("int4_matmul(Tensor x, Tensor w, Tensor d, Tensor m, int passes) -> Tensor");
+  lib.def("int8_matmul(Tensor x, Tensor w, Tensor c, Tensor scale, int passes) -> Tensor");
   lib.def("vnni_available() -> bool", &vnni_available);
 }
 
