@@ -11,7 +11,6 @@ from helpers import left_padded, tiny_model
 
 from subllm.inference import native
 from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
-from subllm.inference.quantize import int4_dequantize
 
 needs_native = pytest.mark.skipif(not native.load(), reason="native kernels could not be built here")
 
@@ -142,9 +141,18 @@ def _rounded(x):
     return (torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))) * s).reshape(M, K)
 
 
+def _int4_weights(codes, scale, zero):
+    """The weights the kernel multiplies by: codes * d + m with d = scale and m = zero - 8 scale
+    rounded to bf16 (its storage), in float64."""
+    d, m = scale.bfloat16().double(), (zero - 8 * scale).bfloat16().double()
+    N, K = codes.shape
+    c = codes.double().reshape(N, K // 32, 32)
+    return (c * d[..., None] + m[..., None]).reshape(N, K)
+
+
 def _int4_reference(x, codes, scale, zero):
-    """The kernel's arithmetic in float64: the dequantized weights times the rounded activations."""
-    return _rounded(x) @ int4_dequantize(codes, scale, zero).double().T
+    """The kernel's arithmetic in float64: its weights times the rounded activations."""
+    return _rounded(x) @ _int4_weights(codes, scale, zero).T
 
 
 def _check_two_passes(matmul, x, packed, w):
@@ -176,7 +184,7 @@ def test_int4_kernel_equals_its_arithmetic_in_float64(N, K, M):
     torch.testing.assert_close(y.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
     for r in range(M):  # a row computes the same alone as in the batch (per-row activation scales)
         assert torch.equal(native.int4_matmul(x[r : r + 1], *packed), y[r : r + 1])
-    _check_two_passes(native.int4_matmul, x, packed, int4_dequantize(codes, scale, zero))
+    _check_two_passes(native.int4_matmul, x, packed, _int4_weights(codes, scale, zero))
     with pytest.raises(RuntimeError, match="int4_matmul: "):  # a width that does not match
         native.int4_matmul(x[:, :-32], *packed)
 
@@ -196,15 +204,15 @@ def test_int4_layers_decode_through_the_kernel_and_prefill_through_torch(monkeyp
     with decode_kernels():
         decode_out = layer(x)
     assert calls and decode_out.shape == prefill_out.shape == (2, 3, 48)
-    # against x @ w^T exactly: each activation is off by at most half its group's step s / 2, so
-    # output n is off by at most sum_g s[g] / 2 * sum_k |w[n, k]| (k in group g)
-    w = int4_dequantize(codes, scale, zero).double()
+    # against x @ w^T exactly (w: the kernel's weights): each activation is off by at most half its
+    # group's step s / 2, so output n is off by at most sum_g s[g] / 2 * sum_k |w[n, k]| (k in g)
+    w = _int4_weights(codes, scale, zero)
     step = x.reshape(6, 2, 32).double().abs().amax(-1) / 127  # (rows, groups)
     bound = torch.einsum("rg,ng->rn", step / 2, w.abs().reshape(48, 2, 32).sum(-1))
     exact = x.reshape(6, 64).double() @ w.T
     err = (decode_out.reshape(6, 48).double() - exact).abs()
     assert (err <= bound * 1.001 + 1e-5).all() and err.max() > 0
-    assert layer.decode_nbytes() == 48 * 64 // 2 + 2 * 48 * 2 * 4  # the kernel's tiles + fp32 d, m
+    assert layer.decode_nbytes() == 48 * 64 // 2 + 2 * 48 * 2 * 2  # the kernel's tiles + bf16 d, m
 
 
 @needs_int4

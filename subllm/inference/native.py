@@ -111,14 +111,15 @@ def int4_pack(codes: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tenso
     """int4 codes (out, in) in 0..15 with w = (c - 8) * scale + zero per group of 32 (quantize.py
     int4_codes) -> the kernel's layout: tiles (out / 16, in / 8, 64) uint8 - byte 4 j + i of a tile
     holds row j's codes for inputs i (low nibble) and i + 4 (high nibble) - and d = scale,
-    m = zero - 8 * scale, both (out / 16, in / 32, 16) fp32 (csrc/vnni_matmul.cpp)."""
+    m = zero - 8 * scale, both (out / 16, in / 32, 16) bf16 (csrc/vnni_matmul.cpp): 5 bits per
+    weight in all, as in torch's int4 layout (fp32 scales would make it 6)."""
     N, K = codes.shape
     NB, G = N // 16, scale.shape[1]
     c = codes.to(torch.uint8).reshape(NB, 16, K // 8, 8).permute(0, 2, 1, 3)
     tiles = (c[..., :4] | (c[..., 4:] << 4)).reshape(NB, K // 8, 64).contiguous()
 
     def by_tile(t: Tensor) -> Tensor:
-        return t.float().reshape(NB, 16, G).permute(0, 2, 1).contiguous()
+        return t.float().reshape(NB, 16, G).permute(0, 2, 1).to(torch.bfloat16).contiguous()
 
     return tiles, by_tile(scale), by_tile(zero - 8 * scale)
 

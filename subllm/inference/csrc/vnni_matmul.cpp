@@ -4,8 +4,8 @@
 // Both weight layouts are tiles of 16 output rows, 64 bytes each, so that one 64-byte load feeds
 // vpdpbusd, which adds 4 byte products into each of 16 int32 lanes - one lane per output row: no
 // horizontal sums, and the activations are 4-byte broadcasts.
-// - int4: codes c in 0..15, w = c * d + m per group of 32 weights along `in` (d, m fp32 per row and
-//   group; quantize.py's (c - 8) * scale + zero rewritten). A tile covers 8 inputs: byte 4 j + i
+// - int4: codes c in 0..15, w = c * d + m per group of 32 weights along `in` (d, m bf16 per row and
+//   group, as torch's int4 kernel keeps them; quantize.py's (c - 8) * scale + zero rewritten). A tile covers 8 inputs: byte 4 j + i
 //   holds row j's code for input i in its low nibble and for input i + 4 in its high one. The codes
 //   are the unsigned operand, the int8 activations the signed one.
 // - int8: q in -127..127, w = q * scale per row (Int8Linear). A tile covers 4 inputs: byte 4 j + i
@@ -88,6 +88,12 @@ VNNI_TARGET inline void store(const __m512* acc, __m512 factor, float* y, int64_
   }
 }
 
+// 16 bf16 -> 16 fp32
+VNNI_TARGET inline __m512 load_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 inline __m512i VNNI_TARGET broadcast4(const uint8_t* p) {
   int32_t a;
   __builtin_memcpy(&a, p, 4);
@@ -97,8 +103,10 @@ inline __m512i VNNI_TARGET broadcast4(const uint8_t* p) {
 // the 16 output rows of tile column `nb`, for R quantized activation rows = R / P rows of x
 // (P passes each, added up when stored)
 template <int R, int P>
-VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, const uint8_t* q, const float* s,
+VNNI_TARGET void int4_tiles(const uint8_t* w, const void* d_, const void* m_, const uint8_t* q, const float* s,
                             const float* sum, int64_t K, int64_t N, float* y, int64_t nb) {
+  const uint16_t* d = static_cast<const uint16_t*>(d_);  // bf16
+  const uint16_t* m = static_cast<const uint16_t*>(m_);
   const int64_t G = K / kGroup;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
@@ -117,8 +125,8 @@ VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, co
         hi_acc[r] = _mm512_dpbusd_epi32(hi_acc[r], hi, broadcast4(qk + 4));
       }
     }
-    const __m512 dv = _mm512_loadu_ps(d + (nb * G + g) * 16);
-    const __m512 mv = _mm512_loadu_ps(m + (nb * G + g) * 16);
+    const __m512 dv = load_bf16(d + (nb * G + g) * 16);
+    const __m512 mv = load_bf16(m + (nb * G + g) * 16);
     for (int r = 0; r < R; ++r) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[r], hi_acc[r]));
       acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(s[r * G + g])), acc[r]);
@@ -129,8 +137,10 @@ VNNI_TARGET void int4_tiles(const uint8_t* w, const float* d, const float* m, co
 }
 
 template <int R, int P>
-VNNI_TARGET void int8_tiles(const uint8_t* w, const float* c, const float* scale, const uint8_t* q, const float* s,
+VNNI_TARGET void int8_tiles(const uint8_t* w, const void* c_, const void* scale_, const uint8_t* q, const float* s,
                             const float*, int64_t K, int64_t N, float* y, int64_t nb) {
+  const float* c = static_cast<const float*>(c_);
+  const float* scale = static_cast<const float*>(scale_);
   const int64_t G = K / kGroup;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -156,7 +166,7 @@ VNNI_TARGET void int8_tiles(const uint8_t* w, const float* c, const float* scale
   store<R, P>(acc, _mm512_loadu_ps(scale + nb * 16), y, N, nb);
 }
 
-using TileFn = void (*)(const uint8_t*, const float*, const float*, const uint8_t*, const float*, const float*,
+using TileFn = void (*)(const uint8_t*, const void*, const void*, const uint8_t*, const float*, const float*,
                         int64_t, int64_t, float*, int64_t);
 
 template <int R, int P>
@@ -184,7 +194,7 @@ TileFn by_rows(int R, int64_t P) {
 // kRowsAtOnce quantized rows per pass over the weights, and add up each row's passes
 template <template <int, int> class Kind>
 at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile, const at::Tensor& a,
-               const at::Tensor& b, int64_t passes, int bias, const char* name) {
+               const at::Tensor& b, at::ScalarType ab_type, int64_t passes, int bias, const char* name) {
   TORCH_CHECK(passes == 1 || passes == 2, name, ": passes must be 1 or 2");
   TORCH_CHECK(vnni_available(), name, ": this CPU lacks AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be (rows, in) on the CPU");
@@ -193,15 +203,15 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile
               ": packed weights must be (out / 16, in / ", inputs_per_tile, ", 64) bytes");
   TORCH_CHECK(K % kGroup == 0 && w.size(1) * inputs_per_tile == K, name, ": x's width does not match the weights");
   for (const at::Tensor* t : {&a, &b})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == NB, name,
-                ": scales must be float32, contiguous, one block per 16 output rows");
+    TORCH_CHECK(t->scalar_type() == ab_type && t->is_contiguous() && t->size(0) == NB, name,
+                ": scales must be ", ab_type, ", contiguous, one block per 16 output rows");
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   std::vector<uint8_t> q(static_cast<size_t>(M * K));
   std::vector<float> s(static_cast<size_t>(M * G)), sum(static_cast<size_t>(M * G));
   quantize_rows(x32.data_ptr<float>(), M0, K, static_cast<int>(passes), bias, q.data(), s.data(), sum.data());
   at::Tensor y = at::empty({M0, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-  const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const void *ap = a.data_ptr(), *bp = b.data_ptr();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowsAtOnce) {
@@ -217,7 +227,7 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        int64_t passes) {
   TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == x.size(1),
               "int4_matmul: d and m must be (out / 16, in / 32, 16)");
-  return run<Int4>(x, w, 8, d, m, passes, 0, "int4_matmul");
+  return run<Int4>(x, w, 8, d, m, at::kBFloat16, passes, 0, "int4_matmul");
 }
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
@@ -225,7 +235,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(c.dim() == 3 && c.size(2) == 16 && c.size(1) * kGroup == x.size(1),
               "int8_matmul: c must be (out / 16, in / 32, 16)");
   TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 16, "int8_matmul: scale must be (out / 16, 16)");
-  return run<Int8>(x, w, 4, c, scale, passes, 128, "int8_matmul");
+  return run<Int8>(x, w, 4, c, scale, at::kFloat, passes, 128, "int8_matmul");
 }
 
 }  // namespace
