@@ -33,6 +33,23 @@ inline float widen(at::BFloat16 x) {
   return f;
 }
 
+// scores (G, n) -> exp(score - max) in place; the max and the sum of each row into m, l
+inline void softmax_rows(float* scores, int64_t G, int64_t n, float* out_m, float* out_l) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t t = 0; t < n; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      l += sg[t];
+    }
+    out_m[g] = m;
+    out_l[g] = l;
+  }
+}
+
 template <typename KV>
 void block_attend(const float* q, int64_t G, int64_t D, const KV* k, const KV* v, int64_t kv_stride,
                   int64_t n, float scale, float* scores, float* out_m, float* out_l, float* out_acc) {
@@ -47,21 +64,8 @@ void block_attend(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
       scores[g * n + t] = s * scale;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * n;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
-    float l = 0.f;
-#pragma omp simd reduction(+ : l)
-    for (int64_t t = 0; t < n; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      l += sg[t];
-    }
-    out_m[g] = m;
-    out_l[g] = l;
-    float* acc = out_acc + g * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-  }
+  softmax_rows(scores, G, n, out_m, out_l);
+  for (int64_t i = 0; i < G * D; ++i) out_acc[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const KV* vt = v + t * kv_stride;
     for (int64_t g = 0; g < G; ++g) {
@@ -98,19 +102,7 @@ void block_attend_avx512(const float* q, const KV* k, const KV* v, int64_t kv_st
       scores[g * n + t] = _mm512_reduce_add_ps(s);
     }
   }
-  for (int g = 0; g < G; ++g) {
-    float* sg = scores + g * n;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
-    float l = 0.f;
-#pragma omp simd reduction(+ : l)
-    for (int64_t t = 0; t < n; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      l += sg[t];
-    }
-    out_m[g] = m;
-    out_l[g] = l;
-  }
+  softmax_rows(scores, G, n, out_m, out_l);
   __m512 acc[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
