@@ -87,7 +87,26 @@ def decode_kernels():
         _decoding = before
 
 
-class Int8Linear(nn.Module):
+class NativeCopy:
+    """A layer's copy of its weights in a native kernel's layout (subllm/inference/native.py), held
+    as non-persistent buffers native_0, native_1, ...; `native` is the tuple of them (None before
+    `hold_native`). Buffers move with .to() and deep copies, and torch.compile treats them as the
+    module's static state - as plain tensor attributes they were dynamic-shape graph inputs with
+    ~1,200 symbolic shape guards on SmolLM2's decode graph (no measurable time per token, though)."""
+
+    native_count = 0
+
+    @property
+    def native(self) -> tuple[Tensor, ...] | None:
+        return tuple(getattr(self, f"native_{i}") for i in range(self.native_count)) or None
+
+    def hold_native(self, tensors: tuple[Tensor, ...]) -> None:
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"native_{i}", t, persistent=False)
+        self.native_count = len(tensors)
+
+
+class Int8Linear(NativeCopy, nn.Module):
     """A bias-free linear layer with int8 weights q (out, in) and fp32 scales s (out,)."""
 
     BLOCK = 1 << 20  # weights cast per matmul call: blocks of output channels of at most this many
@@ -101,7 +120,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
-        self.native = None  # the native VNNI kernel's (tiles, c, scale), made when first chosen
+        # self.native: the native VNNI kernel's (tiles, c, scale), made when first chosen
         self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic | native
 
     @property
@@ -125,7 +144,7 @@ class Int8Linear(nn.Module):
                     "the native int8 kernel needs AVX512-VNNI, the extension built (subllm/inference/"
                     "native.py), out_features divisible by 16 and in_features by 32"
                 )
-            self.native = native.int8_pack(self.q, self.scale)
+            self.hold_native(native.int8_pack(self.q, self.scale))
         self._kernel = name
 
     def __setstate__(self, state) -> None:  # a deep copy gets its own key (int8_dynamic.register)
@@ -232,7 +251,7 @@ def int4_fits(lin: nn.Linear, group: int = GROUP) -> bool:
     return lin.in_features % group == 0 and lin.out_features % 16 == 0
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(NativeCopy, nn.Module):
     """A bias-free linear layer with int4 weights in torch's CPU packed layout (`int4_codes`)."""
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, kernel: str = "auto"):
@@ -244,9 +263,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_zero", sz.to(torch.bfloat16))
         if kernel not in ("auto", *INT4_KERNELS):
             raise SubLLMError(f"int4 kernel must be auto, {', '.join(INT4_KERNELS)}; got {kernel!r}")
-        self.native = None  # (tiles, d, m): the native VNNI kernel's copy, for decode steps
+        # self.native: (tiles, d, m), the native VNNI kernel's copy, for decode steps
         if kernel != "torch" and self.group == native.GROUP and native.vnni_available():
-            self.native = native.int4_pack(codes, scale, zero)
+            self.hold_native(native.int4_pack(codes, scale, zero))
         elif kernel == "native":
             raise SubLLMError("the native int4 kernel needs AVX512-VNNI and the extension (native.py)")
         self.kernel = "native" if self.native is not None else "torch"  # in decode steps
