@@ -33,6 +33,9 @@ namespace {
 
 constexpr int64_t kGroup = 32;
 constexpr int kRowsAtOnce = 4;  // activation rows sharing one pass over the weights
+// int4: software prefetch this many bytes ahead of the tile being read (SmolLM2's 120 layers at one
+// row, one thread: ~15% faster than none; 1024 and 4096 slower than 2048; the int8 loop showed no gain)
+constexpr int64_t kPrefetch = 2048;
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 bool vnni_available() {
@@ -116,6 +119,7 @@ VNNI_TARGET void int4_tiles(const uint8_t* w, const void* d_, const void* m_, co
     __m512i lo_acc[R], hi_acc[R];
     for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_si512();
     for (int step = 0; step < kGroup / 8; ++step) {
+      _mm_prefetch(reinterpret_cast<const char*>(wt + (g * (kGroup / 8) + step) * 64 + kPrefetch), _MM_HINT_T0);
       const __m512i b = _mm512_loadu_si512(wt + (g * (kGroup / 8) + step) * 64);
       const __m512i lo = _mm512_and_si512(b, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
