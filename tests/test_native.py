@@ -235,3 +235,21 @@ def test_int8_kernel_equals_its_arithmetic_in_float64(N, K, M):
         assert torch.equal(layer(x[None])[0], want)  # the layer's decode path is this kernel
     with pytest.raises(Exception, match="native int8 kernel needs"):
         Int8Linear.from_linear(torch.nn.Linear(40, 16, bias=False)).kernel = "native"
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file, on which every later load would wait forever."""
+    import os
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    lock = tmp_path / "lock"
+    lock.touch()
+    native._clear_stale_lock("x")
+    assert lock.exists()  # a build may be running
+    old = lock.stat().st_mtime - native.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        native._clear_stale_lock("x")
+    assert not lock.exists()

@@ -54,11 +54,13 @@ def load() -> bool:
         _state["ok"] = True  # loaded by someone else in this process
         return True
     cap = capability()
+    name = f"subllm_native_{cap.lower()}"
     try:
         from torch.utils.cpp_extension import load as cpp_load
 
+        _clear_stale_lock(name)
         cpp_load(
-            name=f"subllm_native_{cap.lower()}",
+            name=name,
             sources=[str(_CSRC / "decode_attention.cpp"), str(_CSRC / "vnni_matmul.cpp")],
             extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_FLAGS.get(cap, [])],
             extra_ldflags=["-fopenmp"],
@@ -75,6 +77,26 @@ def load() -> bool:
     _register_fake()
     _state["ok"] = True
     return True
+
+
+STALE_LOCK_S = 600  # a build takes ~10-20 s; a lock this old was left by a killed build
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's cpp_extension waits, without a timeout, for the lock file of a build another process
+    runs; a build killed midway leaves it behind and every later load would hang. Remove one older
+    than STALE_LOCK_S."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            warnings.warn(f"subllm: removed a stale build lock {lock}", stacklevel=3)
+    except FileNotFoundError:
+        pass
 
 
 def _register_fake() -> None:
