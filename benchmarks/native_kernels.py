@@ -43,14 +43,14 @@ def attention(L: int, n: int) -> None:
     ks = [torch.randn(1, 3, L + 256, 64) for _ in range(LAYERS)]
     vs = [torch.randn(1, 3, L + 256, 64) for _ in range(LAYERS)]
     kb, vb = [k.bfloat16() for k in ks], [v.bfloat16() for v in vs]
-    lens = torch.tensor([L])
+    rows, lens = torch.tensor([0]), torch.tensor([L])
     fns = {
         "SDPA fp32": lambda: [
             F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], enable_gqa=True)
             for k, v in zip(ks, vs)
         ],
-        "native fp32": lambda: [native.decode_attention(q, k, v, lens) for k, v in zip(ks, vs)],
-        "native bf16": lambda: [native.decode_attention(q, k, v, lens) for k, v in zip(kb, vb)],
+        "native fp32": lambda: [native.decode_attention(q, k, v, rows, lens) for k, v in zip(ks, vs)],
+        "native bf16": lambda: [native.decode_attention(q, k, v, rows, lens) for k, v in zip(kb, vb)],
     }
     print(f"attention at {L} keys, us per layer: {rounds(fns, n, LAYERS / 1e6)}", flush=True)
 

@@ -15,11 +15,12 @@ from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtyp
 needs_native = pytest.mark.skipif(not native.load(), reason="native kernels could not be built here")
 
 
-def _reference(q, k, v, lens):
+def _reference(q, k, v, rows, lens):
+    """SDPA, query row by query row, over the exact slice of the cache row it reads."""
     out = []
-    for b, n in enumerate(lens.tolist()):
-        kb, vb = k[b : b + 1, :, :n].float(), v[b : b + 1, :, :n].float()
-        out.append(F.scaled_dot_product_attention(q[b : b + 1].float(), kb, vb, enable_gqa=True))
+    for i, (r, n) in enumerate(zip(rows.tolist(), lens.tolist())):
+        kb, vb = k[r : r + 1, :, :n].float(), v[r : r + 1, :, :n].float()
+        out.append(F.scaled_dot_product_attention(q[i : i + 1].float(), kb, vb, enable_gqa=True))
     return torch.cat(out)
 
 
@@ -35,31 +36,35 @@ def test_kernel_equals_sdpa_per_row(H, Hkv, D, kv_dtype):
     k = (torch.randn(B, Hkv, cap, D, generator=g) * 2).to(kv_dtype)
     v = torch.randn(B, Hkv, cap, D, generator=g).to(kv_dtype)
     k[:, :, 500:] = float("nan")  # slots past every row's length are never read
-    lens = torch.tensor([1, 257, 500])
-    out = native.decode_attention(q, k, v, lens)
+    rows, lens = torch.arange(B), torch.tensor([1, 257, 500])
+    out = native.decode_attention(q, k, v, rows, lens)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out, _reference(q, k, v, lens), atol=2e-6, rtol=1e-5)
-    out_bf16 = native.decode_attention(q.bfloat16(), k, v, lens)  # bf16 queries: computed in fp32
+    torch.testing.assert_close(out, _reference(q, k, v, rows, lens), atol=2e-6, rtol=1e-5)
+    out_bf16 = native.decode_attention(q.bfloat16(), k, v, rows, lens)  # bf16 queries: fp32 math
     assert out_bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(out_bf16.float(), _reference(q.bfloat16(), k, v, lens), atol=1e-2, rtol=1e-2)
-
-
-@needs_native
-def test_kernel_reads_a_batch_slice_view_and_refuses_bad_input():
-    q, k = torch.randn(1, 4, 1, 64), torch.randn(3, 2, 40, 64)
-    lens = torch.tensor([17])
+    ref_bf16 = _reference(q.bfloat16(), k, v, rows, lens)
+    torch.testing.assert_close(out_bf16.float(), ref_bf16, atol=1e-2, rtol=1e-2)
+    sub_rows, sub_lens = torch.tensor([2, 0]), torch.tensor([300, 1])  # a subset, out of order
     torch.testing.assert_close(
-        native.decode_attention(q, k[1:2], k[1:2], lens),
-        _reference(q, k[1:2], k[1:2], lens),
+        native.decode_attention(q[:2], k, v, sub_rows, sub_lens),
+        _reference(q[:2], k, v, sub_rows, sub_lens),
         atol=2e-6,
         rtol=1e-5,
     )
+
+
+@needs_native
+def test_kernel_refuses_bad_input():
+    q, k = torch.randn(1, 4, 1, 64), torch.randn(3, 2, 40, 64)
+    rows, lens = torch.tensor([1]), torch.tensor([17])
     with pytest.raises(RuntimeError, match="lens out of range"):
-        native.decode_attention(q, k[1:2], k[1:2], torch.tensor([41]))
+        native.decode_attention(q, k, k, rows, torch.tensor([41]))
+    with pytest.raises(RuntimeError, match="rows out of range"):
+        native.decode_attention(q, k, k, torch.tensor([3]), lens)
     with pytest.raises(RuntimeError, match="q must be"):
-        native.decode_attention(torch.randn(1, 4, 2, 64), k[1:2], k[1:2], lens)
+        native.decode_attention(torch.randn(1, 4, 2, 64), k, k, rows, lens)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        native.decode_attention(q, k[1:2].double(), k[1:2].double(), lens)
+        native.decode_attention(q, k.double(), k.double(), rows, lens)
 
 
 def _greedy(model, lens, steps=6, kv_dtype=torch.float32):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from subllm.config import Sub
 from subllm.errors import SubLLMError
-from subllm.inference.native import attend_step
+from subllm.inference.native import decode_attention
 
 
 class Segment(nn.Module):
@@ -60,7 +60,11 @@ class Segment(nn.Module):
             q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)
             kb[rows, :, slots] = k[:, :, 0].to(kb.dtype)  # the cache may be bf16 (set_kv_dtype)
             vb[rows, :, slots] = v[:, :, 0].to(vb.dtype)
-            x = x + attend_step(block.attn, q, kb, vb, lens, length, mask)
+            if lens is not None:  # the native kernel (native.py): each row its own length, no mask
+                a = block.attn.out(decode_attention(q, kb, vb, rows, lens))
+            else:
+                a = block.attn.attend(q, kb[:, :, :length], vb[:, :, :length], mask, is_causal=False)
+            x = x + a
             x = x + block.ffn(block.ffn_norm(x))
         return x
 

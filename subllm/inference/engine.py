@@ -228,9 +228,10 @@ def _decode_level(
     slots = cache.append(level, rows, positions, active)
     lens = [s + 1 for s in slots]
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
-    mask = None
-    lens_t = torch.tensor(lens, device=x.device) if native.available(x.device) else None
-    if full and lens_t is None and min(lens) != max(lens):
+    mask = rows_t = lens_t = None
+    if native.available(x.device):  # the native kernel: each row reads its own cache row and length
+        rows_t, lens_t = torch.tensor(rows, device=x.device), torch.tensor(lens, device=x.device)
+    elif full and min(lens) != max(lens):
         L = max(lens)
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
             :, None, None
@@ -256,20 +257,15 @@ def _decode_level(
         q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)  # (n, H, 1, hd), (n, Hkv, 1, hd)
         cache.write(node, rows, slots, k, v)
         kb, vb = cache.k[node], cache.v[node]
-        if full:  # the whole batch at once (SDPA: one view, masked only where row lengths differ)
-            a = native.attend_step(block.attn, q, kb, vb, lens_t, max(lens), mask)
-        else:  # a subset: each row reads exactly its own length
+        if lens_t is not None:  # all rows of the step in one call, the full batch or a subset
+            a = block.attn.out(native.decode_attention(q, kb, vb, rows_t, lens_t))
+        elif full:  # one view of the whole batch (masked only when row lengths differ)
+            L = max(lens)
+            a = block.attn.attend(q, kb[:, :, :L], vb[:, :, :L], mask, is_causal=False)
+        else:  # a subset: each row reads a view of exactly its own length
             a = torch.cat(
                 [
-                    native.attend_step(
-                        block.attn,
-                        q[i : i + 1],
-                        kb[r : r + 1],
-                        vb[r : r + 1],
-                        None if lens_t is None else lens_t[i : i + 1],
-                        n,
-                        None,
-                    )
+                    block.attn.attend(q[i : i + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], None, False)
                     for i, (r, n) in enumerate(zip(rows, lens))
                 ]
             )

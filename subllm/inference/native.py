@@ -1,16 +1,18 @@
 """Native CPU kernels for decoding (issue 22): built from csrc/ on first use, torch's ops otherwise.
 
-- `decode_attention(q, k, v, lens)`: the one-query attention of a decode step, reading each row's
-  first `lens[b]` cache slots in place (no slice, no mask) with the query heads of one K/V head
-  sharing every key and value read, fp32 arithmetic, fp32 or bf16 K/V (csrc/decode_attention.cpp).
-  torch's SDPA spends 100-400 us per layer on SmolLM2's one-query attention at 512-2k keys on a
-  2-vCPU EPYC (7.6-8 GB/s); this kernel 40-210 us in fp32 and 35-130 in bf16 at one thread.
+- `decode_attention(q, k, v, rows, lens)`: the one-query attention of a decode step, query i
+  reading cache row rows[i]'s first lens[i] slots in place (no slice, no mask, no gather of a
+  subset's rows), the query heads of one K/V head sharing every key and value read, fp32
+  arithmetic, fp32 or bf16 K/V (csrc/decode_attention.cpp). torch's SDPA spends 100-400 us per
+  layer on SmolLM2's one-query attention at 512-2k keys on a 2-vCPU EPYC (7.6-8 GB/s); this kernel
+  40-210 us in fp32 and 35-130 in bf16 at one thread.
 - `int4_matmul` / `int8_matmul`: int4 or int8 weights in tiles of 16 output rows times int8
   activations (quantized per row and group of 32, as llama.cpp's Q8 blocks, in ACT_PASSES passes)
   with AVX512-VNNI dot products (csrc/vnni_matmul.cpp), for the few rows of a decode step;
-  `int4_pack` / `int8_pack` write the tiles. SmolLM2's 120 int4 layers (80 MB) at one row: 4.2 ms
-  against 8.2 ms through torch's int4 kernel (~19 GB/s, about this machine's streaming bandwidth).
-  Where the CPU lacks VNNI, `vnni_available()` is False and quantize.py keeps torch's kernels.
+  `int4_pack` / `int8_pack` write the tiles. SmolLM2's 120 int4 layers (66 MB) at one row, one
+  thread: 4.5-4.8 ms against 9.0-9.2 ms through torch's int4 kernel (docs/RESULTS.md, "Native
+  decode kernels"). Where the CPU lacks VNNI, `vnni_available()` is False and quantize.py keeps
+  torch's kernels.
 
 The extension is compiled with torch's `cpp_extension` (g++ and ninja; ~10 s once per machine,
 cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) with instruction-set flags
@@ -103,7 +105,7 @@ def _register_fake() -> None:
     """Shapes for torch.compile (the compiled decode graphs call the kernel as one opaque op)."""
 
     @torch.library.register_fake("subllm_native::decode_attention")
-    def _(q: Tensor, k: Tensor, v: Tensor, lens: Tensor) -> Tensor:
+    def _(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, lens: Tensor) -> Tensor:
         return torch.empty_like(q)
 
     @torch.library.register_fake("subllm_native::int4_matmul")
@@ -186,16 +188,8 @@ def status() -> str:
     return f"native ({capability()})"
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, lens: Tensor) -> Tensor:
-    """q (B, H, 1, hd); k, v (B, Hkv, capacity, hd) cache buffers; lens (B,) int64, each row's
-    number of valid slots (>= 1) -> (B, H, 1, hd). Needs `available()`."""
-    return torch.ops.subllm_native.decode_attention(q, k, v, lens)
-
-
-def attend_step(attn, q: Tensor, kb: Tensor, vb: Tensor, lens: Tensor | None, length: int, mask) -> Tensor:
-    """A decode step's attention of one layer (`attn`: the block's Attention) over its cache
-    buffers kb, vb (B, Hkv, capacity, hd): through the native kernel when `lens` (B,) is given,
-    else through SDPA over the first `length` slots, masked by `mask` where rows differ."""
-    if lens is not None:
-        return attn.out(decode_attention(q, kb, vb, lens))
-    return attn.attend(q, kb[:, :, :length], vb[:, :, :length], mask, is_causal=False)
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, lens: Tensor) -> Tensor:
+    """q (n, H, 1, hd); k, v (B, Hkv, capacity, hd) cache buffers; rows (n,) int64, the cache row
+    each query reads; lens (n,) int64, that row's number of valid slots (>= 1) -> (n, H, 1, hd).
+    Needs `available()`."""
+    return torch.ops.subllm_native.decode_attention(q, k, v, rows, lens)

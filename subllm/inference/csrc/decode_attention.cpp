@@ -1,7 +1,9 @@
 // One-query attention for decode steps over a KV cache (subllm/inference/native.py).
 //
-// q (B, H, 1, D) float; k, v (B, Hkv, capacity, D) float or bfloat16, last dim contiguous;
-// lens (B,) int64: row b attends to its first lens[b] slots. -> (B, H, 1, D) in q's dtype.
+// q (n, H, 1, D) float; k, v (B, Hkv, capacity, D) float or bfloat16, last dim contiguous;
+// rows (n,) int64: query i reads cache row rows[i] (all rows of a step, or the subset a level's S
+// kept - no gather of the cache); lens (n,) int64: it attends to that row's first lens[i] slots.
+// -> (n, H, 1, D) in q's dtype.
 // The H / Hkv query heads of one K/V head share each key and value read (grouped-query
 // attention). Work is split over (row, K/V head, block of keys); each block keeps its running
 // max, sum of exponentials and weighted sum of values, merged at the end as in flash-decoding.
@@ -156,7 +158,8 @@ BlockFn pick_fast(int64_t, int64_t) { return nullptr; }
 #endif
 
 template <typename KV>
-void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const int64_t* lens, at::Tensor& out) {
+void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const int64_t* rows, const int64_t* lens,
+         at::Tensor& out) {
   const int64_t B = q32.size(0), H = q32.size(1), D = q32.size(3);
   const int64_t Hkv = k.size(1), G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -187,8 +190,8 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
       }
       std::vector<float> acc(static_cast<size_t>(G * D));
       const float* qbh = qp + (b * H + h * G) * D;
-      const KV* kbh = kp + b * ksb + h * ksh + t0 * kst;
-      const KV* vbh = vp + b * vsb + h * vsh + t0 * kst;
+      const KV* kbh = kp + rows[b] * ksb + h * ksh + t0 * kst;
+      const KV* vbh = vp + rows[b] * vsb + h * vsh + t0 * kst;
       if (fast != nullptr) {
         fast(qbh, kbh, vbh, kst, n, scale, scores.data(), ml.data(), ml.data() + G, acc.data());
       } else {
@@ -222,26 +225,30 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lens) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                            const at::Tensor& lens) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be (B, Hkv, capacity, D)");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "decode_attention: q and k disagree on B or D");
+  TORCH_CHECK(k.size(3) == q.size(3), "decode_attention: q and k disagree on D");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup, "decode_attention: bad head grouping");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k, v need a contiguous last dim");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
-  TORCH_CHECK(lens.dim() == 1 && lens.size(0) == q.size(0) && lens.scalar_type() == at::kLong,
-              "decode_attention: lens must be (B,) int64");
-  const at::Tensor lens_c = lens.contiguous();
-  const int64_t* lp = lens_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b)
+  for (const at::Tensor* t : {&rows, &lens})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0) && t->scalar_type() == at::kLong,
+                "decode_attention: rows and lens must be (n,) int64, one per query row");
+  const at::Tensor rows_c = rows.contiguous(), lens_c = lens.contiguous();
+  const int64_t *rp = rows_c.data_ptr<int64_t>(), *lp = lens_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < k.size(0), "decode_attention: rows out of range");
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "decode_attention: lens out of range");
+  }
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   if (k.scalar_type() == at::kFloat) {
-    run<float>(q32, k, v, lp, out);
+    run<float>(q32, k, v, rp, lp, out);
   } else if (k.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(q32, k, v, lp, out);
+    run<at::BFloat16>(q32, k, v, rp, lp, out);
   } else {
     TORCH_CHECK(false, "decode_attention: k, v must be float32 or bfloat16");
   }
@@ -250,6 +257,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor lens) -> Tensor"); }
+TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor lens) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(subllm_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
