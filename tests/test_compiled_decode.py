@@ -61,6 +61,7 @@ def test_compiled_decode_equals_eager(structure, lens, whole, kv):
     cache's dtype (engine.py set_kv_dtype)."""
     model = set_kv_dtype(tiny_preset_model(structure), kv)
     model.decode_subset = True
+    model.native_layers = False  # the per-layer paths (the fused one: test_native_layers.py)
     compiled = compile_decode(copy.copy(model))  # shares the modules; only the copy is compiled
     compiled.decode_subset = not whole
     steps, subset = 12, (4 if len(lens) > 1 else None)
@@ -122,6 +123,7 @@ def test_compiled_decode_with_int8_activation_kernels_equals_eager(kind, int8_ke
     from subllm.inference.quantize import quantize_
 
     model = quantize_(tiny_preset_model("TT(TT)T"), kind, int8_kernel=int8_kernel)
+    model.native_layers = False
     assert kind == "int8" or (model.int4_kernel == "native" and model.int4_fallback)
     compiled = compile_decode(copy.copy(model))
     ref, _ = _decode(model, [9, 4], 6)

@@ -89,6 +89,7 @@ def _greedy(model, lens, steps=6, kv_dtype=torch.float32):
 def test_decode_with_the_kernel_equals_decode_with_sdpa(monkeypatch, head_dim_64):
     kw = dict(dim=128, n_heads=2, n_kv_heads=1) if head_dim_64 else {}
     model = tiny_model("TT(T(TT)T)T", **kw)
+    model.native_layers = False  # the kernel called per layer (runs of layers: test_native_layers.py)
     calls = []
     real = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))

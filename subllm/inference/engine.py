@@ -35,7 +35,7 @@ from torch import Tensor
 
 from subllm.config import Sub
 from subllm.errors import SubLLMError
-from subllm.inference import native
+from subllm.inference import native, native_layers
 from subllm.inference.cache import KVCache
 from subllm.inference.quantize import decode_kernels
 from subllm.model.layers import Block, rope_cos_sin
@@ -236,16 +236,25 @@ def _decode_level(
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
             :, None, None
         ]
-    compiled = getattr(model, "compiled_decode", None) if full else None  # compiled_decode.py
+    # runs of layers in one native call (native_layers.py), else compiled segments (compiled_decode.py)
+    fused = native_layers.runs(model, nodes) if lens_t is not None and native_layers.usable(model, x) else {}
+    compiled = getattr(model, "compiled_decode", None) if full else None
     if compiled is not None:  # room past the new token: the graphs never see capacity == length
         cache.reserve(level, max(lens) + 1)
+    if compiled is not None or fused:
         slot_t = torch.tensor(slots, device=x.device)
-    done: set[int] = set()  # layers a compiled segment ran
+    done: set[int] = set()  # layers a fused run or a compiled segment ran
     for node in nodes:
         if isinstance(node, Sub):
             x = _decode_sub(model, cache, node, x, rows, positions, cos, sin, active)
             continue
         if node in done:
+            continue
+        if node in fused:
+            run_args = fused[node]
+            ks, vs = [cache.k[i] for i in run_args[0]], [cache.v[i] for i in run_args[0]]
+            x = native_layers.run(model, run_args, x, cos, sin, rows_t, slot_t, lens_t, ks, vs)
+            done.update(run_args[0])
             continue
         if compiled is not None and node in compiled.by_first:
             layers, segment = compiled.by_first[node]

@@ -52,7 +52,7 @@ def load() -> bool:
     if os.environ.get("SUBLLM_NATIVE", "1") == "0":
         _state["error"] = "disabled by SUBLLM_NATIVE=0"
         return False
-    if hasattr(torch.ops, "subllm_native") and hasattr(torch.ops.subllm_native, "int8_matmul"):
+    if hasattr(torch.ops, "subllm_native") and hasattr(torch.ops.subllm_native, "decode_layers"):
         _state["ok"] = True  # loaded by someone else in this process
         return True
     cap = capability()
@@ -63,8 +63,10 @@ def load() -> bool:
         _clear_stale_lock(name)
         cpp_load(
             name=name,
-            sources=[str(_CSRC / "decode_attention.cpp"), str(_CSRC / "vnni_matmul.cpp")],
-            extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_FLAGS.get(cap, [])],
+            sources=[str(_CSRC / f) for f in ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp")],
+            # the header's checksum as a flag: the build is redone when native.h changes (torch's
+            # versioning hashes the sources and flags, not the headers they include)
+            extra_cflags=["-O3", "-ffast-math", "-fopenmp", f"-DSUBLLM_NATIVE_H={_header_crc()}", *_FLAGS.get(cap, [])],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -79,6 +81,12 @@ def load() -> bool:
     _register_fake()
     _state["ok"] = True
     return True
+
+
+def _header_crc() -> int:
+    import zlib
+
+    return zlib.crc32((_CSRC / "native.h").read_bytes())
 
 
 STALE_LOCK_S = 600  # a build takes ~10-20 s; a lock this old was left by a killed build

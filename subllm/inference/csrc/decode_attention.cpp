@@ -9,7 +9,8 @@
 // max, sum of exponentials and weighted sum of values, merged at the end as in flash-decoding.
 // Arithmetic in fp32. K/V in bf16 are widened on the fly (half the bytes read per token).
 
-#include <ATen/ATen.h>
+#include "native.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -225,6 +226,10 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
   }
 }
 
+}  // namespace
+
+namespace subllm_native {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
                             const at::Tensor& lens) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
@@ -255,8 +260,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.to(q.scalar_type());
 }
 
-}  // namespace
+}  // namespace subllm_native
 
 TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor lens) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(subllm_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(subllm_native, CPU, m) { m.impl("decode_attention", &subllm_native::decode_attention); }

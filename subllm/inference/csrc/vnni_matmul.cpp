@@ -19,7 +19,8 @@
 // rounded activations.
 // Products and their sums are exact integers; the rest is fp32.
 
-#include <ATen/ATen.h>
+#include "native.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -227,6 +228,10 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile
   return y.to(x.scalar_type());
 }
 
+}  // namespace
+
+namespace subllm_native {
+
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                        int64_t passes) {
   TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == x.size(1),
@@ -242,7 +247,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return run<Int8>(x, w, 4, c, scale, at::kFloat, passes, 128, "int8_matmul");
 }
 
-}  // namespace
+}  // namespace subllm_native
 
 TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
   lib.def("int4_matmul(Tensor x, Tensor w, Tensor d, Tensor m, int passes) -> Tensor");
@@ -251,6 +256,6 @@ TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
 }
 
 TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) {
-  lib.impl("int4_matmul", &int4_matmul);
-  lib.impl("int8_matmul", &int8_matmul);
+  lib.impl("int4_matmul", &subllm_native::int4_matmul);
+  lib.impl("int8_matmul", &subllm_native::int8_matmul);
 }

@@ -1,0 +1,160 @@
+// A run of consecutive decoder layers for one new token per row, in one call (subllm/inference/
+// native_layers.py). Per layer, as subllm/model/layers.py Block computes it:
+//   h = RMSNorm(x); q, k, v = split(h Wqkv^T); q, k rotated (RoPE, half-split); k, v stored at
+//   (rows[i], :, slots[i]) of the layer's cache; a = attention of q over each row's first lens[i]
+//   slots; x += a Wo^T; h = RMSNorm(x); x += (silu(h W1^T) * h W3^T) W2^T
+// with the attention and the int4 / int8 matmuls of the other two files called directly and every
+// element-wise step (norms, RoPE, the cache store, SwiGLU, residuals) a plain loop over the few rows
+// of a decode step. What this removes is not arithmetic but the ~20 dispatched ops per layer and the
+// Python between them (or a compiled graph's guards and small kernels): ~4 ms of a SmolLM2-135M
+// token that the weights themselves read in ~6 ms (docs/RESULTS.md, "Native decode kernels").
+//
+// weights: 14 tensors per layer - attn norm weight, ffn norm weight, then Wqkv, Wo, W13, W2 as
+// three tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
+// d, m) or int8 tiles (tiles, c, scale); kinds: 4 per layer, 0 dense / 1 int4 / 2 int8.
+// x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
+
+#include "native.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTensorsPerLayer = 14;
+constexpr int64_t kLinearsPerLayer = 4;
+
+at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor* w, int64_t passes) {
+  switch (kind) {
+    case 0: return at::linear(x, w[0]);
+    case 1: return subllm_native::int4_matmul(x, w[0], w[1], w[2], passes);
+    case 2: return subllm_native::int8_matmul(x, w[0], w[1], w[2], passes);
+    default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", kind);
+  }
+}
+
+// out = w * (x / sqrt(mean(x^2) + eps)), one row of C
+void rms_norm(const float* x, const float* w, float eps, int64_t C, float* out) {
+  float ss = 0.f;
+  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = w[c] * (x[c] * r);
+}
+
+// one head of D in place: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])
+void rope(float* x, const float* cos, const float* sin, int64_t D, float* tmp) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < D; ++d) tmp[d] = x[d];
+  for (int64_t d = 0; d < h; ++d) x[d] = tmp[d] * cos[d] - tmp[d + h] * sin[d];
+  for (int64_t d = h; d < D; ++d) x[d] = tmp[d] * cos[d] + tmp[d - h] * sin[d];
+}
+
+template <typename T>
+void store(const at::Tensor& cache, int64_t row, int64_t slot, int64_t Hkv, int64_t D, const float* src) {
+  T* base = cache.data_ptr<T>() + row * cache.stride(0) + slot * cache.stride(2);
+  for (int64_t h = 0; h < Hkv; ++h)
+    for (int64_t d = 0; d < D; ++d) base[h * cache.stride(1) + d] = static_cast<T>(src[h * D + d]);
+}
+
+void store_kv(const at::Tensor& cache, int64_t row, int64_t slot, int64_t Hkv, int64_t D, const float* src) {
+  if (cache.scalar_type() == at::kFloat) {
+    store<float>(cache, row, slot, Hkv, D, src);
+  } else {
+    store<at::BFloat16>(cache, row, slot, Hkv, D, src);  // round to nearest even, as Tensor.to
+  }
+}
+
+at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                         const at::Tensor& rows_in, const at::Tensor& slots_in, const at::Tensor& lens,
+                         at::TensorList weights, at::IntArrayRef kinds, at::TensorList ks, at::TensorList vs,
+                         double eps_d, int64_t n_heads, int64_t passes) {
+  const int64_t L = ks.size();
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(vs.size()) == L, "decode_layers: one k and one v cache per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kTensorsPerLayer * L &&
+                  static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * L,
+              "decode_layers: 14 weight tensors and 4 kinds per layer");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "decode_layers: x must be (n, C) float32 on the CPU");
+  const int64_t n = x_in.size(0), C = x_in.size(1);
+  const int64_t Hkv = ks[0].size(1), D = ks[0].size(3), H = n_heads;
+  TORCH_CHECK(H * D == C && H % Hkv == 0, "decode_layers: heads x head_dim must equal the width");
+  TORCH_CHECK(cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == n && cos_in.size(-1) == D &&
+                  cos_in.scalar_type() == at::kFloat,
+              "decode_layers: cos / sin must be (n, head_dim) float32");
+  for (const at::Tensor* t : {&rows_in, &slots_in, &lens})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kLong,
+                "decode_layers: rows, slots and lens must be (n,) int64");
+  const at::Tensor rows = rows_in.contiguous(), slots = slots_in.contiguous();
+  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) {
+    for (const at::Tensor* c : {&ks[l], &vs[l]}) {
+      TORCH_CHECK(c->dim() == 4 && c->size(1) == Hkv && c->size(3) == D && c->stride(3) == 1 &&
+                      (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16),
+                  "decode_layers: caches must be (B, Hkv, capacity, head_dim) float32 or bfloat16");
+      for (int64_t i = 0; i < n; ++i)
+        TORCH_CHECK(rp[i] >= 0 && rp[i] < c->size(0) && sp[i] >= 0 && sp[i] < c->size(2),
+                    "decode_layers: rows or slots out of the cache's range");
+    }
+    for (int64_t j = 0; j < 2; ++j) {
+      const at::Tensor& w = weights[l * kTensorsPerLayer + j];
+      TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == C && w.is_contiguous(),
+                  "decode_layers: norm weights must be (C,) float32");
+    }
+  }
+  const float eps = static_cast<float>(eps_d);
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  at::Tensor x = x_in.contiguous().clone();
+  at::Tensor h = at::empty_like(x);
+  float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>();
+  std::vector<float> tmp(static_cast<size_t>(D));
+  const int64_t QKV = (H + 2 * Hkv) * D;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[l * kTensorsPerLayer];
+    const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
+    const float *attn_norm = w[0].data_ptr<float>(), *ffn_norm = w[1].data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, attn_norm, eps, C, hp + i * C);
+    at::Tensor qkv = linear(h, kind[0], w + 2, passes).contiguous();
+    TORCH_CHECK(qkv.size(1) == QKV, "decode_layers: Wqkv gives ", qkv.size(1), " features, not ", QKV);
+    float* qp = qkv.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = qp + i * QKV;
+      for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
+      store_kv(ks[l], rp[i], sp[i], Hkv, D, row + H * D);
+      store_kv(vs[l], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
+    }
+    const at::Tensor q = qkv.narrow(1, 0, H * D).reshape({n, H, 1, D});
+    const at::Tensor a = subllm_native::decode_attention(q, ks[l], vs[l], rows, lens).reshape({n, C});
+    const at::Tensor o = linear(a, kind[1], w + 5, passes).contiguous();
+    const float* op = o.data_ptr<float>();
+    for (int64_t j = 0; j < n * C; ++j) xp[j] += op[j];
+    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, hp + i * C);
+    at::Tensor gu = linear(h, kind[2], w + 8, passes).contiguous();
+    const int64_t F = gu.size(1) / 2;
+    at::Tensor act = at::empty({n, F}, x.options());
+    const float* gp = gu.data_ptr<float>();
+    float* ap = act.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t f = 0; f < F; ++f) {
+        const float g = gp[i * 2 * F + f];
+        ap[i * F + f] = g / (1.f + std::exp(-g)) * gp[i * 2 * F + F + f];
+      }
+    const at::Tensor y = linear(act, kind[3], w + 11, passes).contiguous();
+    const float* yp = y.data_ptr<float>();
+    for (int64_t j = 0; j < n * C; ++j) xp[j] += yp[j];
+  }
+  return x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
+  lib.def(
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor rows, Tensor slots, Tensor lens, Tensor[] weights, "
+      "int[] kinds, Tensor(a!)[] ks, Tensor(b!)[] vs, float eps, int n_heads, int passes) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) { lib.impl("decode_layers", &decode_layers); }

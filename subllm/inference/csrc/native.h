@@ -1,0 +1,20 @@
+// The native decode kernels callable from each other's translation units (decode_layers.cpp runs
+// whole layers through the attention and matmul kernels without going back through the dispatcher).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace subllm_native {
+
+// decode_attention.cpp: q (n, H, 1, D); k, v (B, Hkv, capacity, D); query i reads cache row rows[i]'s
+// first lens[i] slots -> (n, H, 1, D)
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                            const at::Tensor& lens);
+
+// vnni_matmul.cpp: x (rows, in) -> (rows, out) through int4 / int8 tiles (native.py int4_pack / int8_pack)
+at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
+                       int64_t passes);
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
+                       int64_t passes);
+
+}  // namespace subllm_native

@@ -1,0 +1,130 @@
+"""Decode through runs of layers in one native call (issue 22; csrc/decode_layers.cpp).
+
+A decode step of SmolLM2-135M spends as long between its kernels as in them: ~20 dispatched ops
+per layer through Python (or, with --compile, a graph's guards and small kernels), ~4 ms of a
+~10 ms token at one thread. `decode_layers` runs a whole run of consecutive layers of one level -
+norms, fused QKV, RoPE, the cache store, attention, output projection, SwiGLU, residuals - as one
+op: the element-wise steps are loops over the few rows of a step, the linear layers go straight to
+the native int4 / int8 kernels (or ATen's linear for dense fp32 weights), the attention to the
+native kernel. The engine (engine.py `_decode_level`) takes this path wherever `usable` says so and
+every layer of the run is `layer_args`-eligible; everything else (an S, U + B, the head, layers of
+another kind) stays as it was. The eager per-layer path is the reference the tests compare with.
+
+Eligible: fp32 activations without autocast on a CPU where the extension loads, plain `Block`s
+(RMSNorm, Attention, SwiGLU), each linear a dense fp32 `nn.Linear`, an int4 layer with its native
+copy or an int8 layer whose decode kernel is "native" (quantize.py). `model.native_layers = False`
+turns the path off (benchmarks A/B it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from subllm.config import Sub
+from subllm.inference import native
+from subllm.inference.quantize import Int4Linear, Int8Linear
+from subllm.model.layers import Attention, Block, RMSNorm, SwiGLU
+
+DENSE, INT4, INT8 = 0, 1, 2  # csrc/decode_layers.cpp's kinds of linear layer
+
+
+def usable(model: nn.Module, x: Tensor) -> bool:
+    """Whether this step may take the native path at all (per-layer eligibility aside)."""
+    return (
+        getattr(model, "native_layers", True)
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and native.available(x.device)
+    )
+
+
+def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | None:
+    if type(lin) is nn.Linear:
+        w = lin.weight
+        if lin.bias is None and w.dtype == torch.float32 and w.is_contiguous():
+            return DENSE, (w, w.new_empty(0), w.new_empty(0))
+        return None
+    if isinstance(lin, Int4Linear) and lin.native is not None:
+        return INT4, lin.native
+    if isinstance(lin, Int8Linear) and lin.kernel == "native":
+        return INT8, lin.native
+    return None
+
+
+def layer_args(block: nn.Module) -> tuple[list[Tensor], list[int]] | None:
+    """One layer's 14 tensors and 4 kinds (csrc/decode_layers.cpp), or None if it is not eligible."""
+    if not (
+        type(block) is Block
+        and type(block.attn) is Attention
+        and type(block.ffn) is SwiGLU
+        and type(block.attn_norm) is RMSNorm
+        and type(block.ffn_norm) is RMSNorm
+    ):
+        return None
+    norms = [block.attn_norm.weight, block.ffn_norm.weight]
+    if any(w.dtype != torch.float32 for w in norms) or block.attn_norm.eps != block.ffn_norm.eps:
+        return None
+    tensors, kinds = [w.detach() for w in norms], []
+    for lin in (block.attn.wqkv, block.attn.wo, block.ffn.w13, block.ffn.w2):
+        got = _linear(lin)
+        if got is None:
+            return None
+        kinds.append(got[0])
+        tensors.extend(t.detach() for t in got[1])
+    return tensors, kinds
+
+
+def runs(model: nn.Module, nodes: tuple) -> dict[int, tuple[list[int], list[Tensor], list[int]]]:
+    """{first layer: (layers, tensors, kinds)} for every maximal run of consecutive eligible layers
+    among `nodes` (one level of the structure; an S ends a run)."""
+    out: dict[int, tuple[list[int], list[Tensor], list[int]]] = {}
+    cur: tuple[list[int], list[Tensor], list[int]] | None = None
+    for node in nodes:
+        got = None if isinstance(node, Sub) else layer_args(model.layers[node])
+        if got is None:
+            cur = None
+            continue
+        if cur is None:
+            cur = ([], [], [])
+            out[node] = cur
+        cur[0].append(node)
+        cur[1].extend(got[0])
+        cur[2].extend(got[1])
+    return out
+
+
+def run(
+    model: nn.Module,
+    run_args: tuple[list[int], list[Tensor], list[int]],
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rows: Tensor,
+    slots: Tensor,
+    lens: Tensor,
+    ks: list[Tensor],
+    vs: list[Tensor],
+) -> Tensor:
+    """x (n, 1, C), cos / sin (n, 1, head_dim); rows, slots, lens (n,) int64 (each row's cache row,
+    the slot its new K/V go to, and its length after it); ks / vs the run's cache buffers -> x after
+    the run's layers (n, 1, C). The cache stores happen inside."""
+    layers, tensors, kinds = run_args
+    first = model.layers[layers[0]]
+    y = torch.ops.subllm_native.decode_layers(
+        x[:, 0],
+        cos[:, 0],
+        sin[:, 0],
+        rows,
+        slots,
+        lens,
+        tensors,
+        kinds,
+        ks,
+        vs,
+        first.attn_norm.eps,
+        first.attn.n_heads,
+        native.ACT_PASSES,
+    )
+    return y[:, None]

@@ -1,0 +1,127 @@
+"""Runs of layers in one native call (subllm/inference/native_layers.py, csrc/decode_layers.cpp)
+against the per-layer eager decode, the reference: the same logits, greedy tokens and cache
+contents through nested S modules, a ragged batch, a subset-rows step and a growing cache, for
+dense fp32, int4 and int8 layers, fp32 and bf16 caches."""
+
+import pytest
+import torch
+from helpers import left_padded, tiny_model
+
+from subllm.inference import native, native_layers
+from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
+from subllm.inference.quantize import Int8Linear, quantize_
+
+pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="native kernels not built here")
+needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="no AVX512-VNNI kernel on this CPU")
+
+
+def _decode(model, lens, steps=8):
+    ids, mask = left_padded(lens, vocab=model.config.vocab_size)
+    cache = new_cache(model, len(lens), chunk=8)  # small chunks: the cache grows while decoding
+    with torch.no_grad():
+        logits = [prefill(model, ids, mask, cache)]
+        for i in range(steps):
+            tokens = logits[-1].argmax(-1)
+            if i == 3 and len(lens) > 1:  # a subset-rows step: row 1 alone
+                out = logits[-1].clone()
+                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
+                logits.append(out)
+            else:
+                logits.append(decode_step(model, cache, tokens))
+    return torch.stack(logits), cache
+
+
+def _count_runs(monkeypatch) -> list:
+    calls = []
+    real = native_layers.run
+    monkeypatch.setattr(native_layers, "run", lambda m, r, *a: calls.append(tuple(r[0])) or real(m, r, *a))
+    return calls
+
+
+def _native_int8(model):
+    for block in model.layers:
+        for lin in (block.attn.wqkv, block.attn.wo, block.ffn.w13, block.ffn.w2):
+            lin.kernel = "native"
+    return model
+
+
+HD64 = dict(dim=128, n_heads=2, n_kv_heads=1, seed=1)  # head_dim 64: the attention's AVX-512 path
+
+
+@pytest.mark.parametrize(
+    "quant, kv, lens, kw",
+    [
+        ("none", "same", [11, 4], HD64),
+        ("none", "bf16", [11, 4], HD64),
+        ("none", "same", [11, 4], {}),  # the tiny preset's head_dim 16: the portable attention loops
+        pytest.param("int4", "same", [11, 4], HD64, marks=needs_vnni),
+        pytest.param("int4", "bf16", [11, 4], HD64, marks=needs_vnni),
+        pytest.param("int8", "same", [11, 4], HD64, marks=needs_vnni),
+    ],
+)
+def test_runs_of_layers_decode_as_the_per_layer_path(monkeypatch, quant, kv, lens, kw):
+    model = tiny_model("TT(T(TT)T)T", **kw)
+    if quant != "none":  # the head stays fp32: it is not part of a run and would only add rounding
+        quantize_(model, quant, head=False)
+    if quant == "int8":
+        _native_int8(model)
+    set_kv_dtype(model, kv)
+    calls = _count_runs(monkeypatch)
+    got, got_cache = _decode(model, lens)
+    assert {(0, 1), (2,), (3, 4), (5,), (6,)} <= set(calls)  # every run of every level, fused
+    model.native_layers = False
+    n = len(calls)
+    ref, ref_cache = _decode(model, lens)
+    assert len(calls) == n  # the reference never took the fused path
+    # dense: fp32 sums in another order (1e-5); int4 / int8: the kernels round activations per
+    # group of 32, where a 1e-7 difference can move a value to the next step of the grid
+    tol = 1e-5 if quant == "none" else 1e-3
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert got_cache._len == ref_cache._len
+    rtol = 2**-7 if kv == "bf16" else tol  # a bf16 cache: the same value may round one bf16 step away
+    for layer, level in enumerate(ref_cache.layer_level):
+        for b, m in enumerate(ref_cache._len[level]):
+            for a, c in ((got_cache.k, ref_cache.k), (got_cache.v, ref_cache.v)):
+                torch.testing.assert_close(a[layer][b, :, :m], c[layer][b, :, :m], rtol=rtol, atol=tol)
+
+
+def test_an_ineligible_layer_ends_a_run_and_decodes_per_layer(monkeypatch):
+    """A layer the native op cannot hold (here an int8 layer on the cast kernel) splits the level's
+    run in two and runs through the eager path; the logits stay those of the eager decode."""
+    model = tiny_model("TTTT", dim=128, n_heads=2, n_kv_heads=1)
+    model.layers[1].attn.wo = Int8Linear.from_linear(model.layers[1].attn.wo)  # kernel "cast"
+    runs = native_layers.runs(model, model.config.tree)
+    assert [r[0] for r in runs.values()] == [[0], [2, 3]]
+    calls = _count_runs(monkeypatch)
+    got, _ = _decode(model, [7, 3])
+    assert set(calls) == {(0,), (2, 3)}
+    model.native_layers = False
+    ref, _ = _decode(model, [7, 3])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_activations_or_autocast_take_the_per_layer_path(monkeypatch):
+    model = tiny_model("TT(TT)T", dim=128, n_heads=2, n_kv_heads=1)
+    calls = _count_runs(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _decode(model, [6], steps=2)
+    assert not calls
+    assert not native_layers.usable(model.to(torch.bfloat16), torch.zeros(1, 1, 128, dtype=torch.bfloat16))
+
+
+def test_the_op_refuses_bad_input():
+    model = tiny_model("TT", dim=128, n_heads=2, n_kv_heads=1)
+    run_args = native_layers.runs(model, model.config.tree)[0]
+    cache = new_cache(model, 1)
+    cache.reserve(0, 4)
+    x, cs = torch.randn(1, 1, 128), torch.randn(1, 1, 64)
+    one = torch.ones(1, dtype=torch.long)
+    args = (cs, cs, one * 0, one * 0, one, cache.k[:2], cache.v[:2])
+    native_layers.run(model, run_args, x, *args)  # fine
+    with pytest.raises(RuntimeError, match="x must be"):
+        native_layers.run(model, run_args, x.double(), *args)
+    with pytest.raises(RuntimeError, match="out of the cache's range"):
+        native_layers.run(model, run_args, x, cs, cs, one * 0, one * 10**6, one, cache.k[:2], cache.v[:2])
+    with pytest.raises(RuntimeError, match="14 weight tensors"):
+        native_layers.run(model, run_args, x, cs, cs, one * 0, one * 0, one, cache.k[:1], cache.v[:1])
