@@ -69,7 +69,8 @@ def main() -> None:
                 times.setdefault((ctx, p), []).append(ms_per_token(model, toks, ctx))
     for (ctx, p), v in sorted(times.items()):
         rounds = ", ".join(f"{x:.2f}" for x in v)
-        print(f"{a.quantize} kv {a.kv_dtype} ctx {ctx} {p:9s} {statistics.median(v):6.2f} ms/token ({rounds})")
+        med = statistics.median(v)
+        print(f"{a.quantize} kv {a.kv_dtype} ctx {ctx} {p:9s} {med:6.2f} ms/token ({rounds})")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+SOURCES = ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp")
 _state: dict[str, object] = {}  # "ok": bool once a load was tried; "error": why it failed
 
 
@@ -63,10 +64,11 @@ def load() -> bool:
         _clear_stale_lock(name)
         cpp_load(
             name=name,
-            sources=[str(_CSRC / f) for f in ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp")],
+            sources=[str(_CSRC / f) for f in SOURCES],
             # the header's checksum as a flag: the build is redone when native.h changes (torch's
             # versioning hashes the sources and flags, not the headers they include)
-            extra_cflags=["-O3", "-ffast-math", "-fopenmp", f"-DSUBLLM_NATIVE_H={_header_crc()}", *_FLAGS.get(cap, [])],
+            extra_cflags=["-O3", "-ffast-math", "-fopenmp", f"-DSUBLLM_NATIVE_H={_header_crc()}"]
+            + _FLAGS.get(cap, []),
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -159,9 +159,9 @@ BlockFn pick_fast(int64_t, int64_t) { return nullptr; }
 #endif
 
 template <typename KV>
-void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const int64_t* rows, const int64_t* lens,
-         at::Tensor& out) {
-  const int64_t B = q32.size(0), H = q32.size(1), D = q32.size(3);
+void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::Tensor& v, const int64_t* rows,
+         const int64_t* lens, float* op) {
+  const int64_t D = k.size(3);
   const int64_t Hkv = k.size(1), G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   int64_t max_len = 0;
@@ -170,7 +170,6 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
   // partials: (B, Hkv, nblocks, G, D + 2) - m, l, acc
   const int64_t P = D + 2;
   std::vector<float> part(static_cast<size_t>(B * Hkv * nblocks * G * P));
-  const float* qp = q32.data_ptr<float>();
   const KV* kp = k.data_ptr<KV>();
   const KV* vp = v.data_ptr<KV>();
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kst = k.stride(2);
@@ -205,7 +204,6 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
       }
     }
   });
-  float* op = out.data_ptr<float>();
   for (int64_t bh = 0; bh < B * Hkv; ++bh) {
     for (int64_t g = 0; g < G; ++g) {
       float m = -INFINITY;
@@ -230,33 +228,39 @@ void run(const at::Tensor& q32, const at::Tensor& k, const at::Tensor& v, const 
 
 namespace subllm_native {
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
-                            const at::Tensor& lens) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
+void decode_attention_into(const float* q, int64_t n, int64_t H, const at::Tensor& k, const at::Tensor& v,
+                           const int64_t* rows, const int64_t* lens, float* out) {
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be (B, Hkv, capacity, D)");
-  TORCH_CHECK(k.size(3) == q.size(3), "decode_attention: q and k disagree on D");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= kMaxGroup, "decode_attention: bad head grouping");
+  TORCH_CHECK(H % k.size(1) == 0 && H / k.size(1) <= kMaxGroup, "decode_attention: bad head grouping");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k, v need a contiguous last dim");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(rows[b] >= 0 && rows[b] < k.size(0), "decode_attention: rows out of range");
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= k.size(2), "decode_attention: lens out of range");
+  }
+  if (k.scalar_type() == at::kFloat) {
+    run<float>(q, n, H, k, v, rows, lens, out);
+  } else if (k.scalar_type() == at::kBFloat16) {
+    run<at::BFloat16>(q, n, H, k, v, rows, lens, out);
+  } else {
+    TORCH_CHECK(false, "decode_attention: k, v must be float32 or bfloat16");
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+                            const at::Tensor& lens) {
+  TORCH_CHECK(q.device().is_cpu(), "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
+  TORCH_CHECK(k.dim() == 4 && k.size(3) == q.size(3), "decode_attention: q and k disagree on D");
   for (const at::Tensor* t : {&rows, &lens})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0) && t->scalar_type() == at::kLong,
                 "decode_attention: rows and lens must be (n,) int64, one per query row");
   const at::Tensor rows_c = rows.contiguous(), lens_c = lens.contiguous();
-  const int64_t *rp = rows_c.data_ptr<int64_t>(), *lp = lens_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) {
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < k.size(0), "decode_attention: rows out of range");
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= k.size(2), "decode_attention: lens out of range");
-  }
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  if (k.scalar_type() == at::kFloat) {
-    run<float>(q32, k, v, rp, lp, out);
-  } else if (k.scalar_type() == at::kBFloat16) {
-    run<at::BFloat16>(q32, k, v, rp, lp, out);
-  } else {
-    TORCH_CHECK(false, "decode_attention: k, v must be float32 or bfloat16");
-  }
+  decode_attention_into(q32.data_ptr<float>(), q.size(0), q.size(1), k, v, rows_c.data_ptr<int64_t>(),
+                        lens_c.data_ptr<int64_t>(), out.data_ptr<float>());
   return out.to(q.scalar_type());
 }
 

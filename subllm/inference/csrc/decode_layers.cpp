@@ -18,6 +18,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -27,14 +28,30 @@ namespace {
 constexpr int64_t kTensorsPerLayer = 14;
 constexpr int64_t kLinearsPerLayer = 4;
 
-at::Tensor linear(const at::Tensor& x, int64_t kind, const at::Tensor* w, int64_t passes) {
+// y (n, out) = x (n, K) W^T for one of the three kinds of weight; -> out
+int64_t linear(const float* x, int64_t n, int64_t K, int64_t kind, const at::Tensor* w, int64_t passes, float* y,
+               int64_t room) {
+  const int64_t N = kind == 0 ? w[0].size(0) : w[0].size(0) * 16;
+  TORCH_CHECK(n * N <= room, "decode_layers: a linear layer is wider than the buffer sized for it");
   switch (kind) {
-    case 0: return at::linear(x, w[0]);
-    case 1: return subllm_native::int4_matmul(x, w[0], w[1], w[2], passes);
-    case 2: return subllm_native::int8_matmul(x, w[0], w[1], w[2], passes);
+    case 0: {
+      TORCH_CHECK(w[0].dim() == 2 && w[0].size(1) == K && w[0].scalar_type() == at::kFloat,
+                  "decode_layers: a dense weight must be (out, in) float32");
+      const at::NoGradGuard no_grad;  // the Parameter may require grad; the op has no autograd formula
+      const at::Tensor xt = at::from_blob(const_cast<float*>(x), {n, K});
+      at::Tensor yt = at::from_blob(y, {n, N});
+      at::mm_out(yt, xt, w[0].t());
+      break;
+    }
+    case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
+    case 2: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
     default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", kind);
   }
+  return N;
 }
+
+// outputs of a linear layer (rows of its weight)
+int64_t outputs(int64_t kind, const at::Tensor& w) { return kind == 0 ? w.size(0) : w.size(0) * 16; }
 
 // out = w * (x / sqrt(mean(x^2) + eps)), one row of C
 void rms_norm(const float* x, const float* w, float eps, int64_t C, float* out) {
@@ -81,7 +98,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   const int64_t n = x_in.size(0), C = x_in.size(1);
   const int64_t Hkv = ks[0].size(1), D = ks[0].size(3), H = n_heads;
   TORCH_CHECK(H * D == C && H % Hkv == 0, "decode_layers: heads x head_dim must equal the width");
-  TORCH_CHECK(cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == n && cos_in.size(-1) == D &&
+  TORCH_CHECK(cos_in.dim() == 2 && cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == n && cos_in.size(-1) == D &&
                   cos_in.scalar_type() == at::kFloat,
               "decode_layers: cos / sin must be (n, head_dim) float32");
   for (const at::Tensor* t : {&rows_in, &slots_in, &lens})
@@ -105,46 +122,46 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     }
   }
   const float eps = static_cast<float>(eps_d);
-  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous(), lens_c = lens.contiguous();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  const int64_t* lp = lens_c.data_ptr<int64_t>();
   at::Tensor x = x_in.contiguous().clone();
-  at::Tensor h = at::empty_like(x);
-  float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>();
-  std::vector<float> tmp(static_cast<size_t>(D));
+  float* xp = x.data_ptr<float>();
   const int64_t QKV = (H + 2 * Hkv) * D;
+  int64_t widest = std::max(QKV, C);  // the widest linear output of the run: one buffer for all
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t j = 0; j < kLinearsPerLayer; ++j)
+      widest = std::max(widest, outputs(kinds[l * kLinearsPerLayer + j], weights[l * kTensorsPerLayer + 2 + 3 * j]));
+  std::vector<float> h(n * C), q(n * C), a(n * C), out(n * widest), act(n * widest), tmp(D);
+  const int64_t room = n * widest;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = &weights[l * kTensorsPerLayer];
     const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
     const float *attn_norm = w[0].data_ptr<float>(), *ffn_norm = w[1].data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, attn_norm, eps, C, hp + i * C);
-    at::Tensor qkv = linear(h, kind[0], w + 2, passes).contiguous();
-    TORCH_CHECK(qkv.size(1) == QKV, "decode_layers: Wqkv gives ", qkv.size(1), " features, not ", QKV);
-    float* qp = qkv.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, attn_norm, eps, C, h.data() + i * C);
+    TORCH_CHECK(linear(h.data(), n, C, kind[0], w + 2, passes, out.data(), room) == QKV,
+                "decode_layers: Wqkv's width is not (heads + 2 kv heads) x head_dim");
     for (int64_t i = 0; i < n; ++i) {
-      float* row = qp + i * QKV;
+      float* row = out.data() + i * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
       store_kv(ks[l], rp[i], sp[i], Hkv, D, row + H * D);
       store_kv(vs[l], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
+      std::copy(row, row + C, q.data() + i * C);
     }
-    const at::Tensor q = qkv.narrow(1, 0, H * D).reshape({n, H, 1, D});
-    const at::Tensor a = subllm_native::decode_attention(q, ks[l], vs[l], rows, lens).reshape({n, C});
-    const at::Tensor o = linear(a, kind[1], w + 5, passes).contiguous();
-    const float* op = o.data_ptr<float>();
-    for (int64_t j = 0; j < n * C; ++j) xp[j] += op[j];
-    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, hp + i * C);
-    at::Tensor gu = linear(h, kind[2], w + 8, passes).contiguous();
-    const int64_t F = gu.size(1) / 2;
-    at::Tensor act = at::empty({n, F}, x.options());
-    const float* gp = gu.data_ptr<float>();
-    float* ap = act.data_ptr<float>();
+    subllm_native::decode_attention_into(q.data(), n, H, ks[l], vs[l], rp, lp, a.data());
+    TORCH_CHECK(linear(a.data(), n, C, kind[1], w + 5, passes, out.data(), room) == C,
+                "decode_layers: Wo's width is not the model's");
+    for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
+    for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, h.data() + i * C);
+    const int64_t F = linear(h.data(), n, C, kind[2], w + 8, passes, out.data(), room) / 2;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t f = 0; f < F; ++f) {
-        const float g = gp[i * 2 * F + f];
-        ap[i * F + f] = g / (1.f + std::exp(-g)) * gp[i * 2 * F + F + f];
+        const float g = out[i * 2 * F + f];
+        act[i * F + f] = g / (1.f + std::exp(-g)) * out[i * 2 * F + F + f];
       }
-    const at::Tensor y = linear(act, kind[3], w + 11, passes).contiguous();
-    const float* yp = y.data_ptr<float>();
-    for (int64_t j = 0; j < n * C; ++j) xp[j] += yp[j];
+    TORCH_CHECK(linear(act.data(), n, F, kind[3], w + 11, passes, out.data(), room) == C,
+                "decode_layers: W2's width is not the model's");
+    for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
   }
   return x;
 }

@@ -10,11 +10,19 @@ namespace subllm_native {
 // first lens[i] slots -> (n, H, 1, D)
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
                             const at::Tensor& lens);
+// the same on raw fp32 rows: q (n, H, D) contiguous -> out (n, H, D)
+void decode_attention_into(const float* q, int64_t n, int64_t H, const at::Tensor& k, const at::Tensor& v,
+                           const int64_t* rows, const int64_t* lens, float* out);
 
 // vnni_matmul.cpp: x (rows, in) -> (rows, out) through int4 / int8 tiles (native.py int4_pack / int8_pack)
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                        int64_t passes);
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
                        int64_t passes);
+// the same on raw fp32 rows: x (M, K) contiguous -> y (M, 16 * w.size(0))
+void int4_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& d,
+                      const at::Tensor& m, int64_t passes, float* y);
+void int8_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& c,
+                      const at::Tensor& scale, int64_t passes, float* y);
 
 }  // namespace subllm_native

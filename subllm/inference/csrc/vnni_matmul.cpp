@@ -195,36 +195,51 @@ TileFn by_rows(int R, int64_t P) {
   }
 }
 
-// x (M, K) -> (M, 16 * NB): quantize x (`passes` rows each), then tile columns in parallel,
-// kRowsAtOnce quantized rows per pass over the weights, and add up each row's passes
+// x (M0, K) fp32 rows -> y (M0, 16 * NB) fp32: quantize x (`passes` rows each), then tile columns
+// in parallel, kRowsAtOnce quantized rows per pass over the weights, and add up each row's passes
 template <template <int, int> class Kind>
-at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile, const at::Tensor& a,
-               const at::Tensor& b, at::ScalarType ab_type, int64_t passes, int bias, const char* name) {
+void run(const float* x, int64_t M0, int64_t K, const at::Tensor& w, int64_t inputs_per_tile, const at::Tensor& a,
+         const at::Tensor& b, at::ScalarType ab_type, int64_t passes, int bias, const char* name, float* y) {
   TORCH_CHECK(passes == 1 || passes == 2, name, ": passes must be 1 or 2");
   TORCH_CHECK(vnni_available(), name, ": this CPU lacks AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be (rows, in) on the CPU");
-  const int64_t M0 = x.size(0), M = M0 * passes, K = x.size(1), NB = w.size(0), N = NB * 16, G = K / kGroup;
+  const int64_t M = M0 * passes, NB = w.size(0), N = NB * 16, G = K / kGroup;
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 64 && w.element_size() == 1 && w.is_contiguous(), name,
               ": packed weights must be (out / 16, in / ", inputs_per_tile, ", 64) bytes");
   TORCH_CHECK(K % kGroup == 0 && w.size(1) * inputs_per_tile == K, name, ": x's width does not match the weights");
   for (const at::Tensor* t : {&a, &b})
-    TORCH_CHECK(t->scalar_type() == ab_type && t->is_contiguous() && t->size(0) == NB, name,
+    TORCH_CHECK(t->scalar_type() == ab_type && t->is_contiguous() && t->size(0) == NB && t->size(-1) == 16, name,
                 ": scales must be ", ab_type, ", contiguous, one block per 16 output rows");
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   std::vector<uint8_t> q(static_cast<size_t>(M * K));
   std::vector<float> s(static_cast<size_t>(M * G)), sum(static_cast<size_t>(M * G));
-  quantize_rows(x32.data_ptr<float>(), M0, K, static_cast<int>(passes), bias, q.data(), s.data(), sum.data());
-  at::Tensor y = at::empty({M0, N}, x.options().dtype(at::kFloat));
+  quantize_rows(x, M0, K, static_cast<int>(passes), bias, q.data(), s.data(), sum.data());
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   const void *ap = a.data_ptr(), *bp = b.data_ptr();
-  float* yp = y.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowsAtOnce) {
       const TileFn fn = by_rows<Kind>(static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - r0)), passes);
       for (int64_t nb = begin; nb < end; ++nb)
-        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, yp + r0 / passes * N, nb);
+        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, y + r0 / passes * N, nb);
     }
   });
+}
+
+void check_int4(const at::Tensor& d, const at::Tensor& m, int64_t K) {
+  TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == K,
+              "int4_matmul: d and m must be (out / 16, in / 32, 16)");
+}
+
+void check_int8(const at::Tensor& c, const at::Tensor& scale, int64_t K) {
+  TORCH_CHECK(c.dim() == 3 && c.size(2) == 16 && c.size(1) * kGroup == K, "int8_matmul: c must be (out / 16, in / 32, 16)");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 16, "int8_matmul: scale must be (out / 16, 16)");
+}
+
+// the ops' Tensor form: x (rows, in) of any float dtype -> (rows, out) in x's dtype
+template <typename Matmul>
+at::Tensor with_tensors(const at::Tensor& x, const at::Tensor& w, const char* name, Matmul matmul) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be (rows, in) on the CPU");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({x.size(0), w.size(0) * 16}, x.options().dtype(at::kFloat));
+  matmul(x32.data_ptr<float>(), y.data_ptr<float>());
   return y.to(x.scalar_type());
 }
 
@@ -232,19 +247,30 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, int64_t inputs_per_tile
 
 namespace subllm_native {
 
+void int4_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& d,
+                      const at::Tensor& m, int64_t passes, float* y) {
+  check_int4(d, m, K);
+  run<Int4>(x, M, K, w, 8, d, m, at::kBFloat16, passes, 0, "int4_matmul", y);
+}
+
+void int8_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& c,
+                      const at::Tensor& scale, int64_t passes, float* y) {
+  check_int8(c, scale, K);
+  run<Int8>(x, M, K, w, 4, c, scale, at::kFloat, passes, 128, "int8_matmul", y);
+}
+
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                        int64_t passes) {
-  TORCH_CHECK(d.dim() == 3 && d.sizes() == m.sizes() && d.size(2) == 16 && d.size(1) * kGroup == x.size(1),
-              "int4_matmul: d and m must be (out / 16, in / 32, 16)");
-  return run<Int4>(x, w, 8, d, m, at::kBFloat16, passes, 0, "int4_matmul");
+  return with_tensors(x, w, "int4_matmul", [&](const float* xp, float* yp) {
+    int4_matmul_into(xp, x.size(0), x.size(1), w, d, m, passes, yp);
+  });
 }
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
                        int64_t passes) {
-  TORCH_CHECK(c.dim() == 3 && c.size(2) == 16 && c.size(1) * kGroup == x.size(1),
-              "int8_matmul: c must be (out / 16, in / 32, 16)");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(1) == 16, "int8_matmul: scale must be (out / 16, 16)");
-  return run<Int8>(x, w, 4, c, scale, at::kFloat, passes, 128, "int8_matmul");
+  return with_tensors(x, w, "int8_matmul", [&](const float* xp, float* yp) {
+    int8_matmul_into(xp, x.size(0), x.size(1), w, c, scale, passes, yp);
+  });
 }
 
 }  // namespace subllm_native
