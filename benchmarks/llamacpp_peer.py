@@ -10,10 +10,11 @@ Contestants: llama.cpp on our weights at F32, BF16 and Q8_0 plus the package's o
 and the SUBLLM at fp32, bf16 (autocast over fp32 weights), int8 weights (`--quantize int8`,
 subllm/inference/quantize.py) with fp32 or bf16 activations, int4 weights (`--quantize int4`), and
 fp32 / int8 / int4 with the compiled decode step (`--compile`, the "-c" variants; compiled before
-timing). Without --subllm the SUBLLM is a fresh
-conversion of the LLaMA (NESTED, keep 0.8, untrained identity-start routers) whose thresholds are
-set on each context's own tokens (`subllm recalibrate`'s `recalibrate`) so that it keeps about 0.8 per
-S: its speed, not its quality (the keep column gives the realised fractions).
+timing; the native runs of layers turned off for them). The variants without "-c" decode in fp32
+through the native runs of layers (subllm/inference/native_layers.py) wherever it runs. Without
+--subllm the SUBLLM is a fresh conversion of the LLaMA (NESTED, keep 0.8, untrained identity-start
+routers) whose thresholds are set on each context's own tokens (`subllm recalibrate`'s `recalibrate`)
+so that it keeps about 0.8 per S: its speed, not its quality (the keep column gives the realised fractions).
 
 Interleaving: llama.cpp runs in its own venv as a subprocess (benchmarks/llamacpp_worker.py) that
 blocks on stdin between requests; our models run in this process, so only one contestant computes at
@@ -70,6 +71,8 @@ OURS = {
     "int4-c": ("int4", "fp32", True, "same"),
     "int8-c-kv16": ("int8", "fp32", True, "bf16"),
     "int4-c-kv16": ("int4", "fp32", True, "bf16"),
+    "int8-kv16": ("int8", "fp32", False, "bf16"),
+    "int4-kv16": ("int4", "fp32", False, "bf16"),
 }
 PEER = {
     "fp32": "F32",
@@ -82,6 +85,8 @@ PEER = {
     "int4-c": "Q4_1",
     "int8-c-kv16": "Q8_0",
     "int4-c-kv16": "Q4_1",
+    "int8-kv16": "Q8_0",
+    "int4-kv16": "Q4_1",
 }  # fmt: skip  (the file ours is set against)
 
 
@@ -159,8 +164,9 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
             model = quantized[(name, q)] if q != "none" else m
             if compiled or kv != "same":  # a shallow copy shares the weights; it alone carries its
                 model = set_kv_dtype(copy.copy(model), kv)  # K/V dtype and compiled graphs
-            if compiled:
+            if compiled:  # the compiled graphs, not the native runs of layers (which would take over)
                 model = compile_decode(model)
+                model.native_layers = False
             models[(name, v)] = (model, dtype)
     return models
 

@@ -45,7 +45,7 @@ from subllm.dtype import autocast, describe_hardware
 from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
-from subllm.inference import native
+from subllm.inference import native, native_layers
 from subllm.inference.cache import layer_levels
 from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer, set_kv_dtype
 from subllm.model.subllm import SubLLM
@@ -409,6 +409,7 @@ def run_infer(
             compiled_decode=compile,
             kv_dtype=kv_dtype,
             attention_kernel=native.status() if kind == "cpu" else "torch SDPA",
+            decode_layers=native_layers.status(kind),
         ),
         scores="trained (checkpoint)"
         if checkpoint

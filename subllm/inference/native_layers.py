@@ -41,6 +41,13 @@ def usable(model: nn.Module, x: Tensor) -> bool:
     )
 
 
+def status(device: torch.device | str = "cpu") -> str:
+    """One line for reports: which path fp32 decode steps take here."""
+    if torch.device(device).type == "cpu" and native.available(device):
+        return "native runs of layers (fp32 decode)"
+    return "per-layer ops"
+
+
 def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | None:
     if type(lin) is nn.Linear:
         w = lin.weight
