@@ -82,6 +82,8 @@ def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched(subset):
     way a dropped row's cache is untouched up to its length and does not grow."""
     model = tiny_preset_model()
     model.decode_subset = subset
+    model.native_layers = False  # layers called one by one (the hooks count them); runs of layers
+    # in one native call leave the same caches: tests/test_native_layers.py
     ids, mask = left_padded([11, 16, 9, 14])
     cache = new_cache(model, 4)
     prefill(model, ids, mask, cache)

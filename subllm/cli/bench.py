@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="both models decode through compiled graphs (subllm/inference/compiled_decode.py), "
-        "compiled before timing",
+        "compiled before timing, where the native runs of layers (fp32 on a CPU) do not take over",
     )
     inf.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed per repetition")
     inf.add_argument("--reps", type=int, default=5, help="timed repetitions (interleaved)")

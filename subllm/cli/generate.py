@@ -54,7 +54,10 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="decode through torch.compile'd graphs (subllm/inference/compiled_decode.py): less "
-        "per-token overhead, after a one-time compilation (a C++ compiler; minutes on a small CPU)",
+        "per-token overhead, after a one-time compilation (a C++ compiler; minutes on a small CPU). "
+        "On a CPU where the native kernels build, an fp32 decode already runs each run of layers as "
+        "one native call (subllm/inference/native_layers.py; faster than the graphs) and the graphs "
+        "serve only what that cannot run (bf16 decode, other layer kinds)",
     )
     p.add_argument(
         "--prefill-dtype",
