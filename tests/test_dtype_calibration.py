@@ -188,3 +188,17 @@ def test_generate_cli_uses_and_prints_the_measured_choice(monkeypatch, tmp_path,
     err = capsys.readouterr().err
     assert used == ["bf16", "bf16"] and len(calls) == 1 and "bf16 (auto, measured 20" in err
     assert main([*args, "--dtype", "fp32"]) == 0 and used[-1] == "fp32" and len(calls) == 1
+
+
+def test_the_decode_path_is_part_of_the_decode_key(monkeypatch):
+    """An answer timed through per-layer ops is not reused once the native runs of layers decode
+    (or the other way round); prefill and train keys never load the native build."""
+    from subllm.inference import native_layers
+
+    model = tiny_preset_model("TT(TT)T")
+    key = C.calibration_key(model, "decode")
+    monkeypatch.setattr(native_layers, "status", lambda device="cpu": "per-layer ops")
+    assert C.calibration_key(model, "decode") != key
+    monkeypatch.setattr(C, "_decode_path", lambda: pytest.fail("prefill / train keys read the decode path"))
+    assert C.calibration_key(model, "train")["setting"] == {"tokens": C.TRAIN_LEN}
+    assert C.calibration_key(model, "prefill")["setting"] == {"prompt": C.PREFILL}
