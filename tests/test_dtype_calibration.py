@@ -196,6 +196,7 @@ def test_the_decode_path_is_part_of_the_decode_key(monkeypatch):
     from subllm.inference import native_layers
 
     model = tiny_preset_model("TT(TT)T")
+    monkeypatch.setattr(native_layers, "status", lambda device="cpu": "native runs of layers (fp32 decode)")
     key = C.calibration_key(model, "decode")
     monkeypatch.setattr(native_layers, "status", lambda device="cpu": "per-layer ops")
     assert C.calibration_key(model, "decode") != key
