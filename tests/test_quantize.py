@@ -151,30 +151,42 @@ def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
         Int8Linear.from_linear(nn.Linear(8, 8, bias=False), kernel="fast")
 
 
+def _timed(monkeypatch, **seconds):
+    """choose_int8_kernel's timings mocked: seconds per kernel name (only those it offers)."""
+    monkeypatch.setattr(Q, "_best_times", lambda fns: {name: seconds[name] for name in fns})
+
+
 def test_decode_kernel_is_the_fastest_unless_clearly_slower_than_cast(monkeypatch):
     layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
     dyn = int8_dynamic.available()
-    if native.vnni_available():  # (packed, dynamic, native, cast): the native kernel when fastest
-        times = iter((1.2, 0.9, 0.5, 1.0) if dyn else (1.2, 0.5, 1.0))
-        monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+    if native.vnni_available():  # the native kernel when fastest, or within NATIVE_MARGIN of it
+        _timed(monkeypatch, packed=1.2, dynamic=0.9, native=0.5, cast=1.0)
         assert Q.choose_int8_kernel(layer) == "native"
+        _timed(monkeypatch, packed=1.2, dynamic=0.45, native=0.5, cast=1.0)
+        assert Q.choose_int8_kernel(layer) == "native"
+        _timed(monkeypatch, packed=0.3, dynamic=0.9, native=0.5, cast=1.0)
+        assert Q.choose_int8_kernel(layer) == "packed"
     monkeypatch.setattr(native, "vnni_available", lambda: False)  # not built / no VNNI: never chosen
     layer = Int8Linear.from_linear(nn.Linear(64, 32, bias=False))
-    cases = [  # (packed, dynamic, cast) seconds -> choice; timed in that order
+    cases = [  # (packed, dynamic, cast) seconds -> choice
         ((1.2, 0.9, 1.0), "dynamic" if dyn else "packed"),
         ((0.5, 0.9, 1.0), "packed"),
         ((2.0, 3.0, 1.0), "cast"),
         ((2.0, 1.4, 1.0), "dynamic" if dyn else "cast"),
     ]
     for (packed_s, dyn_s, cast_s), want in cases:
-        times = iter((packed_s, dyn_s, cast_s) if dyn else (packed_s, cast_s))
-        monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+        _timed(monkeypatch, packed=packed_s, dynamic=dyn_s, cast=cast_s)
         assert Q.choose_int8_kernel(layer) == want, (packed_s, dyn_s, cast_s)
         assert layer.kernel == "cast"  # the layer's own kernel is left as it was
     monkeypatch.setattr(int8_dynamic, "available", lambda: False)  # no fbgemm: never chosen
-    times = iter((1.0, 1.0))
-    monkeypatch.setattr(Q, "_best_of", lambda f, t=times: next(t))
+    _timed(monkeypatch, packed=1.0, cast=1.0)
     assert Q.choose_int8_kernel(Int8Linear.from_linear(nn.Linear(64, 32, bias=False))) == "packed"
+
+
+def test_kernel_timings_are_interleaved():
+    order = []
+    best = Q._best_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3)
+    assert order == ["a", "b"] * 4 and set(best) == {"a", "b"}  # a warm-up each, then a, b per round
 
 
 def _logits(model, ids, mask):

@@ -19,7 +19,8 @@ kernels compute it:
 - "cast": the int8 matrix cast to x's dtype block by block of output channels (at most BLOCK =
   2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
   decode where no decode kernel is fast. `quantize_` times them all on the model's largest
-  layer at one row (a few milliseconds) and takes the fastest decode kernel unless it is
+  layer at one row (a few milliseconds, interleaved rounds) and takes the fastest decode kernel
+  ("native" if within NATIVE_MARGIN of it) unless it is
   more than PACKED_MARGIN times slower than cast: which one wins depends on the CPU (measured on
   an AMD EPYC with AVX512-BF16: packed 0.095 ms, cast 0.26 ms, fp32 weights 0.15 ms for a
   3072 x 576 matrix; the 49,152 x 576 head packed 4.2 ms, dynamic 1.1-1.6 ms; bf16 is ~80x slower
@@ -298,37 +299,53 @@ class Int4Linear(NativeCopy, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"
 
 
-def _best_of(f, reps: int = 5) -> float:
-    f()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+def _best_times(fns: dict, reps: int = 7) -> dict[str, float]:
+    """Best of `reps` seconds per function, timed round by round (each function once per round,
+    after one warm-up each), so that load which comes and goes on a shared machine hits all alike:
+    timed one after the other, the head of a SmolLM2 SUBLLM once chose "dynamic" (2.3 ms per token)
+    over "native" (1.5 ms) on a loaded machine."""
+    for f in fns.values():
         f()
-        best = min(best, time.perf_counter() - t)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
 PACKED_MARGIN = 1.5  # a decode kernel unless it times this many times slower than "cast" (docstring)
+# "native" unless it times this much slower than the fastest: native int8 layers also run inside the
+# native runs of layers (native_layers.py: one call per run of layers), which a one-layer timing
+# cannot show (SmolLM2 int8, one thread: 10.3 ms per token fused vs 13.8 compiled, docs/RESULTS.md)
+NATIVE_MARGIN = 1.25
 
 
 def choose_int8_kernel(layer: Int8Linear) -> str:
     """The kernel `layer` (and every int8 layer of its model) should decode through: the fastest of
-    "packed", "dynamic" and "native" (those that run on this build / CPU), unless it takes more than
-    PACKED_MARGIN times the cast kernel's time; best of 5 each at one row, after a warm-up."""
+    "packed", "dynamic" and "native" (those that run on this build / CPU; "native" within
+    NATIVE_MARGIN of the fastest), unless it takes more than PACKED_MARGIN times the cast kernel's
+    time; the best of 7 interleaved rounds each at one row, after a warm-up."""
     x = torch.randn(1, layer.in_features)
-    kernel, times = layer.kernel, {}
-    with torch.no_grad(), decode_kernels():
-        for name in ("packed", "dynamic", "native"):
-            try:
-                layer.kernel = name
-                times[name] = _best_of(lambda: layer(x))
-            except (RuntimeError, SubLLMError):  # the kernel is missing for this build / CPU
-                pass
-        layer.kernel = kernel
-        if not times:
-            return "cast"
-        best = min(times, key=times.get)
-        return best if times[best] < PACKED_MARGIN * _best_of(lambda: layer.forward_cast(x)) else "cast"
+    kernel, fns = layer.kernel, {}
+    for name in ("packed", "dynamic", "native"):
+        try:
+            layer.kernel = name  # builds the kernel's weights, or refuses where it cannot run
+            fns[name] = getattr(layer, f"forward_{name}")
+        except (RuntimeError, SubLLMError):  # the kernel is missing for this build / CPU
+            pass
+    layer.kernel = kernel
+    if not fns:
+        return "cast"
+    fns["cast"] = layer.forward_cast
+    with torch.no_grad():
+        times = _best_times({name: (lambda f=f: f(x)) for name, f in fns.items()})
+    cast = times.pop("cast")
+    best = min(times, key=times.get)
+    if "native" in times and times["native"] <= NATIVE_MARGIN * times[best]:
+        best = "native"
+    return best if times[best] < PACKED_MARGIN * cast else "cast"
 
 
 def _linears(model):
