@@ -125,3 +125,38 @@ def test_the_op_refuses_bad_input():
         native_layers.run(model, run_args, x, cs, cs, one * 0, one * 10**6, one, cache.k[:2], cache.v[:2])
     with pytest.raises(RuntimeError, match="14 weight tensors"):
         native_layers.run(model, run_args, x, cs, cs, one * 0, one * 0, one, cache.k[:1], cache.v[:1])
+
+
+def test_a_replaced_weight_or_native_copy_is_picked_up(monkeypatch):
+    """The runs are kept on the model between steps; a weight or a quantized layer's native copy
+    replaced after decoding (module attribute, model.to() rebuilding buffers) is used, not the
+    one kept."""
+    model = tiny_model("TTT", **HD64)
+    _decode(model, [6], steps=2)  # builds and keeps the runs
+    w2 = model.layers[1].ffn.w2
+    w2.weight = torch.nn.Parameter(torch.randn_like(w2.weight))
+    got, _ = _decode(model, [6], steps=2)
+    model.native_layers = False
+    ref, _ = _decode(model, [6], steps=2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if native.vnni_available():
+        model.native_layers = True
+        _native_int8(quantize_(model, "int8", head=False))
+        _decode(model, [6], steps=2)
+        model.to(torch.bfloat16).to(torch.float32)  # new buffer objects for every native copy
+        got, _ = _decode(model, [6], steps=2)
+        model.native_layers = False
+        torch.testing.assert_close(got, _decode(model, [6], steps=2)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_a_refused_run_leaves_the_cache_as_it_was():
+    model = tiny_model("TT", dim=128, n_heads=2, n_kv_heads=1)
+    run_args = native_layers.runs(model, model.config.tree)[0]
+    cache = new_cache(model, 1)
+    cache.reserve(0, 4)
+    before = [t.clone() for t in cache.k[:2]]
+    one = torch.ones(1, dtype=torch.long)
+    x, cs = torch.randn(1, 1, 128), torch.randn(1, 1, 64)
+    with pytest.raises(RuntimeError, match="lens out of the cache's range"):
+        native_layers.run(model, run_args, x, cs, cs, one * 0, one * 0, one * 10**6, cache.k[:2], cache.v[:2])
+    assert all(torch.equal(a, b) for a, b in zip(cache.k[:2], before))

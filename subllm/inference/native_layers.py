@@ -85,16 +85,29 @@ def layer_args(block: nn.Module) -> tuple[list[Tensor], list[int]] | None:
 
 
 def _stamp(block: nn.Module) -> tuple:
-    """What `layer_args` depends on, cheap enough to read every step (module dicts, not
-    nn.Module.__getattr__): the layer's modules and int8 kernels. The tensors are held as the
-    modules' own Parameter objects, so model.to() / load_state_dict reach them without a rebuild."""
+    """What `layer_args` read, cheap enough to check every step (module dicts, not
+    nn.Module.__getattr__): the id of one tensor it passes per module (the cached list holds it, so
+    the id cannot be reused while the entry lives) and the int8 kernels. A replaced module, weight or
+    native copy (quantize_, model.to() rebuilding buffers, a kernel change) changes it; a weight
+    changed in place (load_state_dict, `.data =`) needs no rebuild: the op reads the tensor itself."""
     m = block._modules
     a, f = m.get("attn"), m.get("ffn")
     if a is None or f is None:
         return (id(block),)
-    lins = (a._modules["wqkv"], a._modules["wo"], f._modules["w13"], f._modules["w2"])
-    return (id(block), id(m.get("attn_norm")), id(m.get("ffn_norm")), *map(id, lins),
-            *(lin.__dict__.get("_kernel") for lin in lins))  # fmt: skip
+    out: list = [id(block)]
+    for mod in (m.get("attn_norm"), m.get("ffn_norm"), *(a._modules.get(n) for n in ("wqkv", "wo")),
+                *(f._modules.get(n) for n in ("w13", "w2"))):  # fmt: skip
+        if mod is None:
+            return (id(block),)
+        # a dense or norm weight, or a quantized layer's buffers (model.to() replaces the floating
+        # ones - scales - and keeps the integer ones)
+        own = mod._parameters.get("weight")
+        if own is not None:
+            out.append(id(own))
+        else:
+            out += map(id, mod._buffers.values())
+            out.append(mod.__dict__.get("_kernel"))
+    return tuple(out)
 
 
 def runs(model: nn.Module, nodes: tuple) -> dict[int, tuple[list[int], list[Tensor], list[int]]]:
@@ -104,11 +117,11 @@ def runs(model: nn.Module, nodes: tuple) -> dict[int, tuple[list[int], list[Tens
     layers = model._modules["layers"]
     stamp = tuple([_stamp(layers[n]) for n in nodes if type(n) is int])
     kept = model.__dict__.setdefault("_native_runs", {})
-    got = kept.get(id(nodes))
+    got = kept.get(nodes)  # the tuple itself (hashable: ints and frozen Subs), not its id
     if got is not None and got[0] == stamp:
         return got[1]
     out = _build_runs(model, nodes)
-    kept[id(nodes)] = (stamp, out)
+    kept[nodes] = (stamp, out)
     return out
 
 

@@ -50,8 +50,10 @@ int64_t linear(const float* x, int64_t n, int64_t K, int64_t kind, const at::Ten
   return N;
 }
 
-// outputs of a linear layer (rows of its weight)
+// outputs and inputs of a linear layer of each kind (dense (out, in); int4 / int8 tiles of 16 rows
+// by 8 / 4 inputs)
 int64_t outputs(int64_t kind, const at::Tensor& w) { return kind == 0 ? w.size(0) : w.size(0) * 16; }
+int64_t inputs(int64_t kind, const at::Tensor& w) { return w.size(1) * (kind == 0 ? 1 : kind == 1 ? 8 : 4); }
 
 // out = w * (x / sqrt(mean(x^2) + eps)), one row of C
 void rms_norm(const float* x, const float* w, float eps, int64_t C, float* out) {
@@ -120,6 +122,22 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
       TORCH_CHECK(w.scalar_type() == at::kFloat && w.numel() == C && w.is_contiguous(),
                   "decode_layers: norm weights must be (C,) float32");
     }
+    // every shape checked before the first cache store: a bad run leaves the cache as it was
+    const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
+    const at::Tensor* lin = &weights[l * kTensorsPerLayer + 2];
+    for (int64_t j = 0; j < kLinearsPerLayer; ++j)
+      TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && lin[3 * j].dim() >= 2, "decode_layers: unknown linear kind");
+    const int64_t F2 = outputs(kind[2], lin[6]);
+    TORCH_CHECK(outputs(kind[0], lin[0]) == (H + 2 * Hkv) * D && inputs(kind[0], lin[0]) == C &&
+                    outputs(kind[1], lin[3]) == C && inputs(kind[1], lin[3]) == C && inputs(kind[2], lin[6]) == C &&
+                    F2 % 2 == 0 && inputs(kind[3], lin[9]) == F2 / 2 && outputs(kind[3], lin[9]) == C,
+                "decode_layers: layer ", l, "'s linear shapes do not fit (heads, kv heads, head_dim, width)");
+  }
+  TORCH_CHECK(H / Hkv <= 16, "decode_layers: more than 16 query heads per K/V head");
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = lens.data_ptr<int64_t>()[i * lens.stride(0)];
+    for (int64_t l = 0; l < L; ++l)
+      TORCH_CHECK(len >= 1 && len <= ks[l].size(2), "decode_layers: lens out of the cache's range");
   }
   const float eps = static_cast<float>(eps_d);
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous(), lens_c = lens.contiguous();
