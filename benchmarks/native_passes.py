@@ -7,30 +7,17 @@ teacher-forced tokens after `ctx` tokens of Persuasion, batch 1; the median roun
 
 import argparse
 import statistics
-import time
 
 import torch
+from decode_paths import ms_per_token  # benchmarks/ (the script's folder) is on sys.path
 
 from subllm.bench.infer import load_text_tokens
 from subllm.inference import native
 from subllm.inference.compiled_decode import compile_and_warm
-from subllm.inference.engine import decode_step, new_cache, prefill
 from subllm.inference.quantize import quantize_
 from subllm.model.subllm import load_model
 
 TEXT = "data/corpus/val/austen_persuasion.txt"
-
-
-def ms_per_token(model, toks: torch.Tensor, ctx: int) -> float:
-    with torch.no_grad():
-        cache = new_cache(model, 1)
-        prefill(model, toks[None, :ctx], None, cache)
-        for t in toks[ctx : ctx + 4]:
-            decode_step(model, cache, t[None])
-        t0 = time.perf_counter()
-        for t in toks[ctx + 4 : ctx + 36]:
-            decode_step(model, cache, t[None])
-    return (time.perf_counter() - t0) / 32 * 1e3
 
 
 def main() -> None:

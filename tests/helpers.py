@@ -49,6 +49,27 @@ def left_padded(lens, seed=1, vocab=256):
     return ids, mask
 
 
+def greedy_decode(model, lens, steps, subset_at=None):
+    """Prefill left-padded random prompts of lengths `lens`, then `steps` greedy decode steps (a
+    KV cache in chunks of 8 slots, so it grows while decoding); at step `subset_at` only row 1
+    decodes (a subset-rows step). -> (logits (steps + 1, B, V), the cache)."""
+    from subllm.inference.engine import decode_step, new_cache, prefill
+
+    ids, mask = left_padded(lens, vocab=model.config.vocab_size)
+    cache = new_cache(model, len(lens), chunk=8)
+    with torch.no_grad():
+        logits = [prefill(model, ids, mask, cache)]
+        for i in range(steps):
+            tokens = logits[-1].argmax(-1)
+            if i == subset_at:
+                out = logits[-1].clone()
+                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
+                logits.append(out)
+            else:
+                logits.append(decode_step(model, cache, tokens))
+    return torch.stack(logits), cache
+
+
 def pack_synthetic(root, words, seed, n_train, n_val=200):
     """A tiny tokenizer (300 tokens) and packed train/val shards of random sentences over `words`,
     built under `root`; returns the shards folder."""

@@ -7,13 +7,13 @@ import copy
 
 import pytest
 import torch
-from helpers import left_padded, tiny_preset_model
+from helpers import greedy_decode, tiny_preset_model
 
 from subllm import SubLLMError
 from subllm.config import parse_structure
 from subllm.inference import int8_dynamic, native
 from subllm.inference.compiled_decode import compile_decode, segments
-from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
+from subllm.inference.engine import set_kv_dtype
 
 
 def test_segments_are_the_runs_between_subsampling_modules():
@@ -33,22 +33,6 @@ def _count_segment_calls(model) -> dict:
     return calls
 
 
-def _decode(model, lens, steps, subset_at=None):
-    ids, mask = left_padded(lens)
-    cache = new_cache(model, len(lens), chunk=8)  # small chunks: the cache grows while decoding
-    with torch.no_grad():
-        logits = [prefill(model, ids, mask, cache)]
-        for i in range(steps):
-            tokens = logits[-1].argmax(-1)
-            if i == subset_at:  # only row 1 this step: the eager path, then compiled again
-                out = logits[-1].clone()
-                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
-                logits.append(out)
-            else:
-                logits.append(decode_step(model, cache, tokens))
-    return torch.stack(logits), cache
-
-
 @pytest.mark.parametrize(
     "structure, lens, whole, kv",
     [("TT(T(TT)T)T", [11, 5], False, "same"), ("TT(T(TT)T)T", [11, 5], True, "same"),
@@ -65,9 +49,9 @@ def test_compiled_decode_equals_eager(structure, lens, whole, kv):
     compiled = compile_decode(copy.copy(model))  # shares the modules; only the copy is compiled
     compiled.decode_subset = not whole
     steps, subset = 12, (4 if len(lens) > 1 else None)
-    ref, ref_cache = _decode(model, lens, steps, subset)
+    ref, ref_cache = greedy_decode(model, lens, steps, subset)
     calls = _count_segment_calls(compiled)
-    got, got_cache = _decode(compiled, lens, steps, subset)
+    got, got_cache = greedy_decode(compiled, lens, steps, subset)
     assert sum(calls.values()) >= steps  # the compiled graphs ran (one call per segment reached)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -126,9 +110,9 @@ def test_compiled_decode_with_int8_activation_kernels_equals_eager(kind, int8_ke
     model.native_layers = False
     assert kind == "int8" or (model.int4_kernel == "native" and model.int4_fallback)
     compiled = compile_decode(copy.copy(model))
-    ref, _ = _decode(model, [9, 4], 6)
+    ref, _ = greedy_decode(model, [9, 4], 6)
     calls = _count_segment_calls(compiled)
-    got, _ = _decode(compiled, [9, 4], 6)
+    got, _ = greedy_decode(compiled, [9, 4], 6)
     assert sum(calls.values()) >= 6
     tol = 1e-4 if kind == "int8" else 1e-3
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)

@@ -5,10 +5,10 @@ dense fp32, int4 and int8 layers, fp32 and bf16 caches."""
 
 import pytest
 import torch
-from helpers import left_padded, tiny_model
+from helpers import greedy_decode, tiny_model
 
 from subllm.inference import native, native_layers
-from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
+from subllm.inference.engine import new_cache, set_kv_dtype
 from subllm.inference.quantize import Int8Linear, quantize_
 
 pytestmark = pytest.mark.skipif(not native.available("cpu"), reason="native kernels not built here")
@@ -16,19 +16,7 @@ needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="no AVX512-V
 
 
 def _decode(model, lens, steps=8):
-    ids, mask = left_padded(lens, vocab=model.config.vocab_size)
-    cache = new_cache(model, len(lens), chunk=8)  # small chunks: the cache grows while decoding
-    with torch.no_grad():
-        logits = [prefill(model, ids, mask, cache)]
-        for i in range(steps):
-            tokens = logits[-1].argmax(-1)
-            if i == 3 and len(lens) > 1:  # a subset-rows step: row 1 alone
-                out = logits[-1].clone()
-                out[1] = decode_step(model, cache, tokens[1:2], [1])[0]
-                logits.append(out)
-            else:
-                logits.append(decode_step(model, cache, tokens))
-    return torch.stack(logits), cache
+    return greedy_decode(model, lens, steps, subset_at=3 if len(lens) > 1 else None)
 
 
 def _count_runs(monkeypatch) -> list:
