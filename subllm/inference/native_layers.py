@@ -5,7 +5,7 @@ per layer through Python (or, with --compile, a graph's guards and small kernels
 ~10 ms token at one thread. `decode_layers` runs a whole run of consecutive layers of one level -
 norms, fused QKV, RoPE, the cache store, attention, output projection, SwiGLU, residuals - as one
 op: the element-wise steps are loops over the few rows of a step, the linear layers go straight to
-the native int4 / int8 kernels (or ATen's linear for dense fp32 weights), the attention to the
+the native int4 / int8 kernels (or ATen's mm for dense fp32 weights), the attention to the
 native kernel. The engine (engine.py `_decode_level`) takes this path wherever `usable` says so and
 every layer of the run is `layer_args`-eligible; everything else (an S, U + B, the head, layers of
 another kind) stays as it was. The eager per-layer path is the reference the tests compare with.
