@@ -23,7 +23,9 @@ section 3). Rows that keep it are index-selected and only they run the inner lay
 keeps it, nothing runs. Attention for a subset of rows reads each row's cache through a view of
 its exact length (no copy of the cache, no mask); the full batch reads one view, masked only when
 row lengths differ. With `compile_decode(model)` (subllm/inference/compiled_decode.py) the runs of
-layers between S modules run as compiled graphs when the step feeds every row of the cache.
+layers between S modules run as compiled graphs when the step feeds every row of the cache. On a
+CPU where the native kernels build, an fp32 step runs each run of layers as one native call instead
+(subllm/inference/native_layers.py), for any rows.
 """
 
 from __future__ import annotations
