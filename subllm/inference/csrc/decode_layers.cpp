@@ -28,32 +28,25 @@ namespace {
 constexpr int64_t kTensorsPerLayer = 14;
 constexpr int64_t kLinearsPerLayer = 4;
 
-// y (n, out) = x (n, K) W^T for one of the three kinds of weight; -> out
-int64_t linear(const float* x, int64_t n, int64_t K, int64_t kind, const at::Tensor* w, int64_t passes, float* y,
-               int64_t room) {
-  const int64_t N = kind == 0 ? w[0].size(0) : w[0].size(0) * 16;
-  TORCH_CHECK(n * N <= room, "decode_layers: a linear layer is wider than the buffer sized for it");
-  switch (kind) {
-    case 0: {
-      TORCH_CHECK(w[0].dim() == 2 && w[0].size(1) == K && w[0].scalar_type() == at::kFloat,
-                  "decode_layers: a dense weight must be (out, in) float32");
-      const at::NoGradGuard no_grad;  // the Parameter may require grad; the op has no autograd formula
-      const at::Tensor xt = at::from_blob(const_cast<float*>(x), {n, K});
-      at::Tensor yt = at::from_blob(y, {n, N});
-      at::mm_out(yt, xt, w[0].t());
-      break;
-    }
-    case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
-    case 2: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
-    default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", kind);
-  }
-  return N;
-}
-
 // outputs and inputs of a linear layer of each kind (dense (out, in); int4 / int8 tiles of 16 rows
 // by 8 / 4 inputs)
 int64_t outputs(int64_t kind, const at::Tensor& w) { return kind == 0 ? w.size(0) : w.size(0) * 16; }
 int64_t inputs(int64_t kind, const at::Tensor& w) { return w.size(1) * (kind == 0 ? 1 : kind == 1 ? 8 : 4); }
+
+// y (n, outputs) = x (n, inputs) W^T for one of the three kinds of weight (shapes checked up front)
+void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_t passes, float* y) {
+  const int64_t K = inputs(kind, w[0]);
+  switch (kind) {
+    case 0: {
+      const at::NoGradGuard no_grad;  // the Parameter may require grad; the op has no autograd formula
+      at::Tensor yt = at::from_blob(y, {n, w[0].size(0)});
+      at::mm_out(yt, at::from_blob(const_cast<float*>(x), {n, K}), w[0].t());
+      break;
+    }
+    case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
+    default: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
+  }
+}
 
 // out = w * (x / sqrt(mean(x^2) + eps)), one row of C
 void rms_norm(const float* x, const float* w, float eps, int64_t C, float* out) {
@@ -125,8 +118,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     // every shape checked before the first cache store: a bad run leaves the cache as it was
     const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
     const at::Tensor* lin = &weights[l * kTensorsPerLayer + 2];
-    for (int64_t j = 0; j < kLinearsPerLayer; ++j)
-      TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && lin[3 * j].dim() >= 2, "decode_layers: unknown linear kind");
+    for (int64_t j = 0; j < kLinearsPerLayer; ++j) {
+      const at::Tensor& w = lin[3 * j];
+      TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && w.dim() >= 2, "decode_layers: unknown linear kind");
+      TORCH_CHECK(kind[j] != 0 || (w.dim() == 2 && w.scalar_type() == at::kFloat),
+                  "decode_layers: a dense weight must be (out, in) float32");
+    }
     const int64_t F2 = outputs(kind[2], lin[6]);
     TORCH_CHECK(outputs(kind[0], lin[0]) == (H + 2 * Hkv) * D && inputs(kind[0], lin[0]) == C &&
                     outputs(kind[1], lin[3]) == C && inputs(kind[1], lin[3]) == C && inputs(kind[2], lin[6]) == C &&
@@ -134,15 +131,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
                 "decode_layers: layer ", l, "'s linear shapes do not fit (heads, kv heads, head_dim, width)");
   }
   TORCH_CHECK(H / Hkv <= 16, "decode_layers: more than 16 query heads per K/V head");
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t len = lens.data_ptr<int64_t>()[i * lens.stride(0)];
-    for (int64_t l = 0; l < L; ++l)
-      TORCH_CHECK(len >= 1 && len <= ks[l].size(2), "decode_layers: lens out of the cache's range");
-  }
-  const float eps = static_cast<float>(eps_d);
-  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous(), lens_c = lens.contiguous();
-  const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  const at::Tensor lens_c = lens.contiguous();
   const int64_t* lp = lens_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t l = 0; l < L; ++l)
+      TORCH_CHECK(lp[i] >= 1 && lp[i] <= ks[l].size(2), "decode_layers: lens out of the cache's range");
+  const float eps = static_cast<float>(eps_d);
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
   at::Tensor x = x_in.contiguous().clone();
   float* xp = x.data_ptr<float>();
   const int64_t QKV = (H + 2 * Hkv) * D;
@@ -151,14 +147,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     for (int64_t j = 0; j < kLinearsPerLayer; ++j)
       widest = std::max(widest, outputs(kinds[l * kLinearsPerLayer + j], weights[l * kTensorsPerLayer + 2 + 3 * j]));
   std::vector<float> h(n * C), q(n * C), a(n * C), out(n * widest), act(n * widest), tmp(D);
-  const int64_t room = n * widest;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = &weights[l * kTensorsPerLayer];
     const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
     const float *attn_norm = w[0].data_ptr<float>(), *ffn_norm = w[1].data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, attn_norm, eps, C, h.data() + i * C);
-    TORCH_CHECK(linear(h.data(), n, C, kind[0], w + 2, passes, out.data(), room) == QKV,
-                "decode_layers: Wqkv's width is not (heads + 2 kv heads) x head_dim");
+    linear(h.data(), n, kind[0], w + 2, passes, out.data());
     for (int64_t i = 0; i < n; ++i) {
       float* row = out.data() + i * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
@@ -167,18 +161,17 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
       std::copy(row, row + C, q.data() + i * C);
     }
     subllm_native::decode_attention_into(q.data(), n, H, ks[l], vs[l], rp, lp, a.data());
-    TORCH_CHECK(linear(a.data(), n, C, kind[1], w + 5, passes, out.data(), room) == C,
-                "decode_layers: Wo's width is not the model's");
+    linear(a.data(), n, kind[1], w + 5, passes, out.data());
     for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
     for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, h.data() + i * C);
-    const int64_t F = linear(h.data(), n, C, kind[2], w + 8, passes, out.data(), room) / 2;
+    linear(h.data(), n, kind[2], w + 8, passes, out.data());
+    const int64_t F = outputs(kind[2], w[8]) / 2;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t f = 0; f < F; ++f) {
         const float g = out[i * 2 * F + f];
         act[i * F + f] = g / (1.f + std::exp(-g)) * out[i * 2 * F + F + f];
       }
-    TORCH_CHECK(linear(act.data(), n, F, kind[3], w + 11, passes, out.data(), room) == C,
-                "decode_layers: W2's width is not the model's");
+    linear(act.data(), n, kind[3], w + 11, passes, out.data());
     for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
   }
   return x;
