@@ -14,7 +14,7 @@ import time
 import torch
 
 from subllm.bench.infer import load_text_tokens
-from subllm.inference import native
+from subllm.inference import hugepages, native
 from subllm.inference.compiled_decode import compile_and_warm
 from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
 from subllm.inference.quantize import apply_quantization
@@ -53,6 +53,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"native kernels: {native.status()}; cpu capability {native.capability()}; threads {a.threads}")
     model = set_kv_dtype(apply_quantization(load_model(a.checkpoint).eval(), a.quantize), a.kv_dtype)
+    hugepages.place(model)  # as generate and serve keep the weights
     paths = a.paths.split(",")
     compiled = None
     if "compiled" in paths:

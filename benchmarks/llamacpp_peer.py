@@ -51,6 +51,7 @@ from subllm.dtype import autocast
 from subllm.evals.selection import recalibrate
 from subllm.flops import keep_fractions
 from subllm.hf.llama import to_hf_llama
+from subllm.inference import hugepages
 from subllm.inference.compiled_decode import compile_and_warm, compile_decode
 from subllm.inference.engine import decode_step, new_cache, prefill, set_kv_dtype
 from subllm.inference.generation import generate
@@ -160,7 +161,7 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
         for v in variants:
             q, dtype, compiled, kv = OURS[v]
             if q != "none" and (name, q) not in quantized:
-                quantized[(name, q)] = apply_quantization(copy.deepcopy(m).eval(), q)
+                quantized[(name, q)] = hugepages.place(apply_quantization(copy.deepcopy(m).eval(), q))
             model = quantized[(name, q)] if q != "none" else m
             if compiled or kv != "same":  # a shallow copy shares the weights; it alone carries its
                 model = set_kv_dtype(copy.copy(model), kv)  # K/V dtype and compiled graphs
@@ -168,6 +169,8 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
                 model = compile_decode(model)
                 model.native_layers = False
             models[(name, v)] = (model, dtype)
+    for m in plain.values():  # the fp32 variants' weights (in place: the shallow copies follow)
+        hugepages.place(m)
     return models
 
 

@@ -72,14 +72,16 @@ def test_bandwidth_buffer_is_larger_than_l3():
     assert buffer_bytes(None) == buffer_bytes(32 * MIB) == 256 * MIB
     assert buffer_bytes(480 * MIB) == 960 * MIB and buffer_bytes(4096 * MIB) == 2048 * MIB
     bw = measure_bandwidth(reps=2, nbytes=4 * MIB)  # runs; its value is not asserted
-    assert bw["buffer_bytes"] == 4 * MIB and bw["bytes_per_s"] > 0 and bw["reps"] == 2
+    assert bw["buffer_bytes"] == 4 * MIB and bw["reps"] == 2
+    assert bw["bytes_per_s"] > 0 and bw["bytes_per_s_4k"] > 0
 
 
 def test_bench_report_roofline_is_bytes_times_speed_over_bandwidth(monkeypatch):
     import subllm.bench.infer as infer
 
     monkeypatch.setattr(infer, "measure_bandwidth", lambda: {
-        "bytes_per_s": 1e9, "buffer_bytes": 1, "l3_bytes": None, "reps": 1, "best_s": 1.0, "threads": 1,
+        "bytes_per_s": 1e9, "bytes_per_s_4k": 5e8, "huge_pages": True, "buffer_bytes": 1, "l3_bytes": None,
+        "reps": 1, "best_s": 1.0, "threads": 1,
     })  # fmt: skip
     rep = infer.run_infer(
         "subllm-tiny", None, [32], [1], ["fp32"], 3, reps=1, warmup=0, bound=False, log=lambda *a: None

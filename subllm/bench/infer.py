@@ -45,7 +45,7 @@ from subllm.dtype import autocast, describe_hardware
 from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
-from subllm.inference import native, native_layers
+from subllm.inference import hugepages, native, native_layers
 from subllm.inference.cache import layer_levels
 from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer, set_kv_dtype
 from subllm.model.subllm import SubLLM
@@ -347,6 +347,8 @@ def run_infer(
 
         sub, llama = apply_quantization(sub, quantize), apply_quantization(llama, quantize)
     sub, llama = set_kv_dtype(sub, kv_dtype), set_kv_dtype(llama, kv_dtype)
+    if kind == "cpu":  # both alike: weights on huge pages, as generate and serve keep them
+        sub, llama = hugepages.place(sub), hugepages.place(llama)
     choices = [choose_dtype(d, sub, "decode", kind, log) for d in requested]
     dtypes = list(dict.fromkeys(c.dtype for c in choices))
     log(f"[bench infer] dtype {', '.join(c.line for c in choices)}")
@@ -373,7 +375,8 @@ def run_infer(
         bw = measure_bandwidth()
         log(
             f"memory bandwidth {bw['bytes_per_s'] / 1e9:.2f} GB/s (best of {bw['reps']} sums over "
-            f"{bw['buffer_bytes'] / 2**20:.0f} MiB; L3 {bw['l3_bytes']} bytes; {bw['threads']} threads)"
+            f"{bw['buffer_bytes'] / 2**20:.0f} MiB on huge pages: {bw['huge_pages']}; 4 KiB pages "
+            f"{bw['bytes_per_s_4k'] / 1e9:.2f} GB/s; L3 {bw['l3_bytes']} bytes; {bw['threads']} threads)"
         )
     results, calibration = [], {}
     for L in lengths:

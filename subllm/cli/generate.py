@@ -124,10 +124,12 @@ def run(args: argparse.Namespace) -> int:
     from subllm.model.subllm import load_model
 
     ckpt = resolve_checkpoint(args.checkpoint)  # a model folder or a run folder
+    from subllm.inference import hugepages
     from subllm.inference.engine import set_kv_dtype
     from subllm.inference.quantize import apply_quantization, describe
 
     model = set_kv_dtype(apply_quantization(load_model(ckpt), args.quantize), args.kv_dtype)
+    hugepages.place(model)  # the weights each decode step streams, on huge pages
     tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:

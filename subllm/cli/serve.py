@@ -130,10 +130,12 @@ def load_server(
         raise SubLLMError(
             f"no checkpoint at {checkpoint} (expected a folder with config.json and model.safetensors)"
         )
+    from subllm.inference import hugepages
     from subllm.inference.engine import set_kv_dtype
     from subllm.inference.quantize import apply_quantization
 
     model = set_kv_dtype(apply_quantization(SubLLM.from_pretrained(checkpoint).eval(), quantize), kv_dtype)
+    hugepages.place(model)  # the weights each decode step streams, on huge pages
     tok = load_tokenizer(checkpoint)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     name = model_name or checkpoint.resolve().name

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from subllm.config import ModelConfig, Sub
 from subllm.errors import SubLLMError
+from subllm.inference import hugepages
 
 
 def layer_levels(tree: tuple) -> tuple[list[int], int]:
@@ -124,6 +125,18 @@ class KVCache:
         return sum(storages.values())
 
     # ---- storage -----------------------------------------------------------------------------
+    def _level_buffers(self, level: int, batch: int, cap: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Zeroed K and V buffers (batch, Hkv, cap, hd) for every layer of `level`, views into one
+        allocation - on huge pages on a CPU (hugepages.py: a decode step streams all of them). Zeros,
+        not empty: masked slots must be finite (0 * NaN = NaN)."""
+        c, n = self.config, len(self.level_layers[level])
+        shape = (2, n, batch, c.n_kv_heads, cap, c.head_dim)
+        if self.device.type == "cpu":
+            store = hugepages.zeros(shape, self.dtype)
+        else:
+            store = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return list(store[0]), list(store[1])
+
     def _new_pos(self, cap: int) -> Tensor:
         return torch.full((self.batch_size, cap), -1, dtype=torch.long, device=self.device)
 
@@ -134,16 +147,12 @@ class KVCache:
             return
         cap = n if exact else -(-n // self.chunk) * self.chunk
         old = self.capacity[level]
-        for i in self.level_layers[level]:
-            for bufs in (self.k, self.v):
-                new = torch.zeros(  # zeros, not empty: masked slots must be finite (0 * NaN = NaN)
-                    (self.batch_size, self.config.n_kv_heads, cap, self.config.head_dim),
-                    dtype=self.dtype,
-                    device=self.device,
-                )
-                if old:
-                    new[:, :, :old] = bufs[i]
-                bufs[i] = new
+        ks, vs = self._level_buffers(level, self.batch_size, cap)
+        for i, k, v in zip(self.level_layers[level], ks, vs):
+            if old:
+                k[:, :, :old] = self.k[i]
+                v[:, :, :old] = self.v[i]
+            self.k[i], self.v[i] = k, v
         pos = self._new_pos(cap)
         pos[:, :old] = self.pos[level]
         self.pos[level] = pos
@@ -257,9 +266,11 @@ class KVCache:
         for level in range(self.n_levels):
             lens = [self._len[level][r] for r in rows]
             cap = min(self.capacity[level], -(-max(lens) // self.chunk) * self.chunk)
-            for i in self.level_layers[level]:  # slice first: index_select copies only what is kept
-                self.k[i] = self.k[i][:, :, :cap].index_select(0, idx)
-                self.v[i] = self.v[i][:, :, :cap].index_select(0, idx)
+            ks, vs = self._level_buffers(level, len(rows), cap)
+            for i, k, v in zip(self.level_layers[level], ks, vs):  # slice first: copy only what is kept
+                torch.index_select(self.k[i][:, :, :cap], 0, idx, out=k)
+                torch.index_select(self.v[i][:, :, :cap], 0, idx, out=v)
+                self.k[i], self.v[i] = k, v
             self.pos[level] = self.pos[level][:, :cap].index_select(0, idx)
             self.capacity[level] = cap
             self._len[level] = lens
@@ -275,9 +286,12 @@ class KVCache:
         for level in range(self.n_levels):
             need = max(other._len[level])
             cap = max(self.capacity[level], -(-need // self.chunk) * self.chunk)
-            for i in self.level_layers[level]:
-                self.k[i] = torch.cat([_fit(self.k[i], cap), _fit(other.k[i], cap)])
-                self.v[i] = torch.cat([_fit(self.v[i], cap), _fit(other.v[i], cap)])
+            ks, vs = self._level_buffers(level, first + other.batch_size, cap)
+            for i, k, v in zip(self.level_layers[level], ks, vs):
+                for new, mine, theirs in ((k, self.k[i], other.k[i]), (v, self.v[i], other.v[i])):
+                    new[:first, :, : min(cap, mine.shape[2])] = mine[:, :, :cap]
+                    new[first:, :, : min(cap, theirs.shape[2])] = theirs[:, :, :cap]
+                self.k[i], self.v[i] = k, v
             pos = torch.cat([_fit(self.pos[level][:, None], cap), _fit(other.pos[level][:, None], cap)])
             self.pos[level] = pos[:, 0]
             self.capacity[level] = cap

@@ -1,0 +1,104 @@
+"""Memory a decode step streams, backed by transparent huge pages (2 MiB) where Linux offers them.
+
+A decode step reads every weight it passes and the whole K/V cache once per token (bench/
+roofline.py). With 4 KiB pages that is one TLB entry per 4 KiB: SmolLM2 at a 2k context touches
+~35,000 pages per token, far more than the TLB holds, and in a virtual machine every miss walks two
+page tables. Measured on this project's 2-vCPU AMD EPYC VM (one thread, 2026-12-05): a 256 MiB
+`sum()` streams 19 GB/s from ordinary memory and 31 GB/s from huge pages; SmolLM2 int4 decode is
+12-18% faster with its weights and K/V on huge pages (docs/RESULTS.md, "Huge pages").
+
+Linux gives huge pages to an anonymous private mapping advised MADV_HUGEPAGE when THP is
+"always" or "madvise" (/sys/kernel/mm/transparent_hugepage/enabled); torch's allocator advises
+only when THP_MEM_ALLOC_ENABLE=1 is set before its first allocation, so this module maps its own:
+- `zeros(shape, dtype)`: a zero-filled CPU tensor in such a mapping (fresh anonymous pages are
+  zeros), or torch.zeros where the mapping is not worth it (< 2 MiB) or not available (not Linux,
+  SUBLLM_HUGEPAGES=0). KVCache keeps each level's K/V in one of these.
+- `place(model)`: copy a model's parameters and buffers into one such mapping per dtype, each tensor
+  a view (64-byte aligned) - for inference: generate, serve and the benchmarks call it after
+  quantization. Values, dtypes, shapes and ties are kept; the tensors now share a storage, so a
+  placed model is for decoding, not for saving.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import torch
+from torch import Tensor, nn
+
+MIN_BYTES = 2 << 20  # one huge page: smaller buffers gain nothing
+ALIGN = 64  # bytes: each placed tensor starts on a cache line
+
+
+def available() -> bool:
+    """Whether `zeros` / `place` map huge-page-advised memory here (else they fall back)."""
+    return (
+        os.environ.get("SUBLLM_HUGEPAGES", "1") != "0"
+        and hasattr(mmap, "MADV_HUGEPAGE")
+        and hasattr(mmap, "MAP_PRIVATE")
+        and hasattr(mmap, "MAP_ANONYMOUS")
+    )
+
+
+def _mapped(nbytes: int) -> Tensor:
+    """(nbytes,) uint8 over a private anonymous mapping advised MADV_HUGEPAGE; the tensor keeps the
+    mapping alive (torch.frombuffer holds a reference to it)."""
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A contiguous CPU tensor of zeros, on huge pages when it is at least MIN_BYTES."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes < MIN_BYTES or not available():
+        return torch.zeros(shape, dtype=dtype)
+    return _mapped(nbytes).view(dtype).view(shape)
+
+
+def place(model: nn.Module) -> nn.Module:
+    """Move every CPU parameter and buffer of `model` onto huge pages (see the module docstring);
+    -> the model. Parameters keep their identity (their .data is replaced), buffers are re-registered
+    as views; a tensor reached twice (tied weights) is copied once. No-op where `available()` is
+    false."""
+    if not available():
+        return model
+    seen: dict[int, Tensor] = {}
+    slots: list[tuple[nn.Module, str, bool]] = []
+    for mod in model.modules():
+        for name, t in mod._parameters.items():
+            if t is not None and t.device.type == "cpu":
+                seen.setdefault(id(t), t)
+                slots.append((mod, name, True))
+        for name, t in mod._buffers.items():
+            if t is not None and t.device.type == "cpu":
+                seen.setdefault(id(t), t)
+                slots.append((mod, name, False))
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in seen.values():
+        by_dtype.setdefault(t.dtype, []).append(t)
+    moved: dict[int, Tensor] = {}
+    for dtype, ts in by_dtype.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        step = max(ALIGN // size, 1)
+        offsets, total = [], 0
+        for t in ts:
+            offsets.append(total)
+            total += -(-t.numel() // step) * step
+        arena = zeros((max(total, 1),), dtype)
+        for t, off in zip(ts, offsets):
+            view = arena[off : off + t.numel()].view(t.shape)
+            with torch.no_grad():
+                view.copy_(t)
+            moved[id(t)] = view
+    for mod, name, is_param in slots:
+        t = mod._parameters[name] if is_param else mod._buffers[name]
+        if is_param:
+            t.data = moved[id(t)] if id(t) in moved else t.data
+        elif id(t) in moved:
+            mod._buffers[name] = moved[id(t)]
+    return model
