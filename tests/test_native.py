@@ -31,7 +31,7 @@ def _reference(q, k, v, rows, lens):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_sdpa_per_row(H, Hkv, D, kv_dtype):
     g = torch.Generator().manual_seed(H * 1000 + D)
-    B, cap = 3, 600  # 600 > one block of 256 keys: the partial results are merged
+    B, cap = 3, 600  # 500 keys: two blocks of 256 (a row's keys in two blocks), partials merged
     q = torch.randn(B, H, 1, D, generator=g)
     k = (torch.randn(B, Hkv, cap, D, generator=g) * 2).to(kv_dtype)
     v = torch.randn(B, Hkv, cap, D, generator=g).to(kv_dtype)
@@ -51,6 +51,17 @@ def test_kernel_equals_sdpa_per_row(H, Hkv, D, kv_dtype):
         atol=2e-6,
         rtol=1e-5,
     )
+
+
+@needs_native
+def test_long_rows_split_into_blocks_of_at_most_4096_keys():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 1, 64, generator=g)
+    k = (torch.randn(2, 3, 9000, 64, generator=g) * 2).bfloat16()
+    v = torch.randn(2, 3, 9000, 64, generator=g).bfloat16()
+    rows, lens = torch.tensor([0, 1]), torch.tensor([8999, 700])  # blocks of 4,096: 3 and 1
+    out = native.decode_attention(q, k, v, rows, lens)
+    torch.testing.assert_close(out, _reference(q, k, v, rows, lens), atol=2e-6, rtol=1e-5)
 
 
 @needs_native

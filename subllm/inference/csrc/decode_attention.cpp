@@ -25,7 +25,14 @@
 
 namespace {
 
-constexpr int64_t kBlock = 256;  // keys per work item
+// keys per work item: a row's keys in at most kSplit blocks of at least kMinBlock (a multiple of 64)
+// and at most kMaxBlock keys. Long blocks stream each head's K and V in one run each: at one
+// thread, SmolLM2's 2k-token attention took 2.45 ms in blocks of 2,048 keys against 2.75 ms in
+// blocks of 256 (a C++ timing of the kernel over 30 layers' bf16 K/V, 2026-12-05; the prefetchers
+// restart with every block). Two blocks a row keep two threads
+// busy at batch 1 with 3 K/V heads; the split depends on the length only, not on the thread count,
+// so results do not change with threads.
+constexpr int64_t kMinBlock = 256, kMaxBlock = 4096, kSplit = 2;
 constexpr int64_t kMaxGroup = 16;
 
 inline float widen(float x) { return x; }
@@ -166,10 +173,12 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) max_len = lens[b] > max_len ? lens[b] : max_len;
+  const int64_t half = ((max_len + kSplit - 1) / kSplit + 63) / 64 * 64;
+  const int64_t kBlock = std::min(kMaxBlock, std::max(kMinBlock, half));
   const int64_t nblocks = (max_len + kBlock - 1) / kBlock;
   // partials: (B, Hkv, nblocks, G, D + 2) - m, l, acc
   const int64_t P = D + 2;
-  std::vector<float> part(static_cast<size_t>(B * Hkv * nblocks * G * P));
+  float* part = subllm_native::scratch<float, 0>(static_cast<size_t>(B * Hkv * nblocks * G * P));
   const KV* kp = k.data_ptr<KV>();
   const KV* vp = v.data_ptr<KV>();
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kst = k.stride(2);
@@ -177,30 +186,30 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
   TORCH_CHECK(kst == vst, "decode_attention: k and v need the same slot stride");
   const BlockFn fast = pick_fast<KV>(G, D);
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(G * kBlock));
-    std::vector<float> ml(static_cast<size_t>(2 * G));
+    float* scores = subllm_native::scratch<float, 1>(static_cast<size_t>(G * kBlock));
+    float* ml = subllm_native::scratch<float, 2>(static_cast<size_t>(2 * G));
+    float* acc = subllm_native::scratch<float, 3>(static_cast<size_t>(G * D));
     for (int64_t w = begin; w < end; ++w) {
       const int64_t blk = w % nblocks, bh = w / nblocks, h = bh % Hkv, b = bh / Hkv;
       const int64_t t0 = blk * kBlock;
       const int64_t n = std::min(kBlock, lens[b] - t0);
-      float* pw = part.data() + w * G * P;
+      float* pw = part + w * G * P;
       if (n <= 0) {
         for (int64_t g = 0; g < G; ++g) pw[g * P] = -INFINITY, pw[g * P + 1] = 0.f;
         continue;
       }
-      std::vector<float> acc(static_cast<size_t>(G * D));
       const float* qbh = qp + (b * H + h * G) * D;
       const KV* kbh = kp + rows[b] * ksb + h * ksh + t0 * kst;
       const KV* vbh = vp + rows[b] * vsb + h * vsh + t0 * kst;
       if (fast != nullptr) {
-        fast(qbh, kbh, vbh, kst, n, scale, scores.data(), ml.data(), ml.data() + G, acc.data());
+        fast(qbh, kbh, vbh, kst, n, scale, scores, ml, ml + G, acc);
       } else {
-        block_attend<KV>(qbh, G, D, kbh, vbh, kst, n, scale, scores.data(), ml.data(), ml.data() + G, acc.data());
+        block_attend<KV>(qbh, G, D, kbh, vbh, kst, n, scale, scores, ml, ml + G, acc);
       }
       for (int64_t g = 0; g < G; ++g) {
         pw[g * P] = ml[g];
         pw[g * P + 1] = ml[G + g];
-        std::memcpy(pw + g * P + 2, acc.data() + g * D, D * sizeof(float));
+        std::memcpy(pw + g * P + 2, acc + g * D, D * sizeof(float));
       }
     }
   });
@@ -212,7 +221,7 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
       float* o = op + (bh * G + g) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const float* pw = part.data() + ((bh * nblocks + blk) * G + g) * P;
+        const float* pw = part + ((bh * nblocks + blk) * G + g) * P;
         if (pw[1] == 0.f) continue;
         const float c = std::exp(pw[0] - m);
         l += c * pw[1];

@@ -57,7 +57,7 @@ bool vnni_available() {
 // through the offset m (the codes are 0..15, not centred) instead of cancelling.
 void quantize_rows(const float* x, int64_t M, int64_t K, int passes, int bias, uint8_t* q, float* s, float* sum) {
   const int64_t G = K / kGroup;
-  std::vector<float> left(kGroup);
+  float left[kGroup];
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + r * K + g * kGroup;
@@ -209,16 +209,17 @@ void run(const float* x, int64_t M0, int64_t K, const at::Tensor& w, int64_t inp
   for (const at::Tensor* t : {&a, &b})
     TORCH_CHECK(t->scalar_type() == ab_type && t->is_contiguous() && t->size(0) == NB && t->size(-1) == 16, name,
                 ": scales must be ", ab_type, ", contiguous, one block per 16 output rows");
-  std::vector<uint8_t> q(static_cast<size_t>(M * K));
-  std::vector<float> s(static_cast<size_t>(M * G)), sum(static_cast<size_t>(M * G));
-  quantize_rows(x, M0, K, static_cast<int>(passes), bias, q.data(), s.data(), sum.data());
+  uint8_t* q = subllm_native::scratch<uint8_t, 10>(static_cast<size_t>(M * K));
+  float* s = subllm_native::scratch<float, 11>(static_cast<size_t>(M * G));
+  float* sum = subllm_native::scratch<float, 12>(static_cast<size_t>(M * G));
+  quantize_rows(x, M0, K, static_cast<int>(passes), bias, q, s, sum);
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   const void *ap = a.data_ptr(), *bp = b.data_ptr();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = 0; r0 < M; r0 += kRowsAtOnce) {
       const TileFn fn = by_rows<Kind>(static_cast<int>(std::min<int64_t>(kRowsAtOnce, M - r0)), passes);
       for (int64_t nb = begin; nb < end; ++nb)
-        fn(wp, ap, bp, q.data() + r0 * K, s.data() + r0 * G, sum.data() + r0 * G, K, N, y + r0 / passes * N, nb);
+        fn(wp, ap, bp, q + r0 * K, s + r0 * G, sum + r0 * G, K, N, y + r0 / passes * N, nb);
     }
   });
 }
