@@ -135,7 +135,9 @@ class KVCache:
             store = hugepages.zeros(shape, self.dtype)
         else:
             store = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return list(store[0]), list(store[1])
+        # detached, not views: each behaves as its own tensor under autograd (a view made in
+        # no_grad mode cannot take an in-place write that requires grad, as the HF path may do)
+        return [store[0, i].detach() for i in range(n)], [store[1, i].detach() for i in range(n)]
 
     def _new_pos(self, cap: int) -> Tensor:
         return torch.full((self.batch_size, cap), -1, dtype=torch.long, device=self.device)

@@ -91,7 +91,7 @@ def place(model: nn.Module) -> nn.Module:
             total += -(-t.numel() // step) * step
         arena = zeros((max(total, 1),), dtype)
         for t, off in zip(ts, offsets):
-            view = arena[off : off + t.numel()].view(t.shape)
+            view = arena[off : off + t.numel()].view(t.shape).detach()  # shares the mapping, not a view
             with torch.no_grad():
                 view.copy_(t)
             moved[id(t)] = view
