@@ -12,8 +12,9 @@ stored (the released code wrote padded duplicate indexes into inner caches, meth
 Slots past a row's length are unused capacity: they hold finite values (zeros or stale entries, so
 that a masked slot contributes exactly 0 to attention) and are overwritten by the next append.
 
-Capacity grows in chunks of `chunk` slots (a copy of the level's buffers, amortised over `chunk`
-appends); prefill with `extra` pre-allocates exactly prompt + extra slots per level instead.
+The K and V buffers of all layers of a level share one allocation, on 2 MiB huge pages on a CPU
+(hugepages.py). Capacity grows in chunks of `chunk` slots (a copy of the level's buffers, amortised
+over `chunk` appends); prefill with `extra` pre-allocates exactly prompt + extra slots per level instead.
 Measured (subllm-small, 4k context, 128 decode steps, fp32, 1 thread, median of 5 interleaved
 runs): preallocated 40.6 ms/token, chunk 256 31.0, chunk 64 26.0 - equal within the noise of a
 shared 2-core machine, so growth (default chunk 256) is the default: it needs no maximum length
@@ -126,7 +127,7 @@ class KVCache:
 
     # ---- storage -----------------------------------------------------------------------------
     def _level_buffers(self, level: int, batch: int, cap: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Zeroed K and V buffers (batch, Hkv, cap, hd) for every layer of `level`, views into one
+        """Zeroed K and V buffers (batch, Hkv, cap, hd) for every layer of `level`, all in one
         allocation - on huge pages on a CPU (hugepages.py: a decode step streams all of them). Zeros,
         not empty: masked slots must be finite (0 * NaN = NaN)."""
         c, n = self.config, len(self.level_layers[level])

@@ -5,7 +5,7 @@ roofline.py). With 4 KiB pages that is one TLB entry per 4 KiB: SmolLM2 at a 2k 
 ~35,000 pages per token, far more than the TLB holds, and in a virtual machine every miss walks two
 page tables. Measured on this project's 2-vCPU AMD EPYC VM (one thread, 2026-12-05): a 256 MiB
 `sum()` streams 19 GB/s from ordinary memory and 31 GB/s from huge pages; SmolLM2 int4 decode is
-12-18% faster with its weights and K/V on huge pages (docs/RESULTS.md, "Huge pages").
+12-16% less time per token with its weights and K/V on huge pages (docs/RESULTS.md, "Huge pages").
 
 Linux gives huge pages to an anonymous private mapping advised MADV_HUGEPAGE when THP is
 "always" or "madvise" (/sys/kernel/mm/transparent_hugepage/enabled); torch's allocator advises

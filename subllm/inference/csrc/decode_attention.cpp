@@ -29,9 +29,9 @@ namespace {
 // and at most kMaxBlock keys. Long blocks stream each head's K and V in one run each: at one
 // thread, SmolLM2's 2k-token attention took 2.45 ms in blocks of 2,048 keys against 2.75 ms in
 // blocks of 256 (a C++ timing of the kernel over 30 layers' bf16 K/V, 2026-12-05; the prefetchers
-// restart with every block). Two blocks a row keep two threads
-// busy at batch 1 with 3 K/V heads; the split depends on the length only, not on the thread count,
-// so results do not change with threads.
+// restart with every block). Two blocks a row keep two threads busy at batch 1 with 3 K/V heads;
+// the split depends on the length only, not on the thread count, so results do not change with
+// threads.
 constexpr int64_t kMinBlock = 256, kMaxBlock = 4096, kSplit = 2;
 constexpr int64_t kMaxGroup = 16;
 
