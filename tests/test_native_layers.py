@@ -3,6 +3,8 @@ against the per-layer eager decode, the reference: the same logits, greedy token
 contents through nested S modules, a ragged batch, a subset-rows step and a growing cache, for
 dense fp32, int4 and int8 layers, fp32 and bf16 caches."""
 
+import copy
+
 import pytest
 import torch
 from helpers import greedy_decode, tiny_model
@@ -127,6 +129,14 @@ def test_a_replaced_weight_or_native_copy_is_picked_up(monkeypatch):
     model.native_layers = False
     ref, _ = _decode(model, [6], steps=2)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    model.native_layers = True
+    attn = copy.deepcopy(model.layers[2].attn)  # a whole module replaced, the old one freed
+    with torch.no_grad():
+        attn.wo.weight.mul_(-1)
+    model.layers[2].attn = attn
+    got, _ = _decode(model, [6], steps=2)
+    model.native_layers = False
+    torch.testing.assert_close(got, _decode(model, [6], steps=2)[0], rtol=1e-5, atol=1e-5)
     if native.vnni_available():
         model.native_layers = True
         _native_int8(quantize_(model, "int8", head=False))
