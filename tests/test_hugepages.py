@@ -79,3 +79,13 @@ def test_cache_levels_on_mapped_memory_decode_as_ordinary_memory(mapped, monkeyp
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1 << 62)
     ref, _ = greedy_decode(model, [11, 4, 7], 12, subset_at=5)
     assert torch.equal(got, ref)
+
+
+def test_a_kernel_that_refuses_the_advice_still_gets_zeroed_memory(mapped, monkeypatch):
+    import mmap
+
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 12345)  # no such advice: madvise fails with EINVAL
+    with pytest.raises(OSError):
+        mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).madvise(mmap.MADV_HUGEPAGE)
+    t = hugepages.zeros((8, 8), torch.float32)
+    assert torch.equal(t, torch.zeros(8, 8))

@@ -45,7 +45,10 @@ def _mapped(nbytes: int) -> Tensor:
     """(nbytes,) uint8 over a private anonymous mapping advised MADV_HUGEPAGE; the tensor keeps the
     mapping alive (torch.frombuffer holds a reference to it)."""
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP (EINVAL): ordinary pages, still zeroed memory
+        pass
     return torch.frombuffer(mm, dtype=torch.uint8)
 
 
