@@ -4,7 +4,7 @@ A decode step reads every weight it passes and the whole K/V cache once per toke
 roofline.py). With 4 KiB pages that is one TLB entry per 4 KiB: SmolLM2 at a 2k context touches
 ~35,000 pages per token, far more than the TLB holds, and in a virtual machine every miss walks two
 page tables. Measured on this project's 2-vCPU AMD EPYC VM (one thread, 2026-12-05): a 256 MiB
-`sum()` streams 19 GB/s from ordinary memory and 31 GB/s from huge pages; SmolLM2 int4 decode is
+`sum()` streams 19 GB/s from ordinary memory and 31 GB/s from huge pages; SmolLM2 int4 decode takes
 12-16% less time per token with its weights and K/V on huge pages (docs/RESULTS.md, "Huge pages").
 
 Linux gives huge pages to an anonymous private mapping advised MADV_HUGEPAGE when THP is
@@ -14,7 +14,7 @@ only when THP_MEM_ALLOC_ENABLE=1 is set before its first allocation, so this mod
   zeros), or torch.zeros where the mapping is not worth it (< 2 MiB) or not available (not Linux,
   SUBLLM_HUGEPAGES=0). KVCache keeps each level's K/V in one of these.
 - `place(model)`: copy a model's parameters and buffers into one such mapping per dtype, each tensor
-  a view (64-byte aligned) - for inference: generate, serve and the benchmarks call it after
+  a slice of it (64-byte aligned) - for inference: generate, serve and the benchmarks call it after
   quantization. Values, dtypes, shapes and ties are kept; the tensors now share a storage, so a
   placed model is for decoding, not for saving.
 """
@@ -60,14 +60,14 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes < MIN_BYTES or not available():
         return torch.zeros(shape, dtype=dtype)
-    return _mapped(nbytes).view(dtype).view(shape)
+    return _mapped(nbytes).view(dtype).view(shape).detach()
 
 
 def place(model: nn.Module) -> nn.Module:
     """Move every CPU parameter and buffer of `model` onto huge pages (see the module docstring);
     -> the model. Parameters keep their identity (their .data is replaced), buffers are re-registered
-    as views; a tensor reached twice (tied weights) is copied once. No-op where `available()` is
-    false."""
+    as slices of the mapping; a tensor reached twice (tied weights) is copied once. No-op where
+    `available()` is false."""
     if not available():
         return model
     seen: dict[int, Tensor] = {}
