@@ -147,6 +147,24 @@ def test_a_replaced_weight_or_native_copy_is_picked_up(monkeypatch):
         torch.testing.assert_close(got, _decode(model, [6], steps=2)[0], rtol=1e-3, atol=1e-3)
 
 
+@torch.no_grad()
+def test_runs_are_checked_once_per_cache_and_read_weights_live():
+    """Within one cache the kept runs are not checked again (native_layers.runs), but they pass the
+    modules' own tensors: a weight changed in place between two steps is used at the next step."""
+    from subllm.inference.engine import decode_step, prefill
+
+    def steps(native_on: bool) -> torch.Tensor:
+        model = tiny_model("TTT", **HD64)
+        model.native_layers = native_on
+        cache = new_cache(model, 1)
+        prefill(model, torch.tensor([[5, 6, 7, 8]]), None, cache)
+        decode_step(model, cache, torch.tensor([9]))
+        model.layers[1].ffn.w2.weight.mul_(-1)
+        return decode_step(model, cache, torch.tensor([10]))
+
+    torch.testing.assert_close(steps(True), steps(False), rtol=1e-5, atol=1e-5)
+
+
 def test_a_refused_run_leaves_the_cache_as_it_was():
     model = tiny_model("TT", dim=128, n_heads=2, n_kv_heads=1)
     run_args = native_layers.runs(model, model.config.tree)[0]

@@ -239,7 +239,9 @@ def _decode_level(
             :, None, None
         ]
     # runs of layers in one native call (native_layers.py), else compiled segments (compiled_decode.py)
-    fused = native_layers.runs(model, nodes) if lens_t is not None and native_layers.usable(model, x) else {}
+    fused = {}
+    if lens_t is not None and native_layers.usable(model, x):
+        fused = native_layers.runs(model, nodes, cache)
     compiled = getattr(model, "compiled_decode", None) if full else None
     if compiled is not None:  # room past the new token: the graphs never see capacity == length
         cache.reserve(level, max(lens) + 1)
