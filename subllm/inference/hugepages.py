@@ -70,38 +70,27 @@ def place(model: nn.Module) -> nn.Module:
     `available()` is false."""
     if not available():
         return model
-    seen: dict[int, Tensor] = {}
-    slots: list[tuple[nn.Module, str, bool]] = []
+    slots: list[tuple[dict, str, Tensor, bool]] = []  # (the dict holding it, name, tensor, is a parameter)
     for mod in model.modules():
-        for name, t in mod._parameters.items():
-            if t is not None and t.device.type == "cpu":
-                seen.setdefault(id(t), t)
-                slots.append((mod, name, True))
-        for name, t in mod._buffers.items():
-            if t is not None and t.device.type == "cpu":
-                seen.setdefault(id(t), t)
-                slots.append((mod, name, False))
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in seen.values():
-        by_dtype.setdefault(t.dtype, []).append(t)
+        for d, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            slots += [(d, n, t, is_param) for n, t in d.items() if t is not None and t.device.type == "cpu"]
+    by_dtype: dict[torch.dtype, dict[int, Tensor]] = {}  # each tensor once (tied weights)
+    for _, _, t, _ in slots:
+        by_dtype.setdefault(t.dtype, {})[id(t)] = t
     moved: dict[int, Tensor] = {}
     for dtype, ts in by_dtype.items():
-        size = torch.empty((), dtype=dtype).element_size()
-        step = max(ALIGN // size, 1)
-        offsets, total = [], 0
-        for t in ts:
-            offsets.append(total)
-            total += -(-t.numel() // step) * step
-        arena = zeros((max(total, 1),), dtype)
-        for t, off in zip(ts, offsets):
-            view = arena[off : off + t.numel()].view(t.shape).detach()  # shares the mapping, not a view
+        step = max(ALIGN // torch.empty((), dtype=dtype).element_size(), 1)
+        sizes = [-(-t.numel() // step) * step for t in ts.values()]
+        arena = zeros((max(sum(sizes), 1),), dtype)
+        off = 0
+        for (key, t), size in zip(ts.items(), sizes):
+            moved[key] = arena[off : off + t.numel()].view(t.shape).detach()  # shares the mapping, not a view
             with torch.no_grad():
-                view.copy_(t)
-            moved[id(t)] = view
-    for mod, name, is_param in slots:
-        t = mod._parameters[name] if is_param else mod._buffers[name]
+                moved[key].copy_(t)
+            off += size
+    for d, name, t, is_param in slots:
         if is_param:
-            t.data = moved[id(t)] if id(t) in moved else t.data
-        elif id(t) in moved:
-            mod._buffers[name] = moved[id(t)]
+            t.data = moved[id(t)]
+        else:
+            d[name] = moved[id(t)]
     return model

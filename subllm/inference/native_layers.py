@@ -87,11 +87,11 @@ def layer_args(block: nn.Module) -> tuple[list[Tensor], list[int]] | None:
 
 
 def _stamp(block: nn.Module) -> tuple:
-    """What `layer_args` read, cheap enough to check every step (module dicts, not
-    nn.Module.__getattr__): the id of one tensor it passes per module (the cached list holds it, so
-    the id cannot be reused while the entry lives) and the int8 kernels. A replaced module, weight or
-    native copy (quantize_, model.to() rebuilding buffers, a kernel change) changes it; a weight
-    changed in place (load_state_dict, `.data =`) needs no rebuild: the op reads the tensor itself."""
+    """What `layer_args` read, from module dicts (not nn.Module.__getattr__): the id of one tensor
+    it passes per module (the cached list holds it, so the id cannot be reused while the entry
+    lives) and the int8 kernels. A replaced module, weight or native copy (quantize_, model.to()
+    rebuilding buffers, a kernel change) changes it; a weight changed in place (load_state_dict,
+    `.data =`) needs no rebuild: the op reads the tensor itself."""
     m = block._modules
     a, f = m.get("attn"), m.get("ffn")
     if a is None or f is None:
