@@ -176,3 +176,22 @@ def test_a_refused_run_leaves_the_cache_as_it_was():
     with pytest.raises(RuntimeError, match="lens out of the cache's range"):
         native_layers.run(model, run_args, x, cs, cs, one * 0, one * 0, one * 10**6, cache.k[:2], cache.v[:2])
     assert all(torch.equal(a, b) for a, b in zip(cache.k[:2], before))
+
+
+def test_final_norm_native_equals_the_module_and_falls_back():
+    """decode_step's final RMSNorm through the native op where the step is native, the module
+    otherwise (grad mode, autocast, a norm that is not RMSNorm)."""
+    model = tiny_model(**HD64).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(3, model.config.dim) * 3
+    with torch.no_grad():
+        ref = model.norm(x)
+        out = native_layers.final_norm(model, x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert native_layers.usable(model, x) is False
+    assert not native_layers.usable(model, x)  # grad mode: the module
+    torch.testing.assert_close(native_layers.final_norm(model, x), ref)
+    with pytest.raises(RuntimeError, match="rms_norm: the weight must be"):
+        torch.ops.subllm_native.rms_norm(x, torch.ones(5), 1e-5)

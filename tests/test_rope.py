@@ -234,3 +234,27 @@ def test_convert_cli_sets_rope_scaling(tmp_path, capsys):
         assert (model(ids).logits - _hf_llama(yarn)(ids).logits).abs().max() < 1e-4
     assert main(args + ["--overwrite", "--rope-scaling", "yarn"]) != 0
     assert "--rope-scaling must be a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+@pytest.mark.parametrize("head_dim", [16, 48, 64])
+def test_decode_table_rows_equal_per_step_rotations(name, head_dim):
+    """engine.decode_cos_sin reads rows of a kept table (grown past 1,024 positions on demand);
+    the rows are what rope_cos_sin gives for those positions alone, the per-step computation."""
+    from subllm.inference.engine import decode_cos_sin
+
+    scaling = SCALINGS[name]
+    model = tiny_model(dim=4 * head_dim, n_heads=4, n_kv_heads=2, rope_scaling=scaling, max_seq_len=4096)
+    c = model.config
+    for positions in ([0], [5], [1023], [1024], [3000], [7, 0, 2999]):
+        cos, sin = decode_cos_sin(model, positions, torch.device("cpu"))
+        pos = torch.tensor(positions)[:, None]
+        seq_len = pos[:, 0] + 1 if name == "dynamic" else None
+        ref_cos, ref_sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.rope_scaling, seq_len)
+        assert cos.shape == ref_cos.shape == (len(positions), 1, head_dim)
+        torch.testing.assert_close(cos, ref_cos, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sin, ref_sin, rtol=1e-6, atol=1e-7)
+    table = model.__dict__.get("_rope_table")
+    assert (table is None) == (name == "dynamic")  # dynamic: per row, never a table
+    if table is not None:
+        assert table[1].shape[0] >= 3001

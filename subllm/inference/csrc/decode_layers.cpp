@@ -177,12 +177,30 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   return x;
 }
 
+// x (n, C) float32 -> rms_norm of each row with weight w (C,) float32
+at::Tensor rms_norm_rows(const at::Tensor& x_in, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "rms_norm: x must be (rows, C) float32 on the CPU");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == x_in.size(1),
+              "rms_norm: the weight must be (C,) float32");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.size(0), C = x.size(1);
+  at::Tensor y = at::empty({n, C}, x.options());
+  for (int64_t i = 0; i < n; ++i)
+    rms_norm(x.data_ptr<float>() + i * C, w.data_ptr<float>(), static_cast<float>(eps), C, y.data_ptr<float>() + i * C);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
+  lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def(
       "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor rows, Tensor slots, Tensor lens, Tensor[] weights, "
       "int[] kinds, Tensor(a!)[] ks, Tensor(b!)[] vs, float eps, int n_heads, int passes) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) { lib.impl("decode_layers", &decode_layers); }
+TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) {
+  lib.impl("decode_layers", &decode_layers);
+  lib.impl("rms_norm", &rms_norm_rows);
+}
