@@ -195,3 +195,46 @@ def test_final_norm_native_equals_the_module_and_falls_back():
     torch.testing.assert_close(native_layers.final_norm(model, x), ref)
     with pytest.raises(RuntimeError, match="rms_norm: the weight must be"):
         torch.ops.subllm_native.rms_norm(x, torch.ones(5), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(score_norm=True, threshold="calibrated"),
+        dict(score_norm=False, threshold="zero"),
+        dict(score_norm=True, score_bias=0.25, keep_first=3),
+    ],
+)
+def test_native_select_and_bypass_equal_the_modules(kw):
+    """S's decision (score layer, clamp) and U + B in one native op each (csrc/decode_select.cpp)
+    against Subsample.decide and the engine's formula; then a whole decode through nested S's with
+    those ops against the eager reference (model.native_layers = False): same logits, same keeps."""
+    model = tiny_model("TT(T(TT)T)T", **HD64, **kw)
+    sub = model.subsamples[0]
+    with torch.no_grad():
+        if sub.theta is not None:
+            sub.threshold.fill_(0.3)
+        x = torch.randn(5, 1, model.config.dim) * 2
+        d, w = native_layers.decide(sub, x)
+        ref_d, ref_w = sub.decide(x)
+        torch.testing.assert_close(d, ref_d, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-5)
+        assert w.min() >= 0 and w.max() <= 1 and (w == 0).any()  # the clamp does bite
+        h = torch.randn_like(x)
+        scale = model.bypasses[0].scale.uniform_(0.2, 1.0)
+        torch.testing.assert_close(native_layers.bypass(x, h, w, scale), x + (w[..., None] * (h - x)) * scale)
+    lens = [11, 2]  # row 1 decodes positions 2, 3, ...: keep_first pins its first step
+    got, got_cache = _decode(model, lens)
+    model.native_layers = False
+    ref, ref_cache = _decode(model, lens)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert got_cache._len == ref_cache._len
+    assert 0 < sum(got_cache._len[1]) < sum(got_cache._len[0])  # S kept some tokens, not all
+
+
+def test_a_router_of_another_kind_keeps_its_own_decide():
+    """native_layers.decide takes plain S modules only: an `M` router (MoD) returns None, so the
+    engine calls its own decide."""
+    model = tiny_model("TMTT", **HD64)
+    x = torch.randn(2, 1, model.config.dim)
+    assert native_layers.decide(model.subsamples[0], x) is None

@@ -190,7 +190,9 @@ class KVCache:
         lens = self._len[level]
         slots = [lens[r] for r in rows]
         self.reserve(level, max(slots) + 1)
-        if rows:
+        if len(rows) == 1:  # batch 1 (or one row of a level): a scalar store, no index tensors
+            self.pos[level][rows[0], slots[0]] = positions[0]
+        elif rows:
             r = torch.tensor(rows, device=self.device)
             self.pos[level][r, torch.tensor(slots, device=self.device)] = torch.tensor(
                 positions, device=self.device

@@ -333,12 +333,19 @@ def _decode_sub(
     the whole batch on CUDA, where per-row calls are kernel launches (chosen by that reasoning; not
     yet timed on a GPU)."""
     sub = model.subsamples[node.index]
-    d, w = sub.decide(x)  # (n, 1) each: decision and eval-mode weight
-    keep_t = sub.keep(d[:, 0])
+    fast = native_layers.decide(sub, x) if native_layers.usable(model, x) else None
+    if fast is not None:  # the score layer and clamp in one op, s > theta on the host's copy
+        d, w = fast
+        theta = sub.theta
+        theta = 0.0 if theta is None else float(theta)  # fp32 values: the same comparison as sub.keep
+        keep = [v > theta for v in d[:, 0].tolist()]
+    else:
+        d, w = sub.decide(x)  # (n, 1) each: decision and eval-mode weight
+        keep = sub.keep(d[:, 0]).tolist()  # the one host sync of this S
     if sub.keep_first and min(positions) < sub.keep_first:  # host ints: no tensor work per token
-        pin = torch.tensor(positions, device=x.device) < sub.keep_first
-        keep_t, w = keep_t | pin, w.masked_fill(pin[:, None], 1.0)
-    keep = keep_t.tolist()  # the one host sync of this S
+        pin = [p < sub.keep_first for p in positions]
+        keep = [k or p for k, p in zip(keep, pin)]
+        w = w.masked_fill(torch.tensor(pin, device=x.device)[:, None], 1.0)
     if active is not None:  # a row whose token left at an outer level cannot keep it here
         keep = [k and a for k, a in zip(keep, active)]
     kept = [i for i, k in enumerate(keep) if k]
@@ -353,8 +360,12 @@ def _decode_sub(
         xk, ck, sk, w = x.index_select(0, idx), cos.index_select(0, idx), sin.index_select(0, idx), w[idx]
         sub_rows, sub_pos, act = [rows[i] for i in kept], [positions[i] for i in kept], None
     h = _decode_level(model, cache, node.children, node.index + 1, xk, sub_rows, sub_pos, ck, sk, act)
-    delta = (w[..., None] * (h - xk)) * model.bypasses[node.index].scale  # as upsample_bypass
-    out = xk + delta.to(x.dtype)
+    scale = model.bypasses[node.index].scale
+    if fast is not None and scale.dtype == torch.float32:
+        out = native_layers.bypass(xk, h, w, scale)
+    else:
+        delta = (w[..., None] * (h - xk)) * scale  # as upsample_bypass
+        out = xk + delta.to(x.dtype)
     if len(kept) == len(rows):
         return out
     if act is not None:  # the whole batch ran: dropped rows keep x unchanged

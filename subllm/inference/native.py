@@ -36,7 +36,7 @@ _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-SOURCES = ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp")
+SOURCES = ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp", "decode_select.cpp")
 _state: dict[str, object] = {}  # "ok": bool once a load was tried; "error": why it failed
 
 

@@ -27,6 +27,7 @@ from subllm.config import Sub
 from subllm.inference import native
 from subllm.inference.quantize import Int4Linear, Int8Linear
 from subllm.model.layers import Attention, Block, RMSNorm, SwiGLU
+from subllm.model.subsample import ScoreLinear, Subsample
 
 DENSE, INT4, INT8 = 0, 1, 2  # csrc/decode_layers.cpp's kinds of linear layer
 
@@ -193,3 +194,23 @@ def final_norm(model: nn.Module, x: Tensor) -> Tensor:
     if type(norm) is RMSNorm and norm.weight.dtype == torch.float32 and usable(model, x):
         return torch.ops.subllm_native.rms_norm(x, norm.weight, norm.eps)
     return norm(x)
+
+
+def decide(sub: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Subsample.decide for one token per row x (n, 1, C) through the native op (csrc/decode_select.cpp):
+    (scores d, weights w), (n, 1) each; None where the S is of another kind (an `M` router) or its
+    score layer is not fp32 - the caller then takes sub.decide."""
+    score = sub._modules.get("score") if type(sub) is Subsample else None
+    if type(score) is not ScoreLinear or score.weight.dtype != torch.float32:
+        return None
+    bias = score.bias if score.bias is not None else score.weight.new_empty(0)
+    out = torch.ops.subllm_native.decode_decide(
+        x[:, 0], score.weight[0], bias, score.eps if score.norm else -1.0
+    )
+    return out[:, :1], out[:, 1:]
+
+
+def bypass(x: Tensor, h: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    """U + B of a decode step, x + (w * (h - x)) * scale, for x, h (n, 1, C) fp32, w (n, 1) and the
+    bypass scale (C,), in one native op."""
+    return torch.ops.subllm_native.decode_bypass(x[:, 0], h[:, 0], w[:, 0], scale)[:, None]
