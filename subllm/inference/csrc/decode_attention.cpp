@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -89,10 +90,53 @@ void block_attend(const float* q, int64_t G, int64_t D, const KV* k, const KV* v
 
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// A row of D = 16 * C values as C fp32 vectors. fp32: in order. bf16: each 64-byte load of 32
+// values gives its even-indexed values by a shift and its odd-indexed ones by a mask - two plain
+// integer ops, where widening 16 values (vpmovzxwd + shift) took a shuffle each, on the ports the
+// FMAs and the score sums need too. So for bf16 vector 2i holds values 32i + 0, 2, .., 30 and vector
+// 2i + 1 values 32i + 1, 3, .., 31: q is loaded in the same order (dot products do not care) and the
+// weighted sum of V is put back in order when stored.
+template <int C>
+inline void load_row(const float* p, __m512* out) {
+  for (int c = 0; c < C; ++c) out[c] = _mm512_loadu_ps(p + c * 16);
+}
+template <int C>
+inline void load_row(const at::BFloat16* p, __m512* out) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int c = 0; c < C; c += 2) {
+    const __m512i raw = _mm512_loadu_si512(p + c * 16);
+    out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    out[c + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, high));
+  }
+}
+// fp32 values at p in load_row's order for KV
+template <typename KV, int C>
+inline void load_like(const float* p, __m512* out) {
+  if constexpr (std::is_same_v<KV, float>) {
+    load_row<C>(p, out);
+  } else {
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int c = 0; c < C; c += 2) {
+      const __m512 a = _mm512_loadu_ps(p + c * 16), b = _mm512_loadu_ps(p + c * 16 + 16);
+      out[c] = _mm512_permutex2var_ps(a, even, b);
+      out[c + 1] = _mm512_permutex2var_ps(a, odd, b);
+    }
+  }
+}
+// C vectors in load_row's order for KV -> D fp32 values in order at p
+template <typename KV, int C>
+inline void store_like(const __m512* v, float* p) {
+  if constexpr (std::is_same_v<KV, float>) {
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(p + c * 16, v[c]);
+  } else {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    for (int c = 0; c < C; c += 2) {
+      _mm512_storeu_ps(p + c * 16, _mm512_permutex2var_ps(v[c], lo, v[c + 1]));
+      _mm512_storeu_ps(p + c * 16 + 16, _mm512_permutex2var_ps(v[c], hi, v[c + 1]));
+    }
+  }
 }
 
 template <int C>
@@ -123,17 +167,18 @@ template <typename KV, int G, int C>
 void block_attend_avx512(const float* q, const KV* k, const KV* v, int64_t kv_stride, int64_t n, float scale,
                          float* scores, float* out_m, float* out_l, float* out_acc) {
   __m512 qv[G][C];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + (g * C + c) * 16), _mm512_set1_ps(scale));
+  for (int g = 0; g < G; ++g) {
+    load_like<KV, C>(q + g * C * 16, qv[g]);
+    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(qv[g][c], _mm512_set1_ps(scale));
+  }
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) {  // 16 keys: their 16 products per head summed as one transpose tree
     __m512 x[G][4];
     for (int j = 0; j < 4; ++j) {
       __m512 s[G][4];
       for (int i = 0; i < 4; ++i) {
-        const KV* kt = k + (t + 4 * j + i) * kv_stride;
         __m512 kk[C];
-        for (int c = 0; c < C; ++c) kk[c] = load16(kt + c * 16);
+        load_row<C>(k + (t + 4 * j + i) * kv_stride, kk);
         for (int g = 0; g < G; ++g) s[g][i] = dot<C>(qv[g], kk);
       }
       for (int g = 0; g < G; ++g) x[g][j] = sum_pairs64(sum_pairs32(s[g][0], s[g][1]), sum_pairs32(s[g][2], s[g][3]));
@@ -143,9 +188,8 @@ void block_attend_avx512(const float* q, const KV* k, const KV* v, int64_t kv_st
                        sum_chunks(sum_chunks(x[g][0], x[g][1]), sum_chunks(x[g][2], x[g][3])));
   }
   for (; t < n; ++t) {
-    const KV* kt = k + t * kv_stride;
     __m512 kk[C];
-    for (int c = 0; c < C; ++c) kk[c] = load16(kt + c * 16);
+    load_row<C>(k + t * kv_stride, kk);
     for (int g = 0; g < G; ++g) scores[g * n + t] = _mm512_reduce_add_ps(dot<C>(qv[g], kk));
   }
   softmax_rows(scores, G, n, out_m, out_l);
@@ -153,16 +197,14 @@ void block_attend_avx512(const float* q, const KV* k, const KV* v, int64_t kv_st
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
-    const KV* vt = v + t * kv_stride;
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(vt + c * 16);
+    load_row<C>(v + t * kv_stride, vv);
     for (int g = 0; g < G; ++g) {
       const __m512 p = _mm512_set1_ps(scores[g * n + t]);
       for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
     }
   }
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out_acc + (g * C + c) * 16, acc[g][c]);
+  for (int g = 0; g < G; ++g) store_like<KV, C>(acc[g], out_acc + g * C * 16);
 }
 
 using BlockFn = void (*)(const float*, const void*, const void*, int64_t, int64_t, float, float*, float*, float*,
