@@ -64,8 +64,10 @@ def test_runs_of_layers_decode_as_the_per_layer_path(monkeypatch, quant, kv, len
     ref, ref_cache = _decode(model, lens)
     assert len(calls) == n  # the reference never took the fused path
     # dense: fp32 sums in another order (1e-5); int4 / int8: the kernels round activations per
-    # group of 32, where a 1e-7 difference can move a value to the next step of the grid
-    tol = 1e-5 if quant == "none" else 1e-3
+    # group of 32, where a 1e-7 difference can move a value to the next step of the grid; a bf16
+    # cache likewise: a K or V value 1e-7 from a rounding boundary is stored one bf16 step away by
+    # one path (seen: 1e-4 in the logits after a few steps)
+    tol = 1e-5 if quant == "none" and kv == "same" else 1e-3
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert got_cache._len == ref_cache._len
