@@ -13,6 +13,9 @@
   thread: 4.5-4.8 ms against 9.0-9.2 ms through torch's int4 kernel (docs/RESULTS.md, "Native
   decode kernels"). Where the CPU lacks VNNI, `vnni_available()` is False and quantize.py keeps
   torch's kernels.
+- `decode_layers` (csrc/decode_layers.cpp), `rms_norm`, `decode_decide` / `decode_bypass`
+  (csrc/decode_select.cpp): a run of layers, the final norm, an S's decision and U + B of an fp32
+  decode step, each one op (native_layers.py says where the engine takes them).
 
 The extension is compiled with torch's `cpp_extension` (g++ and ninja; ~10 s once per machine,
 cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) with instruction-set flags

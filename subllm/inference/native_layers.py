@@ -7,8 +7,10 @@ norms, fused QKV, RoPE, the cache store, attention, output projection, SwiGLU, r
 op: the element-wise steps are loops over the few rows of a step, the linear layers go straight to
 the native int4 / int8 kernels (or ATen's mm for dense fp32 weights), the attention to the
 native kernel. The engine (engine.py `_decode_level`) takes this path wherever `usable` says so and
-every layer of the run is `layer_args`-eligible; everything else (an S, U + B, the head, layers of
-another kind) stays as it was. The eager per-layer path is the reference the tests compare with.
+every layer of the run is `layer_args`-eligible; layers of another kind and the head stay as they
+were. Around the runs, the same steps take `final_norm` (the model's last RMSNorm) and, for a
+plain S, `decide` (score layer and clamp) and `bypass` (U + B) - one native op each instead of
+~6, ~8 and ~4 dispatched ones. The eager per-layer path is the reference the tests compare with.
 
 Eligible: fp32 activations without autocast on a CPU where the extension loads, plain `Block`s
 (RMSNorm, Attention, SwiGLU), each linear a dense fp32 `nn.Linear`, an int4 layer with its native
