@@ -335,3 +335,50 @@ def test_decode_kernels_only_inside_a_decode_step():
         with pytest.raises(SubLLMError):
             decode_step(q, cache, torch.zeros(3, dtype=torch.long))  # wrong shape
     assert not Q._decoding
+
+
+def _greedy_logits(model, steps=4):
+    from helpers import greedy_decode
+
+    return greedy_decode(model, [9, 5], steps)[0]
+
+
+def _vnni_sized(seed):  # widths the native kernels take (multiples of 16 and 32); the head stays fp32
+    from helpers import tiny_model
+
+    return tiny_model("TT(TT)T", dim=128, n_heads=2, n_kv_heads=1, seed=seed)
+
+
+@pytest.mark.parametrize("int8_kernel", ["native", "dynamic", "packed"])
+def test_weights_loaded_into_an_int8_model_reach_its_decode_kernels(int8_kernel):
+    """load_state_dict writes q and scale in place; the copies derived from them (the bf16 scales,
+    fbgemm's and the native kernel's) are rebuilt, so decoding reads the loaded weights."""
+    if int8_kernel == "native" and not native.vnni_available():
+        pytest.skip("no AVX512-VNNI kernel on this CPU")
+    if int8_kernel == "dynamic" and not int8_dynamic.available():
+        pytest.skip("no fbgemm here")
+    a = quantize_(_vnni_sized(1), "int8", head=False, int8_kernel=int8_kernel)
+    b = quantize_(_vnni_sized(2), "int8", head=False, int8_kernel=int8_kernel)
+    before = _greedy_logits(a)  # also builds a's native runs of layers with its old copies
+    a.load_state_dict(b.state_dict())
+    after, want = _greedy_logits(a), _greedy_logits(b)
+    assert not torch.allclose(before, want)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not native.vnni_available(), reason="no AVX512-VNNI kernel on this CPU")
+def test_weights_loaded_into_an_int4_model_decode_through_torch_with_a_warning():
+    """int4: the native copy cannot be rebuilt from torch's packed layout: the layer drops it and
+    decodes through torch's kernel (warned), reading the loaded weights."""
+    a = quantize_(_vnni_sized(1), "int4", head=False)
+    b = quantize_(_vnni_sized(2), "int4", head=False)
+    _greedy_logits(a)
+    with pytest.warns(UserWarning, match="native decode copy cannot be rebuilt"):
+        a.load_state_dict(b.state_dict())
+    layers = [m for m in a.modules() if isinstance(m, Int4Linear)]
+    assert layers and all(m.native is None and m.kernel == "torch" for m in layers)
+    for m in b.modules():  # the reference: b's own weights through torch's int4 kernel
+        if isinstance(m, Int4Linear):
+            m.drop_native()
+            m.kernel = "torch"
+    torch.testing.assert_close(_greedy_logits(a), _greedy_logits(b), rtol=0, atol=0)

@@ -55,6 +55,7 @@ tokenizer or model, where it logs failed loads of its CUDA extensions to stderr 
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -106,6 +107,40 @@ class NativeCopy:
             self.register_buffer(f"native_{i}", t, persistent=False)
         self.native_count = len(tensors)
 
+    def drop_native(self) -> None:
+        for i in range(self.native_count):
+            del self._buffers[f"native_{i}"]
+        self.native_count = 0
+
+
+def _int8_after_load(mod: Int8Linear, _incompatible) -> None:
+    """load_state_dict wrote q and scale in place: rebuild what is derived from them (the bf16
+    scales, fbgemm's and the native kernel's copies) - in place where it has a place, so that the
+    native runs of layers (native_layers.py), which hold those tensors, read the new weights."""
+    mod.scale_bf16.copy_(mod.scale.to(torch.bfloat16))
+    if mod.dynamic_packed is not None:
+        from subllm.inference import int8_dynamic
+
+        mod.dynamic_packed = int8_dynamic.prepack(mod.q, mod.scale)
+        mod.dynamic_key = int8_dynamic.register(mod)
+    if mod.native is not None:
+        for held, new in zip(mod.native, native.int8_pack(mod.q, mod.scale)):
+            held.copy_(new)
+
+
+def _int4_after_load(mod: Int4Linear, _incompatible) -> None:
+    """load_state_dict wrote the packed codes and scales: the native copy cannot be rebuilt from
+    torch's packed layout (the codes are not kept), so the layer decodes through torch's int4
+    kernel from then on - correct, slower; quantizing after loading keeps the native kernel."""
+    if mod.native is not None:
+        mod.drop_native()
+        mod.kernel = "torch"
+        warnings.warn(
+            "subllm: weights loaded into an int4 layer; its native decode copy cannot be rebuilt, so it "
+            "decodes through torch's int4 kernel (load the weights before quantizing to keep it)",
+            stacklevel=2,
+        )
+
 
 class Int8Linear(NativeCopy, nn.Module):
     """A bias-free linear layer with int8 weights q (out, in) and fp32 scales s (out,)."""
@@ -123,6 +158,7 @@ class Int8Linear(NativeCopy, nn.Module):
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
         # self.native: the native VNNI kernel's (tiles, c, scale), made when first chosen
         self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic | native
+        self.register_load_state_dict_post_hook(_int8_after_load)
 
     @property
     def kernel(self) -> str:
@@ -270,6 +306,7 @@ class Int4Linear(NativeCopy, nn.Module):
         elif kernel == "native":
             raise SubLLMError("the native int4 kernel needs AVX512-VNNI and the extension (native.py)")
         self.kernel = "native" if self.native is not None else "torch"  # in decode steps
+        self.register_load_state_dict_post_hook(_int4_after_load)
 
     def decode_nbytes(self) -> int:
         """Bytes a decode step reads (subllm/bench/roofline.py): the copy its decode kernel uses."""
