@@ -182,7 +182,7 @@ def test_a_refused_run_leaves_the_cache_as_it_was():
 
 def test_final_norm_native_equals_the_module_and_falls_back():
     """decode_step's final RMSNorm through the native op where the step is native, the module
-    otherwise (grad mode, autocast, a norm that is not RMSNorm)."""
+    otherwise (grad mode, autocast); the op refuses a weight of the wrong size."""
     model = tiny_model(**HD64).eval()
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 2.0)
