@@ -4,13 +4,15 @@ whole decode steps (benchmarks/llamacpp_peer.py and `subllm bench infer` time th
 
 - attention: one query, 9 heads over 3 K/V heads of 64, at each context; 30 distinct layers' caches
   (so no layer's K/V stays in L2, as in a decode step): SDPA over fp32 K/V against the native kernel
-  over fp32 and bf16 K/V; microseconds per layer.
+  over fp32 and bf16 K/V; microseconds per layer. With `--cold-mb N`, also the native kernel over
+  bf16 K/V on huge pages with N MB read before each layer (as a decode step reads a layer's weights
+  between two attentions, so the K/V come from DRAM), only the kernel timed; best of the rounds.
 - linear layers: the 120 layers of the 30 blocks (wqkv 960 x 576, wo 576 x 576, w13 3072 x 576,
   w2 576 x 1536) at one and four rows: torch's int4 kernel, the native int4 and int8 kernels
   (native.ACT_PASSES activation passes); and the 49,152 x 576 int8 LM head through fbgemm's dynamic
   kernel and the native one; milliseconds per token.
 
-    python benchmarks/native_kernels.py [--threads 1] [--contexts 512,2048] [--rounds 7]
+    python benchmarks/native_kernels.py [--threads 1] [--contexts 512,2048] [--rounds 7] [--cold-mb 10]
 """
 
 import argparse
@@ -55,6 +57,30 @@ def attention(L: int, n: int) -> None:
     print(f"attention at {L} keys, us per layer: {rounds(fns, n, LAYERS / 1e6)}", flush=True)
 
 
+def attention_cold(L: int, n: int, mb: int) -> None:
+    from subllm.inference import hugepages
+
+    kv = hugepages.zeros((2, LAYERS, 1, 3, L, 64), torch.bfloat16)
+    kv.normal_()
+    other = hugepages.zeros((LAYERS, (mb << 20) // 4), torch.float32)
+    q, rows, lens = torch.randn(1, 9, 1, 64), torch.tensor([0]), torch.tensor([L])
+    best = float("inf")
+    for _ in range(n):
+        total = 0.0
+        for i in range(LAYERS):
+            other[i].sum()  # another layer's worth of bytes through the caches
+            t = time.perf_counter()
+            native.decode_attention(q, kv[0, i], kv[1, i], rows, lens)
+            total += time.perf_counter() - t
+        best = min(best, total)
+    gbs = kv.numel() * kv.element_size() / best / 1e9
+    print(
+        f"attention at {L} keys, bf16 K/V from DRAM ({mb} MB read before each layer): "
+        f"{best / LAYERS * 1e6:.1f} us per layer, {gbs:.1f} GB/s",
+        flush=True,
+    )
+
+
 def linears(n: int, rows: tuple[int, ...] = (1, 4)) -> None:
     layers = []
     for _ in range(LAYERS):
@@ -90,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cold-mb", type=int, default=0, help="also attention from DRAM (MB read per layer)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not native.vnni_available():
@@ -98,6 +125,8 @@ def main() -> None:
     with torch.no_grad():
         for L in a.contexts.split(","):
             attention(int(L), a.rounds)
+            if a.cold_mb:
+                attention_cold(int(L), a.rounds, a.cold_mb)
         linears(a.rounds)
 
 
