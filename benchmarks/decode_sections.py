@@ -30,9 +30,9 @@ def prepared(directory):
     return hugepages.place(set_kv_dtype(model, "bf16"))
 
 
-def tokens(directory, text, n):
+def tokens(directory, text, n, vocab):
     if not text:
-        return torch.randint(0, 49152, (n,))
+        return torch.randint(0, vocab, (n,))
     ids = load_tokenizer_for(resolve_checkpoint(directory)).encode(open(text).read())
     return torch.tensor(ids[:n])
 
@@ -83,9 +83,9 @@ def main() -> None:
     p.add_argument("--llama", help="the all-T LLaMA the SUBLLM came from (with --keep-all)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    ids = tokens(a.checkpoint, a.text, a.context + 64)
-    prompt, steps = ids[: a.context], ids[a.context :]
     model = prepared(a.checkpoint)
+    ids = tokens(a.checkpoint, a.text, a.context + 64, model.config.vocab_size)
+    prompt, steps = ids[: a.context], ids[a.context :]
     acc: dict = {}
     if a.keep_all:
         if not a.llama:

@@ -50,9 +50,7 @@ void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_
 
 // out = w * (x / sqrt(mean(x^2) + eps)), one row of C
 void rms_norm(const float* x, const float* w, float eps, int64_t C, float* out) {
-  float ss = 0.f;
-  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
+  const float r = subllm_native::rms_scale(x, C, eps);
   for (int64_t c = 0; c < C; ++c) out[c] = w[c] * (x[c] * r);
 }
 

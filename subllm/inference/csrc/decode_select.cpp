@@ -3,11 +3,11 @@
 // U + B formula, as one op each instead of ~8 and ~4 dispatched ones (the score layer alone took
 // ~50 us of a SmolLM2 SUBLLM token per S, its RMS norm being six small ops).
 
-#include <ATen/ATen.h>
+#include "native.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -28,12 +28,7 @@ at::Tensor decode_decide(const at::Tensor& x_in, const at::Tensor& w, const at::
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     const float* xi = x.data_ptr<float>() + i * C;
-    float r = 1.f;
-    if (eps >= 0) {
-      float ss = 0.f;
-      for (int64_t c = 0; c < C; ++c) ss += xi[c] * xi[c];
-      r = 1.f / std::sqrt(ss / static_cast<float>(C) + static_cast<float>(eps));
-    }
+    const float r = eps >= 0 ? subllm_native::rms_scale(xi, C, static_cast<float>(eps)) : 1.f;
     float s = 0.f;
     for (int64_t c = 0; c < C; ++c) s += wp[c] * (xi[c] * r);
     s += bias;

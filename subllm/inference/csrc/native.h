@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstddef>
 #include <vector>
 
@@ -17,6 +18,14 @@ T* scratch(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
+}
+
+// 1 / sqrt(mean(x^2) + eps) over one row of C: RMSNorm's factor (decode_layers.cpp's norms, the score
+// layer's norm in decode_select.cpp)
+inline float rms_scale(const float* x, int64_t C, float eps) {
+  float ss = 0.f;
+  for (int64_t c = 0; c < C; ++c) ss += x[c] * x[c];
+  return 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
 }
 
 // decode_attention.cpp: q (n, H, 1, D); k, v (B, Hkv, capacity, D); query i reads cache row rows[i]'s
