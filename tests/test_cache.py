@@ -97,7 +97,7 @@ def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched(subset):
     saw_mix = False
     for _ in range(10):
         before = cache.snapshot()
-        kv = {i: (cache.k[i].clone(), cache.v[i].clone()) for i in inner}
+        kv = {i: [cache.row_kv(i, b)[0].clone() for b in range(4)] for i in inner}
         calls.clear()
         decode_step(model, cache, torch.randint(3, V, (4,), generator=g))
         after = cache.snapshot()
@@ -111,9 +111,8 @@ def test_dropped_rows_skip_inner_layers_and_leave_caches_untouched(subset):
                 assert ran == (([sum(grew)] if subset else [4]) if sum(grew) else [])
                 for b in range(4):
                     if not grew[b]:  # dropped: this row's cache is bit-for-bit untouched
-                        assert torch.equal(
-                            cache.k[i][b, :, : before[level][b]], kv[i][0][b, :, : before[level][b]]
-                        )
+                        n = before[level][b]
+                        assert torch.equal(cache.row_kv(i, b)[0][..., :n, :], kv[i][b][..., :n, :])
     for h in hooks:
         h.remove()
     assert saw_mix
@@ -256,7 +255,7 @@ def test_bf16_autocast_cache():
         cache = new_cache(model, 2)
         lg = prefill(model, ids, mask, cache)
         lg2 = decode_step(model, cache, torch.tensor([4, 5]))
-    assert cache.dtype == torch.bfloat16 and cache.k[0].dtype == torch.bfloat16
+    assert cache.dtype == torch.bfloat16 and cache.row_kv(0, 0)[0].dtype == torch.bfloat16
     assert torch.isfinite(lg).all() and torch.isfinite(lg2).all()
     assert cache.nbytes() == cache.bytes_per_token() * sum(
         sum(cache.lengths(lv).tolist()) for lv in cache.layer_level

@@ -21,7 +21,14 @@ def alone(model, prompt, feed):
 
 
 @torch.no_grad()
-def test_rows_join_and_leave_a_running_batch():
+@pytest.mark.parametrize("packed", [False, True])
+def test_rows_join_and_leave_a_running_batch(packed):
+    """Either layout: rows in one buffer per layer (KVCache) or stored apart (cache_rows.py)."""
+    join_and_leave(packed)
+
+
+@torch.no_grad()
+def join_and_leave(packed):
     model = tiny_preset_model()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (11, 4, 19, 7)]
@@ -33,7 +40,7 @@ def test_rows_join_and_leave_a_running_batch():
     for t in range(12):
         joining = {0: [0, 1], 3: [2], 5: [3]}.get(t, [])
         for r in joining:
-            c = new_cache(model, 1, chunk=8)
+            c = new_cache(model, 1, chunk=8, packed=packed)
             got = prefill(model, torch.tensor([prompts[r]]), None, c)[0]
             assert torch.equal(got, ref[r][0][0])  # prefill is the same call as alone
             if batch is None:

@@ -13,12 +13,13 @@ from subllm.inference.generation import stream_generate
 
 
 @pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T"])
-@pytest.mark.parametrize("chunk", [1, 5, 16])
-def test_chunked_prefill_equals_one_pass(structure, chunk):
+@pytest.mark.parametrize("chunk, packed", [(1, False), (5, True), (16, False), (16, True)])
+def test_chunked_prefill_equals_one_pass(structure, chunk, packed):
+    """Against one pass into a one-buffer cache; the chunked cache in either layout (cache_rows.py)."""
     model = tiny_preset_model(structure)
     ids, mask = left_padded([37, 20, 29])
     with torch.no_grad():
-        ref_cache, cache = new_cache(model, 3), new_cache(model, 3)
+        ref_cache, cache = new_cache(model, 3, packed=False), new_cache(model, 3, packed=packed)
         ref = prefill(model, ids, mask, ref_cache)
         got = prefill_chunked(model, ids, mask, cache, chunk)
     assert (got - ref).abs().max() < 1e-5
@@ -29,8 +30,8 @@ def test_chunked_prefill_equals_one_pass(structure, chunk):
     for layer, level in enumerate(cache.layer_level):
         for b in range(3):
             n = cache.length(level, b)
-            for new, old in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
-                assert (new[layer][b, :, :n] - old[layer][b, :, :n]).abs().max() < 1e-5
+            for new, old in zip(cache.row_kv(layer, b), ref_cache.row_kv(layer, b)):
+                assert (new[..., :n, :] - old[..., :n, :]).abs().max() < 1e-5
     fr = model(ids, mask).keep_fractions
     assert all(0.1 < f < 0.9 for f in fr), fr  # a real mix of kept and dropped tokens at every S
 
@@ -85,4 +86,5 @@ def test_chunked_prefill_with_rope_scaling(scaling):
     assert (got - ref).abs().max() < 1e-5 and cache.snapshot() == ref_cache.snapshot()
     for layer, level in enumerate(cache.layer_level):
         n = cache.length(level, 0)
-        assert (cache.k[layer][0, :, :n] - ref_cache.k[layer][0, :, :n]).abs().max() < 1e-5
+        got, want = cache.row_kv(layer, 0)[0], ref_cache.row_kv(layer, 0)[0]
+        assert (got[..., :n, :] - want[..., :n, :]).abs().max() < 1e-5

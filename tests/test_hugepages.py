@@ -5,7 +5,7 @@ are far below one huge page, so MIN_BYTES is lowered to 0 to take the mapped pat
 import pytest
 import torch
 from helpers import greedy_decode, tiny_preset_model
-from test_cache_rows import test_rows_join_and_leave_a_running_batch
+from test_cache_rows import join_and_leave
 
 from subllm.inference import hugepages
 from subllm.inference.quantize import apply_quantization
@@ -67,15 +67,18 @@ def test_a_placed_model_still_trains(mapped):
 
 
 def test_cache_levels_on_mapped_memory_decode_as_ordinary_memory(mapped, monkeypatch):
-    """Every K/V buffer of a level is a view into one mapping, grown, cut (keep_rows) and merged
-    (add_rows) there; logits equal those with torch.zeros buffers."""
+    """Every K/V buffer of a level (of a row of it, where rows are stored apart: cache_rows.py) is a
+    view into one mapping, grown, cut (keep_rows) and merged (add_rows) there; logits equal those
+    with torch.zeros buffers."""
     model = tiny_preset_model()
     got, cache = greedy_decode(model, [11, 4, 7], 12, subset_at=5)
+    assert cache.packed
     for level, layers in enumerate(cache.level_layers):
-        storages = {cache.k[i].untyped_storage().data_ptr() for i in layers}
-        storages |= {cache.v[i].untyped_storage().data_ptr() for i in layers}
-        assert len(storages) == 1, level
-    test_rows_join_and_leave_a_running_batch()  # keep_rows / add_rows on mapped levels
+        for b in range(3):
+            kvs = [cache.row_kv(i, b) for i in layers]
+            assert len({t.untyped_storage().data_ptr() for kv in kvs for t in kv}) == 1, level
+    for packed in (False, True):  # keep_rows / add_rows on mapped levels
+        join_and_leave(packed)
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1 << 62)
     ref, _ = greedy_decode(model, [11, 4, 7], 12, subset_at=5)
     assert torch.equal(got, ref)

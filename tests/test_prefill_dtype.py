@@ -17,7 +17,7 @@ from subllm.serve.request import Request, Settings
 def _first_logits(model, ids, mask, **kw):
     seen = {}
     steps = stream_generate(model, ids, mask, max_new_tokens=2, return_logits=True,
-                            on_prefill=lambda c: seen.update(dtype=c.k[0].dtype), **kw)  # fmt: skip
+                            on_prefill=lambda c: seen.update(dtype=c.dtype), **kw)  # fmt: skip
     return next(steps)[1], seen["dtype"]
 
 

@@ -56,8 +56,12 @@ class KVCache:
     """Keys and values of every layer for a batch of `batch_size` rows (see the module docstring).
 
     Buffers: `k[layer]`, `v[layer]` of shape (B, Hkv, capacity(level), head_dim) and `pos[level]`
-    of shape (B, capacity(level)) (original positions; -1 in unused slots).
+    of shape (B, capacity(level)) (original positions; -1 in unused slots). Code that must also
+    work on a cache whose rows are stored apart (cache_rows.py, `packed`) reads K/V through
+    `row_kv` and `kernel_kv`.
     """
+
+    packed = False  # rows in one buffer per layer; cache_rows.RowKVCache stores each row apart
 
     def __init__(
         self,
@@ -125,6 +129,16 @@ class KVCache:
             storages[s.data_ptr()] = s.nbytes()
         return sum(storages.values())
 
+    def row_kv(self, layer: int, row: int) -> tuple[Tensor, Tensor]:
+        """K and V buffers (1, Hkv, capacity, hd) of one row at `layer` (views; slots past the row's
+        length are unused capacity)."""
+        return self.k[layer][row : row + 1], self.v[layer][row : row + 1]
+
+    def kernel_kv(self, layers: list[int], rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """The K and V buffers the native decode ops take for `layers` and the step's `rows`
+        (native.py decode_attention): here one buffer per layer, indexed by the rows."""
+        return [self.k[i] for i in layers], [self.v[i] for i in layers]
+
     # ---- storage -----------------------------------------------------------------------------
     def _level_buffers(self, level: int, batch: int, cap: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed K and V buffers (batch, Hkv, cap, hd) for every layer of `level`, all in one
@@ -161,12 +175,18 @@ class KVCache:
         self.pos[level] = pos
         self.capacity[level] = cap
 
+    def _room(self, level: int, rows, needs: list[int], exact: bool = False, width: int = 0) -> None:
+        """Make room for needs[i] tokens in row rows[i] at `level`, and `width` slots of positions
+        (here the whole level becomes as wide as the largest of them)."""
+        if needs or width:
+            self.reserve(level, max([*needs, width]), exact)
+
     def start_level(self, level: int, pos: Tensor, lengths: list[int], extra: int = 0) -> None:
         """Prefill: `level` receives, for row b, the first lengths[b] of the tokens at original
         positions pos (B, L) (right-aligned, as the engine lays them out); `extra` slots are reserved
         on top for decoding. Any earlier content of the level is discarded."""
         L = pos.shape[1]
-        self.reserve(level, max(L + extra, 1), exact=extra > 0)  # extra: the caller knows the size
+        self._room(level, range(self.batch_size), [max(n + extra, 1) for n in lengths], extra > 0, L + extra)
         self.pos[level][:, :L] = pos
         self.pos[level][:, L:] = -1
         for b, n in enumerate(lengths):
@@ -189,7 +209,7 @@ class KVCache:
         through a level where only some rows' tokens belong (engine.py `_decode_sub`)."""
         lens = self._len[level]
         slots = [lens[r] for r in rows]
-        self.reserve(level, max(slots) + 1)
+        self._room(level, rows, [s + 1 for s in slots])
         if len(rows) == 1:  # batch 1 (or one row of a level): a scalar store, no index tensors
             self.pos[level][rows[0], slots[0]] = positions[0]
         elif rows:
@@ -221,7 +241,7 @@ class KVCache:
         pos[i, :counts[i]] (pos (n, c)). Returns each row's first new slot."""
         lens = self._len[level]
         starts = [lens[r] for r in rows]
-        self.reserve(level, max(s + n for s, n in zip(starts, counts)))
+        self._room(level, rows, [s + n for s, n in zip(starts, counts)])
         for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
             if n:
                 self.pos[level][r, s : s + n] = pos[i, :n]
@@ -262,11 +282,7 @@ class KVCache:
         """Keep only batch rows `rows`, in that order (e.g. drop finished requests); the other rows'
         K/V is freed and each level's capacity shrinks to the kept rows' longest length, rounded up
         to `chunk` (never grows). Row r of the result is old row rows[r]."""
-        rows = [int(r) for r in rows]
-        if not rows:
-            raise SubLLMError("keep_rows needs at least one row (drop the whole cache instead)")
-        if len(set(rows)) != len(rows) or not all(0 <= r < self.batch_size for r in rows):
-            raise SubLLMError(f"rows must be distinct batch indexes below {self.batch_size}, got {rows}")
+        rows = self._check_rows(rows)
         idx = torch.tensor(rows, device=self.device)
         for level in range(self.n_levels):
             lens = [self._len[level][r] for r in rows]
@@ -280,6 +296,14 @@ class KVCache:
             self.capacity[level] = cap
             self._len[level] = lens
         self.batch_size = len(rows)
+
+    def _check_rows(self, rows: list[int]) -> list[int]:
+        rows = [int(r) for r in rows]
+        if not rows:
+            raise SubLLMError("keep_rows needs at least one row (drop the whole cache instead)")
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.batch_size for r in rows):
+            raise SubLLMError(f"rows must be distinct batch indexes below {self.batch_size}, got {rows}")
+        return rows
 
     def add_rows(self, other: KVCache) -> list[int]:
         """Append the rows of `other` (same config, dtype and device; e.g. a request prefilled

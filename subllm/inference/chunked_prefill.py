@@ -121,7 +121,6 @@ def _extend_layer(model, cache, layer: int, x, rows, starts, counts, lvl) -> Ten
     block = model.layers[layer]
     q, k, v = block.attn.qkv(block.attn_norm(x), lvl.cos, lvl.sin)  # (n, H, c, hd), (n, Hkv, c, hd)
     cache.write_extend(layer, rows, starts, counts, k, v)
-    kb, vb = cache.k[layer], cache.v[layer]
     a = torch.zeros_like(x)
     for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
         if not n:
@@ -130,9 +129,9 @@ def _extend_layer(model, cache, layer: int, x, rows, starts, counts, lvl) -> Ten
         if s:  # query j (slot s + j) sees slots 0 .. s + j
             mask = torch.arange(s + n, device=x.device) <= (s + torch.arange(n, device=x.device))[:, None]
             mask = mask[None, None]
-        a[i, :n] = block.attn.attend(
-            q[i : i + 1, :, :n], kb[r : r + 1, :, : s + n], vb[r : r + 1, :, : s + n], mask, mask is None
-        )[0]
+        kb, vb = cache.row_kv(layer, r)
+        kb, vb = kb[:, :, : s + n], vb[:, :, : s + n]
+        a[i, :n] = block.attn.attend(q[i : i + 1, :, :n], kb, vb, mask, mask is None)[0]
     x = x + a
     return x + block.ffn(block.ffn_norm(x))
 

@@ -39,6 +39,7 @@ from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.inference import native, native_layers
 from subllm.inference.cache import KVCache
+from subllm.inference.cache_rows import RowKVCache
 from subllm.inference.quantize import decode_kernels
 from subllm.model.layers import Block, rope_cos_sin
 from subllm.model.rope import is_dynamic
@@ -71,10 +72,29 @@ def cache_dtype(model: SubLLM, device: torch.device) -> torch.dtype:
 
 
 def new_cache(
-    model: SubLLM, batch_size: int, device: torch.device | None = None, chunk: int = 256
+    model: SubLLM,
+    batch_size: int,
+    device: torch.device | None = None,
+    chunk: int = 256,
+    packed: bool | None = None,
 ) -> KVCache:
+    """An empty cache for `batch_size` rows. `packed`: each row stored apart, as long as it holds
+    (cache_rows.py) - None (default) where it is the better layout: more than one row, the native
+    decode kernels (which read rows apart in place) and no compiled decode graphs (which need one
+    batch-wide buffer)."""
     device = device or model.embed.weight.device
-    return KVCache(model.config, batch_size, dtype=cache_dtype(model, device), device=device, chunk=chunk)
+    if packed is None:
+        packed = batch_size > 1 and rows_apart(model, device)
+    kind = RowKVCache if packed else KVCache
+    return kind(model.config, batch_size, dtype=cache_dtype(model, device), device=device, chunk=chunk)
+
+
+def rows_apart(model: SubLLM, device: torch.device | str | None = None) -> bool:
+    """Whether caches of several rows store each row apart on `device` (default: the model's; see
+    new_cache): the native kernels are there and no compiled decode graphs are. A batch-1 cache that
+    will join others (serving) asks for it explicitly."""
+    device = device or model.embed.weight.device
+    return native.available(device) and getattr(model, "compiled_decode", None) is None
 
 
 def _check_eval(model: SubLLM) -> None:
@@ -252,8 +272,9 @@ def _decode_level(
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
     mask = rows_t = lens_t = None
     if native.available(x.device):  # the native kernel: each row reads its own cache row and length
-        rows_t, lens_t = torch.tensor(rows, device=x.device), torch.tensor(lens, device=x.device)
-    elif full and min(lens) != max(lens):
+        at = [0] * len(rows) if cache.packed else rows  # rows stored apart: row 0 of each buffer
+        rows_t, lens_t = torch.tensor(at, device=x.device), torch.tensor(lens, device=x.device)
+    elif full and not cache.packed and min(lens) != max(lens):
         L = max(lens)
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[
             :, None, None
@@ -262,7 +283,7 @@ def _decode_level(
     fused = {}
     if lens_t is not None and native_layers.usable(model, x):
         fused = native_layers.runs(model, nodes, cache)
-    compiled = getattr(model, "compiled_decode", None) if full else None
+    compiled = getattr(model, "compiled_decode", None) if full and not cache.packed else None
     if compiled is not None:  # room past the new token: the graphs never see capacity == length
         cache.reserve(level, max(lens) + 1)
     if compiled is not None or fused:
@@ -276,7 +297,7 @@ def _decode_level(
             continue
         if node in fused:
             run_args = fused[node]
-            ks, vs = [cache.k[i] for i in run_args[0]], [cache.v[i] for i in run_args[0]]
+            ks, vs = cache.kernel_kv(run_args[0], rows)
             x = native_layers.run(model, run_args, x, cos, sin, rows_t, slot_t, lens_t, ks, vs)
             done.update(run_args[0])
             continue
@@ -289,17 +310,18 @@ def _decode_level(
         block = model.layers[node]
         q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)  # (n, H, 1, hd), (n, Hkv, 1, hd)
         cache.write(node, rows, slots, k, v)
-        kb, vb = cache.k[node], cache.v[node]
         if lens_t is not None:  # all rows of the step in one call, the full batch or a subset
+            kb, vb = cache.kernel_kv([node], rows)
             a = block.attn.out(native.decode_attention(q, kb, vb, rows_t, lens_t))
-        elif full:  # one view of the whole batch (masked only when row lengths differ)
+        elif full and not cache.packed:  # one view of the whole batch (masked only when lengths differ)
             L = max(lens)
-            a = block.attn.attend(q, kb[:, :, :L], vb[:, :, :L], mask, is_causal=False)
-        else:  # a subset: each row reads a view of exactly its own length
+            a = block.attn.attend(q, cache.k[node][:, :, :L], cache.v[node][:, :, :L], mask, is_causal=False)
+        else:  # a subset, or rows stored apart: each row reads a view of exactly its own length
+            kvs = [cache.row_kv(node, r) for r in rows]
             a = torch.cat(
                 [
-                    block.attn.attend(q[i : i + 1], kb[r : r + 1, :, :n], vb[r : r + 1, :, :n], None, False)
-                    for i, (r, n) in enumerate(zip(rows, lens))
+                    block.attn.attend(q[i : i + 1], kb[:, :, :n], vb[:, :, :n], None, False)
+                    for i, ((kb, vb), n) in enumerate(zip(kvs, lens))
                 ]
             )
         x = x + a

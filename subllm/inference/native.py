@@ -1,9 +1,9 @@
 """Native CPU kernels for decoding (issue 22): built from csrc/ on first use, torch's ops otherwise.
 
 - `decode_attention(q, k, v, rows, lens)`: the one-query attention of a decode step, query i
-  reading cache row rows[i]'s first lens[i] slots in place (no slice, no mask, no gather of a
-  subset's rows), the query heads of one K/V head sharing every key and value read, fp32
-  arithmetic, fp32 or bf16 K/V (csrc/decode_attention.cpp). torch's SDPA spends 100-400 us per
+  reading cache row rows[i]'s (or its own buffer's) first lens[i] slots in place (no slice, no
+  mask, no gather of a subset's rows), the query heads of one K/V head sharing every key and value
+  read, fp32 arithmetic, fp32 or bf16 K/V (csrc/decode_attention.cpp). torch's SDPA spends 100-400 us per
   layer on SmolLM2's one-query attention at 512-2k keys on a 2-vCPU EPYC (7.6-8 GB/s); this kernel
   40-210 us in fp32 and 35-130 in bf16 at one thread.
 - `int4_matmul` / `int8_matmul`: int4 or int8 weights in tiles of 16 output rows times int8
@@ -118,7 +118,7 @@ def _register_fake() -> None:
     """Shapes for torch.compile (the compiled decode graphs call the kernel as one opaque op)."""
 
     @torch.library.register_fake("subllm_native::decode_attention")
-    def _(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, lens: Tensor) -> Tensor:
+    def _(q: Tensor, k: list[Tensor], v: list[Tensor], rows: Tensor, lens: Tensor) -> Tensor:
         return torch.empty_like(q)
 
     @torch.library.register_fake("subllm_native::int4_matmul")
@@ -201,8 +201,13 @@ def status() -> str:
     return f"native ({capability()})"
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, lens: Tensor) -> Tensor:
-    """q (n, H, 1, hd); k, v (B, Hkv, capacity, hd) cache buffers; rows (n,) int64, the cache row
-    each query reads; lens (n,) int64, that row's number of valid slots (>= 1) -> (n, H, 1, hd).
-    Needs `available()`."""
+def decode_attention(
+    q: Tensor, k: Tensor | list[Tensor], v: Tensor | list[Tensor], rows: Tensor, lens: Tensor
+) -> Tensor:
+    """q (n, H, 1, hd); k, v (B, Hkv, capacity, hd) cache buffers - or lists of n buffers
+    (1, Hkv, capacity_i, hd), query i reading the i-th (a cache whose rows are stored apart,
+    cache_rows.py; rows then all 0); rows (n,) int64, the cache row each query reads; lens (n,)
+    int64, that row's number of valid slots (>= 1) -> (n, H, 1, hd). Needs `available()`."""
+    k = [k] if isinstance(k, Tensor) else list(k)
+    v = [v] if isinstance(v, Tensor) else list(v)
     return torch.ops.subllm_native.decode_attention(q, k, v, rows, lens)

@@ -24,7 +24,7 @@ import torch
 
 from subllm.inference.cache import KVCache
 from subllm.inference.chunked_prefill import prefill_chunks
-from subllm.inference.engine import new_cache, prefill
+from subllm.inference.engine import new_cache, prefill, rows_apart
 from subllm.inference.generation import prefill_autocast
 from subllm.serve.prefix_cache import PrefixStore
 
@@ -61,7 +61,7 @@ class Prefill:
         store = self._store
         hit = None if store is None else store.lookup(self._model, self.req.prompt, self._cache_chunk)
         if hit is None:
-            self.cache = new_cache(self._model, 1, chunk=self._cache_chunk)
+            self.cache = new_cache(self._model, 1, chunk=self._cache_chunk, packed=rows_apart(self._model))
         else:
             self.cache, self.done_tokens = hit
             self.reused_tokens = self.done_tokens

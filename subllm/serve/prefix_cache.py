@@ -39,7 +39,7 @@ from torch import Tensor
 
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
-from subllm.inference.engine import new_cache
+from subllm.inference.engine import new_cache, rows_apart
 
 DEFAULT_PREFIX_CACHE_MB = 256  # `subllm serve --prefix-cache-mb`
 
@@ -96,7 +96,7 @@ class PrefixStore:
             self.hits += 1
             self.hit_tokens += len(chain) * self.block
         self._touch(keys[: len(chain)])
-        cache = new_cache(model, 1, chunk=cache_chunk)
+        cache = new_cache(model, 1, chunk=cache_chunk, packed=rows_apart(model))
         for level in range(cache.n_levels):
             pos = torch.cat([b.pos[level] for b in chain])
             n = pos.shape[0]
@@ -122,8 +122,8 @@ class PrefixStore:
             a, b = before[level][0], cache.length(level, 0)
             pos.append(cache.pos[level][0, a:b].clone())
             for layer in cache.level_layers[level]:
-                ks[layer] = cache.k[layer][0, :, a:b].clone()
-                vs[layer] = cache.v[layer][0, :, a:b].clone()
+                kb, vb = cache.row_kv(layer, 0)
+                ks[layer], vs[layer] = kb[0, :, a:b].clone(), vb[0, :, a:b].clone()
         nbytes = sum(t.numel() * t.element_size() for t in (*pos, *ks, *vs))
         if nbytes > self.max_bytes:
             return

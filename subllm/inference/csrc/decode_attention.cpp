@@ -3,6 +3,8 @@
 // q (n, H, 1, D) float; k, v (B, Hkv, capacity, D) float or bfloat16, last dim contiguous;
 // rows (n,) int64: query i reads cache row rows[i] (all rows of a step, or the subset a level's S
 // kept - no gather of the cache); lens (n,) int64: it attends to that row's first lens[i] slots.
+// Or k, v as n buffers (1, Hkv, capacity_i, D), query i reading the i-th (rows all 0): a cache whose
+// rows are stored apart, each as long as it holds (subllm/inference/cache_rows.py).
 // -> (n, H, 1, D) in q's dtype.
 // The H / Hkv query heads of one K/V head share each key and value read (grouped-query
 // attention). Work is split over (row, K/V head, block of keys); each block keeps its running
@@ -244,10 +246,10 @@ BlockFn pick_fast(int64_t, int64_t) { return nullptr; }
 #endif
 
 template <typename KV>
-void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::Tensor& v, const int64_t* rows,
+void run(const float* qp, int64_t B, int64_t H, at::TensorList k, at::TensorList v, const int64_t* rows,
          const int64_t* lens, float* op) {
-  const int64_t D = k.size(3);
-  const int64_t Hkv = k.size(1), G = H / Hkv;
+  const int64_t D = k[0].size(3);
+  const int64_t Hkv = k[0].size(1), G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) max_len = lens[b] > max_len ? lens[b] : max_len;
@@ -257,11 +259,21 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
   // partials: (B, Hkv, nblocks, G, D + 2) - m, l, acc
   const int64_t P = D + 2;
   float* part = subllm_native::scratch<float, 0>(static_cast<size_t>(B * Hkv * nblocks * G * P));
-  const KV* kp = k.data_ptr<KV>();
-  const KV* vp = v.data_ptr<KV>();
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), kst = k.stride(2);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vst = v.stride(2);
-  TORCH_CHECK(kst == vst, "decode_attention: k and v need the same slot stride");
+  // each query row's K and V: (row rows[b] of one buffer) or (row 0 of its own buffer)
+  const bool own = k.size() > 1;
+  std::vector<const KV*> kr(B), vr(B);
+  std::vector<int64_t> ksh(B), vsh(B);
+  const int64_t kst = k[0].stride(2);
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor& kt = k[own ? b : 0];
+    const at::Tensor& vt = v[own ? b : 0];
+    const int64_t r = own ? 0 : rows[b];
+    TORCH_CHECK(kt.stride(2) == kst && vt.stride(2) == kst, "decode_attention: k and v need one slot stride");
+    kr[b] = kt.data_ptr<KV>() + r * kt.stride(0);
+    vr[b] = vt.data_ptr<KV>() + r * vt.stride(0);
+    ksh[b] = kt.stride(1);
+    vsh[b] = vt.stride(1);
+  }
   const BlockFn fast = pick_fast<KV>(G, D);
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t begin, int64_t end) {
     float* scores = subllm_native::scratch<float, 1>(static_cast<size_t>(G * kBlock));
@@ -277,8 +289,8 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
         continue;
       }
       const float* qbh = qp + (b * H + h * G) * D;
-      const KV* kbh = kp + rows[b] * ksb + h * ksh + t0 * kst;
-      const KV* vbh = vp + rows[b] * vsb + h * vsh + t0 * kst;
+      const KV* kbh = kr[b] + h * ksh[b] + t0 * kst;
+      const KV* vbh = vr[b] + h * vsh[b] + t0 * kst;
       if (fast != nullptr) {
         fast(qbh, kbh, vbh, kst, n, scale, scores, ml, ml + G, acc);
       } else {
@@ -315,31 +327,41 @@ void run(const float* qp, int64_t B, int64_t H, const at::Tensor& k, const at::T
 
 namespace subllm_native {
 
-void decode_attention_into(const float* q, int64_t n, int64_t H, const at::Tensor& k, const at::Tensor& v,
+void decode_attention_into(const float* q, int64_t n, int64_t H, at::TensorList k, at::TensorList v,
                            const int64_t* rows, const int64_t* lens, float* out) {
-  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: k and v must be (B, Hkv, capacity, D)");
-  TORCH_CHECK(H % k.size(1) == 0 && H / k.size(1) <= kMaxGroup, "decode_attention: bad head grouping");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k, v need a contiguous last dim");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "decode_attention: k and v dtypes differ");
-  for (int64_t b = 0; b < n; ++b) {
-    TORCH_CHECK(rows[b] >= 0 && rows[b] < k.size(0), "decode_attention: rows out of range");
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= k.size(2), "decode_attention: lens out of range");
+  const bool own = k.size() > 1;
+  TORCH_CHECK(k.size() >= 1 && v.size() == k.size() && (!own || static_cast<int64_t>(k.size()) == n),
+              "decode_attention: one k and v buffer, or one per query row");
+  for (size_t i = 0; i < k.size(); ++i) {
+    TORCH_CHECK(k[i].device().is_cpu() && v[i].device().is_cpu(), "decode_attention: CPU tensors only");
+    TORCH_CHECK(k[i].dim() == 4 && v[i].sizes() == k[i].sizes() && k[i].size(1) == k[0].size(1) &&
+                    k[i].size(3) == k[0].size(3),
+                "decode_attention: k and v must be (B, Hkv, capacity, D), alike");
+    TORCH_CHECK(k[i].stride(3) == 1 && v[i].stride(3) == 1, "decode_attention: k, v need a contiguous last dim");
+    TORCH_CHECK(k[i].scalar_type() == k[0].scalar_type() && v[i].scalar_type() == k[0].scalar_type(),
+                "decode_attention: k and v dtypes differ");
   }
-  if (k.scalar_type() == at::kFloat) {
+  TORCH_CHECK(H % k[0].size(1) == 0 && H / k[0].size(1) <= kMaxGroup, "decode_attention: bad head grouping");
+  for (int64_t b = 0; b < n; ++b) {
+    const at::Tensor& kt = k[own ? b : 0];
+    TORCH_CHECK(own ? rows[b] == 0 && kt.size(0) == 1 : rows[b] >= 0 && rows[b] < kt.size(0),
+                "decode_attention: rows out of range");
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= kt.size(2), "decode_attention: lens out of range");
+  }
+  if (k[0].scalar_type() == at::kFloat) {
     run<float>(q, n, H, k, v, rows, lens, out);
-  } else if (k.scalar_type() == at::kBFloat16) {
+  } else if (k[0].scalar_type() == at::kBFloat16) {
     run<at::BFloat16>(q, n, H, k, v, rows, lens, out);
   } else {
     TORCH_CHECK(false, "decode_attention: k, v must be float32 or bfloat16");
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+at::Tensor decode_attention(const at::Tensor& q, at::TensorList k, at::TensorList v, const at::Tensor& rows,
                             const at::Tensor& lens) {
   TORCH_CHECK(q.device().is_cpu(), "decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "decode_attention: q must be (B, H, 1, D)");
-  TORCH_CHECK(k.dim() == 4 && k.size(3) == q.size(3), "decode_attention: q and k disagree on D");
+  TORCH_CHECK(!k.empty() && k[0].dim() == 4 && k[0].size(3) == q.size(3), "decode_attention: q and k disagree on D");
   for (const at::Tensor* t : {&rows, &lens})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == q.size(0) && t->scalar_type() == at::kLong,
                 "decode_attention: rows and lens must be (n,) int64, one per query row");
@@ -353,6 +375,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace subllm_native
 
-TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor lens) -> Tensor"); }
+TORCH_LIBRARY(subllm_native, m) { m.def("decode_attention(Tensor q, Tensor[] k, Tensor[] v, Tensor rows, Tensor lens) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(subllm_native, CPU, m) { m.impl("decode_attention", &subllm_native::decode_attention); }

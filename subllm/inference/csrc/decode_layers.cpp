@@ -1,7 +1,7 @@
 // A run of consecutive decoder layers for one new token per row, in one call (subllm/inference/
 // native_layers.py). Per layer, as subllm/model/layers.py Block computes it:
 //   h = RMSNorm(x); q, k, v = split(h Wqkv^T); q, k rotated (RoPE, half-split); k, v stored at
-//   (rows[i], :, slots[i]) of the layer's cache; a = attention of q over each row's first lens[i]
+//   (rows[i], :, slots[i]) of the layer's cache (or of row i's own buffer); a = attention of q over each row's first lens[i]
 //   slots; x += a Wo^T; h = RMSNorm(x); x += (silu(h W1^T) * h W3^T) W2^T
 // with the attention and the int4 / int8 matmuls of the other two files called directly and every
 // element-wise step (norms, RoPE, the cache store, SwiGLU, residuals) a plain loop over the few rows
@@ -13,6 +13,8 @@
 // three tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
 // d, m) or int8 tiles (tiles, c, scale); kinds: 4 per layer, 0 dense / 1 int4 / 2 int8.
 // x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
+// ks / vs: per layer one (B, Hkv, capacity, D) buffer indexed by rows, or per layer n buffers
+// (1, Hkv, capacity_i, D), one per row of the step (a cache whose rows are stored apart; rows all 0).
 
 #include "native.h"
 
@@ -81,14 +83,16 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
                          const at::Tensor& rows_in, const at::Tensor& slots_in, const at::Tensor& lens,
                          at::TensorList weights, at::IntArrayRef kinds, at::TensorList ks, at::TensorList vs,
                          double eps_d, int64_t n_heads, int64_t passes) {
-  const int64_t L = ks.size();
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(vs.size()) == L, "decode_layers: one k and one v cache per layer");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kTensorsPerLayer * L &&
-                  static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * L,
+  const int64_t L = static_cast<int64_t>(kinds.size()) / kLinearsPerLayer;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * L &&
+                  static_cast<int64_t>(weights.size()) == kTensorsPerLayer * L,
               "decode_layers: 14 weight tensors and 4 kinds per layer");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "decode_layers: x must be (n, C) float32 on the CPU");
   const int64_t n = x_in.size(0), C = x_in.size(1);
+  const int64_t R = static_cast<int64_t>(ks.size()) / L;  // buffers per layer: 1, or one per row
+  TORCH_CHECK((R == 1 || R == n) && static_cast<int64_t>(ks.size()) == R * L && vs.size() == ks.size(),
+              "decode_layers: per layer one k and one v cache, or one per row");
   const int64_t Hkv = ks[0].size(1), D = ks[0].size(3), H = n_heads;
   TORCH_CHECK(H * D == C && H % Hkv == 0, "decode_layers: heads x head_dim must equal the width");
   TORCH_CHECK(cos_in.dim() == 2 && cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == n && cos_in.size(-1) == D &&
@@ -100,12 +104,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   const at::Tensor rows = rows_in.contiguous(), slots = slots_in.contiguous();
   const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
   for (int64_t l = 0; l < L; ++l) {
-    for (const at::Tensor* c : {&ks[l], &vs[l]}) {
+    for (int64_t j = 0; j < 2 * R; ++j) {
+      const at::Tensor* c = j < R ? &ks[l * R + j] : &vs[l * R + j - R];
       TORCH_CHECK(c->dim() == 4 && c->size(1) == Hkv && c->size(3) == D && c->stride(3) == 1 &&
                       (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16),
                   "decode_layers: caches must be (B, Hkv, capacity, head_dim) float32 or bfloat16");
-      for (int64_t i = 0; i < n; ++i)
-        TORCH_CHECK(rp[i] >= 0 && rp[i] < c->size(0) && sp[i] >= 0 && sp[i] < c->size(2),
+      for (int64_t i = (R == 1 ? 0 : j % R); i < (R == 1 ? n : j % R + 1); ++i)
+        TORCH_CHECK(rp[i] >= 0 && rp[i] < c->size(0) && (R == 1 || rp[i] == 0) && sp[i] >= 0 && sp[i] < c->size(2),
                     "decode_layers: rows or slots out of the cache's range");
     }
     for (int64_t j = 0; j < 2; ++j) {
@@ -133,7 +138,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   const int64_t* lp = lens_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     for (int64_t l = 0; l < L; ++l)
-      TORCH_CHECK(lp[i] >= 1 && lp[i] <= ks[l].size(2), "decode_layers: lens out of the cache's range");
+      TORCH_CHECK(lp[i] >= 1 && lp[i] <= ks[l * R + (R == 1 ? 0 : i)].size(2),
+                  "decode_layers: lens out of the cache's range");
   const float eps = static_cast<float>(eps_d);
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
@@ -154,11 +160,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     for (int64_t i = 0; i < n; ++i) {
       float* row = out.data() + i * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
-      store_kv(ks[l], rp[i], sp[i], Hkv, D, row + H * D);
-      store_kv(vs[l], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
+      const int64_t c = l * R + (R == 1 ? 0 : i);
+      store_kv(ks[c], rp[i], sp[i], Hkv, D, row + H * D);
+      store_kv(vs[c], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
       std::copy(row, row + C, q.data() + i * C);
     }
-    subllm_native::decode_attention_into(q.data(), n, H, ks[l], vs[l], rp, lp, a.data());
+    subllm_native::decode_attention_into(q.data(), n, H, ks.slice(l * R, R), vs.slice(l * R, R), rp, lp, a.data());
     linear(a.data(), n, kind[1], w + 5, passes, out.data());
     for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
     for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, h.data() + i * C);

@@ -28,12 +28,14 @@ inline float rms_scale(const float* x, int64_t C, float eps) {
   return 1.f / std::sqrt(ss / static_cast<float>(C) + eps);
 }
 
-// decode_attention.cpp: q (n, H, 1, D); k, v (B, Hkv, capacity, D); query i reads cache row rows[i]'s
-// first lens[i] slots -> (n, H, 1, D)
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows,
+// decode_attention.cpp: q (n, H, 1, D); k, v: one (B, Hkv, capacity, D) buffer each, query i reading
+// its row rows[i], or n buffers (1, Hkv, capacity_i, D), query i reading the i-th (a cache whose rows
+// are stored apart, cache_rows.py; rows all 0); query i attends to the first lens[i] slots
+// -> (n, H, 1, D)
+at::Tensor decode_attention(const at::Tensor& q, at::TensorList k, at::TensorList v, const at::Tensor& rows,
                             const at::Tensor& lens);
 // the same on raw fp32 rows: q (n, H, D) contiguous -> out (n, H, D)
-void decode_attention_into(const float* q, int64_t n, int64_t H, const at::Tensor& k, const at::Tensor& v,
+void decode_attention_into(const float* q, int64_t n, int64_t H, at::TensorList k, at::TensorList v,
                            const int64_t* rows, const int64_t* lens, float* out);
 
 // vnni_matmul.cpp: x (rows, in) -> (rows, out) through int4 / int8 tiles (native.py int4_pack / int8_pack)
