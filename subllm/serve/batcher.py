@@ -10,7 +10,10 @@ running batch (`KVCache.add_rows`). Every decode step then feeds the last token 
 (`decode_step`); rows that finish (eos, stop string, max_tokens, client gone) leave at once and
 their K/V is freed (`KVCache.keep_rows`; the whole cache is dropped when the last row leaves).
 Rows of different lengths at every level are what the cache stores natively - tokens an S dropped
-were never stored for that row.
+were never stored for that row. Where the native kernels run, each row's K/V is a buffer of its own
+(subllm/inference/cache_rows.py, `engine.rows_apart`): joining adopts the prefilled buffers and
+leaving drops them - no copy of the running batch either way - and a row allocates what it holds
+plus less than one `chunk` per level, not the longest row's width.
 
 Why each request's output equals its solo `generate()` (with `prefill_chunk` for a prompt longer
 than the chunk: prefill.py `solo_prefill_chunk`): prefill is the same call on the same batch-1
