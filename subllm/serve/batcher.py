@@ -45,7 +45,7 @@ import torch
 from subllm.dtype import autocast
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
-from subllm.inference.engine import decode_step
+from subllm.inference.engine import decode_step, rows_apart
 from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
 from subllm.model.rope import is_dynamic
 from subllm.serve.logprobs import LogprobRecord, prompt_logprobs, step_logprobs
@@ -57,9 +57,10 @@ from subllm.serve.request import QueueFull, Request, Unavailable
 class Batcher:
     """The continuous-batching loop (see the module docstring). `start()` runs it on a thread;
     `step()` runs one admit + prefill + decode round synchronously (tests). `chunk`: the KV cache
-    grows by this many slots; `prefill_chunk`: prompt tokens prefilled per step (None: each prompt
-    in one pass); `prefix_cache_mb`: the prefix store's budget (subllm/serve/prefix_cache.py; 0,
-    one-pass prefill or dynamic RoPE scaling: off)."""
+    grows by this many slots (None: 64 where rows are stored apart - a growth copies one row - else
+    256, a copy of the whole batch's level); `prefill_chunk`: prompt tokens prefilled per step
+    (None: each prompt in one pass); `prefix_cache_mb`: the prefix store's budget
+    (subllm/serve/prefix_cache.py; 0, one-pass prefill or dynamic RoPE scaling: off)."""
 
     def __init__(
         self,
@@ -70,7 +71,7 @@ class Batcher:
         max_queue: int = 256,
         dtype: str = "fp32",
         metrics=None,
-        chunk: int = 256,
+        chunk: int | None = None,
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_cache_mb: float = 0,
         prefill_dtype: str | None = None,  # prompts in another dtype (generation.prefill_autocast)
@@ -80,6 +81,7 @@ class Batcher:
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise SubLLMError(f"--prefill-chunk must be a positive integer (0: off), got {prefill_chunk!r}")
         self.model, self.tokenizer, self.eos = model.eval(), tokenizer, eos_token_id
+        chunk = chunk or (64 if rows_apart(self.model) else 256)
         self.max_batch, self.max_queue, self.dtype, self.chunk = max_batch, max_queue, dtype, chunk
         self.metrics = metrics
         self.waiting: collections.deque[Request] = collections.deque()
