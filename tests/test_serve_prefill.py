@@ -202,3 +202,60 @@ def test_cli_prefill_chunk_option(ckpt, capsys):
     assert batcher.prefilling.chunk is None
     with pytest.raises(SubLLMError, match="prefill-chunk"):
         Batcher(batcher.model, batcher.tokenizer, EOS, prefill_chunk=0)
+
+
+@torch.no_grad()
+def test_waiting_prompts_prefilled_together(ckpt, monkeypatch):
+    """--prefill-batch: one-pass prompts next to each other in the queue that fit in the step's
+    budget run as one batch (at most N rows; a chunked prompt ends the group), each joins with its
+    own cache and the logits and K/V of its solo prefill (to float rounding); a batch that raises
+    is retried one prompt at a time."""
+    import subllm.serve.prefill as prefill_mod
+    from subllm.inference.engine import new_cache, prefill
+
+    _, model, tok = ckpt
+    calls = []
+    real = prefill_mod.prefill_together
+    monkeypatch.setattr(
+        prefill_mod, "prefill_together", lambda m, g, *a: calls.append(len(g)) or real(m, g, *a)
+    )
+    q = prefill_mod.PrefillQueue(model, CHUNK, 8, together=3)
+    lens = [5, 6, 3, 20, 4, 2]  # 5+6+3 together (3 rows); 20 chunked (16, 4); 4+2 together
+    ps = [prompts(1, seed=s, lo=n, hi=n + 1)[0] for s, n in enumerate(lens)]
+    reqs = [Request(p, Settings(max_tokens=3, temperature=0.0, ignore_eos=True), lambda *a: None) for p in ps]
+    for r in reqs:
+        q.add(r)
+    got = {}
+    rounds = 0
+    while len(q):
+        q.round(lambda r, c, lg: got.setdefault(r.id, (c, lg)), lambda r, e: pytest.fail(f"dropped: {e}"))
+        rounds += 1
+    assert calls == [3, 2] and rounds == 3  # [5, 6, 3], then 16 of 20, then 4 of 20 + [4, 2]
+    for r, p in zip(reqs, ps):
+        if len(p) > CHUNK:  # the chunked one ran alone
+            continue
+        cache, logits = got[r.id]
+        ref_cache = new_cache(model, 1, packed=True)
+        want = prefill(model, torch.tensor([p]), None, ref_cache)
+        assert cache.batch_size == 1 and cache.snapshot() == ref_cache.snapshot()
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+        for layer, level in enumerate(cache.layer_level):
+            n = cache.length(level, 0)
+            for a, b in zip(cache.row_kv(layer, 0), ref_cache.row_kv(layer, 0)):
+                torch.testing.assert_close(a[..., :n, :], b[..., :n, :], rtol=1e-4, atol=1e-4)
+
+    def broken(*a):
+        raise RuntimeError("no memory for the batch")
+
+    monkeypatch.setattr(prefill_mod, "prefill_together", broken)
+    for r in reqs[:3]:
+        q.add(Request(r.prompt, r.settings, lambda *a: None))
+    joined = []
+    q.round(lambda r, c, lg: joined.append(r), lambda r, e: pytest.fail(f"dropped: {e}"))
+    assert len(joined) == 3 and not len(q)  # one at a time, all in
+
+
+def test_prefill_batch_over_http_flag(ckpt):
+    path, _, _ = ckpt
+    batcher, _ = load_server(path, 4, 8, "fp32", None, prefill_batch=4)
+    assert batcher.prefilling.together == 4

@@ -75,6 +75,10 @@ def add_serve_arguments(sub) -> None:
         "--prefill-dtype", default="same", choices=["same", "bf16"],
         help="the servers' --prefill-dtype (and the verification's): bf16 prompts under an fp32 decode",
     )  # fmt: skip
+    p.add_argument(
+        "--prefill-batch", type=int, default=1,
+        help="the servers' --prefill-batch: waiting one-pass prompts prefilled together (default 1)",
+    )  # fmt: skip
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of each server (default 1)")
     p.add_argument(
         "--verify", type=int, default=1, help="compare the first K outputs with in-process generate()"
@@ -85,7 +89,9 @@ def add_serve_arguments(sub) -> None:
 class ServerProcess:
     """`subllm serve` on a free loopback port, in its own process."""
 
-    def __init__(self, checkpoint: str, max_batch: int, dtype: str, threads: int, prefill_dtype="same"):
+    def __init__(
+        self, checkpoint: str, max_batch: int, dtype: str, threads: int, prefill_dtype="same", prefill_batch=1
+    ):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         cmd = [
             sys.executable,
@@ -108,6 +114,8 @@ class ServerProcess:
             Path(checkpoint).name,
             "--prefill-dtype",
             prefill_dtype,
+            "--prefill-batch",
+            str(prefill_batch),
         ]
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
@@ -215,7 +223,8 @@ def run_serve_bench(args, log=print) -> dict:
     dtype = resolve_dtype(args.dtype, "cpu", "decode")
     count = {lv: args.requests or (8 if lv[1] else max(4, 2 * lv[0])) for lv in levels}
     n_prompts = max(count.values())
-    out = {"dtype": dtype, "prefill_dtype": args.prefill_dtype, "prompt_tokens": lengths,
+    out = {"dtype": dtype, "prefill_dtype": args.prefill_dtype, "prefill_batch": args.prefill_batch,
+           "prompt_tokens": lengths,
            "max_tokens": args.max_tokens, "models": []}  # fmt: skip
     prompts = [prompt_windows(args.text, ck, lengths, n_prompts, _vocab(ck)) for ck in ckpts]
     servers: list[ServerProcess] = []
@@ -225,7 +234,9 @@ def run_serve_bench(args, log=print) -> dict:
         for ck in ckpts:  # all up at once; an idle server costs nothing, so levels can alternate
             log(f"starting `subllm serve` for {ck} ...")
             servers.append(  # the dtypes = the check's
-                ServerProcess(ck, args.max_batch, dtype, args.server_threads, args.prefill_dtype)
+                ServerProcess(
+                    ck, args.max_batch, dtype, args.server_threads, args.prefill_dtype, args.prefill_batch
+                )
             )
         for i, srv in enumerate(servers):
             run_level(srv.url, prompts[i][:1], 1, 1, 2)  # warm-up (untimed)

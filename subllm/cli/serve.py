@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_PREFILL_CHUNK}; 0: each prompt in one pass)",
     )
     p.add_argument(
+        "--prefill-batch",
+        type=int,
+        default=1,
+        help="up to this many waiting one-pass prompts prefilled together (faster for short prompts "
+        "on a CPU; outputs then equal a solo generate() only to float rounding; default 1: one at a time)",
+    )
+    p.add_argument(
         "--prefix-cache-mb",
         type=float,
         default=DEFAULT_PREFIX_CACHE_MB,
@@ -112,6 +119,7 @@ def load_server(
     compile: bool = False,
     prefill_dtype: str = "same",
     kv_dtype: str = "same",
+    prefill_batch: int = 1,
 ):
     """(batcher, app) for a checkpoint folder; the app's lifespan starts the batcher.
     `limits`: a subllm.serve.app.Limits (default: its defaults); `api_key`: see subllm/serve/access.py;
@@ -120,7 +128,7 @@ def load_server(
     subllm/serve/prefill.py); `prefix_cache_mb`: the prefix store's budget (0: off;
     subllm/serve/prefix_cache.py); `compile`: decode through compiled graphs, compiled here for
     batch 1 and more (subllm/inference/compiled_decode.py); `prefill_dtype`: --prefill-dtype;
-    `kv_dtype`: --kv-dtype (subllm/inference/engine.py set_kv_dtype)."""
+    `kv_dtype`: --kv-dtype (subllm/inference/engine.py set_kv_dtype); `prefill_batch`: --prefill-batch."""
     from subllm.data.tokenizer import load_tokenizer
     from subllm.model.subllm import SubLLM
     from subllm.serve.app import build_app
@@ -162,7 +170,7 @@ def load_server(
         notes.append(f"subllm serve: prompts prefilled in {pre}, decode in {choice.dtype}")
     batcher = Batcher(
         model, tok, eos, max_batch, max_queue, choice.dtype, metrics, prefill_chunk=prefill_chunk,
-        prefix_cache_mb=prefix_cache_mb, prefill_dtype=pre,
+        prefix_cache_mb=prefix_cache_mb, prefill_dtype=pre, prefill_batch=prefill_batch,
     )  # fmt: skip
     return batcher, build_app(batcher, name, metrics, limits, api_key)
 
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         raise SubLLMError(
             f"--prefill-chunk must be >= 0 (0: each prompt in one pass), got {args.prefill_chunk}"
         )
+    if args.prefill_batch < 1:
+        raise SubLLMError(f"--prefill-batch must be >= 1 (1: one prompt at a time), got {args.prefill_batch}")
     if not args.prefix_cache_mb >= 0:
         raise SubLLMError(f"--prefix-cache-mb must be >= 0 (0: off), got {args.prefix_cache_mb}")
     if args.max_body_bytes < 1 or args.max_connections < 1:
@@ -211,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         prefill_dtype=args.prefill_dtype,
         kv_dtype=args.kv_dtype,
+        prefill_batch=args.prefill_batch,
     )
     # the model and tokenizer are ~376k objects the cyclic collector would walk on every full
     # collection - a 170 ms stall of every stream (SmolLM2, measured 2026-12-05): frozen, they are
@@ -235,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         f"{batcher.dtype}{'' if args.quantize == 'none' else ', ' + describe(batcher.model)}"
         f"{', compiled decode' if args.compile else ''}{', bf16 K/V' if args.kv_dtype == 'bf16' else ''}, "
         f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk or 'off'}, "
+        f"{f'prefill batch {batcher.prefilling.together}, ' if batcher.prefilling.together > 1 else ''}"
         f"prefix cache {f'{args.prefix_cache_mb:g} MiB' if batcher.prefix_store else 'off'}"
         f"{', API key required' if key else ''}; listening on http://{host}:{port}",
         file=sys.stderr,

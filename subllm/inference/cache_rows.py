@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from subllm.config import ModelConfig
 from subllm.errors import SubLLMError
 from subllm.inference import hugepages
 from subllm.inference.cache import KVCache, _fit
@@ -41,16 +40,9 @@ class RowKVCache(KVCache):
 
     packed = True
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        chunk: int = 256,
-    ):
-        super().__init__(config, batch_size, dtype=dtype, device=device, chunk=chunk)
+    def __init__(self, *args, **kwargs):  # KVCache's arguments
+        super().__init__(*args, **kwargs)
+        batch_size = self.batch_size
         self.k = self.v = None  # no batch-wide buffers: row_kv / kernel_kv
         self._where = {}  # layer -> (level, index among the level's layers)
         for level, layers in enumerate(self.level_layers):
@@ -195,3 +187,17 @@ class RowKVCache(KVCache):
             self.capacity[level] = width
         self.batch_size += other.batch_size
         return list(range(first, self.batch_size))
+
+    def split(self) -> list[RowKVCache]:
+        """One batch-1 RowKVCache per row, in order, each adopting that row's buffers (no copy;
+        this cache is then spent) - e.g. prompts prefilled together that join a batch one by one."""
+        out = []
+        for r in range(self.batch_size):
+            c = RowKVCache(self.config, 1, dtype=self.dtype, device=self.device, chunk=self.chunk)
+            for level in range(self.n_levels):
+                c._rows[level], c._cap[level] = [self._rows[level][r]], [self._cap[level][r]]
+                c._len[level] = [self._len[level][r]]
+                c.capacity[level] = self._cap[level][r]
+                c.pos[level] = self.pos[level][r : r + 1, : c.capacity[level]].clone()
+            out.append(c)
+        return out

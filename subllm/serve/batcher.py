@@ -75,6 +75,7 @@ class Batcher:
         prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
         prefix_cache_mb: float = 0,
         prefill_dtype: str | None = None,  # prompts in another dtype (generation.prefill_autocast)
+        prefill_batch: int = 1,  # one-pass prompts prefilled together (prefill.py)
     ):
         if max_batch < 1 or max_queue < 1:
             raise SubLLMError("--max-batch and --max-queue must be >= 1")
@@ -92,7 +93,7 @@ class Batcher:
         if prefix_cache_mb and prefill_chunk is not None and not is_dynamic(self.model.config.rope_scaling):
             self.prefix_store = PrefixStore(prefill_chunk, int(prefix_cache_mb * 2**20))
         self.prefilling = PrefillQueue(  # admitted, prompt not all in yet
-            self.model, prefill_chunk, chunk, self.prefix_store, prefill_dtype
+            self.model, prefill_chunk, chunk, self.prefix_store, prefill_dtype, prefill_batch
         )
         self.cache: KVCache | None = None
         self.draining = False
