@@ -19,9 +19,10 @@ other in the queue and fit in the step's budget together are prefilled as one le
 up to N rows, whose cache is then split into each request's own (cache_rows.py `split`: no copy;
 only where rows are stored apart). On a CPU a batch of short prompts costs much less than its rows
 one at a time (SmolLM2's SUBLLM, bf16, one thread: 16 x 64 tokens 1.56x, 8 x 128 1.15x, 4 x 512
-0.95x; benchmarks/prefill_together.py, docs/RESULTS.md). The price is exactness: a batched prefill's matmuls may round differently
-from a batch-1 one, so outputs equal the solo `generate()` only to float rounding (measured on this
-project's EPYC: bf16 prefill bit-identical, fp32 logits within 4e-5). Off by default (N = 1).
+0.95x; benchmarks/prefill_together.py, docs/RESULTS.md). The price is exactness: a batched
+prefill's matmuls may round differently from a batch-1 one, so outputs equal the solo `generate()`
+only to float rounding (measured on this project's EPYC: bf16 prefill bit-identical, fp32 logits
+within 4e-5). Off by default (N = 1).
 """
 
 from __future__ import annotations
