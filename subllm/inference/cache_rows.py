@@ -71,6 +71,7 @@ class RowKVCache(KVCache):
         `chunk`, or exactly needs[i] with `exact`, holding the row's tokens so far); the level's
         positions become at least `width` and the widest row wide."""
         caps, got = self._cap[level], self._rows[level]
+        wide = width
         for r, n in zip(rows, needs):
             if n <= caps[r]:
                 continue
@@ -80,8 +81,8 @@ class RowKVCache(KVCache):
             if held:
                 new[0][..., :held, :] = got[r][0][..., :held, :]
             got[r], caps[r] = new, cap
-        wide = max([width, *caps])
-        if wide > self.capacity[level]:
+            wide = max(wide, cap)
+        if wide > self.capacity[level]:  # positions as wide as the widest row
             grow = wide if exact else -(-wide // self.chunk) * self.chunk
             self.pos[level] = _fit(self.pos[level][:, None], grow)[:, 0]
             self.capacity[level] = grow
