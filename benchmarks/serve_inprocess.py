@@ -9,6 +9,7 @@ torch.profiler's top ops of one prefill of the prompt length.
 """
 
 import argparse
+import gc
 import time
 
 import torch
@@ -52,6 +53,7 @@ def main() -> None:
     print(f"native kernels: {native.status()}; cpu capability {native.capability()}; threads {a.threads}")
     model = hugepages.place(load_model(a.checkpoint).eval())
     tok = load_tokenizer(a.checkpoint)
+    gc.freeze()  # as `subllm serve` does once the model and tokenizer are loaded (cli/serve.py)
     pre = None if a.prefill_dtype == "same" else a.prefill_dtype
     ps = prompt_windows(TEXT, a.checkpoint, [a.prompt_tokens], a.requests, model.config.vocab_size)
     spent = {"decode": 0.0, "prefill": 0.0}
