@@ -136,8 +136,12 @@ class KVCache:
 
     def kernel_kv(self, layers: list[int], rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
         """The K and V buffers the native decode ops take for `layers` and the step's `rows`
-        (native.py decode_attention): here one buffer per layer, indexed by the rows."""
+        (native.py decode_attention): here one buffer per layer, indexed by `kernel_rows(rows)`."""
         return [self.k[i] for i in layers], [self.v[i] for i in layers]
+
+    def kernel_rows(self, rows: list[int]) -> list[int]:
+        """The row index of each of `rows` in the buffers `kernel_kv` gives (here: the row itself)."""
+        return rows
 
     # ---- storage -----------------------------------------------------------------------------
     def _level_buffers(self, level: int, batch: int, cap: int) -> tuple[list[Tensor], list[Tensor]]:

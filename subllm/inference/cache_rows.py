@@ -109,6 +109,9 @@ class RowKVCache(KVCache):
             vs += [got[r][2][j] for r in rows]
         return ks, vs
 
+    def kernel_rows(self, rows: list[int]) -> list[int]:
+        return [0] * len(rows)  # each row of the step reads its own buffer, of one row
+
     def capacity_nbytes(self) -> int:
         return sum(got[0].numel() * got[0].element_size() for lv in self._rows for got in lv if got)
 

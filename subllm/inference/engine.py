@@ -272,8 +272,8 @@ def _decode_level(
     full = len(rows) == cache.batch_size  # rows are then 0..B-1 in order (subsets keep batch order)
     mask = rows_t = lens_t = None
     if native.available(x.device):  # the native kernel: each row reads its own cache row and length
-        at = [0] * len(rows) if cache.packed else rows  # rows stored apart: row 0 of each buffer
-        rows_t, lens_t = torch.tensor(at, device=x.device), torch.tensor(lens, device=x.device)
+        rows_t = torch.tensor(cache.kernel_rows(rows), device=x.device)
+        lens_t = torch.tensor(lens, device=x.device)
     elif full and not cache.packed and min(lens) != max(lens):
         L = max(lens)
         mask = (torch.arange(L, device=x.device) < torch.tensor(lens, device=x.device)[:, None])[

@@ -261,8 +261,10 @@ void run(const float* qp, int64_t B, int64_t H, at::TensorList k, at::TensorList
   float* part = subllm_native::scratch<float, 0>(static_cast<size_t>(B * Hkv * nblocks * G * P));
   // each query row's K and V: (row rows[b] of one buffer) or (row 0 of its own buffer)
   const bool own = k.size() > 1;
-  std::vector<const KV*> kr(B), vr(B);
-  std::vector<int64_t> ksh(B), vsh(B);
+  const KV** kr = subllm_native::scratch<const KV*, 4>(static_cast<size_t>(2 * B));
+  const KV** vr = kr + B;
+  int64_t* ksh = subllm_native::scratch<int64_t, 5>(static_cast<size_t>(2 * B));
+  int64_t* vsh = ksh + B;
   const int64_t kst = k[0].stride(2);
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor& kt = k[own ? b : 0];

@@ -1,8 +1,8 @@
 // A run of consecutive decoder layers for one new token per row, in one call (subllm/inference/
 // native_layers.py). Per layer, as subllm/model/layers.py Block computes it:
 //   h = RMSNorm(x); q, k, v = split(h Wqkv^T); q, k rotated (RoPE, half-split); k, v stored at
-//   (rows[i], :, slots[i]) of the layer's cache (or of row i's own buffer); a = attention of q over each row's first lens[i]
-//   slots; x += a Wo^T; h = RMSNorm(x); x += (silu(h W1^T) * h W3^T) W2^T
+//   (rows[i], :, slots[i]) of the layer's cache (or of row i's own buffer); a = attention of q over
+//   each row's first lens[i] slots; x += a Wo^T; h = RMSNorm(x); x += (silu(h W1^T) * h W3^T) W2^T
 // with the attention and the int4 / int8 matmuls of the other two files called directly and every
 // element-wise step (norms, RoPE, the cache store, SwiGLU, residuals) a plain loop over the few rows
 // of a decode step. What this removes is not arithmetic but the ~20 dispatched ops per layer and the
@@ -103,15 +103,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
                 "decode_layers: rows, slots and lens must be (n,) int64");
   const at::Tensor rows = rows_in.contiguous(), slots = slots_in.contiguous();
   const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  const auto buffer = [R](int64_t l, int64_t i) { return l * R + (R == 1 ? 0 : i); };  // layer l, row i
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t j = 0; j < 2 * R; ++j) {
-      const at::Tensor* c = j < R ? &ks[l * R + j] : &vs[l * R + j - R];
-      TORCH_CHECK(c->dim() == 4 && c->size(1) == Hkv && c->size(3) == D && c->stride(3) == 1 &&
-                      (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16),
-                  "decode_layers: caches must be (B, Hkv, capacity, head_dim) float32 or bfloat16");
-      for (int64_t i = (R == 1 ? 0 : j % R); i < (R == 1 ? n : j % R + 1); ++i)
-        TORCH_CHECK(rp[i] >= 0 && rp[i] < c->size(0) && (R == 1 || rp[i] == 0) && sp[i] >= 0 && sp[i] < c->size(2),
-                    "decode_layers: rows or slots out of the cache's range");
+    for (int64_t j = l * R; j < (l + 1) * R; ++j)
+      for (const at::Tensor* c : {&ks[j], &vs[j]})
+        TORCH_CHECK(c->dim() == 4 && c->size(1) == Hkv && c->size(3) == D && c->stride(3) == 1 &&
+                        c->sizes() == ks[j].sizes() &&
+                        (c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16),
+                    "decode_layers: caches must be (B, Hkv, capacity, head_dim) float32 or bfloat16");
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& c = ks[buffer(l, i)];
+      TORCH_CHECK(rp[i] >= 0 && rp[i] < c.size(0) && (R == 1 || rp[i] == 0) && sp[i] >= 0 && sp[i] < c.size(2),
+                  "decode_layers: rows or slots out of the cache's range");
     }
     for (int64_t j = 0; j < 2; ++j) {
       const at::Tensor& w = weights[l * kTensorsPerLayer + j];
@@ -138,8 +141,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   const int64_t* lp = lens_c.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     for (int64_t l = 0; l < L; ++l)
-      TORCH_CHECK(lp[i] >= 1 && lp[i] <= ks[l * R + (R == 1 ? 0 : i)].size(2),
-                  "decode_layers: lens out of the cache's range");
+      TORCH_CHECK(lp[i] >= 1 && lp[i] <= ks[buffer(l, i)].size(2), "decode_layers: lens out of the cache's range");
   const float eps = static_cast<float>(eps_d);
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
@@ -160,9 +162,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     for (int64_t i = 0; i < n; ++i) {
       float* row = out.data() + i * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
-      const int64_t c = l * R + (R == 1 ? 0 : i);
-      store_kv(ks[c], rp[i], sp[i], Hkv, D, row + H * D);
-      store_kv(vs[c], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
+      store_kv(ks[buffer(l, i)], rp[i], sp[i], Hkv, D, row + H * D);
+      store_kv(vs[buffer(l, i)], rp[i], sp[i], Hkv, D, row + (H + Hkv) * D);
       std::copy(row, row + C, q.data() + i * C);
     }
     subllm_native::decode_attention_into(q.data(), n, H, ks.slice(l * R, R), vs.slice(l * R, R), rp, lp, a.data());
