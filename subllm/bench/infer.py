@@ -45,7 +45,7 @@ from subllm.dtype import autocast, describe_hardware
 from subllm.dtype_calibration import choose_dtype
 from subllm.errors import SubLLMError
 from subllm.flops import flops_between, keep_fractions
-from subllm.inference import hugepages, native, native_layers
+from subllm.inference import hugepages, native, native_layers, prefill_attention
 from subllm.inference.cache import layer_levels
 from subllm.inference.engine import decode_step, level_inputs, new_cache, prefill, prefill_layer, set_kv_dtype
 from subllm.model.subllm import SubLLM
@@ -104,7 +104,7 @@ def _bound_fn(sub: SubLLM, ids: torch.Tensor, snap: list[list[int]], dtype: str,
                     cache.start_level(lv, pos, [pos.shape[1]] * B)
                 lvl = level_inputs(sub, pos, [pos.shape[1]] * B)
                 for i in layers:
-                    x = prefill_layer(sub.layers[i], cache, i, x, lvl)
+                    x = prefill_layer(sub, cache, i, x, lvl)
             return sub.head(sub.norm(x0[:, -1]))
 
     return run
@@ -413,6 +413,7 @@ def run_infer(
             kv_dtype=kv_dtype,
             attention_kernel=native.status() if kind == "cpu" else "torch SDPA",
             decode_layers=native_layers.status(kind),
+            prefill_attention=prefill_attention.status(kind),
         ),
         scores="trained (checkpoint)"
         if checkpoint

@@ -22,6 +22,7 @@ from subllm.config import Sub
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import check_prefill_inputs, compact, level_inputs, prefill
+from subllm.inference.prefill_attention import causal_attention
 from subllm.inference.quantize import decode_kernels
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
@@ -125,13 +126,11 @@ def _extend_layer(model, cache, layer: int, x, rows, starts, counts, lvl) -> Ten
     for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
         if not n:
             continue
-        mask = None
-        if s:  # query j (slot s + j) sees slots 0 .. s + j
-            mask = torch.arange(s + n, device=x.device) <= (s + torch.arange(n, device=x.device))[:, None]
-            mask = mask[None, None]
         kb, vb = cache.row_kv(layer, r)
-        kb, vb = kb[:, :, : s + n], vb[:, :, : s + n]
-        a[i, :n] = block.attn.attend(q[i : i + 1, :, :n], kb, vb, mask, mask is None)[0]
+        # query j (slot s + j) sees slots 0 .. s + j
+        a[i, :n] = causal_attention(
+            model, block.attn, q[i : i + 1, :, :n], kb[:, :, : s + n], vb[:, :, : s + n], s
+        )[0]
     x = x + a
     return x + block.ffn(block.ffn_norm(x))
 

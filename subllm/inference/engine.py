@@ -40,8 +40,9 @@ from subllm.errors import SubLLMError
 from subllm.inference import native, native_layers
 from subllm.inference.cache import KVCache
 from subllm.inference.cache_rows import RowKVCache
+from subllm.inference.prefill_attention import causal_attention
 from subllm.inference.quantize import decode_kernels
-from subllm.model.layers import Block, rope_cos_sin
+from subllm.model.layers import rope_cos_sin
 from subllm.model.rope import is_dynamic
 from subllm.model.subllm import SubLLM
 from subllm.model.subsample import gather_tokens, upsample_bypass
@@ -173,21 +174,22 @@ def _prefill_nodes(model: SubLLM, cache: KVCache, nodes: tuple, x: Tensor, lvl: 
         if isinstance(node, Sub):
             x = _prefill_sub(model, cache, node, x, lvl, extra)
         else:
-            x = prefill_layer(model.layers[node], cache, node, x, lvl)
+            x = prefill_layer(model, cache, node, x, lvl)
     return x
 
 
-def prefill_layer(block: Block, cache: KVCache, layer: int, x: Tensor, lvl: _Level) -> Tensor:
+def prefill_layer(model: SubLLM, cache: KVCache, layer: int, x: Tensor, lvl: _Level) -> Tensor:
+    block = model.layers[layer]
     q, k, v = block.attn.qkv(block.attn_norm(x), lvl.cos, lvl.sin)  # (B, H, L, hd), (B, Hkv, L, hd)
     cache.write_prefill(layer, k, v)
     if lvl.valid is None:
-        a = block.attn.attend(q, k, v, None, is_causal=True)
+        a = causal_attention(model, block.attn, q, k, v)
     else:  # ragged rows: exact lengths row by row; slots past a row's length stay 0 (weight 0 later)
         a = torch.zeros_like(x)
         for b, n in enumerate(lvl.lengths):
             if n:
-                a[b, :n] = block.attn.attend(
-                    q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, True
+                a[b, :n] = causal_attention(
+                    model, block.attn, q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
                 )[0]
     x = x + a
     return x + block.ffn(block.ffn_norm(x))

@@ -39,7 +39,13 @@ _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-SOURCES = ("decode_attention.cpp", "vnni_matmul.cpp", "decode_layers.cpp", "decode_select.cpp")
+SOURCES = (
+    "decode_attention.cpp",
+    "vnni_matmul.cpp",
+    "decode_layers.cpp",
+    "decode_select.cpp",
+    "prefill_attention.cpp",
+)
 _state: dict[str, object] = {}  # "ok": bool once a load was tried; "error": why it failed
 
 
@@ -119,6 +125,10 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("subllm_native::decode_attention")
     def _(q: Tensor, k: list[Tensor], v: list[Tensor], rows: Tensor, lens: Tensor) -> Tensor:
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("subllm_native::prefill_attention")
+    def _(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         return torch.empty_like(q)
 
     @torch.library.register_fake("subllm_native::int4_matmul")
@@ -211,3 +221,18 @@ def decode_attention(
     k = [k] if isinstance(k, Tensor) else list(k)
     v = [v] if isinstance(v, Tensor) else list(v)
     return torch.ops.subllm_native.decode_attention(q, k, v, rows, lens)
+
+
+def bf16_available() -> bool:
+    """Whether `prefill_attention` runs here: the extension loaded and the CPU has AVX512-BF16."""
+    return load() and bool(torch.ops.subllm_native.bf16_available())
+
+
+PREFILL_HEAD_DIMS = (32, 64, 128)
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    """Causal attention of a prompt (chunk) in bf16: q (B, H, Tq, hd), k, v (B, Hkv, Tk, hd), all
+    bf16 with the last dim contiguous, hd in PREFILL_HEAD_DIMS; query t sees keys 0 .. offset + t
+    -> (B, H, Tq, hd) bf16 (csrc/prefill_attention.cpp). Needs `bf16_available()`."""
+    return torch.ops.subllm_native.prefill_attention(q, k, v, offset)
