@@ -319,7 +319,7 @@ def test_bench_serve_smoke(ckpt, tmp_path):
     args = argparse.Namespace(
         checkpoints=f"{ckpt[0]},{ckpt[0]}", text=str(text), prompt_tokens="24,16", max_tokens=4,
         concurrency="1,3", rates="40", seed=0, requests=3, max_batch=4, dtype="fp32", server_threads=1,
-        verify=2, prefill_dtype="same", prefill_batch=1,
+        verify=2, prefill_dtype="same", prefill_batch=1, kv_dtype="bf16",
     )  # fmt: skip
     out = run_serve_bench(args, log=lambda *a: None)
     s = out["summary"]

@@ -79,6 +79,10 @@ def add_serve_arguments(sub) -> None:
         "--prefill-batch", type=int, default=1,
         help="the servers' --prefill-batch: waiting one-pass prompts prefilled together (default 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--kv-dtype", default="same", choices=["same", "bf16"],
+        help="the servers' --kv-dtype (and the verification's): bf16 K/V halves what a decode step reads",
+    )  # fmt: skip
     p.add_argument("--server-threads", type=int, default=1, help="torch threads of each server (default 1)")
     p.add_argument(
         "--verify", type=int, default=1, help="compare the first K outputs with in-process generate()"
@@ -90,8 +94,9 @@ class ServerProcess:
     """`subllm serve` on a free loopback port, in its own process."""
 
     def __init__(
-        self, checkpoint: str, max_batch: int, dtype: str, threads: int, prefill_dtype="same", prefill_batch=1
-    ):
+        self, checkpoint: str, max_batch: int, dtype: str, threads: int, prefill_dtype="same",
+        prefill_batch=1, kv_dtype="same",
+    ):  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
         cmd = [
             sys.executable,
@@ -116,6 +121,8 @@ class ServerProcess:
             prefill_dtype,
             "--prefill-batch",
             str(prefill_batch),
+            "--kv-dtype",
+            kv_dtype,
         ]
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
@@ -175,7 +182,7 @@ def prompt_windows(
 
 def verify_solo(
     checkpoint: str, prompts: list[list[int]], texts: list[str], max_tokens: int, dtype: str,
-    prefill_dtype: str | None = None,
+    prefill_dtype: str | None = None, kv_dtype: str = "same",
 ) -> int:  # fmt: skip
     """How many of `texts` differ from an in-process greedy generate() of their prompt (chunked as
     the server prefills it: subllm/serve/prefill.py)."""
@@ -183,11 +190,12 @@ def verify_solo(
 
     from subllm.data.tokenizer import load_tokenizer
     from subllm.dtype import autocast
+    from subllm.inference.engine import set_kv_dtype
     from subllm.inference.generation import generate
     from subllm.model.subllm import SubLLM
     from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK, solo_prefill_chunk
 
-    model = SubLLM.from_pretrained(checkpoint).eval()
+    model = set_kv_dtype(SubLLM.from_pretrained(checkpoint).eval(), kv_dtype)
     tok = load_tokenizer(Path(checkpoint))
     bad = 0
     for p, t in zip(prompts, texts):
@@ -224,6 +232,7 @@ def run_serve_bench(args, log=print) -> dict:
     count = {lv: args.requests or (8 if lv[1] else max(4, 2 * lv[0])) for lv in levels}
     n_prompts = max(count.values())
     out = {"dtype": dtype, "prefill_dtype": args.prefill_dtype, "prefill_batch": args.prefill_batch,
+           "kv_dtype": args.kv_dtype,
            "prompt_tokens": lengths,
            "max_tokens": args.max_tokens, "models": []}  # fmt: skip
     prompts = [prompt_windows(args.text, ck, lengths, n_prompts, _vocab(ck)) for ck in ckpts]
@@ -235,8 +244,14 @@ def run_serve_bench(args, log=print) -> dict:
             log(f"starting `subllm serve` for {ck} ...")
             servers.append(  # the dtypes = the check's
                 ServerProcess(
-                    ck, args.max_batch, dtype, args.server_threads, args.prefill_dtype, args.prefill_batch
-                )
+                    ck,
+                    args.max_batch,
+                    dtype,
+                    args.server_threads,
+                    args.prefill_dtype,
+                    args.prefill_batch,
+                    args.kv_dtype,
+                )  # fmt: skip
             )
         for i, srv in enumerate(servers):
             run_level(srv.url, prompts[i][:1], 1, 1, 2)  # warm-up (untimed)
@@ -280,6 +295,7 @@ def run_serve_bench(args, log=print) -> dict:
             m["verify_mismatched"] = verify_solo(
                 ckpts[i], prompts[i][: args.verify], refs[i][: args.verify], args.max_tokens, dtype,
                 resolve_prefill_dtype(args.prefill_dtype, None, dtype),  # as the servers resolve it
+                args.kv_dtype,
             )  # fmt: skip
         out["models"].append(m)
     out["summary"] = summarize(out)

@@ -228,7 +228,7 @@ def decode_step(model: SubLLM, cache: KVCache, tokens: Tensor, rows: list[int] |
     with decode_kernels():  # quantized layers: their decode kernel (subllm/inference/quantize.py)
         x = model.embed(tokens)[:, None]  # (n, 1, C)
         x = _decode_level(model, cache, model.tree, 0, x, rows, positions, cos, sin)
-        return model.head(native_layers.final_norm(model, x[:, 0]))
+        return native_layers.head(model, native_layers.final_norm(model, x[:, 0]))
 
 
 def decode_cos_sin(model: SubLLM, positions: list[int], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ SOURCES = (
     "decode_layers.cpp",
     "decode_select.cpp",
     "prefill_attention.cpp",
+    "dense_matmul.cpp",
 )
 _state: dict[str, object] = {}  # "ok": bool once a load was tried; "error": why it failed
 
@@ -131,6 +132,10 @@ def _register_fake() -> None:
     def _(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         return torch.empty_like(q)
 
+    @torch.library.register_fake("subllm_native::dense_matmul")
+    def _(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("subllm_native::int4_matmul")
     def _(x: Tensor, tiles: Tensor, d: Tensor, m: Tensor, passes: int) -> Tensor:
         return x.new_empty(x.shape[0], tiles.shape[0] * 16)
@@ -193,6 +198,13 @@ def int8_matmul(x: Tensor, tiles: Tensor, c: Tensor, scale: Tensor, passes: int 
     """x (rows, in) -> (rows, out): x quantized to int8 per group of 32 as in `int4_matmul`, int8 x
     int8 dot products, the row scales applied last."""
     return torch.ops.subllm_native.int8_matmul(x, tiles, c, scale, passes)
+
+
+def dense_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (rows, in) fp32 -> x w^T (rows, out) for a contiguous fp32 w (out, in), each output summed in
+    the same order for any number of rows (csrc/dense_matmul.cpp): a decode step's rows get the
+    results they would get alone, which ATen's matmul does not promise (one row takes another kernel)."""
+    return torch.ops.subllm_native.dense_matmul(x, w)
 
 
 def vnni_fits(out_features: int, in_features: int) -> bool:

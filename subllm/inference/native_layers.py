@@ -5,8 +5,8 @@ per layer through Python (or, with --compile, a graph's guards and small kernels
 ~10 ms token at one thread. `decode_layers` runs a whole run of consecutive layers of one level -
 norms, fused QKV, RoPE, the cache store, attention, output projection, SwiGLU, residuals - as one
 op: the element-wise steps are loops over the few rows of a step, the linear layers go straight to
-the native int4 / int8 kernels (or ATen's mm for dense fp32 weights), the attention to the
-native kernel. The engine (engine.py `_decode_level`) takes this path wherever `usable` says so and
+the native int4 / int8 kernels (or the dense fp32 one, native.py dense_matmul), the attention to
+the native kernel. The engine (engine.py `_decode_level`) takes this path wherever `usable` says so and
 every layer of the run is `layer_args`-eligible; layers of another kind and the head stay as they
 were. Around the runs, the same steps take `final_norm` (the model's last RMSNorm) and, for a
 plain S, `decide` (score layer and clamp) and `bypass` (U + B) - one native op each instead of
@@ -196,6 +196,17 @@ def final_norm(model: nn.Module, x: Tensor) -> Tensor:
     if type(norm) is RMSNorm and norm.weight.dtype == torch.float32 and usable(model, x):
         return torch.ops.subllm_native.rms_norm(x, norm.weight, norm.eps)
     return norm(x)
+
+
+def head(model: nn.Module, x: Tensor) -> Tensor:
+    """model.head(x) for a decode step's rows x (n, C): a dense fp32 head through the native matmul
+    (each row's logits as it would get them alone) where the step takes the native path."""
+    lin = model._modules["head"]
+    w = getattr(lin, "weight", None)
+    if type(lin) is nn.Linear and lin.bias is None and w.dtype == torch.float32 and w.is_contiguous():
+        if usable(model, x):
+            return native.dense_matmul(x, w)
+    return lin(x)
 
 
 def decide(sub: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -33,8 +33,8 @@ namespace {
 // thread, SmolLM2's 2k-token attention took 2.45 ms in blocks of 2,048 keys against 2.75 ms in
 // blocks of 256 (a C++ timing of the kernel over 30 layers' bf16 K/V, 2026-12-05; the prefetchers
 // restart with every block). Two blocks a row keep two threads busy at batch 1 with 3 K/V heads;
-// the split depends on the length only, not on the thread count, so results do not change with
-// threads.
+// the split depends on the row's own length only - not on the thread count, nor on the other rows
+// of the step - so results do not change with threads or with the batch a request decodes in.
 constexpr int64_t kMinBlock = 256, kMaxBlock = 4096, kSplit = 2;
 constexpr int64_t kMaxGroup = 16;
 
@@ -251,11 +251,17 @@ void run(const float* qp, int64_t B, int64_t H, at::TensorList k, at::TensorList
   const int64_t D = k[0].size(3);
   const int64_t Hkv = k[0].size(1), G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = lens[b] > max_len ? lens[b] : max_len;
-  const int64_t half = ((max_len + kSplit - 1) / kSplit + 63) / 64 * 64;
-  const int64_t kBlock = std::min(kMaxBlock, std::max(kMinBlock, half));
-  const int64_t nblocks = (max_len + kBlock - 1) / kBlock;
+  // each row's block length from its own length only, so that a row's result does not depend on the
+  // other rows of the step (a request decodes the same alone and in any batch); the grid of work
+  // items has the most blocks any row has, a row's items past its own blocks are empty
+  int64_t* row_block = subllm_native::scratch<int64_t, 6>(static_cast<size_t>(B));
+  int64_t nblocks = 1, kBlock = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t half = ((lens[b] + kSplit - 1) / kSplit + 63) / 64 * 64;
+    row_block[b] = std::min(kMaxBlock, std::max(kMinBlock, half));
+    nblocks = std::max(nblocks, (lens[b] + row_block[b] - 1) / row_block[b]);
+    kBlock = std::max(kBlock, row_block[b]);
+  }
   // partials: (B, Hkv, nblocks, G, D + 2) - m, l, acc
   const int64_t P = D + 2;
   float* part = subllm_native::scratch<float, 0>(static_cast<size_t>(B * Hkv * nblocks * G * P));
@@ -283,8 +289,8 @@ void run(const float* qp, int64_t B, int64_t H, at::TensorList k, at::TensorList
     float* acc = subllm_native::scratch<float, 3>(static_cast<size_t>(G * D));
     for (int64_t w = begin; w < end; ++w) {
       const int64_t blk = w % nblocks, bh = w / nblocks, h = bh % Hkv, b = bh / Hkv;
-      const int64_t t0 = blk * kBlock;
-      const int64_t n = std::min(kBlock, lens[b] - t0);
+      const int64_t t0 = blk * row_block[b];
+      const int64_t n = std::min(row_block[b], lens[b] - t0);
       float* pw = part + w * G * P;
       if (n <= 0) {
         for (int64_t g = 0; g < G; ++g) pw[g * P] = -INFINITY, pw[g * P + 1] = 0.f;

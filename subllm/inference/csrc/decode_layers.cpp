@@ -39,12 +39,7 @@ int64_t inputs(int64_t kind, const at::Tensor& w) { return w.size(1) * (kind == 
 void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_t passes, float* y) {
   const int64_t K = inputs(kind, w[0]);
   switch (kind) {
-    case 0: {
-      const at::NoGradGuard no_grad;  // the Parameter may require grad; the op has no autograd formula
-      at::Tensor yt = at::from_blob(y, {n, w[0].size(0)});
-      at::mm_out(yt, at::from_blob(const_cast<float*>(x), {n, K}), w[0].t());
-      break;
-    }
+    case 0: subllm_native::dense_matmul_into(x, n, K, w[0], y); break;
     case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
     default: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
   }

@@ -49,4 +49,8 @@ void int4_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w,
 void int8_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& c,
                       const at::Tensor& scale, int64_t passes, float* y);
 
+// dense_matmul.cpp: y (M, out) = x (M, K) w^T, w a contiguous fp32 (out, K); each output summed in one
+// order whatever M is (a row's result does not depend on the other rows of the step)
+void dense_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, float* y);
+
 }  // namespace subllm_native
