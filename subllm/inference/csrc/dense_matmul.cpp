@@ -5,8 +5,8 @@
 // the two sum in different orders (SmolLM2's layers: |dy| up to 5e-5 between a row alone and the same
 // row among 2-3 others). So a request decoded in a batch got slightly different logits than alone -
 // rarely a different greedy token with fp32 K/V, 2 of 32 requests at 1k-token prompts with bf16 K/V,
-// whose rounding turns a 1e-6 difference into one bf16 step (docs/RESULTS.md, "Prefill attention with
-// AVX512-BF16 dot products"). Here every output y[r, n] is one fixed sequence: 16 lanes accumulate
+// whose rounding turns a 1e-6 difference into one bf16 step (docs/RESULTS.md, "A request decodes the
+// same alone and in a batch"). Here every output y[r, n] is one fixed sequence: 16 lanes accumulate
 // x[r, k] W[n, k] over k in steps of 16 (the last step masked), then one `reduce_add` - the same for
 // every M, tile and thread count, so a row's result depends on its own x only.
 //
