@@ -93,3 +93,43 @@ def test_cli_prefill_dtype(tmp_path, capsys):
     assert "prefill in bf16, decode in fp32" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse refuses it
         main([*args, "--prefill-dtype", "fp16"])
+
+
+def test_bf16_weight_copies_kept_between_prefills(tmp_path):
+    """Under an fp32 decode, serve's worker holds `prefill_casts_kept`: the weights are cast to bf16
+    once, not once per prompt chunk (torch drops autocast's copies when its outermost region ends),
+    and the outputs are those of solo generate() with fresh casts."""
+    import contextlib
+    import time
+
+    from subllm.inference.generation import prefill_casts_kept
+
+    lin, x = torch.nn.Linear(64, 64), torch.randn(4, 64)
+
+    def casts(outer) -> int:
+        with torch.profiler.profile() as prof, outer:
+            for _ in range(3):  # three prompt chunks, each its own bf16 region
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    lin(x)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    fresh = casts(contextlib.nullcontext())  # weight, bias and x in each region
+    assert casts(prefill_casts_kept("bf16", "cpu")) == fresh - 4  # weight and bias cast once
+    assert casts(prefill_casts_kept(None, "cpu")) == fresh
+
+    model, tok = tiny_checkpoint(tmp_path / "tiny")
+    b = Batcher(model, tok, EOS, max_batch=4, max_queue=8, prefill_chunk=16, prefill_dtype="bf16")
+    b.start()
+    try:
+        greedy = Settings(max_tokens=8, ignore_eos=True, temperature=0.0)
+        for i, p in enumerate(prompts(2, seed=7, lo=20, hi=40)):
+            out: list = []
+            r = Request(p, greedy, lambda kind, x, out=out: out.append((kind, x)))
+            b.submit(r)
+            deadline = time.monotonic() + 60
+            while not r.done and time.monotonic() < deadline:
+                time.sleep(0.01)
+            want, _ = solo(model, tok, p, 8, ignore_eos=True, prefill_dtype="bf16", prefill_chunk=16)
+            assert "".join(x for k, x in out if k == "delta") == want, i
+    finally:
+        b.stop()

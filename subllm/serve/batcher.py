@@ -46,7 +46,7 @@ from subllm.dtype import autocast
 from subllm.errors import SubLLMError
 from subllm.inference.cache import KVCache
 from subllm.inference.engine import decode_step, rows_apart
-from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens
+from subllm.inference.generation import TextDeltas, apply_repetition_penalty, next_tokens, prefill_casts_kept
 from subllm.model.rope import is_dynamic
 from subllm.serve.logprobs import LogprobRecord, prompt_logprobs, step_logprobs
 from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK, PrefillQueue
@@ -163,8 +163,9 @@ class Batcher:
 
     # ---- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
-        amp = autocast(self.dtype, next(self.model.parameters()).device)
-        with amp, torch.no_grad():  # both are thread-local: entered here, on the worker thread
+        device = next(self.model.parameters()).device
+        keep = prefill_casts_kept(self.prefilling.prefill_dtype, device)  # bf16 weight copies kept
+        with keep, autocast(self.dtype, device), torch.no_grad():  # thread-local: entered on the worker
             while True:
                 if not self.running and self._was_busy:
                     release_memory()  # idle again: the freed cache rows go back to the OS
