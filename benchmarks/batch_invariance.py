@@ -30,8 +30,8 @@ TEXT = "data/corpus/val/austen_persuasion.txt"
 
 def one_step(model, prompts: list[list[int]]) -> list[float]:
     def prefilled(p):
+        cache = new_cache(model, 1, packed=True)  # outside the bf16 region: it keeps the decode's dtype
         with autocast("bf16", "cpu"):
-            cache = new_cache(model, 1, packed=True)
             logits = prefill_chunked(model, torch.tensor([p]), None, cache, DEFAULT_PREFILL_CHUNK)
         return cache, logits.float().argmax(-1)
 
