@@ -85,14 +85,17 @@ TileFn pick(int64_t mr, int64_t nr) {
   }
 }
 #else
-// without AVX-512: one plain loop per output, the same loop for every M
+// without AVX-512: every output through this one function, never inlined, so that however the
+// compiler vectorises its sum (-ffast-math lets it reorder) that order is the same for every M and tile
+__attribute__((noinline)) float dot(const float* x, const float* w, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = 0; k < K; ++k) s += x[k] * w[k];
+  return s;
+}
+
 void tile_any(const float* x, int64_t mr, int64_t K, const float* w, int64_t nr, float* y, int64_t ldy) {
   for (int64_t r = 0; r < mr; ++r)
-    for (int64_t j = 0; j < nr; ++j) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * w[j * K + k];
-      y[r * ldy + j] = s;
-    }
+    for (int64_t j = 0; j < nr; ++j) y[r * ldy + j] = dot(x + r * K, w + j * K, K);
 }
 #endif
 
