@@ -7,7 +7,8 @@
 # three registers, speed against its own LLaMA (bench infer, 2k context, batch 1, bf16) and passkey
 # retrieval at 512-4k (PASSKEY examples per length and depth, filler from the prose register); the same
 # for NAME_recal, the point's weights with each S's threshold set by `subllm recalibrate` (RECAL=1).
-# Finished points are skipped, so the script can be re-run after a crash or with more points.
+# Points whose name ends in m train (and recalibrate) on data/mix instead: the same prose plus the Python
+# documentation (`subllm data fetch --technical`), at lr 1e-4. Finished points are skipped, so the script can be re-run after a crash or with more points.
 #   SOURCE=runs/real/llama STEPS=48 THREADS=1 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
 # (docs/RESULTS.md: STEPS=48 THREADS=1, two drivers at once on the two cores, each with its own points)
 # benchmarks/real_model_table.py then writes the table, the curves and the speed-vs-loss frontier.
@@ -42,13 +43,24 @@ point_args() {  # name -> the train arguments of that point
     wide064) echo "--structure $WIDE --keep-ratio 0.64 ${RECIPE[*]}" ;;
     router080) echo "--structure $NESTED --keep-ratio 0.8 ${ROUTER[*]}" ;;
     mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
+    sub064m) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight" ;;
     *) echo "unknown point $1" >&2; return 1 ;;
+  esac
+}
+
+point_data() {  # name -> its training text (recalibration uses its train/ split)
+  case "$1" in
+    *m) echo data/mix ;;  # the literary mix + the Python documentation (data fetch --technical)
+    *) echo data/corpus ;;
   esac
 }
 
 POINTS=("$@")
 [ ${#POINTS[@]} -gt 0 ] || POINTS=(sub080 sub064g sub064s router064 mod050 wide064 sub090 sub050 sub064)
 $PY -m subllm data fetch --extra  # the corpus + Brown, KJV, Austen (training text and two registers), if absent
+if printf '%s\n' "${POINTS[@]}" | grep -q 'm$'; then  # a point trained on the mix (see point_data)
+  $PY -m subllm data fetch --extra --technical --out data/mix
+fi
 mkdir -p "$OUT/registers/val" "$OUT/registers/prose" "$OUT/registers/legal"
 copy_new() {  # FILE DIR: copy unless present (another driver's eval may be reading the copy)
   if [ -f "$1" ] && [ ! -f "$2/$(basename "$1")" ]; then cp "$1" "$2/"; fi
@@ -92,18 +104,19 @@ evaluate "$SOURCE" source
 passkey "$SOURCE" source
 for p in "${POINTS[@]}"; do
   args=$(point_args "$p")
+  data=$(point_data "$p")
   if [ ! -f "$OUT/$p/summary.json" ]; then
     resume=--overwrite
     [ -d "$OUT/$p/checkpoints" ] && resume=--resume
     # shellcheck disable=SC2086  # args is a word list on purpose
-    $PY -m subllm train --init-from "$SOURCE" --distill-from "$SOURCE" --data data/corpus $args \
+    $PY -m subllm train --init-from "$SOURCE" --distill-from "$SOURCE" --data "$data" $args \
       --set keep_anneal_steps="$ANNEAL" --batch-size 4 --seq-len 512 --steps "$STEPS" --eval-every $((STEPS / 4)) \
       --eval-batches 4 --save-every $((STEPS / 4)) --schedule-steps scale --dtype bf16 --threads "$THREADS" \
       --seed 0 --no-progress --out "$OUT/$p" $resume > "$OUT/$p.log" 2>&1
   fi
   measure "$OUT/$p" "$p"
   if [ "$RECAL" = 1 ]; then  # the same weights, thresholds set from the training text (subllm recalibrate)
-    [ -f "$OUT/${p}_recal/config.json" ] || $PY -m subllm recalibrate --checkpoint "$OUT/$p" --text data/corpus/train \
+    [ -f "$OUT/${p}_recal/config.json" ] || $PY -m subllm recalibrate --checkpoint "$OUT/$p" --text "$data/train" \
       --out "$OUT/${p}_recal" --seq-len 512 --max-tokens 16384 --dtype bf16 --threads "$THREADS" > "$OUT/${p}_recal.log" 2>&1
     measure "$OUT/${p}_recal" "${p}_recal"
   fi
