@@ -8,7 +8,9 @@
 # retrieval at 512-4k (PASSKEY examples per length and depth, filler from the prose register); the same
 # for NAME_recal, the point's weights with each S's threshold set by `subllm recalibrate` (RECAL=1).
 # Points whose name ends in m train (and recalibrate) on data/mix instead: the same prose plus the Python
-# documentation (`subllm data fetch --technical`), at lr 1e-4. Finished points are skipped, so the script can be re-run after a crash or with more points.
+# documentation (`subllm data fetch --technical`), at lr 1e-4, a quarter of the rows passkey / mqar
+# (--retrieval-mix 0.25). Finished points are skipped, so the script can be re-run after a crash or with
+# more points.
 #   SOURCE=runs/real/llama STEPS=48 THREADS=1 bash benchmarks/real_model_grid.sh runs/grid [POINT ...]
 # (docs/RESULTS.md: STEPS=48 THREADS=1, two drivers at once on the two cores, each with its own points)
 # benchmarks/real_model_table.py then writes the table, the curves and the speed-vs-loss frontier.
@@ -43,7 +45,8 @@ point_args() {  # name -> the train arguments of that point
     wide064) echo "--structure $WIDE --keep-ratio 0.64 ${RECIPE[*]}" ;;
     router080) echo "--structure $NESTED --keep-ratio 0.8 ${ROUTER[*]}" ;;
     mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
-    sub064m) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight" ;;
+    sub064m) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight \
+      --retrieval-mix 0.25" ;;
     *) echo "unknown point $1" >&2; return 1 ;;
   esac
 }
