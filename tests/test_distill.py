@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import crash_while_logging, pack_synthetic
 
 from subllm import SubLLM, SubLLMError
 from subllm.config import get_preset, identity_start, keep_count
 from subllm.trainer.config import build_config
-from subllm.trainer.distill import lm_and_kl, lm_and_kl_reference
+from subllm.trainer.distill import distill_loss, lm_and_kl_reference
 from subllm.trainer.loop import train
 from subllm.trainer.metrics import read_metrics
 
@@ -52,17 +53,48 @@ def test_chunked_lm_and_kl_equal_the_full_logits_reference(temperature):
     th, tw = torch.randn(B, T, C), torch.randn(V, C)
     y = torch.randint(0, V, (B, T))
     y[0, 5] = y[1, 30] = -100
-    lm, kl = lm_and_kl(h, w, th, tw, y, temperature, chunk=5)  # 5 positions x 2 rows: 8 chunks
-    (lm + 3 * kl).backward()
+    loss, lm, kl = distill_loss(h, w, th, tw, y, temperature, 1.0, 3.0, chunk=5)  # 5 x 2 rows: 8 chunks
+    loss.backward()
     grads = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
     lm_ref, kl_ref = lm_and_kl_reference(h @ w.T, th @ tw.T, y, temperature)
     (lm_ref + 3 * kl_ref).backward()
+    torch.testing.assert_close(loss, lm_ref + 3 * kl_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lm, lm_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kl, kl_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[0], h.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[1], w.grad, rtol=1e-5, atol=1e-7)
     assert kl > 0.1  # two unrelated models: the test is not comparing zeros
+
+
+def test_fused_head_loss_pure_distillation_autocast_and_no_grad():
+    """The weights of a distillation run (LM 0, KL 1), under bf16 autocast: the fused gradients equal
+    autograd's through the same bf16 matmuls (to bf16 rounding); without grad the values are the same
+    and no gradient is formed; a frozen head (router tuning) gets none."""
+    torch.manual_seed(1)
+    B, T, C, V = 2, 21, 32, 300
+    h = torch.randn(B, T, C, requires_grad=True)
+    w = (0.2 * torch.randn(V, C)).requires_grad_()
+    th, tw, y = torch.randn(B, T, C), 0.2 * torch.randn(V, C), torch.randint(0, V, (B, T))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, lm, kl = distill_loss(h, w, th, tw, y, 1.0, 0.0, 1.0, chunk=4)
+        loss.backward()
+        lm_ref, kl_ref = lm_and_kl_reference(F.linear(h, w), F.linear(th, tw), y)
+    fused = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    kl_ref.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, kl_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lm, lm_ref, rtol=1e-4, atol=1e-5)
+    for got, ref in zip(fused, (h.grad, w.grad)):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    with torch.no_grad():
+        again = distill_loss(h, w, th, tw, y, 1.0, 0.0, 1.0, chunk=4)
+    assert [x.item() for x in again] == [x.item() for x in distill_loss(h, w, th, tw, y, 1.0, 0.0, 1.0, 4)]
+    h.grad = w.grad = None
+    w.requires_grad_(False)
+    distill_loss(h, w, th, tw, y, 1.0, 0.0, 1.0, chunk=4)[0].backward()
+    assert h.grad is not None and w.grad is None
 
 
 def _converted(start, keep, structure=None):
