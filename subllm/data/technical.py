@@ -18,9 +18,8 @@ import re
 from pathlib import Path
 
 from subllm.data.corpus import Log, Work, assign_splits, normalize_text, safe_name
-from subllm.data.extra import Unavailable, _deb_version, download_debs, unpack_deb
+from subllm.data.extra import fetch_deb, fetch_extra
 from subllm.errors import SubLLMError
-from subllm.files import sha256_file
 
 PYDOC_DEB = "python3.11-doc"
 SKIPPED = ("license", "copyright", "contents", "bugs", "about")  # licence text and tables of contents
@@ -89,20 +88,9 @@ def extract_pydoc(root: Path) -> list[Work]:
 
 
 def fetch_pydoc(tmp: Path, log: Log) -> tuple[list[Work], dict]:
-    log(f"  pydoc: apt-get download {PYDOC_DEB}")
-    (deb,) = download_debs((PYDOC_DEB,), tmp, log)
-    unpack_deb(deb, tmp / "root")
-    info = {"package": PYDOC_DEB, "version": _deb_version(deb), "registry": "debian"}
-    info |= {"licence": "PSF-2.0 (documentation)", "archive": deb.name, "archive_sha256": sha256_file(deb)}
-    return extract_pydoc(tmp / "root"), info
+    return fetch_deb("pydoc", PYDOC_DEB, "PSF-2.0 (documentation)", extract_pydoc, tmp, log)
 
 
 def fetch_technical(tmp: Path, log: Log = print) -> tuple[list[Work], dict[str, dict], dict[str, str]]:
     """The technical sources that can be fetched here: (works, {source: package info}, {skipped: reason})."""
-    try:
-        works, info = fetch_pydoc(Path(tmp) / "pydoc", log)
-    except (Unavailable, SubLLMError) as e:
-        log(f"  pydoc: skipped: {e}")
-        return [], {}, {"pydoc": str(e)}
-    log(f"  pydoc: {len(works)} pages, {sum(len(w.text) for w in works) / 1e6:.2f} M chars")
-    return works, {"pydoc": info}, {}
+    return fetch_extra(tmp, log, {"pydoc": fetch_pydoc})
