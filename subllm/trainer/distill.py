@@ -61,7 +61,7 @@ class _HeadLoss(torch.autograd.Function):
         n = ok.sum().clamp(min=1).to(torch.float32)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w_c, tw_c = _lowered(w), _lowered(tw)
-        grad_h = torch.zeros_like(h) if need_h else None
+        grad_h = torch.empty_like(h) if need_h else None  # every row is written below
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         ce_sum = kl_sum = h.new_zeros((), dtype=torch.float32)
         inv_t = 1.0 / temperature
@@ -77,8 +77,8 @@ class _HeadLoss(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1) if temperature != 1.0 else lse_t
             yc0 = yc.clamp(min=0).unsqueeze(1)
             ce = lse - z.gather(1, yc0).squeeze(1)
-            ce_sum = ce_sum + ce[okc].sum()
-            kl_sum = kl_sum + kl[okc].sum()
+            ce_sum = ce_sum + torch.where(okc, ce, 0.0).sum()  # no boolean indexing: no device sync
+            kl_sum = kl_sum + torch.where(okc, kl, 0.0).sum()
             if not (need_h or need_w):
                 continue
             scale = okc.to(torch.float32).unsqueeze(1) / n  # rows whose label is -100 get no gradient
