@@ -29,6 +29,11 @@ _ROLE = re.compile(r":[a-z][a-z0-9:+-]*:`(?:!|~)?([^`<]*?)\s*(?:<[^`>]*>)?`")
 _LITERAL = re.compile(r"``([^`]+)``")
 _UNDERLINE = re.compile(r"^([=\-~*^\"'#+`:.])\1{2,}\s*$")
 _DIRECTIVE = re.compile(r"^\s*\.\.(\s|$)")
+_KEEPS_BODY = re.compile(  # directives whose indented body is prose or code
+    r"^\s*\.\.\s+(note|warning|versionadded|versionchanged|deprecated|seealso|code-block|testcode|doctest|"
+    r"function|method|class|attribute|data|exception|module|describe)::"
+)
+_OPTION = re.compile(r"^\s*:[a-z-]+:(\s|$)")  # a directive's option (`:noindex:`, `:synopsis: ...`)
 
 
 def rst_to_text(rst: str) -> str:
@@ -38,12 +43,7 @@ def rst_to_text(rst: str) -> str:
     for line in rst.split("\n"):
         if _DIRECTIVE.match(line):
             # `.. note::` / `.. code-block:: python` keep their bodies; comments, targets, `.. index::` do not
-            keeps_body = re.match(
-                r"^\s*\.\.\s+(note|warning|versionadded|versionchanged|deprecated|"
-                r"seealso|code-block|testcode|doctest|function|method|class|"
-                r"attribute|data|exception|module|describe)::",
-                line,
-            )
+            keeps_body = _KEEPS_BODY.match(line)
             skipping = not keeps_body
             if keeps_body:
                 head = line.split("::", 1)[1].strip()
@@ -57,7 +57,7 @@ def rst_to_text(rst: str) -> str:
                 continue
         if _UNDERLINE.match(line):
             continue
-        if re.match(r"^\s*:[a-z-]+:(\s|$)", line):  # a directive's option (`:noindex:`, `:synopsis: ...`)
+        if _OPTION.match(line):
             continue
         line = line.rstrip()
         line = _ROLE.sub(lambda m: m.group(1), line)
