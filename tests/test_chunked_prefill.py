@@ -12,7 +12,7 @@ from subllm.inference.engine import new_cache, prefill
 from subllm.inference.generation import stream_generate
 
 
-@pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T"])
+@pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T", "T(TT)(T)(TT)T"])
 @pytest.mark.parametrize("chunk, packed", [(1, False), (5, True), (16, False), (16, True)])
 def test_chunked_prefill_equals_one_pass(structure, chunk, packed):
     """Against one pass into a one-buffer cache; the chunked cache in either layout (cache_rows.py)."""

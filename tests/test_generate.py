@@ -28,7 +28,7 @@ def steps(model, ids, mask, use_cache, n=10, **kw):
     return torch.stack([t for t, _ in out], 1), torch.stack([lg for _, lg in out], 1)
 
 
-@pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T"])
+@pytest.mark.parametrize("structure", ["TT(T(TT)T)T", "(T(T(T)))T", "T(TT)(T)(TT)T"])
 def test_cached_greedy_equals_uncached(structure):
     model = tiny_preset_model(structure)
     ids, mask = left_padded([14, 6, 10])
