@@ -28,6 +28,7 @@ PY=${PY:-.venv/bin/python}
 NESTED='TTTTTT(TTTTTT(TTTTTT)TTTTTT)TTTTTT'  # the paper's 5:5:2 shape on 30 layers
 WIDE='TTTT(TTTTTTTTTTTTTTTTTTTTTT)TTTT'       # one S over the middle 22 layers
 MOD='TMTMTMTMTMTMTMTMTMTMTMTMTMTMTM'          # MoD: every other layer routed
+SEQ='TTTTTT(TTTTTT)(TTTTTT)(TTTTTT)TTTTTT'    # three S of 6 layers one after another, not nested
 RECIPE=(--optimizer adamw --lr 3e-5 --set score_lr_scale=10 --set balancer_prob_start=0 --set balancer_prob_end=0
   --distill-weight 1.0)
 ROUTER=(--train-only subsample,bypass --optimizer adamw --lr 1e-3 --set score_lr_scale=1 --set balancer_prob_start=0
@@ -47,6 +48,8 @@ point_args() {  # name -> the train arguments of that point
     mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
     sub064m) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight \
       --retrieval-mix 0.25" ;;
+    seq056m) echo "--structure $SEQ --keep-ratio 0.563 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight \
+      --retrieval-mix 0.25" ;;  # sub064m's FLOP ideal: 12 + 18 r = 12 + 12 (0.64) + 6 (0.64^2) layers a token
     *) echo "unknown point $1" >&2; return 1 ;;
   esac
 }
