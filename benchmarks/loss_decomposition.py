@@ -4,6 +4,8 @@ lost context, skipped layers and moved weights, and the gap by the layers each t
     python benchmarks/loss_decomposition.py STUDENT SOURCE REGISTER [REGISTER ...] \
         [--max-tokens 8192] [--seq-len 512] [--dtype bfloat16] [--threads 2] [--out FILE.json]
 
+    python benchmarks/loss_decomposition.py plot OUT.png A.json [B.json ...]   # the parts as stacked bars
+
 REGISTER: a .txt file or a folder of them (e.g. runs/mix90/registers/val). Non-overlapping windows of
 --seq-len tokens, as the grid's held-out losses use (an even spread over the files when they hold more
 than --max-tokens), batch 4.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -45,7 +48,54 @@ def table(name: str, res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(out: str, files: list[str]) -> None:
+    """Per register, one stacked bar per JSON (a run of this script with --out): the three parts of the
+    gap in % of the source's loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [
+        (Path(json.loads(Path(f).read_text())["args"]["student"]).name, json.loads(Path(f).read_text()))
+        for f in files
+    ]
+    regs = list(runs[0][1]["results"])
+    parts = list(runs[0][1]["results"][regs[0]]["parts"])
+    colors = {"weights moved": "tab:gray", "skipped layers": "tab:orange", "lost context": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(regs) * len(runs), 4.5))
+    width = 0.8 / len(runs)
+    for j, (name, data) in enumerate(runs):
+        for i, reg in enumerate(regs):
+            res = data["results"].get(reg)
+            if res is None:
+                continue
+            x, bottom = i + (j - (len(runs) - 1) / 2) * width, 0.0
+            for part in reversed(parts):  # weights moved at the bottom
+                v = 100 * res["relative"][part]
+                ax.bar(
+                    x,
+                    v,
+                    width * 0.9,
+                    bottom=bottom,
+                    color=colors.get(part),
+                    label=part if (i, j) == (0, 0) else None,
+                )
+                bottom += v
+            ax.annotate(name, (x, bottom), ha="center", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(2, color="tab:red", ls="--", lw=1, label="2% target")
+    ax.set_xticks(range(len(regs)), [Path(r).name for r in regs])
+    ax.set_ylabel("held-out loss above the source (% of the source's)")
+    ax.set_title("Where the loss goes: moved weights, skipped layers, lost context")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "plot":
+        return plot(sys.argv[2], sys.argv[3:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("student")
     ap.add_argument("source")
