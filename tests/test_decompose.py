@@ -104,3 +104,12 @@ def test_parts_add_up_and_mod_refused():
     with pytest.raises(SubLLMError, match="Mixture-of-Depths"):
         with forward_mode(mod, "plain"):
             pass
+
+
+@torch.no_grad()
+def test_an_all_t_student_has_no_gap_parts():
+    torch.manual_seed(0)
+    student = SubLLM(tiny_config("TTTT")).eval()
+    res = decompose(student, student, [ids_batch()])
+    assert res["by_layers"][0]["layers"] == 4 and abs(res["by_layers"][0]["share"] - 1) < 1e-9
+    assert all(v == 0 for v in res["parts"].values())

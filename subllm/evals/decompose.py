@@ -124,7 +124,7 @@ def decompose(student, source, windows: list, autocast=None) -> dict:
                     nll, sels = token_losses(student, ids)
                 sums[mode] += float(nll.sum())
                 if mode == "as_trained":
-                    depth = layers_run(student, sels, ids.shape[1])[:, :-1]
+                    depth = layers_run(student, sels, ids.shape[1]).expand(ids.shape[0], -1)[:, :-1]
                     for d in depth.unique().tolist():
                         m = depth == d
                         row = by_layers.setdefault(int(d), [0, 0.0, 0.0])
