@@ -30,6 +30,7 @@ from subllm.data.tokenizer import load_tokenizer_for
 from subllm.dtype import autocast, dtype_line, dtype_record
 from subllm.errors import SubLLMError
 from subllm.evals.selection import format_selection
+from subllm.evals.tasks import text_files
 from subllm.model.io import resolve_checkpoint
 from subllm.model.subllm import load_model
 
@@ -60,14 +61,6 @@ def default_window(checkpoint, model) -> int:
 
 
 # ---- text loss / bits per byte --------------------------------------------------------------------
-def text_files(path) -> list[Path]:
-    p = Path(path)
-    files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        raise SubLLMError(f"no text at {p} (a .txt file or a folder of them)")
-    return files
-
-
 def text_loss(
     model,
     tokenizer,

@@ -145,13 +145,18 @@ _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]")
 
 
-def read_texts(path) -> list[str]:
-    """The texts of a .txt file or of every *.txt file of a folder (sorted), UTF-8, one per file."""
+def text_files(path) -> list[Path]:
+    """A .txt file, or every *.txt file of a folder (sorted)."""
     p = Path(path)
     files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise SubLLMError(f"no text file at {p} (give a .txt file or a folder of them)")
-    return [f.read_text("utf-8", errors="replace") for f in files]
+    return files
+
+
+def read_texts(path) -> list[str]:
+    """The texts of `text_files(path)`, UTF-8, one per file."""
+    return [f.read_text("utf-8", errors="replace") for f in text_files(path)]
 
 
 def paragraphs_of_sentences(text: str, min_words: int = 4, max_words: int = 60) -> list[list[str]]:
