@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from subllm.data.tokenizer import load_tokenizer_for
 from subllm.evals.decompose import layers_run
+from subllm.evals.scoring import autocast_context
 from subllm.evals.suite import text_windows
 from subllm.evals.tasks import read_texts
 from subllm.model.subllm import load_model
 
 
 def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return autocast_context("bfloat16", torch.device("cpu"))
 
 
 @torch.no_grad()

@@ -7,8 +7,8 @@ lost context, skipped layers and moved weights, and the gap by the layers each t
     python benchmarks/loss_decomposition.py plot OUT.png A.json [B.json ...]   # the parts as stacked bars
 
 REGISTER: a .txt file or a folder of them (e.g. runs/mix90/registers/val). Non-overlapping windows of
---seq-len tokens, as the grid's held-out losses use (an even spread over the files when they hold more
-than --max-tokens), batch 4.
+--seq-len tokens as in training (an even spread over the files when they hold more than --max-tokens),
+batch 4 - not the rolling windows of `subllm eval --tasks loss`, so the source's numbers differ from it.
 """
 
 from __future__ import annotations
@@ -56,10 +56,7 @@ def plot(out: str, files: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [
-        (Path(json.loads(Path(f).read_text())["args"]["student"]).name, json.loads(Path(f).read_text()))
-        for f in files
-    ]
+    runs = [(Path(d["args"]["student"]).name, d) for d in (json.loads(Path(f).read_text()) for f in files)]
     regs = list(runs[0][1]["results"])
     parts = list(runs[0][1]["results"][regs[0]]["parts"])
     colors = {"weights moved": "tab:gray", "skipped layers": "tab:orange", "lost context": "tab:blue"}

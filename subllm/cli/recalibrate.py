@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from subllm.data.tokenizer import load_tokenizer_for, save_tokenizer
     from subllm.dtype import autocast, resolve_dtype
     from subllm.evals.selection import format_selection, measure_selection, recalibrate
-    from subllm.evals.suite import default_window, text_files, text_windows
+    from subllm.evals.suite import default_window, text_windows
+    from subllm.evals.tasks import read_texts
     from subllm.hf.llama import copy_tokenizer_files
     from subllm.model.io import resolve_checkpoint
     from subllm.model.subllm import load_model
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint)
     tok = load_tokenizer_for(args.checkpoint)
-    texts = [f.read_text("utf-8", errors="replace") for f in text_files(args.text)]
+    texts = read_texts(args.text)
     seq_len = args.seq_len or default_window(args.checkpoint, model)
     windows = text_windows(model, tok, texts, seq_len, args.batch_size, args.max_tokens)
     dtype = resolve_dtype(args.dtype, "cpu", "train")

@@ -69,7 +69,7 @@ def forward_mode(model, mode: str):
         patched.append(s)
     if plain:
         for b in model.bypasses:
-            b.scale_value = lambda step, _b=b: torch.ones_like(type(_b).scale_value(_b, step))
+            b.scale_value = lambda step, _b=b: torch.ones_like(_b.scale)
             patched.append(b)
     try:
         yield model

@@ -30,7 +30,7 @@ from subllm.data.tokenizer import load_tokenizer_for
 from subllm.dtype import autocast, dtype_line, dtype_record
 from subllm.errors import SubLLMError
 from subllm.evals.selection import format_selection
-from subllm.evals.tasks import text_files
+from subllm.evals.tasks import read_texts
 from subllm.model.io import resolve_checkpoint
 from subllm.model.subllm import load_model
 
@@ -235,7 +235,7 @@ def evaluate(
         if text is None and not DEFAULT_TEXT.exists():
             raise SubLLMError(f"task 'loss' needs --text FILE_OR_DIR ({DEFAULT_TEXT} does not exist)")
         t0 = time.time()
-        texts = [f.read_text("utf-8", errors="replace") for f in text_files(src)]
+        texts = read_texts(src)
         out["loss"] = {
             "text": str(src),
             **text_loss(model, tok, texts, seq_len, stride, batch_size, dtype, max_tokens=max_tokens),
@@ -252,7 +252,7 @@ def evaluate(
         src = heldout or text or DEFAULT_TEXT
         if not Path(src).exists():
             raise SubLLMError(f"passkey/mqar need filler prose: --heldout FILE_OR_DIR ({src} does not exist)")
-        filler = "\n".join(f.read_text("utf-8", errors="replace") for f in text_files(src))
+        filler = "\n".join(read_texts(src))
         amp = (lambda: autocast(dtype, device)) if dtype == "bfloat16" else None
         out["retrieval"] = {
             "filler": str(src),
