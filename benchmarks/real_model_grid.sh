@@ -48,6 +48,8 @@ point_args() {  # name -> the train arguments of that point
     mod050) echo "--structure $MOD --set mod_capacity=0.5 ${RECIPE[*]}" ;;
     sub064m) echo "--structure $NESTED --keep-ratio 0.64 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight \
       --retrieval-mix 0.25" ;;
+    router064m) echo "--structure $NESTED --keep-ratio 0.64 ${ROUTER[*]} --set subtraction=straight \
+      --retrieval-mix 0.25" ;;  # router tuning on sub064m's data and schedule
     seq056m) echo "--structure $SEQ --keep-ratio 0.563 ${RECIPE[*]/3e-5/1e-4} --set subtraction=straight \
       --retrieval-mix 0.25" ;;  # sub064m's FLOP ideal: 12 + 18 r = 12 + 12 (0.64) + 6 (0.64^2) layers a token
     *) echo "unknown point $1" >&2; return 1 ;;
