@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from subllm.data.tokenizer import load_tokenizer_for
-from subllm.evals.decompose import forward_mode, token_losses
+from subllm.evals.decompose import forward_mode, mean_loss
 from subllm.evals.scoring import autocast_context
 from subllm.evals.suite import text_windows
 from subllm.evals.tasks import read_texts
@@ -60,11 +60,6 @@ def wrap(model, maps: list[torch.Tensor], state: dict) -> None:
         return z
 
     model._subsample = sub
-
-
-def mean_loss(model, windows) -> float:
-    total = sum(float(token_losses(model, w)[0].sum()) for w in windows)
-    return total / sum(w[:, 1:].numel() for w in windows)
 
 
 def main() -> None:

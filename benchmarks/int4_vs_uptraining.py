@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from subllm.data.tokenizer import load_tokenizer_for
-from subllm.evals.decompose import token_losses
+from subllm.evals.decompose import mean_loss
 from subllm.evals.suite import text_windows
 from subllm.evals.tasks import read_texts
 from subllm.inference.quantize import int4_codes, int4_dequantize
@@ -29,12 +29,6 @@ from subllm.model.subllm import load_model
 def layer_linears(model) -> dict[str, torch.nn.Linear]:
     mods = model.named_modules()
     return {n: m for n, m in mods if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
-
-
-@torch.no_grad()
-def mean_loss(model, windows) -> float:
-    total = sum(float(token_losses(model, w)[0].sum()) for w in windows)
-    return total / sum(w[:, 1:].numel() for w in windows)
 
 
 @torch.no_grad()

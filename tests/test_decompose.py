@@ -8,7 +8,7 @@ from helpers import tiny_config, tiny_model
 
 from subllm import SubLLMError
 from subllm.config import identity_start
-from subllm.evals.decompose import decompose, forward_mode, layers_run
+from subllm.evals.decompose import decompose, forward_mode, layers_run, mean_loss
 from subllm.model.subllm import SubLLM
 
 
@@ -99,6 +99,18 @@ def test_parts_add_up_and_mod_refused():
     res = decompose(student, all_t_copy(student), [ids])
     gap = res["loss"]["as_trained"] - res["loss"]["source"]
     assert abs(sum(res["parts"].values()) - gap) < 1e-6
+    other = ids_batch(B=3, T=16, seed=4)  # mean_loss: per token over windows of different sizes
+    with torch.no_grad():
+        out = [
+            torch.nn.functional.cross_entropy(
+                student(w).logits[:, :-1].flatten(0, 1), w[:, 1:].flatten(), reduction="sum"
+            )
+            for w in (ids, other)
+        ]
+    assert (
+        abs(mean_loss(student, [ids, other]) - float(sum(out)) / (ids[:, 1:].numel() + other[:, 1:].numel()))
+        < 1e-5
+    )
     assert abs(sum(r["gap_share"] for r in res["by_layers"]) - gap) < 1e-5
     mod = tiny_model("TMTMT")
     with pytest.raises(SubLLMError, match="Mixture-of-Depths"):

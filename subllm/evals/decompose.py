@@ -109,6 +109,13 @@ def token_losses(model, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
 
 
 @torch.no_grad()
+def mean_loss(model, windows: list) -> float:
+    """Mean next-token loss per token of an eval forward over `windows` (unpadded (B, T) id tensors)."""
+    total = sum(float(token_losses(model, w)[0].sum()) for w in windows)
+    return total / sum(w[:, 1:].numel() for w in windows)
+
+
+@torch.no_grad()
 def decompose(student, source, windows: list, autocast=None) -> dict:
     """Mean loss per token of the source and of the student in each mode over `windows` (unpadded
     (B, T) id tensors), and the as_trained loss split by the layers each token ran through."""
