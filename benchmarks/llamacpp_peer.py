@@ -74,6 +74,8 @@ OURS = {
     "int4-c-kv16": ("int4", "fp32", True, "bf16"),
     "int8-kv16": ("int8", "fp32", False, "bf16"),
     "int4-kv16": ("int4", "fp32", False, "bf16"),
+    # int4 with rank-R corrections on the grid of --llama (int4_correction.py; R: --int4-rank)
+    "int4r-kv16": ("int4r", "fp32", False, "bf16"),
 }
 PEER = {
     "fp32": "F32",
@@ -88,6 +90,7 @@ PEER = {
     "int4-c-kv16": "Q4_1",
     "int8-kv16": "Q8_0",
     "int4-kv16": "Q4_1",
+    "int4r-kv16": "Q4_1",
 }  # fmt: skip  (the file ours is set against)
 
 
@@ -149,8 +152,11 @@ def check(worker, ggufs: dict, llama: SubLLM, tok, passage: list[int], threads: 
 
 
 # ---- our contestants ---------------------------------------------------------------------------------
-def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> dict:
-    """{("LLaMA" | "SUBLLM", variant): (model, dtype)}; int8 variants share one quantized copy."""
+def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str], specs: dict | None = None) -> dict:
+    """{("LLaMA" | "SUBLLM", variant): (model, dtype)}; int8 variants share one quantized copy.
+    `specs`: the quantization spec of a variant's first field where it is not the spec itself
+    ({"int4r": "int4:rank=64:base=..."})."""
+    specs = specs or {}
     plain = {"LLaMA": llama}
     if subllm_dir:
         plain["SUBLLM"] = load_model(subllm_dir)
@@ -161,7 +167,8 @@ def our_models(llama: SubLLM, subllm_dir: str | None, variants: list[str]) -> di
         for v in variants:
             q, dtype, compiled, kv = OURS[v]
             if q != "none" and (name, q) not in quantized:
-                quantized[(name, q)] = hugepages.place(apply_quantization(copy.deepcopy(m).eval(), q))
+                spec = specs.get(q, q)
+                quantized[(name, q)] = hugepages.place(apply_quantization(copy.deepcopy(m).eval(), spec))
             model = quantized[(name, q)] if q != "none" else m
             if compiled or kv != "same":  # a shallow copy shares the weights; it alone carries its
                 model = set_kv_dtype(copy.copy(model), kv)  # K/V dtype and compiled graphs
@@ -290,6 +297,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ours", default=",".join(OURS), help=f"our variants, of {','.join(OURS)}")
+    p.add_argument("--int4-rank", type=int, default=64, help="the rank of the int4r variants' corrections")
     p.add_argument("--peers", default="F32,BF16,Q8_0,Q4_1", help="llama.cpp files (Q4_1: --reference)")
     p.add_argument("--n-batch", type=int, default=512, help="llama.cpp's n_batch (its default)")
     p.add_argument("--flash-attn", action="store_true", help="llama.cpp with flash attention (default off)")
@@ -305,7 +313,7 @@ def main() -> None:
     worker = Worker(a.llamacpp_python)
     info = worker("info")
     tok, llama = load_tokenizer(a.llama), load_model(a.llama)
-    models = our_models(llama, a.subllm, variants)
+    models = our_models(llama, a.subllm, variants, {"int4r": f"int4:rank={a.int4_rank}:base={a.llama}"})
     kernels = {f"{n} {v}": getattr(m, "int8_kernel", None) for (n, v), (m, _) in models.items()}
     print(f"int8 decode kernels (chosen by measurement): {kernels}", file=sys.stderr, flush=True)
     warm_compiled(models)

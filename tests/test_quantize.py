@@ -13,7 +13,7 @@ from helpers import checkpoint_with_tokenizer, left_padded, tiny_preset_model
 from torch import nn
 
 from subllm import SubLLMError, generate
-from subllm.inference import int8_dynamic, native
+from subllm.inference import int8_choice, int8_dynamic, native
 from subllm.inference import quantize as Q
 from subllm.inference.int8_dynamic import STEP as Int8_STEP
 from subllm.inference.quantize import (
@@ -153,7 +153,7 @@ def test_int8_kernel_is_chosen_by_measurement(monkeypatch):
 
 def _timed(monkeypatch, **seconds):
     """choose_int8_kernel's timings mocked: seconds per kernel name (only those it offers)."""
-    monkeypatch.setattr(Q, "_best_times", lambda fns: {name: seconds[name] for name in fns})
+    monkeypatch.setattr(int8_choice, "best_times", lambda fns: {name: seconds[name] for name in fns})
 
 
 def test_decode_kernel_is_the_fastest_unless_clearly_slower_than_cast(monkeypatch):
@@ -185,7 +185,7 @@ def test_decode_kernel_is_the_fastest_unless_clearly_slower_than_cast(monkeypatc
 
 def test_kernel_timings_are_interleaved():
     order = []
-    best = Q._best_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3)
+    best = int8_choice.best_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, reps=3)
     assert order == ["a", "b"] * 4 and set(best) == {"a", "b"}  # a warm-up each, then a, b per round
 
 

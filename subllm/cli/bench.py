@@ -25,6 +25,7 @@ import torch
 from subllm.bench.common import environment, int_list, json_line, str_list
 from subllm.dtype import DTYPES
 from subllm.errors import SubLLMError
+from subllm.inference import int4_correction
 from subllm.inference.engine import KV_DTYPES
 from subllm.inference.quantize import QUANTIZE
 
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         help="both models with weight-only int8 (linear layers and LM head) or int4 (layers; int8 head)",
     )
+    int4_correction.add_arguments(inf)
     inf.add_argument(
         "--kv-dtype",
         choices=KV_DTYPES,
@@ -154,8 +156,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     report = run_infer(
         args.preset, args.checkpoint, lengths, batches, dtypes, args.decode_tokens, args.reps, args.warmup,
         seed=args.seed, bound=not args.no_bound, log=log, text=args.text, device=args.device, hf=args.hf,
-        prefill_reps=args.prefill_reps, bandwidth=not args.no_bandwidth, quantize=args.quantize,
-        kv_dtype=args.kv_dtype, compile=args.compile,
+        prefill_reps=args.prefill_reps, bandwidth=not args.no_bandwidth,
+        quantize=int4_correction.from_args(args), kv_dtype=args.kv_dtype, compile=args.compile,
     )  # fmt: skip
     print_report(report, env)
     print(json_line({"bench": "infer", "command": _command("infer"), "env": env, **report}))

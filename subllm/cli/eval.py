@@ -16,6 +16,7 @@ import torch
 
 from subllm.errors import SubLLMError
 from subllm.evals.suite import _DTYPE_ALIASES, ALL_TASKS, DEFAULT_TEXT, evaluate, format_table, parse_tasks
+from subllm.inference import int4_correction
 from subllm.inference.quantize import QUANTIZE
 
 
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="evaluate the model with weight-only int8 or int4 linear layers (subllm/inference/quantize.py)",
     )
+    int4_correction.add_arguments(parser)
     parser.add_argument("--limit", type=int, help="evaluate at most this many documents per task")
     parser.add_argument("--n-text", type=int, default=200, help="cloze/next_sentence documents (default 200)")
     parser.add_argument("--mmlu-shots", type=int, default=5)
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         examples=args.examples,
         pairs=args.pairs,
         rope_scaling=args.rope_scaling,
-        quantize=args.quantize,
+        quantize=int4_correction.from_args(args),
         device=args.device,
     )
     m = res["model"]

@@ -23,6 +23,7 @@ import torch
 
 from subllm.dtype import DTYPES, autocast
 from subllm.errors import SubLLMError
+from subllm.inference import int4_correction
 from subllm.inference.engine import KV_DTYPES
 from subllm.inference.quantize import QUANTIZE
 
@@ -43,6 +44,7 @@ def add_dtype_arguments(p: argparse.ArgumentParser) -> None:
         help="weight-only quantization (subllm/inference/quantize.py): int8 linear layers and LM head "
         "(a quarter of the weight bytes per decode step), or int4 layers (groups of 32) with an int8 head",
     )
+    int4_correction.add_arguments(p)
     p.add_argument(
         "--kv-dtype",
         choices=KV_DTYPES,
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from subllm.inference.engine import set_kv_dtype
     from subllm.inference.quantize import apply_quantization, describe
 
-    model = set_kv_dtype(apply_quantization(load_model(ckpt), args.quantize), args.kv_dtype)
+    model = set_kv_dtype(apply_quantization(load_model(ckpt), int4_correction.from_args(args)), args.kv_dtype)
     hugepages.place(model)  # the weights each decode step streams, on huge pages
     tok = load_tokenizer_for(ckpt)
     ids = list(tok(args.prompt)["input_ids"])

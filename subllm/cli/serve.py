@@ -24,6 +24,7 @@ import torch
 
 from subllm.cli.generate import add_dtype_arguments
 from subllm.errors import SubLLMError
+from subllm.inference import int4_correction
 from subllm.serve.prefill import DEFAULT_PREFILL_CHUNK
 from subllm.serve.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         limits,
         key,
         notes,
-        args.quantize,
+        int4_correction.from_args(args),
         prefill_chunk=args.prefill_chunk or None,
         prefix_cache_mb=args.prefix_cache_mb,
         compile=args.compile,

@@ -53,21 +53,27 @@ def status(device: torch.device | str = "cpu") -> str:
     return "per-layer ops"
 
 
-def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, Tensor, Tensor]] | None:
+def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, ...]] | None:
+    """(kind, its nine tensors: the weight's three, then an int4 layer's correction's D and U
+    (int4_correction.py) as native int8 tiles, or six empty tensors), or None if not eligible."""
     if type(lin) is nn.Linear:
         w = lin.weight
         if lin.bias is None and w.dtype == torch.float32 and w.is_contiguous():
-            return DENSE, (w, w.new_empty(0), w.new_empty(0))
+            return DENSE, (w, *[w.new_empty(0)] * 8)
         return None
     if isinstance(lin, Int4Linear) and lin.native is not None:
-        return INT4, lin.native
+        if lin.down is None:
+            return INT4, (*lin.native, *[lin.native[0].new_empty(0)] * 6)
+        if lin.down.kernel == "native" and lin.up.kernel == "native":
+            return INT4, (*lin.native, *lin.down.native, *lin.up.native)
+        return None
     if isinstance(lin, Int8Linear) and lin.kernel == "native":
-        return INT8, lin.native
+        return INT8, (*lin.native, *[lin.native[0].new_empty(0)] * 6)
     return None
 
 
 def layer_args(block: nn.Module) -> tuple[list[Tensor], list[int]] | None:
-    """One layer's 14 tensors and 4 kinds (csrc/decode_layers.cpp), or None if it is not eligible."""
+    """One layer's 38 tensors and 4 kinds (csrc/decode_layers.cpp), or None if it is not eligible."""
     if not (
         type(block) is Block
         and type(block.attn) is Attention
@@ -110,8 +116,9 @@ def _stamp(block: nn.Module) -> tuple:
         if own is not None:
             out.append(id(own))
         else:
-            out += map(id, mod._buffers.values())
-            out.append(mod.__dict__.get("_kernel"))
+            for part in (mod, *(m for m in mod._modules.values() if m is not None)):  # + a correction
+                out += map(id, part._buffers.values())
+                out.append(part.__dict__.get("_kernel"))
     return tuple(out)
 
 

@@ -20,7 +20,7 @@ kernels compute it:
   2^20 weights, a 4 MiB transient copy that stays in cache) and an ordinary matmul - prefill, and
   decode where no decode kernel is fast. `quantize_` times them all on the model's largest
   layer at one row (a few milliseconds, interleaved rounds) and takes the fastest decode kernel
-  ("native" if within NATIVE_MARGIN of it) unless it is
+  ("native" if within NATIVE_MARGIN of it; int8_choice.py) unless it is
   more than PACKED_MARGIN times slower than cast: which one wins depends on the CPU (measured on
   an AMD EPYC with AVX512-BF16: packed 0.095 ms, cast 0.26 ms, fp32 weights 0.15 ms for a
   3072 x 576 matrix; the 49,152 x 576 head packed 4.2 ms, dynamic 1.1-1.6 ms; bf16 is ~80x slower
@@ -54,7 +54,6 @@ tokenizer or model, where it logs failed loads of its CUDA extensions to stderr 
 
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import contextmanager
 
@@ -64,6 +63,8 @@ from torch import Tensor, nn
 
 from subllm.errors import SubLLMError
 from subllm.inference import native
+from subllm.inference.int4_correction import base_weights, lowrank_factors, parse_spec
+from subllm.inference.int8_choice import choose_int8_kernel
 
 QUANTIZE = ("none", "int8", "int4")
 INT8_KERNELS = ("cast", "packed", "dynamic", "native")
@@ -195,7 +196,11 @@ class Int8Linear(NativeCopy, nn.Module):
     def from_linear(cls, lin: nn.Linear, kernel: str = "cast") -> Int8Linear:
         if lin.bias is not None:
             raise SubLLMError("Int8Linear: linear layers with a bias are not supported")
-        w = lin.weight.detach().float()
+        return cls.from_weight(lin.weight, kernel)
+
+    @classmethod
+    def from_weight(cls, w: Tensor, kernel: str = "cast") -> Int8Linear:
+        w = w.detach().float()
         scale = w.abs().amax(1) / 127.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -291,8 +296,18 @@ def int4_fits(lin: nn.Linear, group: int = GROUP) -> bool:
 class Int4Linear(NativeCopy, nn.Module):
     """A bias-free linear layer with int4 weights in torch's CPU packed layout (`int4_codes`)."""
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, kernel: str = "auto"):
+    def __init__(
+        self,
+        codes: Tensor,
+        scale: Tensor,
+        zero: Tensor,
+        kernel: str = "auto",
+        correction: tuple[Int8Linear, Int8Linear] | None = None,
+    ):
         super().__init__()
+        # y += up(down(x)): a low-rank int8 correction of the rounding (int4_correction.py), or None
+        self.register_module("down", None if correction is None else correction[0])
+        self.register_module("up", None if correction is None else correction[1])
         self.out_features, self.in_features = codes.shape
         self.group = self.in_features // scale.shape[1]
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
@@ -314,7 +329,16 @@ class Int4Linear(NativeCopy, nn.Module):
         return sum(t.numel() * t.element_size() for t in own)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, group: int = GROUP, kernel: str = "auto") -> Int4Linear:
+    def from_linear(
+        cls,
+        lin: nn.Linear,
+        group: int = GROUP,
+        kernel: str = "auto",
+        rank: int = 0,
+        base: Tensor | None = None,
+    ) -> Int4Linear:
+        """`rank` > 0: with a rank-`rank` correction of W - Q (int4_correction.py); `base`: a weight of
+        the same shape whose int4 codes Q are (the source of an uptrained model), else W's own."""
         if lin.bias is not None:
             raise SubLLMError("Int4Linear: linear layers with a bias are not supported")
         if not int4_fits(lin, group):
@@ -322,67 +346,33 @@ class Int4Linear(NativeCopy, nn.Module):
                 f"int4 needs in_features divisible by {group} and out_features by 16; a layer has "
                 f"{lin.in_features} -> {lin.out_features}"
             )
-        return cls(*int4_codes(lin.weight, group), kernel)
+        w = lin.weight.detach().float()
+        if base is not None and base.shape != w.shape:
+            raise SubLLMError(
+                f"int4 base weight {tuple(base.shape)} does not match the layer's {tuple(w.shape)}"
+            )  # noqa: E501
+        codes = int4_codes(w if base is None else base, group)
+        # a weight on its grid but for float rounding of the scales (~1e-7 of it) gets no correction
+        tol = 1e-5 * float(w.abs().max())
+        factors = lowrank_factors(w - int4_dequantize(*codes), rank, tol) if rank else None
+        correction = None if factors is None else tuple(Int8Linear.from_weight(f) for f in factors)
+        return cls(*codes, kernel, correction)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         if _decoding and self.native is not None:
             y = native.int4_matmul(x.reshape(-1, self.in_features), *self.native, native.ACT_PASSES)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return self._corrected(x, y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._corrected(x, y.to(x.dtype).reshape(*x.shape[:-1], self.out_features))
+
+    def _corrected(self, x: Tensor, y: Tensor) -> Tensor:
+        return y if self.down is None else y + self.up(self.down(x))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"
-
-
-def _best_times(fns: dict, reps: int = 7) -> dict[str, float]:
-    """Best of `reps` seconds per function, timed round by round (each function once per round,
-    after one warm-up each), so that load which comes and goes on a shared machine hits all alike:
-    timed one after the other, the head of a SmolLM2 SUBLLM once chose "dynamic" (2.3 ms per token)
-    over "native" (1.5 ms) on a loaded machine."""
-    for f in fns.values():
-        f()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(reps):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            f()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
-
-
-PACKED_MARGIN = 1.5  # a decode kernel unless it times this many times slower than "cast" (docstring)
-# "native" unless it times this much slower than the fastest: native int8 layers also run inside the
-# native runs of layers (native_layers.py: one call per run of layers), which a one-layer timing
-# cannot show (SmolLM2 int8, one thread: 10.3 ms per token fused vs 13.8 compiled, docs/RESULTS.md)
-NATIVE_MARGIN = 1.25
-
-
-def choose_int8_kernel(layer: Int8Linear) -> str:
-    """The kernel `layer` (and every int8 layer of its model) should decode through: the fastest of
-    "packed", "dynamic" and "native" (those that run on this build / CPU; "native" within
-    NATIVE_MARGIN of the fastest), unless it takes more than PACKED_MARGIN times the cast kernel's
-    time; the best of 7 interleaved rounds each at one row, after a warm-up."""
-    x = torch.randn(1, layer.in_features)
-    kernel, fns = layer.kernel, {}
-    for name in ("packed", "dynamic", "native"):
-        try:
-            layer.kernel = name  # builds the kernel's weights, or refuses where it cannot run
-            fns[name] = getattr(layer, f"forward_{name}")
-        except (RuntimeError, SubLLMError):  # the kernel is missing for this build / CPU
-            pass
-    layer.kernel = kernel
-    if not fns:
-        return "cast"
-    fns["cast"] = layer.forward_cast
-    with torch.no_grad():
-        times = _best_times({name: (lambda f=f: f(x)) for name, f in fns.items()})
-    cast = times.pop("cast")
-    best = min(times, key=times.get)
-    if "native" in times and times["native"] <= NATIVE_MARGIN * times[best]:
-        best = "native"
-    return best if times[best] < PACKED_MARGIN * cast else "cast"
+        rank = "" if self.down is None else f", rank-{self.down.out_features} correction"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, int4 group {self.group}{rank}"
 
 
 def _linears(model):
@@ -394,22 +384,40 @@ def _linears(model):
 
 
 def quantize_(
-    model, kind: str = "int8", head: bool = True, int8_kernel: str = "auto", int4_kernel: str = "auto"
+    model,
+    kind: str = "int8",
+    head: bool = True,
+    int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
+    int4_rank: int = 0,
+    int4_base: dict[str, Tensor] | None = None,
 ):
     """Replace the linear layers of `model`'s transformer layers (and its LM head) by quantized
     ones, in place; -> the model (marked `model.quantization`, eval mode). `int8_kernel`: auto
     (measured, see the module docstring) | packed | dynamic | native | cast; `int4_kernel` (decode
-    steps of int4 layers): auto (native where it runs) | torch | native."""
+    steps of int4 layers): auto (native where it runs) | torch | native. `int4_rank`, `int4_base`
+    ({"layers.3.attn.wqkv": weight}, int4_correction.base_weights): each int4 layer's low-rank
+    correction and the weights its int4 grid comes from (int4_correction.py)."""
     if getattr(model, "quantization", None):
         raise SubLLMError(f"the model is already quantized ({model.quantization})")
     if kind not in QUANTIZE[1:]:
         raise SubLLMError(f"quantization must be int8 or int4, got {kind!r}")
     if int8_kernel not in ("auto", *INT8_KERNELS):
         raise SubLLMError(f"int8_kernel must be auto, {', '.join(INT8_KERNELS)}; got {int8_kernel!r}")
+    if (int4_rank or int4_base) and kind != "int4":
+        raise SubLLMError("int4_rank and int4_base apply to int4 quantization")
+    names = {id(m): n for n, m in model.named_modules()}
     model.int4_fallback = []  # int4 layers whose shape the packed layout cannot hold: int8 instead
     for parent, name, child in list(_linears(model)):
         if kind == "int4" and int4_fits(child):
-            setattr(parent, name, Int4Linear.from_linear(child, kernel=int4_kernel))
+            base = None
+            if int4_base is not None:
+                base = int4_base.get(names[id(child)])
+                if base is None:
+                    where = names[id(child)]
+                    raise SubLLMError(f"the int4 base has no layer {where}: is it the model's source?")
+            layer = Int4Linear.from_linear(child, kernel=int4_kernel, rank=int4_rank, base=base)
+            setattr(parent, name, layer)
         else:
             if kind == "int4":
                 model.int4_fallback.append(tuple(child.weight.shape))
@@ -433,6 +441,7 @@ def quantize_(
                 m.kernel = "cast"
         model.int8_kernel = kernel
     model.quantization = kind
+    model.int4_rank = int4_rank
     model.save_pretrained = _refuse_save
     return model.eval()
 
@@ -456,11 +465,17 @@ def describe(model) -> str:
         for k in ("int4", "int8")
         if hasattr(model, k + "_kernel")
     ]
-    return f"{q} weights" + (f" ({'; '.join(kernels)})" if kernels else "")
+    rank = getattr(model, "int4_rank", 0)
+    fix = f" with rank-{rank} corrections" if rank else ""
+    return f"{q} weights{fix}" + (f" ({'; '.join(kernels)})" if kernels else "")
 
 
 def apply_quantization(model, name: str):
-    """`--quantize none | int8 | int4` -> the model (unchanged for none)."""
-    if name not in QUANTIZE:
+    """`--quantize none | int8 | int4`, or an int4 spec with a correction ("int4:rank=64:base=PATH",
+    int4_correction.spec) -> the model (unchanged for none)."""
+    kind, rank, base = parse_spec(name)
+    if kind not in QUANTIZE:
         raise SubLLMError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {name!r}")
-    return model if name == "none" else quantize_(model, name)
+    if kind == "none":
+        return model
+    return quantize_(model, kind, int4_rank=rank, int4_base=None if base is None else base_weights(base))

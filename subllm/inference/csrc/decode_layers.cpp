@@ -9,9 +9,11 @@
 // Python between them (or a compiled graph's guards and small kernels): ~4 ms of a SmolLM2-135M
 // token that the weights themselves read in ~6 ms (docs/RESULTS.md, "Native decode kernels").
 //
-// weights: 14 tensors per layer - attn norm weight, ffn norm weight, then Wqkv, Wo, W13, W2 as
-// three tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
-// d, m) or int8 tiles (tiles, c, scale); kinds: 4 per layer, 0 dense / 1 int4 / 2 int8.
+// weights: 38 tensors per layer - attn norm weight, ffn norm weight, then Wqkv, Wo, W13, W2 as
+// nine tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
+// d, m) or int8 tiles (tiles, c, scale); then a low-rank correction y += (x D^T) U^T as D's and U's
+// int8 tiles (int4_correction.py), or six empty tensors; kinds: 4 per layer, 0 dense / 1 int4 /
+// 2 int8.
 // x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
 // ks / vs: per layer one (B, Hkv, capacity, D) buffer indexed by rows, or per layer n buffers
 // (1, Hkv, capacity_i, D), one per row of the step (a cache whose rows are stored apart; rows all 0).
@@ -27,22 +29,32 @@
 
 namespace {
 
-constexpr int64_t kTensorsPerLayer = 14;
+constexpr int64_t kPerLinear = 9;  // the weight's three tensors, then the correction's D and U (three each)
 constexpr int64_t kLinearsPerLayer = 4;
+constexpr int64_t kTensorsPerLayer = 2 + kPerLinear * kLinearsPerLayer;
 
 // outputs and inputs of a linear layer of each kind (dense (out, in); int4 / int8 tiles of 16 rows
 // by 8 / 4 inputs)
 int64_t outputs(int64_t kind, const at::Tensor& w) { return kind == 0 ? w.size(0) : w.size(0) * 16; }
 int64_t inputs(int64_t kind, const at::Tensor& w) { return w.size(1) * (kind == 0 ? 1 : kind == 1 ? 8 : 4); }
 
-// y (n, outputs) = x (n, inputs) W^T for one of the three kinds of weight (shapes checked up front)
-void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_t passes, float* y) {
+// y (n, outputs) = x (n, inputs) W^T for one of the three kinds of weight, plus (x D^T) U^T where the
+// linear has a correction (shapes checked up front); mid, tmp: scratch
+void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_t passes, float* y,
+            std::vector<float>& mid, std::vector<float>& tmp) {
   const int64_t K = inputs(kind, w[0]);
   switch (kind) {
     case 0: subllm_native::dense_matmul_into(x, n, K, w[0], y); break;
     case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
     default: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
   }
+  if (w[3].numel() == 0) return;
+  const int64_t R = outputs(2, w[3]), N = outputs(kind, w[0]);
+  mid.resize(n * R);
+  tmp.resize(n * N);
+  subllm_native::int8_matmul_into(x, n, K, w[3], w[4], w[5], passes, mid.data());
+  subllm_native::int8_matmul_into(mid.data(), n, R, w[6], w[7], w[8], passes, tmp.data());
+  for (int64_t j = 0; j < n * N; ++j) y[j] += tmp[j];
 }
 
 // out = w * (x / sqrt(mean(x^2) + eps)), one row of C
@@ -81,7 +93,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   const int64_t L = static_cast<int64_t>(kinds.size()) / kLinearsPerLayer;
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(kinds.size()) == kLinearsPerLayer * L &&
                   static_cast<int64_t>(weights.size()) == kTensorsPerLayer * L,
-              "decode_layers: 14 weight tensors and 4 kinds per layer");
+              "decode_layers: 38 weight tensors and 4 kinds per layer");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "decode_layers: x must be (n, C) float32 on the CPU");
   const int64_t n = x_in.size(0), C = x_in.size(1);
@@ -120,15 +132,19 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
     const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
     const at::Tensor* lin = &weights[l * kTensorsPerLayer + 2];
     for (int64_t j = 0; j < kLinearsPerLayer; ++j) {
-      const at::Tensor& w = lin[3 * j];
-      TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && w.dim() >= 2, "decode_layers: unknown linear kind");
-      TORCH_CHECK(kind[j] != 0 || (w.dim() == 2 && w.scalar_type() == at::kFloat),
+      const at::Tensor* w = &lin[kPerLinear * j];
+      TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && w[0].dim() >= 2, "decode_layers: unknown linear kind");
+      TORCH_CHECK(kind[j] != 0 || (w[0].dim() == 2 && w[0].scalar_type() == at::kFloat),
                   "decode_layers: a dense weight must be (out, in) float32");
+      TORCH_CHECK(w[3].numel() == 0 || (w[3].dim() == 3 && w[6].dim() == 3 && inputs(2, w[3]) == inputs(kind[j], w[0]) &&
+                                        inputs(2, w[6]) == outputs(2, w[3]) && outputs(2, w[6]) == outputs(kind[j], w[0])),
+                  "decode_layers: a correction's int8 tiles do not fit its layer");
     }
-    const int64_t F2 = outputs(kind[2], lin[6]);
-    TORCH_CHECK(outputs(kind[0], lin[0]) == (H + 2 * Hkv) * D && inputs(kind[0], lin[0]) == C &&
-                    outputs(kind[1], lin[3]) == C && inputs(kind[1], lin[3]) == C && inputs(kind[2], lin[6]) == C &&
-                    F2 % 2 == 0 && inputs(kind[3], lin[9]) == F2 / 2 && outputs(kind[3], lin[9]) == C,
+    const at::Tensor *qkv = lin, *wo = lin + kPerLinear, *w13 = lin + 2 * kPerLinear, *w2 = lin + 3 * kPerLinear;
+    const int64_t F2 = outputs(kind[2], *w13);
+    TORCH_CHECK(outputs(kind[0], *qkv) == (H + 2 * Hkv) * D && inputs(kind[0], *qkv) == C &&
+                    outputs(kind[1], *wo) == C && inputs(kind[1], *wo) == C && inputs(kind[2], *w13) == C &&
+                    F2 % 2 == 0 && inputs(kind[3], *w2) == F2 / 2 && outputs(kind[3], *w2) == C,
                 "decode_layers: layer ", l, "'s linear shapes do not fit (heads, kv heads, head_dim, width)");
   }
   TORCH_CHECK(H / Hkv <= 16, "decode_layers: more than 16 query heads per K/V head");
@@ -146,14 +162,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   int64_t widest = std::max(QKV, C);  // the widest linear output of the run: one buffer for all
   for (int64_t l = 0; l < L; ++l)
     for (int64_t j = 0; j < kLinearsPerLayer; ++j)
-      widest = std::max(widest, outputs(kinds[l * kLinearsPerLayer + j], weights[l * kTensorsPerLayer + 2 + 3 * j]));
-  std::vector<float> h(n * C), q(n * C), a(n * C), out(n * widest), act(n * widest), tmp(D);
+      widest = std::max(widest, outputs(kinds[l * kLinearsPerLayer + j], weights[l * kTensorsPerLayer + 2 + kPerLinear * j]));
+  std::vector<float> h(n * C), q(n * C), a(n * C), out(n * widest), act(n * widest), tmp(D), mid, extra;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = &weights[l * kTensorsPerLayer];
     const int64_t* kind = kinds.data() + l * kLinearsPerLayer;
     const float *attn_norm = w[0].data_ptr<float>(), *ffn_norm = w[1].data_ptr<float>();
     for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, attn_norm, eps, C, h.data() + i * C);
-    linear(h.data(), n, kind[0], w + 2, passes, out.data());
+    linear(h.data(), n, kind[0], w + 2, passes, out.data(), mid, extra);
     for (int64_t i = 0; i < n; ++i) {
       float* row = out.data() + i * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rope(row + head * D, cp + i * D, snp + i * D, D, tmp.data());
@@ -162,17 +178,17 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
       std::copy(row, row + C, q.data() + i * C);
     }
     subllm_native::decode_attention_into(q.data(), n, H, ks.slice(l * R, R), vs.slice(l * R, R), rp, lp, a.data());
-    linear(a.data(), n, kind[1], w + 5, passes, out.data());
+    linear(a.data(), n, kind[1], w + 2 + kPerLinear, passes, out.data(), mid, extra);
     for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
     for (int64_t i = 0; i < n; ++i) rms_norm(xp + i * C, ffn_norm, eps, C, h.data() + i * C);
-    linear(h.data(), n, kind[2], w + 8, passes, out.data());
-    const int64_t F = outputs(kind[2], w[8]) / 2;
+    linear(h.data(), n, kind[2], w + 2 + 2 * kPerLinear, passes, out.data(), mid, extra);
+    const int64_t F = outputs(kind[2], w[2 + 2 * kPerLinear]) / 2;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t f = 0; f < F; ++f) {
         const float g = out[i * 2 * F + f];
         act[i * F + f] = g / (1.f + std::exp(-g)) * out[i * 2 * F + F + f];
       }
-    linear(act.data(), n, kind[3], w + 11, passes, out.data());
+    linear(act.data(), n, kind[3], w + 2 + 3 * kPerLinear, passes, out.data(), mid, extra);
     for (int64_t j = 0; j < n * C; ++j) xp[j] += out[j];
   }
   return x;
