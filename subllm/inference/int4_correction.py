@@ -11,10 +11,11 @@ where U D is the best rank-R approximation (SVD) of the residual W - Q. Q comes 
 (a plain rounding; the residual is rounding noise plus what it erased), or with `base` from the
 source model's weight, which for a source on a 4-bit grid is exact: then the residual is exactly
 what uptraining moved, and its leading singular directions hold most of what it learned (on the
-SUBLLM above, rank 32 / 48 / 64 of the move: +1.06 / +0.75 / +0.57% loss; the plain rounding plus
-rank 64: +0.82%). The correction adds R (in + out) int8 bytes per layer, a quarter of the int4
-bytes at R = 64 for SmolLM2's layers. A residual that is zero (a model already on its int4 grid)
-gets no correction. Ranks that are multiples of 32 fit the native decode kernels.
+SUBLLM above, held-out loss on three registers: rank 32 / 64 of the move +0.8-1.7% / +0.45-0.86%;
+the plain rounding plus rank 64 +0.6-1.3%; docs/RESULTS.md "int4 with a low-rank correction"). The
+correction adds R (in + out) int8 bytes per linear layer (at R = 64, 15% more bytes per decoded token
+of that SUBLLM, 17-18% slower decode than plain int4). A residual that is zero (a model already on its
+int4 grid) gets no correction. Ranks that are multiples of 32 fit the native decode kernels.
 
 The spec string that carries the choice through `generate`, `serve`, `eval` and `bench infer` is
 "int4" or "int4:rank=R" or "int4:rank=R:base=PATH" (`spec`, `parse_spec`).
@@ -99,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="with --quantize int4: add to each int4 layer a rank-R int8 correction of what the rounding "
-        "lost (subllm/inference/int4_correction.py; 64 keeps an uptrained SmolLM2 SUBLLM within 1%% of "
-        "its fp32 loss, where plain int4 costs ~30%%); 0 (default): none",
+        "lost (subllm/inference/int4_correction.py; 64 with --int4-base kept an uptrained SmolLM2 SUBLLM "
+        "within 1%% of its fp32 loss, where plain int4 costs ~30%%); 0 (default): none",
     )
     p.add_argument(
         "--int4-base",

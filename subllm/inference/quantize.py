@@ -37,6 +37,10 @@ least squared error). Prefill and full forwards compute through torch's CPU kern
 weights); decode steps through the native VNNI kernel where it runs (`int4_kernel`: auto = native
 there; its own copy of the codes, another eighth of fp32's bytes), about 2x faster at one row.
 
+With `int4_rank` each int4 layer also adds a low-rank int8 correction of what its rounding lost,
+optionally on the grid of the model's source (`int4_base`; subllm/inference/int4_correction.py):
+what keeps an uptrained model's int4 loss near its fp32 one.
+
 `quantize_` replaces, in place, every nn.Linear of the transformer layers (wqkv, wo, w13, w2) and
 the LM head (a tied head gets its own copy, the embedding stays as it is). With int4 the head
 stays int8: it is the layer whose rounding costs the most loss (measured in docs/RESULTS.md), and
