@@ -354,7 +354,7 @@ class Int4Linear(NativeCopy, nn.Module):
         if base is not None and base.shape != w.shape:
             raise SubLLMError(
                 f"int4 base weight {tuple(base.shape)} does not match the layer's {tuple(w.shape)}"
-            )  # noqa: E501
+            )
         codes = int4_codes(w if base is None else base, group)
         # a weight on its grid but for float rounding of the scales (~1e-7 of it) gets no correction
         tol = 1e-5 * float(w.abs().max())

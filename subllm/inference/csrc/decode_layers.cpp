@@ -136,8 +136,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
       TORCH_CHECK(kind[j] >= 0 && kind[j] <= 2 && w[0].dim() >= 2, "decode_layers: unknown linear kind");
       TORCH_CHECK(kind[j] != 0 || (w[0].dim() == 2 && w[0].scalar_type() == at::kFloat),
                   "decode_layers: a dense weight must be (out, in) float32");
-      TORCH_CHECK(w[3].numel() == 0 || (w[3].dim() == 3 && w[6].dim() == 3 && inputs(2, w[3]) == inputs(kind[j], w[0]) &&
-                                        inputs(2, w[6]) == outputs(2, w[3]) && outputs(2, w[6]) == outputs(kind[j], w[0])),
+      TORCH_CHECK(w[3].numel() == 0 ||
+                      (w[3].dim() == 3 && w[6].dim() == 3 && w[3].element_size() == 1 && w[6].element_size() == 1 &&
+                       inputs(2, w[3]) == inputs(kind[j], w[0]) && outputs(2, w[3]) % 32 == 0 &&
+                       inputs(2, w[6]) == outputs(2, w[3]) && outputs(2, w[6]) == outputs(kind[j], w[0])),
                   "decode_layers: a correction's int8 tiles do not fit its layer");
     }
     const at::Tensor *qkv = lin, *wo = lin + kPerLinear, *w13 = lin + 2 * kPerLinear, *w2 = lin + 3 * kPerLinear;
