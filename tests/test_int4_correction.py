@@ -124,7 +124,13 @@ def test_spec_round_trip_and_errors(tmp_path):
             C.parse_spec(bad)
     with torch.no_grad():  # an uptraining's move of one layer
         model.layers[1].ffn.w2.weight.add_(0.01 * torch.randn(128, 1) @ torch.randn(1, model.config.ffn_dim))
-    q = apply_quantization(model, f"int4:rank=32:base={tmp_path}")
+    with pytest.raises(SubLLMError, match="records no source"):
+        apply_quantization(copy.deepcopy(model), "int4:rank=32:base=auto")
+    model.config.extra["init_from"] = {"path": str(tmp_path / "gone"), "kind": "subllm"}
+    with pytest.raises(SubLLMError, match="not a subllm checkpoint on this machine"):
+        apply_quantization(copy.deepcopy(model), "int4:rank=32:base=auto")
+    model.config.extra["init_from"] = {"path": str(tmp_path), "kind": "subllm"}  # as uptraining records it
+    q = apply_quantization(model, C.spec("int4", 32, "auto"))
     assert q.layers[0].ffn.w13.down is None and q.layers[1].ffn.w2.down is not None  # only the moved one
 
 

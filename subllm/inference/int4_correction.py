@@ -57,7 +57,7 @@ def spec(kind: str, rank: int = 0, base: str | Path | None = None) -> str:
         raise SubLLMError(
             "--int4-base needs --int4-rank > 0: without a correction the int4 weights are the base's"
         )
-    if base and not (Path(base) / "config.json").is_file():
+    if base and base != "auto" and not (Path(base) / "config.json").is_file():
         raise SubLLMError(f"--int4-base: no checkpoint at {base} (expected a folder with config.json)")
     return kind + (f":rank={rank}" if rank else "") + (f":base={base}" if base else "")
 
@@ -78,6 +78,23 @@ def parse_spec(name: str) -> tuple[str, int, str | None]:
     if opts and kind != "int4":
         raise SubLLMError(f"bad quantization spec {name!r}: rank and base apply to int4")
     return kind, rank, base
+
+
+def resolve_base(model, base: str | None) -> str | None:
+    """--int4-base as given, or for "auto" the source `model` was uptrained from, as its config
+    records it (`subllm train --init-from`: config.extra["init_from"])."""
+    if base != "auto":
+        return base
+    record = model.config.extra.get("init_from") or {}
+    path = record.get("path")
+    if not path:
+        raise SubLLMError("--int4-base auto: the checkpoint records no source (not uptrained: --init-from)")
+    if record.get("kind") != "subllm" or not (Path(path) / "config.json").is_file():
+        raise SubLLMError(
+            f"--int4-base auto: the recorded source {path} is not a subllm checkpoint on this machine; "
+            "pass its path (`subllm convert` makes one from a GGUF or Hugging Face Llama)"
+        )
+    return path
 
 
 def base_weights(path: str | Path) -> dict[str, Tensor]:
@@ -105,8 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--int4-base",
-        help="with --int4-rank: the checkpoint the model was uptrained from; its weights give the int4 "
-        "grid and the correction holds the difference (exact for a source on a 4-bit grid, e.g. SmolLM2)",
+        help="with --int4-rank: the checkpoint the model was uptrained from (auto: the one its config "
+        "records); its weights give the int4 grid and the correction holds the difference (exact for a "
+        "source on a 4-bit grid, e.g. SmolLM2)",
     )
 
 

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from subllm.errors import SubLLMError
 from subllm.inference import native
-from subllm.inference.int4_correction import base_weights, lowrank_factors, parse_spec
+from subllm.inference.int4_correction import base_weights, lowrank_factors, parse_spec, resolve_base
 from subllm.inference.int8_choice import choose_int8_kernel
 
 QUANTIZE = ("none", "int8", "int4")
@@ -478,6 +478,7 @@ def apply_quantization(model, name: str):
     """`--quantize none | int8 | int4`, or an int4 spec with a correction ("int4:rank=64:base=PATH",
     int4_correction.spec) -> the model (unchanged for none)."""
     kind, rank, base = parse_spec(name)
+    base = resolve_base(model, base)
     if kind not in QUANTIZE:
         raise SubLLMError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {name!r}")
     if kind == "none":
