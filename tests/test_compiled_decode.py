@@ -88,25 +88,34 @@ def test_generate_and_serve_compile_flag(tmp_path, capsys):
     assert batcher.model.compiled_decode is not None
 
 
+needs_vnni = pytest.mark.skipif(not native.vnni_available(), reason="no VNNI")
+
+
 @pytest.mark.parametrize(
-    "kind, int8_kernel",
+    "kind, int8_kernel, rank",
     [
         pytest.param(
-            "int8", "dynamic", marks=pytest.mark.skipif(not int8_dynamic.available(), reason="no fbgemm")
+            "int8", "dynamic", 0, marks=pytest.mark.skipif(not int8_dynamic.available(), reason="no fbgemm")
         ),
-        pytest.param("int4", "auto", marks=pytest.mark.skipif(not native.vnni_available(), reason="no VNNI")),
+        pytest.param("int4", "auto", 0, marks=needs_vnni),
+        pytest.param("int4", "auto", 32, marks=needs_vnni),  # + low-rank corrections (int4_correction.py)
     ],
 )
-def test_compiled_decode_with_int8_activation_kernels_equals_eager(kind, int8_kernel):
+def test_compiled_decode_with_int8_activation_kernels_equals_eager(kind, int8_kernel, rank):
     """The dynamic int8 x int8 kernel and the native VNNI kernels (int4 layers; int8 layers of a
     shape int4 cannot hold, and the head) are opaque custom ops inside the compiled graphs:
     compiled == eager on a quantized model, ragged batch. Tolerance: inductor's fused ops give the
     kernels inputs 1e-7 away from eager's; the dynamic kernel's fine grid keeps that at 1e-4, the
     native kernels round activations to int8 per group of 32, twice (native.ACT_PASSES), where 1e-7
     can move a value to the next step of the finer grid (max|x| / 127 / 254)."""
-    from subllm.inference.quantize import quantize_
+    from subllm.inference.quantize import Int8Linear, quantize_
 
-    model = quantize_(tiny_preset_model("TT(TT)T"), kind, int8_kernel=int8_kernel)
+    model = quantize_(tiny_preset_model("TT(TT)T"), kind, int8_kernel=int8_kernel, int4_rank=rank)
+    assert any(getattr(m, "down", None) is not None for m in model.modules()) == bool(rank)
+    if rank:  # the native kernel where it fits, not one timing picks: the packed one rounds its outputs
+        for m in model.modules():  # to bf16, where inputs 1e-7 apart can land a bf16 step apart
+            if isinstance(m, Int8Linear) and native.vnni_fits(m.out_features, m.in_features):
+                m.kernel = "native"
     model.native_layers = False
     assert kind == "int8" or (model.int4_kernel == "native" and model.int4_fallback)
     compiled = compile_decode(copy.copy(model))
