@@ -22,13 +22,9 @@ from subllm.data.tokenizer import load_tokenizer_for
 from subllm.evals.decompose import mean_loss
 from subllm.evals.suite import text_windows
 from subllm.evals.tasks import read_texts
+from subllm.inference.int4_correction import layer_linears
 from subllm.inference.quantize import int4_codes, int4_dequantize
 from subllm.model.subllm import load_model
-
-
-def layer_linears(model) -> dict[str, torch.nn.Linear]:
-    mods = model.named_modules()
-    return {n: m for n, m in mods if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
 
 
 @torch.no_grad()

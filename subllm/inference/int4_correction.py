@@ -97,17 +97,18 @@ def resolve_base(model, base: str | None) -> str | None:
     return path
 
 
+def layer_linears(model) -> dict[str, torch.nn.Linear]:
+    """A model's unquantized linear layers inside its transformer layers, by name ("layers.3.attn.wqkv")."""
+    mods = model.named_modules()
+    return {n: m for n, m in mods if type(m) is torch.nn.Linear and n.startswith("layers.")}
+
+
 def base_weights(path: str | Path) -> dict[str, Tensor]:
-    """The weights of a checkpoint's transformer layers by name ("layers.3.attn.wqkv"), for the int4
-    grid of the layers of a model uptrained from it."""
+    """The weights of a checkpoint's `layer_linears`, for the int4 grid of the layers of a model
+    uptrained from it."""
     from subllm.model.subllm import load_model
 
-    model = load_model(path)
-    return {
-        name: mod.weight.detach().float()
-        for name, mod in model.named_modules()
-        if type(mod) is torch.nn.Linear and name.startswith("layers.")
-    }
+    return {name: mod.weight.detach().float() for name, mod in layer_linears(load_model(path)).items()}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
