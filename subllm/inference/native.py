@@ -141,7 +141,7 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], tiles.shape[0] * 16)
 
     @torch.library.register_fake("subllm_native::int8_matmul")
-    def _(x: Tensor, tiles: Tensor, c: Tensor, scale: Tensor, passes: int) -> Tensor:
+    def _(x: Tensor, tiles: Tensor, scale: Tensor, passes: int) -> Tensor:
         return x.new_empty(x.shape[0], tiles.shape[0] * 16)
 
 
@@ -182,22 +182,22 @@ def int4_matmul(x: Tensor, tiles: Tensor, d: Tensor, m: Tensor, passes: int = 1)
     return torch.ops.subllm_native.int4_matmul(x, tiles, d, m, passes)
 
 
-def int8_pack(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def int8_pack(q: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """int8 weights q (out, in) with one scale per row (quantize.py Int8Linear) -> the kernel's
-    layout: tiles (out / 16, in / 4, 64) int8 - byte 4 j + i is row j's weight for input i -, the
-    offset correction c = -128 * (sum of each group of 32 weights) as (out / 16, in / 32, 16) fp32,
-    and the scales as (out / 16, 16) fp32 (csrc/vnni_matmul.cpp)."""
+    layout: tiles (out / 16, in / 4, 64) uint8 - byte 4 j + i is row j's weight for input i, plus
+    128 (the kernel's unsigned operand) - and the scales as (out / 16, 16) fp32 (csrc/vnni_matmul.cpp):
+    8 bits per weight and 4 bytes per row."""
     N, K = q.shape
-    NB, G = N // 16, K // GROUP
-    tiles = q.reshape(NB, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(NB, K // 4, 64).contiguous()
-    c = -128.0 * q.float().reshape(NB, 16, G, GROUP).sum(-1).permute(0, 2, 1).contiguous()
-    return tiles, c, scale.float().reshape(NB, 16).contiguous()
+    NB = N // 16
+    tiles = (q.to(torch.int16) + 128).to(torch.uint8)
+    tiles = tiles.reshape(NB, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(NB, K // 4, 64).contiguous()
+    return tiles, scale.float().reshape(NB, 16).contiguous()
 
 
-def int8_matmul(x: Tensor, tiles: Tensor, c: Tensor, scale: Tensor, passes: int = 1) -> Tensor:
+def int8_matmul(x: Tensor, tiles: Tensor, scale: Tensor, passes: int = 1) -> Tensor:
     """x (rows, in) -> (rows, out): x quantized to int8 per group of 32 as in `int4_matmul`, int8 x
     int8 dot products, the row scales applied last."""
-    return torch.ops.subllm_native.int8_matmul(x, tiles, c, scale, passes)
+    return torch.ops.subllm_native.int8_matmul(x, tiles, scale, passes)
 
 
 def dense_matmul(x: Tensor, w: Tensor) -> Tensor:

@@ -55,7 +55,8 @@ def status(device: torch.device | str = "cpu") -> str:
 
 def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, ...]] | None:
     """(kind, its nine tensors: the weight's three, then an int4 layer's correction's D and U
-    (int4_correction.py) as native int8 tiles, or six empty tensors), or None if not eligible."""
+    (int4_correction.py) as native int8 tiles, or six empty tensors), or None if not eligible. An
+    int8 copy is two tensors (tiles, scale): an empty third pads it to three."""
     if type(lin) is nn.Linear:
         w = lin.weight
         if lin.bias is None and w.dtype == torch.float32 and w.is_contiguous():
@@ -65,11 +66,16 @@ def _linear(lin: nn.Module) -> tuple[int, tuple[Tensor, ...]] | None:
         if lin.down is None:
             return INT4, (*lin.native, *[lin.native[0].new_empty(0)] * 6)
         if lin.down.kernel == "native" and lin.up.kernel == "native":
-            return INT4, (*lin.native, *lin.down.native, *lin.up.native)
+            return INT4, (*lin.native, *_three(lin.down.native), *_three(lin.up.native))
         return None
     if isinstance(lin, Int8Linear) and lin.kernel == "native":
-        return INT8, (*lin.native, *[lin.native[0].new_empty(0)] * 6)
+        return INT8, (*_three(lin.native), *[lin.native[0].new_empty(0)] * 6)
     return None
+
+
+def _three(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A native copy padded with empty tensors to a linear's three (csrc/decode_layers.cpp)."""
+    return (*tensors, *[tensors[0].new_empty(0)] * (3 - len(tensors)))
 
 
 def layer_args(block: nn.Module) -> tuple[list[Tensor], list[int]] | None:

@@ -161,7 +161,7 @@ class Int8Linear(NativeCopy, nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.dynamic_packed = self.dynamic_key = None  # fbgemm's copy, made when first chosen
-        # self.native: the native VNNI kernel's (tiles, c, scale), made when first chosen
+        # self.native: the native VNNI kernel's (tiles, scale), made when first chosen
         self.kernel = kernel  # in decode steps (`decode_kernels`): cast | packed | dynamic | native
         self.register_load_state_dict_post_hook(_int8_after_load)
 

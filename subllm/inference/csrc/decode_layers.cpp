@@ -11,8 +11,8 @@
 //
 // weights: 38 tensors per layer - attn norm weight, ffn norm weight, then Wqkv, Wo, W13, W2 as
 // nine tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
-// d, m) or int8 tiles (tiles, c, scale); then a low-rank correction y += (x D^T) U^T as D's and U's
-// int8 tiles (int4_correction.py), or six empty tensors; kinds: 4 per layer, 0 dense / 1 int4 /
+// d, m) or int8 tiles (tiles, scale, -); then a low-rank correction y += (x D^T) U^T as D's and U's
+// int8 tiles (int4_correction.py), or six empty tensors ("-": an empty tensor); kinds: 4 per layer, 0 dense / 1 int4 /
 // 2 int8.
 // x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
 // ks / vs: per layer one (B, Hkv, capacity, D) buffer indexed by rows, or per layer n buffers
@@ -46,14 +46,14 @@ void linear(const float* x, int64_t n, int64_t kind, const at::Tensor* w, int64_
   switch (kind) {
     case 0: subllm_native::dense_matmul_into(x, n, K, w[0], y); break;
     case 1: subllm_native::int4_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
-    default: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], w[2], passes, y); break;
+    default: subllm_native::int8_matmul_into(x, n, K, w[0], w[1], passes, y); break;
   }
   if (w[3].numel() == 0) return;
   const int64_t R = outputs(2, w[3]), N = outputs(kind, w[0]);
   mid.resize(n * R);
   tmp.resize(n * N);
-  subllm_native::int8_matmul_into(x, n, K, w[3], w[4], w[5], passes, mid.data());
-  subllm_native::int8_matmul_into(mid.data(), n, R, w[6], w[7], w[8], passes, tmp.data());
+  subllm_native::int8_matmul_into(x, n, K, w[3], w[4], passes, mid.data());
+  subllm_native::int8_matmul_into(mid.data(), n, R, w[6], w[7], passes, tmp.data());
   for (int64_t j = 0; j < n * N; ++j) y[j] += tmp[j];
 }
 

@@ -41,13 +41,12 @@ void decode_attention_into(const float* q, int64_t n, int64_t H, at::TensorList 
 // vnni_matmul.cpp: x (rows, in) -> (rows, out) through int4 / int8 tiles (native.py int4_pack / int8_pack)
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                        int64_t passes);
-at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& c, const at::Tensor& scale,
-                       int64_t passes);
+at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t passes);
 // the same on raw fp32 rows: x (M, K) contiguous -> y (M, 16 * w.size(0))
 void int4_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& d,
                       const at::Tensor& m, int64_t passes, float* y);
-void int8_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& c,
-                      const at::Tensor& scale, int64_t passes, float* y);
+void int8_matmul_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scale,
+                      int64_t passes, float* y);
 
 // dense_matmul.cpp: y (M, out) = x (M, K) w^T, w a contiguous fp32 (out, K); each output summed in one
 // order whatever M is (a row's result does not depend on the other rows of the step)
