@@ -254,6 +254,27 @@ def test_int8_kernel_equals_its_arithmetic_in_float64(N, K, M):
         Int8Linear.from_linear(torch.nn.Linear(40, 16, bias=False)).kernel = "native"
 
 
+@needs_int4
+def test_int8_kernel_is_exact_at_the_extremes_of_weights_and_activations():
+    """Weights at +-127 and activations all of one sign (each group's codes summing to +-127 * 32):
+    the largest products, sums and activation offsets the kernel meets; the unsigned weights
+    (q + 128) and the offset -128 * sum(q) must still give exactly w . (s q)."""
+    from subllm.inference.quantize import Int8Linear
+
+    q = torch.full((32, 64), 127, dtype=torch.int8)
+    q[1::2] = -127
+    q[:, 32:] = -q[:, 32:]
+    q[5, :7] = 0
+    layer = Int8Linear(q, torch.rand(32) + 0.5)
+    x = torch.ones(3, 64)
+    x[1] = -2.0
+    x[2, 32:] = -0.25
+    for passes in (1, 2):
+        y = native.int8_matmul(x, *native.int8_pack(layer.q, layer.scale), passes=passes)
+        ref = x.double() @ layer.dequantized().double().T  # x is exact on its grid: no rounding
+        torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
     """A build killed midway leaves torch's lock file, on which every later load would wait forever."""
     import os
