@@ -130,9 +130,10 @@ def _stamp(block: nn.Module) -> tuple:
 
 def runs(
     model: nn.Module, nodes: tuple, cache: object = None
-) -> dict[int, tuple[list[int], list[Tensor], list[int]]]:
-    """{first layer: (layers, tensors, kinds)} for every maximal run of consecutive eligible layers
-    among `nodes` (one level of the structure; an S ends a run). Kept on the model between steps
+) -> dict[int, tuple]:
+    """{first layer: (layers, tensors, kinds, the last two bound for the op: `bind`)} for every
+    maximal run of consecutive eligible layers among `nodes` (one level of the structure; an S ends
+    a run). Kept on the model between steps
     while no layer's `_stamp` changes (building it every step cost ~0.4 ms of SmolLM2's token).
     The stamps are checked on the first step of each `cache` (the KV cache being decoded) and not
     again while the same cache decodes: inside a decode step the check cost as much again (~0.4 ms
@@ -150,7 +151,7 @@ def runs(
     return out
 
 
-def _build_runs(model: nn.Module, nodes: tuple) -> dict[int, tuple[list[int], list[Tensor], list[int]]]:
+def _build_runs(model: nn.Module, nodes: tuple) -> dict[int, tuple]:
     out: dict[int, tuple[list[int], list[Tensor], list[int]]] = {}
     cur: tuple[list[int], list[Tensor], list[int]] | None = None
     for node in nodes:
@@ -164,12 +165,18 @@ def _build_runs(model: nn.Module, nodes: tuple) -> dict[int, tuple[list[int], li
         cur[0].append(node)
         cur[1].extend(got[0])
         cur[2].extend(got[1])
-    return out
+    return {k: (*v, bind(v[1], v[2])) for k, v in out.items()}
+
+
+def bind(tensors: list[Tensor], kinds: list[int]) -> torch.ScriptObject:
+    """A run's weights and kinds as the op takes them (csrc/decode_layers.cpp `LayerWeights`): held
+    once, not converted from a list of ~1,100 tensors on every step."""
+    return torch.classes.subllm_native.LayerWeights(tensors, kinds)
 
 
 def run(
     model: nn.Module,
-    run_args: tuple[list[int], list[Tensor], list[int]],
+    run_args: tuple,
     x: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -179,10 +186,11 @@ def run(
     ks: list[Tensor],
     vs: list[Tensor],
 ) -> Tensor:
-    """x (n, 1, C), cos / sin (n, 1, head_dim); rows, slots, lens (n,) int64 (each row's cache row,
-    the slot its new K/V go to, and its length after it); ks / vs the run's cache buffers -> x after
-    the run's layers (n, 1, C). The cache stores happen inside."""
-    _, tensors, kinds = run_args
+    """run_args: (layers, tensors, kinds[, their `bind`]) of `runs`; x (n, 1, C), cos / sin (n, 1,
+    head_dim); rows, slots, lens (n,) int64 (each row's cache row, the slot its new K/V go to, and its
+    length after it); ks / vs the run's cache buffers -> x after the run's layers (n, 1, C). The cache
+    stores happen inside."""
+    bound = run_args[3] if len(run_args) > 3 else bind(run_args[1], run_args[2])
     c = model.config  # every Block's norms and heads come from it (subllm/model/layers.py)
     y = torch.ops.subllm_native.decode_layers(
         x[:, 0],
@@ -191,8 +199,7 @@ def run(
         rows,
         slots,
         lens,
-        tensors,
-        kinds,
+        bound,
         ks,
         vs,
         c.norm_eps,

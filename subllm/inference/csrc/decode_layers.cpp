@@ -14,12 +14,16 @@
 // d, m) or int8 tiles (tiles, scale, -); then a low-rank correction y += (x D^T) U^T as D's and U's
 // int8 tiles (int4_correction.py), or six empty tensors ("-": an empty tensor); kinds: 4 per layer, 0 dense / 1 int4 /
 // 2 int8.
+// The weights and kinds come bound once per run (`LayerWeights`, a torch custom class built by
+// native_layers.py when it assembles a run): as a Tensor[] argument, SmolLM2's 1,140 tensors took ~93 us
+// of conversion on every call (one thread, 2026-12-05) - ~2% of a token.
 // x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
 // ks / vs: per layer one (B, Hkv, capacity, D) buffer indexed by rows, or per layer n buffers
 // (1, Hkv, capacity_i, D), one per row of the step (a cache whose rows are stored apart; rows all 0).
 
 #include "native.h"
 
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -196,6 +200,20 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   return x;
 }
 
+// a run's weights and kinds, held from step to step (the tensors themselves: a weight changed in place is read)
+struct LayerWeights : torch::CustomClassHolder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> kinds;
+  LayerWeights(std::vector<at::Tensor> w, std::vector<int64_t> k) : weights(std::move(w)), kinds(std::move(k)) {}
+};
+
+at::Tensor decode_layers_bound(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& rows,
+                               const at::Tensor& slots, const at::Tensor& lens,
+                               const c10::intrusive_ptr<LayerWeights>& bound, at::TensorList ks, at::TensorList vs,
+                               double eps, int64_t n_heads, int64_t passes) {
+  return decode_layers(x, cos, sin, rows, slots, lens, bound->weights, bound->kinds, ks, vs, eps, n_heads, passes);
+}
+
 // x (n, C) float32 -> rms_norm of each row with weight w (C,) float32
 at::Tensor rms_norm_rows(const at::Tensor& x_in, const at::Tensor& w, double eps) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
@@ -213,13 +231,21 @@ at::Tensor rms_norm_rows(const at::Tensor& x_in, const at::Tensor& w, double eps
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(subllm_native, lib) {
+  lib.class_<LayerWeights>("LayerWeights")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>>())
+      .def_pickle(  // a model holding its runs can be deep-copied
+          [](const c10::intrusive_ptr<LayerWeights>& self) { return std::make_tuple(self->weights, self->kinds); },
+          [](std::tuple<std::vector<at::Tensor>, std::vector<int64_t>> state) {
+            return c10::make_intrusive<LayerWeights>(std::get<0>(state), std::get<1>(state));
+          });
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def(
-      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor rows, Tensor slots, Tensor lens, Tensor[] weights, "
-      "int[] kinds, Tensor(a!)[] ks, Tensor(b!)[] vs, float eps, int n_heads, int passes) -> Tensor");
+      "decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor rows, Tensor slots, Tensor lens, "
+      "__torch__.torch.classes.subllm_native.LayerWeights weights, Tensor(a!)[] ks, Tensor(b!)[] vs, float eps, "
+      "int n_heads, int passes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(subllm_native, CPU, lib) {
-  lib.impl("decode_layers", &decode_layers);
+  lib.impl("decode_layers", &decode_layers_bound);
   lib.impl("rms_norm", &rms_norm_rows);
 }
