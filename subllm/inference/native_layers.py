@@ -128,13 +128,11 @@ def _stamp(block: nn.Module) -> tuple:
     return tuple(out)
 
 
-def runs(
-    model: nn.Module, nodes: tuple, cache: object = None
-) -> dict[int, tuple]:
+def runs(model: nn.Module, nodes: tuple, cache: object = None) -> dict[int, tuple]:
     """{first layer: (layers, tensors, kinds, the last two bound for the op: `bind`)} for every
     maximal run of consecutive eligible layers among `nodes` (one level of the structure; an S ends
-    a run). Kept on the model between steps
-    while no layer's `_stamp` changes (building it every step cost ~0.4 ms of SmolLM2's token).
+    a run). Kept on the model between steps while no layer's `_stamp` changes (building it every
+    step cost ~0.4 ms of SmolLM2's token).
     The stamps are checked on the first step of each `cache` (the KV cache being decoded) and not
     again while the same cache decodes: inside a decode step the check cost as much again (~0.4 ms
     of a 6.5 ms SmolLM2 token - ~1,200 dict lookups on memory the weights had just evicted). So a
