@@ -12,11 +12,11 @@
 // weights: 38 tensors per layer - attn norm weight, ffn norm weight, then Wqkv, Wo, W13, W2 as
 // nine tensors each: (W, -, -) for a dense fp32 weight (out, in), native.py's int4 tiles (tiles,
 // d, m) or int8 tiles (tiles, scale, -); then a low-rank correction y += (x D^T) U^T as D's and U's
-// int8 tiles (int4_correction.py), or six empty tensors ("-": an empty tensor); kinds: 4 per layer, 0 dense / 1 int4 /
-// 2 int8.
+// int8 tiles (int4_correction.py), or six empty tensors ("-": an empty tensor); kinds: 4 per layer,
+// 0 dense / 1 int4 / 2 int8.
 // The weights and kinds come bound once per run (`LayerWeights`, a torch custom class built by
-// native_layers.py when it assembles a run): as a Tensor[] argument, SmolLM2's 1,140 tensors took ~93 us
-// of conversion on every call (one thread, 2026-12-05) - ~2% of a token.
+// native_layers.py when it assembles a run): as a Tensor[] argument, SmolLM2's 1,140 tensors took
+// ~93 us of conversion on every call (one thread, 2026-12-05) - ~2% of a token.
 // x (n, C), cos / sin (n, head_dim): fp32. Arithmetic in fp32; the cache may hold fp32 or bf16.
 // ks / vs: per layer one (B, Hkv, capacity, D) buffer indexed by rows, or per layer n buffers
 // (1, Hkv, capacity_i, D), one per row of the step (a cache whose rows are stored apart; rows all 0).
@@ -200,11 +200,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& cos_in, const
   return x;
 }
 
-// a run's weights and kinds, held from step to step (the tensors themselves: a weight changed in place is read)
+// a run's weights and kinds, held from step to step (the tensors themselves: a weight changed in
+// place is read)
 struct LayerWeights : torch::CustomClassHolder {
   std::vector<at::Tensor> weights;
   std::vector<int64_t> kinds;
-  LayerWeights(std::vector<at::Tensor> w, std::vector<int64_t> k) : weights(std::move(w)), kinds(std::move(k)) {}
+  LayerWeights(std::vector<at::Tensor> w, std::vector<int64_t> k)
+      : weights(std::move(w)), kinds(std::move(k)) {}
 };
 
 at::Tensor decode_layers_bound(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& rows,
