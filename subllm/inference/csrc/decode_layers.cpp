@@ -209,8 +209,8 @@ struct LayerWeights : torch::CustomClassHolder {
       : weights(std::move(w)), kinds(std::move(k)) {}
 };
 
-at::Tensor decode_layers_bound(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& rows,
-                               const at::Tensor& slots, const at::Tensor& lens,
+at::Tensor decode_layers_bound(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& rows, const at::Tensor& slots, const at::Tensor& lens,
                                const c10::intrusive_ptr<LayerWeights>& bound, at::TensorList ks, at::TensorList vs,
                                double eps, int64_t n_heads, int64_t passes) {
   return decode_layers(x, cos, sin, rows, slots, lens, bound->weights, bound->kinds, ks, vs, eps, n_heads, passes);
