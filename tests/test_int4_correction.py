@@ -162,15 +162,15 @@ def test_runs_of_layers_with_corrections_decode_as_the_per_layer_path(monkeypatc
     assert len(calls) == n
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)  # activations rounded per group of 32
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    first = native_layers.runs(model, model.config.tree)[0]
-    bad = list(first[1])
+    tensors, kinds = native_layers.layer_args(model.layers[0])  # a one-layer run
+    bad = list(tensors)
     bad[2 + 3], bad[2 + 6] = bad[2 + 6], bad[2 + 3]  # Wqkv's D and U tiles swapped: refused up front
     cache = new_cache(model, 1)
     cache.reserve(0, 4)
     x, cs, one = torch.randn(1, 1, 128), torch.randn(1, 1, 64), torch.ones(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="correction's int8 tiles do not fit"):
-        kv = (cache.k[:2], cache.v[:2])
-        native_layers.run(model, (first[0], bad, first[2]), x, cs, cs, one * 0, one * 0, one, *kv)
+        kv = (cache.k[:1], cache.v[:1])
+        native_layers.run(model, ([0], native_layers.bind(bad, kinds)), x, cs, cs, one * 0, one * 0, one, *kv)
     for block in model.layers:  # a correction off its native kernel: the layer leaves the runs
         block.attn.wo.up.kernel = "cast"
     native_layers.runs(model, model.config.tree)

@@ -129,10 +129,10 @@ def _stamp(block: nn.Module) -> tuple:
 
 
 def runs(model: nn.Module, nodes: tuple, cache: object = None) -> dict[int, tuple]:
-    """{first layer: (layers, tensors, kinds, the last two bound for the op: `bind`)} for every
-    maximal run of consecutive eligible layers among `nodes` (one level of the structure; an S ends
-    a run). Kept on the model between steps while no layer's `_stamp` changes (building it every
-    step cost ~0.4 ms of SmolLM2's token).
+    """{first layer: (layers, their tensors and kinds bound for the op: `bind`)} for every maximal
+    run of consecutive eligible layers among `nodes` (one level of the structure; an S ends a run).
+    Kept on the model between steps while no layer's `_stamp` changes (building it every step cost
+    ~0.4 ms of SmolLM2's token).
     The stamps are checked on the first step of each `cache` (the KV cache being decoded) and not
     again while the same cache decodes: inside a decode step the check cost as much again (~0.4 ms
     of a 6.5 ms SmolLM2 token - ~1,200 dict lookups on memory the weights had just evicted). So a
@@ -163,7 +163,7 @@ def _build_runs(model: nn.Module, nodes: tuple) -> dict[int, tuple]:
         cur[0].append(node)
         cur[1].extend(got[0])
         cur[2].extend(got[1])
-    return {k: (*v, bind(v[1], v[2])) for k, v in out.items()}
+    return {k: (layers, bind(tensors, kinds)) for k, (layers, tensors, kinds) in out.items()}
 
 
 def bind(tensors: list[Tensor], kinds: list[int]) -> torch.ScriptObject:
@@ -184,11 +184,10 @@ def run(
     ks: list[Tensor],
     vs: list[Tensor],
 ) -> Tensor:
-    """run_args: (layers, tensors, kinds[, their `bind`]) of `runs`; x (n, 1, C), cos / sin (n, 1,
+    """run_args: (layers, their `bind`) of `runs`; x (n, 1, C), cos / sin (n, 1,
     head_dim); rows, slots, lens (n,) int64 (each row's cache row, the slot its new K/V go to, and its
     length after it); ks / vs the run's cache buffers -> x after the run's layers (n, 1, C). The cache
     stores happen inside."""
-    bound = run_args[3] if len(run_args) > 3 else bind(run_args[1], run_args[2])
     c = model.config  # every Block's norms and heads come from it (subllm/model/layers.py)
     y = torch.ops.subllm_native.decode_layers(
         x[:, 0],
@@ -197,7 +196,7 @@ def run(
         rows,
         slots,
         lens,
-        bound,
+        run_args[1],
         ks,
         vs,
         c.norm_eps,
